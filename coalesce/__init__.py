@@ -1,0 +1,42 @@
+"""coalesce: share one computation among identical concurrent calls, and cache the result.
+
+The public names, nothing else: see the README for the guide.
+"""
+
+from coalesce.cache import Cache, cached, coalesced, configure, get_cache
+from coalesce.entry import Entry
+from coalesce.errors import (
+    BackendError,
+    CachedError,
+    CoalesceError,
+    ConfigurationError,
+    KeyBuildError,
+    KeyTemplateError,
+    LeaderFailedError,
+    SerializationError,
+)
+from coalesce.serialization import MsgpackSerializer, PickleSerializer, Serializer
+from coalesce.stats import Stats
+
+__all__ = [
+    "BackendError",
+    "Cache",
+    "CachedError",
+    "CoalesceError",
+    "ConfigurationError",
+    "Entry",
+    "KeyBuildError",
+    "KeyTemplateError",
+    "LeaderFailedError",
+    "MsgpackSerializer",
+    "PickleSerializer",
+    "SerializationError",
+    "Serializer",
+    "Stats",
+    "cached",
+    "coalesced",
+    "configure",
+    "get_cache",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,367 @@
+"""`Cache` ties a store, a serializer, the in-process flights and the stats together.
+
+`configure()` sets the default cache that the module-level `cached` / `coalesced` use and
+`get_cache()` returns it; with nothing configured, the default comes from the `COALESCE_URL`
+environment variable, else memory. Creating a cache or decorating a function never connects
+to anything: stores connect on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+from coalesce.decorators import Policy, make_decorator, run_sync_refresh
+from coalesce.entry import Entry
+from coalesce.errors import BackendError, ConfigurationError
+from coalesce.flight import AsyncFlights, ThreadFlights
+from coalesce.serialization import Serializer, get_serializer
+from coalesce.stores.base import Store
+from coalesce.stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.asyncio import Redis as AsyncRedis
+
+logger = logging.getLogger("coalesce")
+
+BackendErrorMode = Literal["compute", "raise"]
+_LOG_EVERY = 30.0  # seconds between two log lines about a failing store
+
+
+def _disabled_by_environment() -> bool:
+    return os.environ.get("COALESCE_DISABLED", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _make_store(url: str, maxsize: int, options: dict[str, Any]) -> Store:
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        if options:
+            raise ConfigurationError(
+                f"options {sorted(options)} do not apply to the memory store ({url!r})"
+            )
+        return MemoryStore(maxsize=maxsize)
+    if scheme in ("redis", "rediss", "unix"):
+        from coalesce.stores.redis import RedisStore
+
+        return RedisStore(url, **options)
+    raise ConfigurationError(
+        f"unknown cache URL scheme {scheme!r} in {url!r}: use memory://, redis://, rediss:// "
+        "or unix://"
+    )
+
+
+class Cache:
+    """A cache: where entries live (`url`) and how they are shared.
+
+    `Cache()` keeps entries in this process's memory (`"memory://"`, at most `maxsize`);
+    `Cache("redis://host:6379/0")` keeps them in Redis, shared by every process. Every key
+    is stored as `f"{namespace}:{key}"`. `enabled=False` (or `COALESCE_DISABLED=1`) turns
+    every decorator of this cache into a plain call: the rollback switch.
+    """
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        namespace: str = "coalesce",
+        maxsize: int = 10_000,
+        default_ttl: float = 300.0,
+        enabled: bool | None = None,
+        serializer: str | Serializer | None = None,
+        on_backend_error: BackendErrorMode = "compute",
+        client: Redis | None = None,
+        async_client: AsyncRedis | None = None,
+        **store_options: Any,
+    ) -> None:
+        if not isinstance(url, str):
+            raise ConfigurationError(f"cache url must be a string, not {url!r}")
+        if not namespace or not isinstance(namespace, str) or not namespace.isprintable():
+            raise ConfigurationError(f"namespace must be a non-empty printable string: {namespace!r}")
+        if " " in namespace or ":" in namespace:
+            raise ConfigurationError(f"namespace may not contain spaces or ':': {namespace!r}")
+        if on_backend_error not in ("compute", "raise"):
+            raise ConfigurationError(
+                f"on_backend_error must be 'compute' or 'raise', not {on_backend_error!r}"
+            )
+        if default_ttl <= 0:
+            raise ConfigurationError(f"default_ttl must be positive, not {default_ttl!r}")
+        if client is not None:
+            store_options["client"] = client
+        if async_client is not None:
+            store_options["async_client"] = async_client
+        self.url = url
+        self.namespace = namespace
+        self.prefix = namespace + ":"
+        self.default_ttl = float(default_ttl)
+        self.enabled = (not _disabled_by_environment()) if enabled is None else enabled
+        self.serializer = get_serializer(serializer)
+        self.on_backend_error: BackendErrorMode = on_backend_error
+        if "namespace" not in store_options and urlsplit(url).scheme != "memory":
+            store_options["namespace"] = namespace
+        if urlsplit(url).scheme != "memory":
+            store_options.setdefault("serializer", self.serializer)
+        self.store = _make_store(url, maxsize, store_options)
+        self.flights: ThreadFlights[Entry] = ThreadFlights()
+        self.aflights = AsyncFlights()
+        self._policies: weakref.WeakSet[Policy] = weakref.WeakSet()
+        self._refresher: ThreadPoolExecutor | None = None
+        self._refresh_tasks: set[asyncio.Task[Any]] = set()
+        self._lock = threading.Lock()
+        self._last_logged = 0.0
+        self.backend_errors = 0
+        if not self.store.shared:
+            self.read = self.store.get  # type: ignore[method-assign]  # hot path: no wrapper
+
+    def __repr__(self) -> str:
+        return f"Cache({self.url!r}, namespace={self.namespace!r}, enabled={self.enabled})"
+
+    # -- decorators ---------------------------------------------------------------------
+
+    def cached(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        ttl: float | None = None,
+        key: str | None = None,
+        exclude: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        stale_ttl: float = 0.0,
+        cache_errors: float | None = None,
+        copy: bool = True,
+    ) -> Any:
+        """Cache a function's results for `ttl` seconds, sharing concurrent computations.
+
+        `key` is a template over the parameters (`"user:{user_id}"`); without it the key is
+        built from the function's name and all its arguments but those in `exclude`.
+        `tags` are templates too; `invalidate_tag` deletes every entry carrying a tag.
+        `stale_ttl` serves an expired value that long while one caller refreshes it.
+        `cache_errors` caches a raised exception for that many seconds (off by default).
+        `copy=False` hands every caller the same stored object instead of a private copy.
+        """
+        return make_decorator(
+            self,
+            fn,
+            store=True,
+            ttl=ttl,
+            key=key,
+            exclude=exclude,
+            tags=tags,
+            stale_ttl=stale_ttl,
+            cache_errors=cache_errors,
+            copy=copy,
+        )
+
+    def coalesced(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        key: str | None = None,
+        exclude: Sequence[str] = (),
+    ) -> Any:
+        """Share one computation among overlapping identical calls; store nothing.
+
+        Every caller of one flight receives the very same result object.
+        """
+        return make_decorator(self, fn, store=False, key=key, exclude=exclude, copy=False)
+
+    def register(self, policy: Policy) -> None:
+        self._policies.add(policy)
+
+    # -- reads on the call path -----------------------------------------------------------
+
+    def read(self, key: str) -> Entry | None:
+        """The stored entry of a full key; a failing store reads as a miss (or raises)."""
+        try:
+            return self.store.get(key)
+        except BackendError as exc:
+            self.backend_failed(None, exc)
+            return None
+
+    async def aread(self, key: str) -> Entry | None:
+        if not self.store.shared:
+            return self.store.get(key)
+        try:
+            return await self.store.aget(key)
+        except BackendError as exc:
+            self.backend_failed(None, exc)
+            return None
+
+    def backend_failed(self, policy: Policy | None, exc: BackendError) -> None:
+        """Count and (at most every 30 s) log a store failure; re-raise if failing closed."""
+        self.backend_errors += 1
+        if policy is not None:
+            policy.stats.backend_errors += 1
+        if self.on_backend_error == "raise":
+            raise exc
+        now = time.monotonic()
+        if now - self._last_logged >= _LOG_EVERY:
+            self._last_logged = now
+            logger.warning(
+                "coalesce: the cache store %s failed (%s); computing directly until it is back",
+                self.url,
+                exc,
+            )
+
+    def refresh_in_background(self, job: Callable[[], Any]) -> None:
+        """Refresh a stale entry in a worker thread; the flight keeps it to one at a time."""
+        with self._lock:
+            if self._refresher is None:
+                self._refresher = ThreadPoolExecutor(4, thread_name_prefix="coalesce-refresh")
+        self._refresher.submit(run_sync_refresh, job)
+
+    def arefresh_in_background(self, job: Coroutine[Any, Any, Any]) -> None:
+        """Refresh a stale entry in a task of the running loop."""
+
+        async def guarded() -> None:
+            try:
+                await job
+            except Exception:
+                pass  # the next caller computes and sees the error
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._refresh_tasks.add(task)
+        task.add_done_callback(self._refresh_tasks.discard)
+
+    # -- invalidation ---------------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(f"a key must be a non-empty string, not {key!r}")
+        return self.prefix + key
+
+    def invalidate(self, key: str) -> bool:
+        """Delete `key` (without namespace); return whether an entry existed.
+
+        Computations of the key in flight are fenced first, so none of them can store its
+        result afterwards: the next caller computes afresh.
+        """
+        full = self._full(key)
+        self.flights.invalidate(full)
+        self.aflights.invalidate(full)
+        return self.store.delete(full)
+
+    async def ainvalidate(self, key: str) -> bool:
+        """`invalidate` for async code."""
+        full = self._full(key)
+        self.flights.invalidate(full)
+        self.aflights.invalidate(full)
+        return await self.store.adelete(full)
+
+    def invalidate_tag(self, tag: str) -> int:
+        """Delete every entry carrying `tag`; return how many there were."""
+        return self.store.delete_tag(self._full(tag))
+
+    async def ainvalidate_tag(self, tag: str) -> int:
+        """`invalidate_tag` for async code."""
+        return await self.store.adelete_tag(self._full(tag))
+
+    def get_entry(self, key: str) -> Entry | None:
+        """The entry stored under `key` (without namespace), fresh or stale, for inspection."""
+        return self.store.get(self._full(key))
+
+    def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:
+        """Up to `limit` keys (without namespace) matching the glob `pattern`."""
+        full = self.store.keys(self.prefix + pattern, limit=limit)
+        return [key[len(self.prefix) :] for key in full]
+
+    # -- stats and lifecycle ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Counters per decorated function (by key template, else by qualified name)."""
+        return {policy.stats_name: policy.stats.as_dict() for policy in list(self._policies)}
+
+    def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.shutdown(wait=False)
+        self.store.close()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+# ---------------------------------------------------------------------------------------
+# the default cache
+
+_default_lock = threading.Lock()
+_default: Cache | None = None
+_default_policies: weakref.WeakSet[Policy] = weakref.WeakSet()
+
+
+def configure(url_or_cache: str | Cache = "memory://", **options: Any) -> Cache:
+    """Set the default cache of the module-level decorators; return it.
+
+    Functions decorated before (and already called) switch to the new cache on their next
+    call.
+    """
+    global _default
+    cache = url_or_cache if isinstance(url_or_cache, Cache) else Cache(url_or_cache, **options)
+    with _default_lock:
+        _default = cache
+        for policy in list(_default_policies):
+            policy.cache = None
+            cache.register(policy)
+    return cache
+
+
+def get_cache() -> Cache:
+    """The default cache: configured, else from `COALESCE_URL`, else in memory."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Cache(os.environ.get("COALESCE_URL") or "memory://")
+        return _default
+
+
+def bind_default(policy: Policy) -> Cache:
+    """Bind a policy to its cache at its first call (the default one unless fixed)."""
+    if policy.fixed_cache is not None:
+        policy.cache = policy.fixed_cache
+        return policy.fixed_cache
+    cache = get_cache()
+    with _default_lock:
+        _default_policies.add(policy)
+        cache.register(policy)
+        policy.cache = cache
+    return cache
+
+
+def cached(
+    fn: Callable[..., Any] | None = None,
+    *,
+    ttl: float | None = None,
+    key: str | None = None,
+    exclude: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    stale_ttl: float = 0.0,
+    cache_errors: float | None = None,
+    copy: bool = True,
+) -> Any:
+    """`Cache.cached` on the default cache (see `configure`)."""
+    return make_decorator(
+        None,
+        fn,
+        store=True,
+        ttl=ttl,
+        key=key,
+        exclude=exclude,
+        tags=tags,
+        stale_ttl=stale_ttl,
+        cache_errors=cache_errors,
+        copy=copy,
+    )
+
+
+def coalesced(
+    fn: Callable[..., Any] | None = None, *, key: str | None = None, exclude: Sequence[str] = ()
+) -> Any:
+    """`Cache.coalesced` on the default cache (see `configure`)."""
+    return make_decorator(None, fn, store=False, key=key, exclude=exclude, copy=False)

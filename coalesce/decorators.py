@@ -1,0 +1,374 @@
+"""`cached` and `coalesced`: build a Policy once, then wrap a sync or an async function.
+
+The wrappers are written twice on purpose, sync and async side by side, each short enough to
+compare line by line. Both follow the same path:
+
+1. hot path: build the key, read the store, return a private copy of a fresh value;
+2. stale entry (inside its `stale_ttl` window): return it and refresh it in the background;
+3. miss: join the key's in-process flight; its leader checks the store again, then lets the
+   store `fill` the entry (on Redis: one process computes, the others receive its result).
+
+A store that fails degrades to computing directly (`on_backend_error="compute"`, the default)
+or raises `BackendError` (`"raise"`). Decisions that need no I/O live in `entry.py`,
+`keys.py` and `values.py`; this module only does the I/O in the order they decide.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from coalesce.entry import Entry
+from coalesce.errors import BackendError, ConfigurationError
+from coalesce.keys import KeyFunction, key_function, template_key_function
+from coalesce.stats import Stats
+from coalesce.stores.base import Fence
+from coalesce.values import Frozen, freeze, thaw
+
+if TYPE_CHECKING:
+    from coalesce.cache import Cache
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_perf = time.perf_counter
+_now = time.time
+
+
+class Policy:
+    """Everything decided about one decorated function when it is decorated."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        cache: Cache | None,
+        ttl: float | None,
+        key: str | None,
+        exclude: Sequence[str],
+        tags: Sequence[str],
+        stale_ttl: float,
+        cache_errors: float | None,
+        copy: bool,
+        store: bool,
+    ) -> None:
+        self.fn = fn
+        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self.key_template = key
+        self.make_key: KeyFunction = key_function(fn, key, exclude)
+        self.tag_keys: list[KeyFunction] = [template_key_function(fn, tag) for tag in tags]
+        self.ttl = _check_seconds("ttl", ttl, allow_none=True)
+        self.stale_ttl = _check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
+        self.cache_errors = _check_seconds("cache_errors", cache_errors, allow_none=True)
+        self.copy = copy
+        self.store = store  # False for `coalesced`: share calls, keep nothing
+        self.stats = Stats(self.stats_name)
+        self.fixed_cache = cache
+        self.cache: Cache | None = cache  # the default cache is bound at the first call
+
+    @property
+    def stats_name(self) -> str:
+        return self.key_template or self.name
+
+    def bind(self) -> Cache:
+        """The cache this function uses; for the default cache, looked up now."""
+        from coalesce.cache import bind_default
+
+        return bind_default(self)
+
+    def ttl_for(self, cache: Cache) -> float | None:
+        return cache.default_ttl if self.ttl is None else self.ttl
+
+    def make_entry(
+        self, cache: Cache, value: Any, started: float, args: Any, kwargs: Any
+    ) -> Entry:
+        elapsed = _perf() - started
+        tags = tuple(cache.prefix + make(*args, **kwargs) for make in self.tag_keys)
+        if self.store and (self.copy or cache.store.shared):
+            value = freeze(value, cache.serializer, self.name)
+        return Entry(value, _now(), self.ttl_for(cache), self.stale_ttl, elapsed, tags)
+
+    def error_entry(self, cache: Cache, exc: Exception, started: float) -> Entry:
+        assert self.cache_errors is not None
+        spec = [type(exc).__module__, type(exc).__qualname__, str(exc)]
+        return Entry(spec, _now(), self.cache_errors, 0.0, _perf() - started, (), error=True)
+
+
+def _check_seconds(
+    name: str, value: float | None, *, allow_none: bool = False, allow_zero: bool = False
+) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigurationError(f"{name} must be positive, not {value!r}")
+    return float(value)
+
+
+def _result(entry: Entry) -> Any:
+    """What a caller receives from an entry: a private copy, or the cached error raised."""
+    if entry.error:
+        raise _rebuild_error(entry.value)
+    value = entry.value
+    return value.thaw() if type(value) is Frozen else value
+
+
+def _rebuild_error(spec: Any) -> Exception:
+    """The exception a negatively cached entry stands for, without importing anything."""
+    from coalesce.errors import CachedError
+
+    if isinstance(spec, Frozen):
+        spec = spec.thaw()
+    module, qualname, message = spec
+    cls: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cast(Exception, cls(message))
+        except Exception:
+            pass
+    return CachedError(f"{module}.{qualname}", message)
+
+
+# ---------------------------------------------------------------------------------------
+# sync
+
+
+def _wrap_sync(policy: Policy) -> Callable[..., Any]:
+    fn, make_key, stats = policy.fn, policy.make_key, policy.stats
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cache = policy.cache or policy.bind()
+        if not cache.enabled:
+            return fn(*args, **kwargs)
+        key = cache.prefix + make_key(*args, **kwargs)
+        if policy.store:
+            entry = cache.read(key)
+            if entry is not None:
+                if entry.fresh_until > _now():
+                    stats.hits += 1
+                    return _result(entry)
+                if entry.stale_until > _now():
+                    stats.stale += 1
+                    cache.refresh_in_background(lambda: _miss(cache, policy, key, args, kwargs))
+                    return _result(entry)
+            stats.misses += 1
+        return _result(_miss(cache, policy, key, args, kwargs))
+
+    return wrapper
+
+
+def _miss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
+    entry, shared = cache.flights.run(key, lambda fence: _lead(cache, policy, key, fence, args, kwargs))
+    if shared:
+        policy.stats.coalesced += 1
+    return entry
+
+
+def _lead(cache: Cache, policy: Policy, key: str, fence: Fence, args: Any, kwargs: Any) -> Entry:
+    """The leader of this process: check again, then compute once (across processes)."""
+    if policy.store:
+        entry = cache.read(key)
+        if entry is not None and entry.fresh_until > _now():
+            return entry
+    computed: list[Entry] = []
+
+    def compute() -> Entry:
+        started = _perf()
+        try:
+            value = policy.fn(*args, **kwargs)
+        except Exception as exc:
+            _count_computation(policy, started, failed=True)
+            if policy.cache_errors is None:
+                raise
+            computed.append(policy.error_entry(cache, exc, started))
+            return computed[0]
+        _count_computation(policy, started)
+        computed.append(policy.make_entry(cache, value, started, args, kwargs))
+        return computed[0]
+
+    if not policy.store:
+        return compute()
+    try:
+        return cache.store.fill(key, compute, fence=fence)
+    except BackendError as exc:
+        cache.backend_failed(policy, exc)
+        return computed[0] if computed else compute()
+
+
+def _count_computation(policy: Policy, started: float, *, failed: bool = False) -> None:
+    stats = policy.stats
+    stats.computations += 1
+    stats.compute_time += _perf() - started
+    if failed:
+        stats.errors += 1
+
+
+# ---------------------------------------------------------------------------------------
+# async: the same path, awaiting
+
+
+def _wrap_async(policy: Policy) -> Callable[..., Awaitable[Any]]:
+    fn, make_key, stats = policy.fn, policy.make_key, policy.stats
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cache = policy.cache or policy.bind()
+        if not cache.enabled:
+            return await fn(*args, **kwargs)
+        key = cache.prefix + make_key(*args, **kwargs)
+        if policy.store:
+            entry = await cache.aread(key)
+            if entry is not None:
+                if entry.fresh_until > _now():
+                    stats.hits += 1
+                    return _result(entry)
+                if entry.stale_until > _now():
+                    stats.stale += 1
+                    cache.arefresh_in_background(_amiss(cache, policy, key, args, kwargs))
+                    return _result(entry)
+            stats.misses += 1
+        return _result(await _amiss(cache, policy, key, args, kwargs))
+
+    return wrapper
+
+
+async def _amiss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
+    entry, shared = await cache.aflights.run(
+        key, lambda fence: _alead(cache, policy, key, fence, args, kwargs)
+    )
+    if shared:
+        policy.stats.coalesced += 1
+    return entry
+
+
+async def _alead(
+    cache: Cache, policy: Policy, key: str, fence: Fence, args: Any, kwargs: Any
+) -> Entry:
+    """The leader of this process on this loop: check again, then compute once."""
+    if policy.store:
+        entry = await cache.aread(key)
+        if entry is not None and entry.fresh_until > _now():
+            return entry
+    computed: list[Entry] = []
+
+    async def compute() -> Entry:
+        started = _perf()
+        try:
+            value = await policy.fn(*args, **kwargs)
+        except Exception as exc:
+            _count_computation(policy, started, failed=True)
+            if policy.cache_errors is None:
+                raise
+            computed.append(policy.error_entry(cache, exc, started))
+            return computed[0]
+        _count_computation(policy, started)
+        computed.append(policy.make_entry(cache, value, started, args, kwargs))
+        return computed[0]
+
+    if not policy.store:
+        return await compute()
+    try:
+        return await cache.store.afill(key, compute, fence=fence)
+    except BackendError as exc:
+        cache.backend_failed(policy, exc)
+        return computed[0] if computed else await compute()
+
+
+# ---------------------------------------------------------------------------------------
+# the decorator
+
+
+def decorate(policy: Policy) -> Callable[..., Any]:
+    """Wrap `policy.fn`, keeping its identity, and attach `key`, `invalidate` and `stats`."""
+    fn = policy.fn
+    is_async = inspect.iscoroutinefunction(fn)
+    wrapper: Any = _wrap_async(policy) if is_async else _wrap_sync(policy)
+
+    def key(*args: Any, **kwargs: Any) -> str:
+        """The key (without namespace) that a call with these arguments uses."""
+        return policy.make_key(*args, **kwargs)
+
+    def stats() -> dict[str, Any]:
+        """This function's counters."""
+        return policy.stats.as_dict()
+
+    if is_async:
+
+        async def invalidate(*args: Any, **kwargs: Any) -> bool:
+            """Delete the entry a call with these arguments would use; True if it existed."""
+            cache = policy.cache or policy.bind()
+            policy.stats.invalidations += 1
+            return await cache.ainvalidate(policy.make_key(*args, **kwargs))
+
+    else:
+
+        def invalidate(*args: Any, **kwargs: Any) -> bool:  # type: ignore[misc]
+            """Delete the entry a call with these arguments would use; True if it existed."""
+            cache = policy.cache or policy.bind()
+            policy.stats.invalidations += 1
+            return cache.invalidate(policy.make_key(*args, **kwargs))
+
+    wrapper.key = key
+    wrapper.invalidate = invalidate
+    wrapper.stats = stats
+    wrapper.policy = policy
+    return cast(Callable[..., Any], wrapper)
+
+
+def make_decorator(
+    cache: Cache | None,
+    fn: Callable[..., Any] | None,
+    *,
+    store: bool,
+    ttl: float | None = None,
+    key: str | None = None,
+    exclude: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    stale_ttl: float = 0.0,
+    cache_errors: float | None = None,
+    copy: bool = True,
+) -> Any:
+    """Shared by `Cache.cached`, `Cache.coalesced` and the module-level decorators."""
+
+    def decorator(func: F) -> F:
+        if not callable(func):
+            raise ConfigurationError(f"can only decorate functions, not {func!r}")
+        if isinstance(func, (staticmethod, classmethod)):
+            raise ConfigurationError(
+                "put @staticmethod/@classmethod above the coalesce decorator, not below it"
+            )
+        policy = Policy(
+            func,
+            cache=cache,
+            ttl=ttl,
+            key=key,
+            exclude=tuple(exclude),
+            tags=tuple(tags),
+            stale_ttl=stale_ttl,
+            cache_errors=cache_errors,
+            copy=copy,
+            store=store,
+        )
+        if cache is not None:
+            cache.register(policy)
+        return cast(F, decorate(policy))
+
+    if fn is not None:
+        return decorator(fn)  # used bare: @cached
+    return decorator
+
+
+def run_sync_refresh(job: Callable[[], Any]) -> None:
+    """Run a background refresh, swallowing its error (the next caller will see it)."""
+    try:
+        job()
+    except Exception:
+        pass
+

@@ -1,0 +1,35 @@
+"""Counters per decorated function: plain integer attributes, cheap to bump on the hot path.
+
+Increments are not locked: under heavy thread contention a hit or two may go uncounted, the
+price of a hit path without a lock. Counts made on the miss path happen once per
+computation and are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class Stats:
+    """What happened to the calls of one decorated function."""
+
+    name: str
+    hits: int = 0  # fresh entries served from the store
+    stale: int = 0  # stale entries served while one caller refreshed them
+    misses: int = 0  # calls that found no usable entry
+    coalesced: int = 0  # callers that received a result computed for another caller
+    computations: int = 0  # times the function itself ran (the expensive part)
+    errors: int = 0  # computations that raised
+    invalidations: int = 0  # entries deleted through this function's invalidate()
+    backend_errors: int = 0  # store failures that degraded to computing directly
+    compute_time: float = 0.0  # seconds spent in computations, in total
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def hit_ratio(self) -> float:
+        served = self.hits + self.stale + self.misses
+        return (self.hits + self.stale) / served if served else 0.0

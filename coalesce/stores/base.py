@@ -1,0 +1,86 @@
+"""The one interface every store implements, sync and async side by side.
+
+Keys handed to a store are *full* keys: the cache's namespace is already in front. A store
+raises `BackendError` when its backend fails; the cache decides whether that degrades to a
+direct computation (fail-open, the default) or reaches the caller (fail-closed).
+
+`fill` is the store's share of single-flight. The cache has already made sure that only one
+caller per key *in this process* gets here; a store shared by several processes (Redis) makes
+sure only one process computes and hands the result to the others. The in-memory store just
+computes and stores.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+
+from coalesce.entry import Entry
+
+
+class Fence:
+    """Says whether a computation in flight may still store its result.
+
+    Invalidating a key invalidates the fences of its computations in flight *before* the
+    entry is deleted, and stores check the fence atomically with their write: so a result
+    computed before an invalidation never lands after it.
+    """
+
+    __slots__ = ("valid",)
+
+    def __init__(self) -> None:
+        self.valid = True  # written False once by an invalidation; read by the store on set
+
+
+class Store(ABC):
+    """Where entries live. Every method may raise `BackendError`."""
+
+    #: True when the store is shared between processes (its `fill` coordinates them).
+    shared: bool = False
+
+    @abstractmethod
+    def get(self, key: str) -> Entry | None:
+        """The entry under `key` if it is still fresh or stale-servable, else None."""
+
+    @abstractmethod
+    def set(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
+        """Store `entry` unless `fence` was invalidated; return whether it was stored."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Delete `key` (and fence its computations elsewhere); return whether it existed."""
+
+    @abstractmethod
+    def delete_tag(self, tag: str) -> int:
+        """Delete every entry carrying `tag`; return how many existed."""
+
+    @abstractmethod
+    def fill(self, key: str, compute: Callable[[], Entry], *, fence: Fence) -> Entry:
+        """Compute the entry for `key` once across everyone sharing this store, and store it."""
+
+    @abstractmethod
+    async def aget(self, key: str) -> Entry | None: ...
+
+    @abstractmethod
+    async def aset(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool: ...
+
+    @abstractmethod
+    async def adelete(self, key: str) -> bool: ...
+
+    @abstractmethod
+    async def adelete_tag(self, tag: str) -> int: ...
+
+    @abstractmethod
+    async def afill(
+        self, key: str, compute: Callable[[], Awaitable[Entry]], *, fence: Fence
+    ) -> Entry: ...
+
+    def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:
+        """Up to `limit` full keys matching a glob `pattern` (for the command line)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections; the store may not be used afterwards."""
+
+    async def aclose(self) -> None:
+        """Release async connections."""

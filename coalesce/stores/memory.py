@@ -1,0 +1,180 @@
+"""The in-memory store: a `cachetools.TLRUCache` for expiry and LRU, read without a lock.
+
+A hit must cost little more than a dict lookup, but `cachetools` caches are not safe to read
+from several threads without a lock, and a lock (plus the Python-level bookkeeping of an LRU
+read) would cost more than the rest of the hit. So the store keeps two structures:
+
+* `_index`, a plain dict from key to entry, which readers use without a lock (a single
+  dict lookup is atomic in CPython);
+* `_lru`, a `TLRUCache` that owns expiry (per entry, from its TTL and stale window) and the
+  `maxsize` bound, changed only under `_lock`; whatever it expires or evicts leaves `_index`
+  and the tag index with it.
+
+Reads are recorded in a bounded buffer and replayed into the LRU order on the next write,
+the way Caffeine does it: recency stays accurate enough to evict cold keys first, and the
+read path never takes the lock. Values are kept frozen (see `coalesce.values`), so callers
+get private copies.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import cachetools
+
+from coalesce.entry import Entry
+from coalesce.stores.base import Fence, Store
+
+
+def _keep_until(_key: str, entry: Entry, now: float) -> float:
+    """`TLRUCache`'s time-to-use: until the entry's stale window ends (monotonic clock)."""
+    keep = entry.keep_for(time.time())
+    return math.inf if keep is None else now + keep
+
+
+class _Bookkeeping(cachetools.TLRUCache):  # type: ignore[type-arg]
+    """The LRU/TTL structure; tells the store about every key it drops."""
+
+    def __init__(self, maxsize: int, dropped: Callable[[str], None]) -> None:
+        super().__init__(maxsize, ttu=_keep_until)
+        self._dropped = dropped
+
+    def expire(self, time: float | None = None) -> list[tuple[str, Entry]]:
+        expired: list[tuple[str, Entry]] = super().expire(time)
+        for key, _ in expired:
+            self._dropped(key)
+        return expired
+
+    def popitem(self) -> tuple[str, Entry]:
+        key, entry = super().popitem()
+        self._dropped(key)
+        return key, entry
+
+
+class MemoryStore(Store):
+    """Entries in this process's memory, bounded by `maxsize` entries."""
+
+    shared = False
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        if not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"maxsize must be a positive integer, not {maxsize!r}")
+        self.maxsize = maxsize
+        self._lock = threading.Lock()  # guards _lru, _tags and writes to _index
+        self._index: dict[str, Entry] = {}  # read without the lock
+        self._tags: dict[str, set[str]] = {}
+        self._touched: deque[str] = deque(maxlen=maxsize)  # reads not yet replayed
+        self._lru = _Bookkeeping(maxsize, self._forget)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._index.get(key)
+        if entry is not None:
+            self._touched.append(key)
+        return entry
+
+    async def aget(self, key: str) -> Entry | None:
+        return self.get(key)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:
+        now = time.time()
+        found = []
+        for key, entry in list(self._index.items()):
+            if entry.stale_until > now and fnmatch.fnmatchcase(key, pattern):
+                found.append(key)
+                if len(found) >= limit:
+                    break
+        return found
+
+    # -- writes (under the lock) ------------------------------------------------------------
+
+    def set(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
+        with self._lock:
+            if fence is not None and not fence.valid:
+                return False
+            self._replay_reads()
+            self._remove(key)
+            self._lru[key] = entry
+            if key in self._lru:  # an entry already past its stale window is not kept
+                self._index[key] = entry
+                for tag in entry.tags:
+                    self._tags.setdefault(tag, set()).add(key)
+            return True
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            return self._remove(key)
+
+    def delete_tag(self, tag: str) -> int:
+        with self._lock:
+            keys = self._tags.pop(tag, set())
+            return sum(self._remove(key) for key in keys)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lru.clear()
+            self._index.clear()
+            self._tags.clear()
+            self._touched.clear()
+
+    def fill(self, key: str, compute: Callable[[], Entry], *, fence: Fence) -> Entry:
+        entry = compute()
+        self.set(key, entry, fence=fence)
+        return entry
+
+    async def aset(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
+        return self.set(key, entry, fence=fence)
+
+    async def adelete(self, key: str) -> bool:
+        return self.delete(key)
+
+    async def adelete_tag(self, tag: str) -> int:
+        return self.delete_tag(tag)
+
+    async def afill(
+        self, key: str, compute: Callable[[], Awaitable[Entry]], *, fence: Fence
+    ) -> Entry:
+        entry = await compute()
+        self.set(key, entry, fence=fence)
+        return entry
+
+    # -- helpers, called with the lock held --------------------------------------------------
+
+    def _replay_reads(self) -> None:
+        touched, lru = self._touched, self._lru
+        while touched:
+            key = touched.popleft()
+            try:
+                lru[key]  # moves the key to the most recently used end
+            except KeyError:
+                pass
+
+    def _remove(self, key: str) -> bool:
+        entry = self._index.get(key)
+        self._lru.pop(key, None)
+        self._forget(key)
+        return entry is not None and entry.stale_until > time.time()
+
+    def _forget(self, key: str) -> None:
+        entry = self._index.pop(key, None)
+        if entry is None:
+            return
+        for tag in entry.tags:
+            members = self._tags.get(tag)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._tags[tag]
+
+    def stats(self) -> dict[str, Any]:
+        return {"entries": len(self._index), "maxsize": self.maxsize, "tags": len(self._tags)}

@@ -1,0 +1,97 @@
+"""How one cached value is shared by many callers without them seeing each other's edits.
+
+A cached value is frozen once, when it is stored, and thawed for every caller that reads it:
+
+* immutable values (str, int, bytes, tuples of immutables, datetimes, ...) are returned
+  as they are: nobody can change them;
+* flat containers (a dict, list or set whose items are all immutable) keep a private copy
+  and every caller gets a shallow copy of it: cheap, and edits stay with the caller;
+* anything deeper keeps its serialized bytes and every caller decodes its own copy.
+
+`copy=False` on a decorator opts out: every caller then receives the very same object.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from coalesce.serialization import Serializer, dump_value
+
+_IMMUTABLE = frozenset(
+    {
+        type(None),
+        bool,
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        decimal.Decimal,
+        uuid.UUID,
+        datetime.datetime,
+        datetime.date,
+        datetime.time,
+        datetime.timedelta,
+    }
+)
+_FLAT = frozenset({dict, list, set})
+
+
+class Frozen:
+    """A stored value that hands out private copies: see the module docstring."""
+
+    __slots__ = ("_copy", "_loads", "payload", "snapshot")
+
+    def __init__(
+        self,
+        payload: bytes,
+        snapshot: Any = None,
+        copy: Callable[[Any], Any] | None = None,
+        loads: Callable[[bytes], Any] | None = None,
+    ) -> None:
+        self.payload = payload  # the serialized value, always present
+        self.snapshot = snapshot  # a private flat container, or None
+        self._copy = copy
+        self._loads = loads
+
+    def thaw(self) -> Any:
+        """A copy of the value that the caller may change freely."""
+        if self._copy is not None:
+            return self._copy(self.snapshot)
+        assert self._loads is not None
+        return self._loads(self.payload)
+
+
+def is_immutable(value: Any) -> bool:
+    cls = type(value)
+    if cls in _IMMUTABLE:
+        return True
+    if cls is tuple or cls is frozenset:
+        return all(is_immutable(item) for item in value)
+    return False
+
+
+def _is_flat(value: Any) -> bool:
+    if type(value) is dict:
+        return all(is_immutable(k) and is_immutable(v) for k, v in value.items())
+    return all(is_immutable(item) for item in value)
+
+
+def freeze(value: Any, serializer: Serializer, context: str = "") -> Any:
+    """Check that `value` can be stored and return the form to keep: itself or a `Frozen`."""
+    payload = dump_value(serializer, value, context)
+    if is_immutable(value):
+        return value
+    if type(value) in _FLAT and _is_flat(value):
+        return Frozen(payload, snapshot=value.copy(), copy=type(value).copy)
+    return Frozen(payload, loads=serializer.loads)
+
+
+def thaw(value: Any) -> Any:
+    """The value a caller receives: a private copy of a `Frozen`, else the value itself."""
+    return value.thaw() if type(value) is Frozen else value
+
