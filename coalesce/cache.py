@@ -9,6 +9,7 @@ to anything: stores connect on first use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -85,7 +86,9 @@ class Cache:
         if not isinstance(url, str):
             raise ConfigurationError(f"cache url must be a string, not {url!r}")
         if not namespace or not isinstance(namespace, str) or not namespace.isprintable():
-            raise ConfigurationError(f"namespace must be a non-empty printable string: {namespace!r}")
+            raise ConfigurationError(
+                f"namespace must be a non-empty printable string, not {namespace!r}"
+            )
         if " " in namespace or ":" in namespace:
             raise ConfigurationError(f"namespace may not contain spaces or ':': {namespace!r}")
         if on_backend_error not in ("compute", "raise"):
@@ -118,8 +121,9 @@ class Cache:
         self._lock = threading.Lock()
         self._last_logged = 0.0
         self.backend_errors = 0
-        if not self.store.shared:
-            self.read = self.store.get  # type: ignore[method-assign]  # hot path: no wrapper
+        self.local = not self.store.shared  # reads cannot fail nor block: no wrapper needed
+        if self.local:
+            self.read = self.store.get  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"Cache({self.url!r}, namespace={self.namespace!r}, enabled={self.enabled})"
@@ -222,10 +226,8 @@ class Cache:
         """Refresh a stale entry in a task of the running loop."""
 
         async def guarded() -> None:
-            try:
+            with contextlib.suppress(Exception):  # the next caller computes and sees it
                 await job
-            except Exception:
-                pass  # the next caller computes and sees the error
 
         task = asyncio.get_running_loop().create_task(guarded())
         self._refresh_tasks.add(task)

@@ -15,19 +15,20 @@ or raises `BackendError` (`"raise"`). Decisions that need no I/O live in `entry.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from coalesce.entry import Entry
 from coalesce.errors import BackendError, ConfigurationError
-from coalesce.keys import KeyFunction, key_function, template_key_function
+from coalesce.keys import KeyFunction, plan_key, signature_source, template_key_function
 from coalesce.stats import Stats
 from coalesce.stores.base import Fence
-from coalesce.values import Frozen, freeze, thaw
+from coalesce.values import Frozen, freeze
 
 if TYPE_CHECKING:
     from coalesce.cache import Cache
@@ -58,7 +59,8 @@ class Policy:
         self.fn = fn
         self.name = f"{fn.__module__}.{fn.__qualname__}"
         self.key_template = key
-        self.make_key: KeyFunction = key_function(fn, key, exclude)
+        self.plan = plan_key(fn, key, exclude)
+        self.make_key: KeyFunction = self.plan.make
         self.tag_keys: list[KeyFunction] = [template_key_function(fn, tag) for tag in tags]
         self.ttl = _check_seconds("ttl", ttl, allow_none=True)
         self.stale_ttl = _check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
@@ -82,9 +84,7 @@ class Policy:
     def ttl_for(self, cache: Cache) -> float | None:
         return cache.default_ttl if self.ttl is None else self.ttl
 
-    def make_entry(
-        self, cache: Cache, value: Any, started: float, args: Any, kwargs: Any
-    ) -> Entry:
+    def make_entry(self, cache: Cache, value: Any, started: float, args: Any, kwargs: Any) -> Entry:
         elapsed = _perf() - started
         tags = tuple(cache.prefix + make(*args, **kwargs) for make in self.tag_keys)
         if self.store and (self.copy or cache.store.shared):
@@ -129,43 +129,129 @@ def _rebuild_error(spec: Any) -> Exception:
         cls = getattr(cls, part, None)
     if isinstance(cls, type) and issubclass(cls, Exception):
         try:
-            return cast(Exception, cls(message))
+            return cls(message)  # type: ignore[no-any-return,unused-ignore]
         except Exception:
             pass
     return CachedError(f"{module}.{qualname}", message)
 
 
 # ---------------------------------------------------------------------------------------
-# sync
+# the hot path, generated per function
+#
+# A hit is the common case, so it runs in a wrapper generated with the decorated function's
+# own parameter list: Python binds the arguments natively and the key is rendered inline
+# (see `keys.KeyPlan`). Everything else leaves it for `_slow` / `_aslow` below. The two
+# sources differ only in `async`/`await`.
+
+_SYNC_WRAPPER = """
+def __coalesce_wrapper({params}):
+    c = __coalesce_policy.cache or __coalesce_policy.bind()
+    if not c.enabled:
+        return __coalesce_fn(*{args}, **{kwargs})
+    k = c.prefix + {expr}
+    e = c.read(k) if {guard} else None
+    if e is not None and e.fresh_until > __coalesce_now() and not e.error:
+        __coalesce_stats.hits += 1
+        v = e.value
+        return v.thaw() if type(v) is __coalesce_Frozen else v
+    return __coalesce_slow(c, __coalesce_policy, k, e, {args}, {kwargs})
+"""
+
+_ASYNC_WRAPPER = """
+async def __coalesce_wrapper({params}):
+    c = __coalesce_policy.cache or __coalesce_policy.bind()
+    if not c.enabled:
+        return await __coalesce_fn(*{args}, **{kwargs})
+    k = c.prefix + {expr}
+    if not {guard}:
+        e = None
+    elif c.local:
+        e = c.read(k)
+    else:
+        e = await c.aread(k)
+    if e is not None and e.fresh_until > __coalesce_now() and not e.error:
+        __coalesce_stats.hits += 1
+        v = e.value
+        return v.thaw() if type(v) is __coalesce_Frozen else v
+    return await __coalesce_slow(c, __coalesce_policy, k, e, {args}, {kwargs})
+"""
 
 
-def _wrap_sync(policy: Policy) -> Callable[..., Any]:
-    fn, make_key, stats = policy.fn, policy.make_key, policy.stats
+def _generate(policy: Policy, is_async: bool) -> Callable[..., Any]:
+    """Compile the hot-path wrapper of `policy.fn` (see the sources above)."""
+    params, defaults, args, kwargs = signature_source(policy.fn)
+    template = _ASYNC_WRAPPER if is_async else _SYNC_WRAPPER
+    guard = policy.plan.hit_guard if policy.store else "False"  # `coalesced` never reads
+    source = template.format(
+        params=params, args=args, kwargs=kwargs, expr=policy.plan.expr, guard=guard
+    )
+    names: dict[str, Any] = {
+        **policy.plan.names,
+        **defaults,
+        "__coalesce_policy": policy,
+        "__coalesce_fn": policy.fn,
+        "__coalesce_stats": policy.stats,
+        "__coalesce_now": time.time,
+        "__coalesce_Frozen": Frozen,
+        "__coalesce_slow": _aslow if is_async else _slow,
+    }
+    exec(compile(source, f"<coalesce wrapper of {policy.name}>", "exec"), names)
+    return cast(Callable[..., Any], names["__coalesce_wrapper"])
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        cache = policy.cache or policy.bind()
-        if not cache.enabled:
-            return fn(*args, **kwargs)
-        key = cache.prefix + make_key(*args, **kwargs)
-        if policy.store:
+
+def _slow(
+    cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
+) -> Any:
+    """Everything but a fresh hit: escaped keys, stale entries, cached errors, misses."""
+    stats = policy.stats
+    key = cache.prefix + policy.make_key(*args, **kwargs)
+    if policy.store:
+        if key != raw_key or not _raw_key_was_read(policy, raw_key):
             entry = cache.read(key)
-            if entry is not None:
-                if entry.fresh_until > _now():
-                    stats.hits += 1
-                    return _result(entry)
-                if entry.stale_until > _now():
-                    stats.stale += 1
-                    cache.refresh_in_background(lambda: _miss(cache, policy, key, args, kwargs))
-                    return _result(entry)
-            stats.misses += 1
-        return _result(_miss(cache, policy, key, args, kwargs))
+        if entry is not None:
+            now = _now()
+            if entry.fresh_until > now:
+                stats.hits += 1
+                return _result(entry)
+            if entry.stale_until > now:
+                stats.stale += 1
+                cache.refresh_in_background(lambda: _miss(cache, policy, key, args, kwargs))
+                return _result(entry)
+        stats.misses += 1
+    return _result(_miss(cache, policy, key, args, kwargs))
 
-    return wrapper
+
+async def _aslow(
+    cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
+) -> Any:
+    """`_slow` for async functions."""
+    stats = policy.stats
+    key = cache.prefix + policy.make_key(*args, **kwargs)
+    if policy.store:
+        if key != raw_key or not _raw_key_was_read(policy, raw_key):
+            entry = await cache.aread(key)
+        if entry is not None:
+            now = _now()
+            if entry.fresh_until > now:
+                stats.hits += 1
+                return _result(entry)
+            if entry.stale_until > now:
+                stats.stale += 1
+                cache.arefresh_in_background(_amiss(cache, policy, key, args, kwargs))
+                return _result(entry)
+        stats.misses += 1
+    return _result(await _amiss(cache, policy, key, args, kwargs))
+
+
+def _raw_key_was_read(policy: Policy, raw_key: str) -> bool:
+    """Whether the hot path already read `raw_key` (its guard held)."""
+    return policy.plan.hit_guard == "True" or "%" not in raw_key
 
 
 def _miss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
-    entry, shared = cache.flights.run(key, lambda fence: _lead(cache, policy, key, fence, args, kwargs))
+    entry, shared = cache.flights.run(
+        key, lambda fence: _lead(cache, policy, key, fence, args, kwargs)
+    )
     if shared:
         policy.stats.coalesced += 1
     return entry
@@ -211,32 +297,7 @@ def _count_computation(policy: Policy, started: float, *, failed: bool = False) 
 
 
 # ---------------------------------------------------------------------------------------
-# async: the same path, awaiting
-
-
-def _wrap_async(policy: Policy) -> Callable[..., Awaitable[Any]]:
-    fn, make_key, stats = policy.fn, policy.make_key, policy.stats
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        cache = policy.cache or policy.bind()
-        if not cache.enabled:
-            return await fn(*args, **kwargs)
-        key = cache.prefix + make_key(*args, **kwargs)
-        if policy.store:
-            entry = await cache.aread(key)
-            if entry is not None:
-                if entry.fresh_until > _now():
-                    stats.hits += 1
-                    return _result(entry)
-                if entry.stale_until > _now():
-                    stats.stale += 1
-                    cache.arefresh_in_background(_amiss(cache, policy, key, args, kwargs))
-                    return _result(entry)
-            stats.misses += 1
-        return _result(await _amiss(cache, policy, key, args, kwargs))
-
-    return wrapper
+# the miss path, async: the same steps, awaiting
 
 
 async def _amiss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
@@ -289,7 +350,7 @@ def decorate(policy: Policy) -> Callable[..., Any]:
     """Wrap `policy.fn`, keeping its identity, and attach `key`, `invalidate` and `stats`."""
     fn = policy.fn
     is_async = inspect.iscoroutinefunction(fn)
-    wrapper: Any = _wrap_async(policy) if is_async else _wrap_sync(policy)
+    wrapper: Any = functools.update_wrapper(_generate(policy, is_async), fn)
 
     def key(*args: Any, **kwargs: Any) -> str:
         """The key (without namespace) that a call with these arguments uses."""
@@ -367,8 +428,5 @@ def make_decorator(
 
 def run_sync_refresh(job: Callable[[], Any]) -> None:
     """Run a background refresh, swallowing its error (the next caller will see it)."""
-    try:
+    with contextlib.suppress(Exception):
         job()
-    except Exception:
-        pass
-

@@ -110,8 +110,9 @@ _CANON_BY_TYPE: dict[type, Callable[[Any], str]] = {
     bytes: lambda v: "b" + v.hex(),
     tuple: lambda v: f"t({_canon_items(v)})",
     list: lambda v: f"l({_canon_items(v)})",
-    dict: lambda v: "d(" + ",".join(sorted(f"{canonical(k)}={canonical(x)}" for k, x in v.items()))
-    + ")",
+    dict: lambda v: (
+        "d(" + ",".join(sorted(f"{canonical(k)}={canonical(x)}" for k, x in v.items())) + ")"
+    ),
     set: lambda v: "S(" + ",".join(sorted(canonical(x) for x in v)) + ")",
     frozenset: lambda v: "S(" + ",".join(sorted(canonical(x) for x in v)) + ")",
     datetime.datetime: lambda v: "x" + quote(f"dt({v.isoformat()})", safe=_CANONICAL_SAFE),
@@ -136,7 +137,7 @@ def canonical(value: Any) -> str:
         return f"e{_canon_type_name(value)}.{quote(value.name, safe=_CANONICAL_SAFE)}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _canon_dataclass(value)
-    if type(value).__repr__ is not object.__repr__:
+    if getattr(type(value), "__repr__", None) is not object.__repr__:
         return f"r{_canon_type_name(value)}({quote(repr(value), safe=_CANONICAL_SAFE)})"
     raise KeyBuildError(
         f"cannot build a cache key from an argument of type {type(value).__qualname__!r}: "
@@ -182,6 +183,25 @@ def _signature_source(sig: inspect.Signature) -> tuple[str, dict[str, Any]]:
     return ", ".join(parts), defaults
 
 
+def signature_source(fn: Callable[..., Any]) -> tuple[str, dict[str, Any], str, str]:
+    """`fn`'s parameter list as source, its defaults by name, and the source of a tuple and
+    a dict passing every parameter on as it was bound: `(a, *args)` and `{'c': c, **kw}`."""
+    sig = inspect.signature(fn)
+    params, defaults = _signature_source(sig)
+    positional, keywords = [], []
+    for param in sig.parameters.values():
+        if param.kind is param.VAR_POSITIONAL:
+            positional.append("*" + param.name)
+        elif param.kind is param.VAR_KEYWORD:
+            keywords.append("**" + param.name)
+        elif param.kind is param.KEYWORD_ONLY:
+            keywords.append(f"{param.name!r}: {param.name}")
+        else:
+            positional.append(param.name)
+    args = "(" + "".join(f"{p}, " for p in positional) + ")"
+    return params, defaults, args, "{" + ", ".join(keywords) + "}"
+
+
 def _compile(
     fn: Callable[..., Any], body: str, namespace: dict[str, Any], suffix: str
 ) -> KeyFunction:
@@ -201,8 +221,25 @@ def _skipped_first(fn: Callable[..., Any]) -> set[str]:
     return {params[0]} if params and params[0] in ("self", "cls") else set()
 
 
-def default_key_function(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyFunction:
-    """Key function giving `<module>.<qualname>:` plus the canonical encoding of arguments."""
+@dataclasses.dataclass(frozen=True)
+class KeyPlan:
+    """How a decorated function turns its arguments into a key.
+
+    `make` is the key function (safe keys, as documented above). `expr` is a Python
+    expression over the function's parameters giving the *raw* key, which the generated
+    hot path of the decorator evaluates inline, with `names` as its globals. Stores only
+    ever hold safe keys, so a raw key that finds an entry is the safe key itself, provided
+    `hit_guard` holds (a template's raw key may contain `%` that escaping would change).
+    """
+
+    make: KeyFunction
+    expr: str
+    names: dict[str, Any]
+    hit_guard: str
+
+
+def _default_plan(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyPlan:
+    """`<module>.<qualname>:` plus the canonical encoding of the arguments."""
     sig = inspect.signature(fn)
     excluded = set(exclude)
     unknown = excluded - set(sig.parameters)
@@ -212,15 +249,20 @@ def default_key_function(fn: Callable[..., Any], exclude: Iterable[str] = ()) ->
         )
     excluded |= _skipped_first(fn)
     prefix = f"{fn.__module__}.{fn.__qualname__}:"
-    pieces = []
-    for param in sig.parameters.values():
-        if param.name in excluded:
-            continue
-        pieces.append(f"{param.name!r} + '=' + __coalesce_c({param.name})")
-    joined = " + ',' + ".join(pieces) if pieces else "''"
-    body = f"return __coalesce_s(__coalesce_p + {joined})"
-    namespace = {"__coalesce_c": canonical, "__coalesce_p": prefix, "__coalesce_s": shorten}
-    return _compile(fn, body, namespace, ".key")
+    pieces = [
+        f"{param.name!r} + '=' + __coalesce_c({param.name})"
+        for param in sig.parameters.values()
+        if param.name not in excluded
+    ]
+    expr = "__coalesce_p + " + (" + ',' + ".join(pieces) if pieces else "''")
+    names = {"__coalesce_c": canonical, "__coalesce_p": prefix, "__coalesce_s": shorten}
+    make = _compile(fn, f"return __coalesce_s({expr})", names, ".key")
+    return KeyPlan(make, expr, names, "True")
+
+
+def default_key_function(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyFunction:
+    """Key function giving `<module>.<qualname>:` plus the canonical encoding of arguments."""
+    return _default_plan(fn, exclude).make
 
 
 def _field_root(field: str) -> str:
@@ -263,8 +305,8 @@ def _parse_template(template: str, fn: Callable[..., Any]) -> list[tuple[str, st
     return parts
 
 
-def template_key_function(fn: Callable[..., Any], template: str) -> KeyFunction:
-    """Key function rendering `template` over the bound arguments, then making it safe.
+def _template_plan(fn: Callable[..., Any], template: str) -> KeyPlan:
+    """Render `template` over the bound arguments, then make the result safe.
 
     The fast path formats once and checks the result; only a key that is not safe as it is
     is rendered again field by field with each value percent-encoded.
@@ -282,28 +324,39 @@ def template_key_function(fn: Callable[..., Any], template: str) -> KeyFunction:
         return shorten("".join(out)) or "%00"
 
     if all(_FSTRING_FIELD.match(field) for _, field in parts if field):
-        render = "f" + repr(template)  # same meaning as str.format for these fields, faster
+        expr = "f" + repr(template)  # same meaning as str.format for these fields, faster
     else:
-        render = f"__coalesce_t.format({kwargs})"
+        expr = f"__coalesce_t.format({kwargs})"
     body = (
-        f"k = {render}\n"
+        f"k = {expr}\n"
         f"    if len(k) <= {MAX_KEY_LENGTH} and k.isprintable() and ' ' not in k "
         "and '%' not in k and k:\n"
         "        return k\n"
         f"    return __coalesce_e({kwargs})"
     )
-    namespace = {"__coalesce_t": template, "__coalesce_e": render_escaped}
-    return _compile(fn, body, namespace, ".key")
+    names = {"__coalesce_t": template, "__coalesce_e": render_escaped}
+    make = _compile(fn, body, names, ".key")
+    return KeyPlan(make, expr, names, "'%' not in k")
+
+
+def template_key_function(fn: Callable[..., Any], template: str) -> KeyFunction:
+    """Key function rendering `template` over the bound arguments (see `_template_plan`)."""
+    return _template_plan(fn, template).make
+
+
+def plan_key(fn: Callable[..., Any], template: str | None, exclude: Iterable[str] = ()) -> KeyPlan:
+    """The key plan for `fn`: from `template` if given, else the default key."""
+    if template is None:
+        return _default_plan(fn, exclude)
+    if not isinstance(template, str):
+        raise KeyTemplateError(f"key must be a template string, not {type(template).__name__}")
+    if exclude:
+        raise KeyTemplateError("exclude=... only applies to default keys, not to a template")
+    return _template_plan(fn, template)
 
 
 def key_function(
     fn: Callable[..., Any], template: str | None, exclude: Iterable[str] = ()
 ) -> KeyFunction:
     """The key function for `fn`: from `template` if given, else the default key."""
-    if template is None:
-        return default_key_function(fn, exclude)
-    if not isinstance(template, str):
-        raise KeyTemplateError(f"key must be a template string, not {type(template).__name__}")
-    if exclude:
-        raise KeyTemplateError("exclude=... only applies to default keys, not to a template")
-    return template_key_function(fn, template)
+    return plan_key(fn, template, exclude).make

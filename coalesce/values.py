@@ -94,4 +94,3 @@ def freeze(value: Any, serializer: Serializer, context: str = "") -> Any:
 def thaw(value: Any) -> Any:
     """The value a caller receives: a private copy of a `Frozen`, else the value itself."""
     return value.thaw() if type(value) is Frozen else value
-

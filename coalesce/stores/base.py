@@ -79,8 +79,8 @@ class Store(ABC):
         """Up to `limit` full keys matching a glob `pattern` (for the command line)."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional for stores without connections)
         """Release connections; the store may not be used afterwards."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027
         """Release async connections."""

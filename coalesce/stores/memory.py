@@ -18,6 +18,7 @@ get private copies.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import threading
@@ -154,10 +155,8 @@ class MemoryStore(Store):
         touched, lru = self._touched, self._lru
         while touched:
             key = touched.popleft()
-            try:
+            with contextlib.suppress(KeyError):  # gone since it was read
                 lru[key]  # moves the key to the most recently used end
-            except KeyError:
-                pass
 
     def _remove(self, key: str) -> bool:
         entry = self._index.get(key)

@@ -1,0 +1,103 @@
+"""Shared pytest fixtures: real, throw-away Redis servers started by the test-suite itself.
+
+The tests never touch a Redis that may already run on the machine (e.g. on port 6379):
+every server here is started on a free port of 127.0.0.1 and stopped at the end.
+
+* ``redis_server`` (session): one :class:`RedisServer` shared by all tests.  Tests must not
+  flush it; they isolate themselves with ``unique_namespace``.
+* ``redis_url`` (function): URL of ``redis_server``.
+* ``unique_namespace`` (function): a fresh key namespace such as ``"t3f9a0c1d2e"``.
+* ``fresh_redis`` (function): a dedicated :class:`RedisServer` the test may stop, kill or
+  restart.
+* ``redis_cluster`` (session): a 3-master :class:`RedisCluster`, started on first use.
+
+A server that cannot be started fails the requesting test with the reason and the
+server's log; it is never skipped.
+
+This module deliberately imports nothing from ``coalesce``.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from redis_servers import RedisCluster, RedisServer, RedisStartError
+
+
+def _fail_to_start(what: str, exc: Exception) -> NoReturn:
+    # "from None": the message already carries the cause (and the server's log).
+    raise pytest.fail.Exception(
+        f"could not start {what} for the tests: {exc}", pytrace=False
+    ) from None
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 (random port), shared by the whole session."""
+    server = RedisServer(name="session")
+    try:
+        server.start()
+    except (RedisStartError, OSError) as exc:
+        server.close()
+        _fail_to_start("redis-server", exc)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL (``redis://127.0.0.1:PORT/0``) of the shared session server.
+
+    The server is not flushed between tests: use ``unique_namespace`` for your keys.
+    """
+    return redis_server.url
+
+
+@pytest.fixture
+def unique_namespace() -> str:
+    """A key namespace no other test uses, e.g. ``"t3f9a0c1d2e"``."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may stop, kill or restart.
+
+    ``restart()`` brings it back on the same port, empty.  It is stopped and its
+    temporary directory removed after the test.
+    """
+    server = RedisServer(name="fresh")
+    try:
+        server.start()
+    except (RedisStartError, OSError) as exc:
+        server.close()
+        _fail_to_start("redis-server", exc)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A 3-master Redis Cluster on 127.0.0.1, started the first time a test asks for it."""
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+    except (RedisStartError, OSError) as exc:
+        cluster.stop()
+        _fail_to_start("a Redis Cluster", exc)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
