@@ -339,6 +339,7 @@ def _record(**changes: Any) -> bytes:
         "tags": [],
         "name": "msgpack",
         "payload": MsgpackSerializer().dumps(1),
+        "error": False,
     }
     fields.update(changes)
     return msgpack.packb(list(fields.values()), use_bin_type=True)  # type: ignore[no-any-return]
@@ -371,6 +372,8 @@ FOREIGN = [
     _record(payload="not bytes"),
     msgpack.packb(["c1", 1.0, 2.0, 0.0, 0.0, [], "msgpack"], use_bin_type=True),
     msgpack.packb(["c1", 1.0, 2.0, 0.0, 0.0, [], "msgpack", b"\x01", 9], use_bin_type=True),
+    _record(error=1),
+    _record(error=None),
     _record(payload=b"\xc1"),
 ]
 
@@ -442,7 +445,7 @@ def test_custom_serializer_is_used_and_its_errors_are_wrapped() -> None:
     decoded = decode_entry(encode_entry(Entry("abc"), serializer), serializer)
     assert decoded.value == "ABC"
     bad = encode_entry(Entry("x"), serializer)
-    bad = bad[:-1] + b"\xff"  # payload is no longer ASCII
+    bad = bad[:-2] + b"\xff" + bad[-1:]  # payload (before the error flag) is not ASCII
     with pytest.raises(SerializationError, match=r"'upper' serializer failed: UnicodeDecodeError"):
         decode_entry(bad, serializer)
     with pytest.raises(SerializationError, match="written by the 'upper' serializer"):
