@@ -19,6 +19,7 @@ import contextlib
 import functools
 import inspect
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 _perf = time.perf_counter
+_count_lock = threading.Lock()  # miss-path counters are exact; hits are counted lock-free
 _now = time.time
 
 
@@ -215,7 +217,8 @@ def _slow(
                 return _result(entry)
             if entry.stale_until > now:
                 stats.stale += 1
-                cache.refresh_in_background(lambda: _miss(cache, policy, key, args, kwargs))
+                if not cache.flights.running(key):
+                    cache.refresh_in_background(lambda: _miss(cache, policy, key, args, kwargs))
                 return _result(entry)
         stats.misses += 1
     return _result(_miss(cache, policy, key, args, kwargs))
@@ -237,7 +240,8 @@ async def _aslow(
                 return _result(entry)
             if entry.stale_until > now:
                 stats.stale += 1
-                cache.arefresh_in_background(_amiss(cache, policy, key, args, kwargs))
+                if not cache.aflights.running(key):
+                    cache.arefresh_in_background(_amiss(cache, policy, key, args, kwargs))
                 return _result(entry)
         stats.misses += 1
     return _result(await _amiss(cache, policy, key, args, kwargs))
@@ -253,7 +257,8 @@ def _miss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Ent
         key, lambda fence: _lead(cache, policy, key, fence, args, kwargs)
     )
     if shared:
-        policy.stats.coalesced += 1
+        with _count_lock:
+            policy.stats.coalesced += 1
     return entry
 
 
@@ -290,10 +295,11 @@ def _lead(cache: Cache, policy: Policy, key: str, fence: Fence, args: Any, kwarg
 
 def _count_computation(policy: Policy, started: float, *, failed: bool = False) -> None:
     stats = policy.stats
-    stats.computations += 1
-    stats.compute_time += _perf() - started
-    if failed:
-        stats.errors += 1
+    with _count_lock:
+        stats.computations += 1
+        stats.compute_time += _perf() - started
+        if failed:
+            stats.errors += 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,7 +311,8 @@ async def _amiss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any)
         key, lambda fence: _alead(cache, policy, key, fence, args, kwargs)
     )
     if shared:
-        policy.stats.coalesced += 1
+        with _count_lock:
+            policy.stats.coalesced += 1
     return entry
 
 

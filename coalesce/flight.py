@@ -93,8 +93,9 @@ class ThreadFlights(Generic[T]):
         if flight is not None:
             flight.fence.valid = False
 
-    def in_flight(self) -> int:
-        return len(self._flights)
+    def running(self, key: str) -> bool:
+        """Whether a computation of `key` is in flight."""
+        return key in self._flights
 
 
 class _AsyncFlight:
@@ -182,5 +183,6 @@ class AsyncFlights:
         for flight in flights:
             flight.fence.valid = False
 
-    def in_flight(self) -> int:
-        return len(self._flights)
+    def running(self, key: str) -> bool:
+        """Whether a computation of `key` is in flight on the running loop."""
+        return (key, asyncio.get_running_loop()) in self._flights
