@@ -82,6 +82,8 @@ def shorten(key: str) -> str:
 
 
 def _canon_str(value: str) -> str:
+    if value.isascii() and value.isalnum():
+        return "s" + value  # nothing to escape: skip `quote`, which is slow
     return "s" + quote(value, safe=_CANONICAL_SAFE)
 
 
@@ -250,7 +252,9 @@ def _default_plan(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyPla
     excluded |= _skipped_first(fn)
     prefix = f"{fn.__module__}.{fn.__qualname__}:"
     pieces = [
-        f"{param.name!r} + '=' + __coalesce_c({param.name})"
+        # ints are the most common argument: encode them inline, the rest by `canonical`
+        f"{param.name!r} + ('=i' + str({param.name}) if type({param.name}) is int "
+        f"else '=' + __coalesce_c({param.name}))"
         for param in sig.parameters.values()
         if param.name not in excluded
     ]
