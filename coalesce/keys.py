@@ -66,7 +66,7 @@ def is_safe_key(key: str) -> bool:
 
 def escape(text: str) -> str:
     """Percent-encode whitespace, control characters, non-ASCII text and `%` itself."""
-    return quote(text, safe=_TEMPLATE_SAFE)
+    return quote(text, safe=_TEMPLATE_SAFE, errors="surrogatepass")
 
 
 def shorten(key: str) -> str:
@@ -81,10 +81,14 @@ def shorten(key: str) -> str:
 # Canonical encoding of arguments for default keys
 
 
+def _quote(text: str) -> str:
+    return quote(text, safe=_CANONICAL_SAFE, errors="surrogatepass")
+
+
 def _canon_str(value: str) -> str:
     if value.isascii() and value.isalnum():
         return "s" + value  # nothing to escape: skip `quote`, which is slow
-    return "s" + quote(value, safe=_CANONICAL_SAFE)
+    return "s" + _quote(value)
 
 
 def _canon_items(values: Iterable[Any]) -> str:
@@ -93,7 +97,7 @@ def _canon_items(values: Iterable[Any]) -> str:
 
 def _canon_type_name(value: Any) -> str:
     cls = type(value)
-    return quote(f"{cls.__module__}.{cls.__qualname__}", safe=_CANONICAL_SAFE)
+    return _quote(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def _canon_dataclass(value: Any) -> str:
@@ -117,9 +121,9 @@ _CANON_BY_TYPE: dict[type, Callable[[Any], str]] = {
     ),
     set: lambda v: "S(" + ",".join(sorted(canonical(x) for x in v)) + ")",
     frozenset: lambda v: "S(" + ",".join(sorted(canonical(x) for x in v)) + ")",
-    datetime.datetime: lambda v: "x" + quote(f"dt({v.isoformat()})", safe=_CANONICAL_SAFE),
+    datetime.datetime: lambda v: "x" + _quote(f"dt({v.isoformat()})"),
     datetime.date: lambda v: f"xd({v.isoformat()})",
-    datetime.time: lambda v: "x" + quote(f"tm({v.isoformat()})", safe=_CANONICAL_SAFE),
+    datetime.time: lambda v: "x" + _quote(f"tm({v.isoformat()})"),
     decimal.Decimal: lambda v: f"xD({v})",
     uuid.UUID: lambda v: f"xU({v})",
 }
@@ -136,11 +140,11 @@ def canonical(value: Any) -> str:
     if encode is not None:
         return encode(value)
     if isinstance(value, enum.Enum):
-        return f"e{_canon_type_name(value)}.{quote(value.name, safe=_CANONICAL_SAFE)}"
+        return f"e{_canon_type_name(value)}.{_quote(value.name)}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _canon_dataclass(value)
     if getattr(type(value), "__repr__", None) is not object.__repr__:
-        return f"r{_canon_type_name(value)}({quote(repr(value), safe=_CANONICAL_SAFE)})"
+        return f"r{_canon_type_name(value)}({_quote(repr(value))})"
     raise KeyBuildError(
         f"cannot build a cache key from an argument of type {type(value).__qualname__!r}: "
         "it has no stable text form; give the decorator a key template "
@@ -325,7 +329,8 @@ def _template_plan(fn: Callable[..., Any], template: str) -> KeyPlan:
             out.append(literal)
             if field is not None:
                 out.append(escape(field.format(**values)))
-        return shorten("".join(out)) or "%00"
+        # `quote` never writes "%-": an empty key cannot collide with an escaped one
+        return shorten("".join(out)) or "%-"
 
     if all(_FSTRING_FIELD.match(field) for _, field in parts if field):
         expr = "f" + repr(template)  # same meaning as str.format for these fields, faster
