@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from coalesce.decorators import Policy, make_decorator, run_sync_refresh
+from coalesce.decorators import Policy, check_seconds, make_decorator, run_sync_refresh
 from coalesce.entry import Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.flight import AsyncFlights, ThreadFlights
@@ -95,8 +95,9 @@ class Cache:
             raise ConfigurationError(
                 f"on_backend_error must be 'compute' or 'raise', not {on_backend_error!r}"
             )
-        if default_ttl <= 0:
-            raise ConfigurationError(f"default_ttl must be positive, not {default_ttl!r}")
+        default_ttl = check_seconds("default_ttl", default_ttl) or 0.0
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ConfigurationError(f"maxsize must be a positive integer, not {maxsize!r}")
         if client is not None:
             store_options["client"] = client
         if async_client is not None:
@@ -105,7 +106,8 @@ class Cache:
         self.namespace = namespace
         self.prefix = namespace + ":"
         self.default_ttl = float(default_ttl)
-        self.enabled = (not _disabled_by_environment()) if enabled is None else enabled
+        # the environment wins: COALESCE_DISABLED=1 rolls back without a code change
+        self.enabled = (enabled is not False) and not _disabled_by_environment()
         self.serializer = get_serializer(serializer)
         self.on_backend_error: BackendErrorMode = on_backend_error
         if "namespace" not in store_options and urlsplit(url).scheme != "memory":

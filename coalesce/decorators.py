@@ -64,9 +64,9 @@ class Policy:
         self.plan = plan_key(fn, key, exclude)
         self.make_key: KeyFunction = self.plan.make
         self.tag_keys: list[KeyFunction] = [template_key_function(fn, tag) for tag in tags]
-        self.ttl = _check_seconds("ttl", ttl, allow_none=True)
-        self.stale_ttl = _check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
-        self.cache_errors = _check_seconds("cache_errors", cache_errors, allow_none=True)
+        self.ttl = check_seconds("ttl", ttl, allow_none=True)
+        self.stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
+        self.cache_errors = check_seconds("cache_errors", cache_errors, allow_none=True)
         self.copy = copy
         self.store = store  # False for `coalesced`: share calls, keep nothing
         self.stats = Stats(self.stats_name)
@@ -82,6 +82,11 @@ class Policy:
         from coalesce.cache import bind_default
 
         return bind_default(self)
+
+    def count_shared(self) -> None:
+        """Count a follower that received another caller's outcome."""
+        with _count_lock:
+            self.stats.coalesced += 1
 
     def ttl_for(self, cache: Cache) -> float | None:
         return cache.default_ttl if self.ttl is None else self.ttl
@@ -99,7 +104,7 @@ class Policy:
         return Entry(spec, _now(), self.cache_errors, 0.0, _perf() - started, (), error=True)
 
 
-def _check_seconds(
+def check_seconds(
     name: str, value: float | None, *, allow_none: bool = False, allow_zero: bool = False
 ) -> float | None:
     if value is None and allow_none:
@@ -147,35 +152,47 @@ def _rebuild_error(spec: Any) -> Exception:
 
 _SYNC_WRAPPER = """
 def __coalesce_wrapper({params}):
-    c = __coalesce_policy.cache or __coalesce_policy.bind()
-    if not c.enabled:
+    __coalesce_cache = __coalesce_policy.cache or __coalesce_policy.bind()
+    if not __coalesce_cache.enabled:
         return __coalesce_fn(*{args}, **{kwargs})
-    k = c.prefix + {expr}
-    e = c.read(k) if {guard} else None
-    if e is not None and e.fresh_until > __coalesce_now() and not e.error:
+    __coalesce_k = __coalesce_cache.prefix + {expr}
+    __coalesce_e = __coalesce_cache.read(__coalesce_k) if {guard} else None
+    if (
+        __coalesce_e is not None
+        and __coalesce_e.fresh_until > __coalesce_now()
+        and not __coalesce_e.error
+    ):
         __coalesce_stats.hits += 1
-        v = e.value
-        return v.thaw() if type(v) is __coalesce_Frozen else v
-    return __coalesce_slow(c, __coalesce_policy, k, e, {args}, {kwargs})
+        __coalesce_v = __coalesce_e.value
+        return __coalesce_v.thaw() if type(__coalesce_v) is __coalesce_Frozen else __coalesce_v
+    return __coalesce_slow(
+        __coalesce_cache, __coalesce_policy, __coalesce_k, __coalesce_e, {args}, {kwargs}
+    )
 """
 
 _ASYNC_WRAPPER = """
 async def __coalesce_wrapper({params}):
-    c = __coalesce_policy.cache or __coalesce_policy.bind()
-    if not c.enabled:
+    __coalesce_cache = __coalesce_policy.cache or __coalesce_policy.bind()
+    if not __coalesce_cache.enabled:
         return await __coalesce_fn(*{args}, **{kwargs})
-    k = c.prefix + {expr}
+    __coalesce_k = __coalesce_cache.prefix + {expr}
     if not {guard}:
-        e = None
-    elif c.local:
-        e = c.read(k)
+        __coalesce_e = None
+    elif __coalesce_cache.local:
+        __coalesce_e = __coalesce_cache.read(__coalesce_k)
     else:
-        e = await c.aread(k)
-    if e is not None and e.fresh_until > __coalesce_now() and not e.error:
+        __coalesce_e = await __coalesce_cache.aread(__coalesce_k)
+    if (
+        __coalesce_e is not None
+        and __coalesce_e.fresh_until > __coalesce_now()
+        and not __coalesce_e.error
+    ):
         __coalesce_stats.hits += 1
-        v = e.value
-        return v.thaw() if type(v) is __coalesce_Frozen else v
-    return await __coalesce_slow(c, __coalesce_policy, k, e, {args}, {kwargs})
+        __coalesce_v = __coalesce_e.value
+        return __coalesce_v.thaw() if type(__coalesce_v) is __coalesce_Frozen else __coalesce_v
+    return await __coalesce_slow(
+        __coalesce_cache, __coalesce_policy, __coalesce_k, __coalesce_e, {args}, {kwargs}
+    )
 """
 
 
@@ -253,12 +270,9 @@ def _raw_key_was_read(policy: Policy, raw_key: str) -> bool:
 
 
 def _miss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
-    entry, shared = cache.flights.run(
-        key, lambda fence: _lead(cache, policy, key, fence, args, kwargs)
+    entry, _ = cache.flights.run(
+        key, lambda fence: _lead(cache, policy, key, fence, args, kwargs), policy.count_shared
     )
-    if shared:
-        with _count_lock:
-            policy.stats.coalesced += 1
     return entry
 
 
@@ -307,12 +321,9 @@ def _count_computation(policy: Policy, started: float, *, failed: bool = False) 
 
 
 async def _amiss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
-    entry, shared = await cache.aflights.run(
-        key, lambda fence: _alead(cache, policy, key, fence, args, kwargs)
+    entry, _ = await cache.aflights.run(
+        key, lambda fence: _alead(cache, policy, key, fence, args, kwargs), policy.count_shared
     )
-    if shared:
-        with _count_lock:
-            policy.stats.coalesced += 1
     return entry
 
 

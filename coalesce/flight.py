@@ -32,6 +32,10 @@ T = TypeVar("T")
 _MAX_RESTARTS = 10  # an abandoned leader is replaced at most this often per call
 
 
+def _nothing() -> None:
+    pass
+
+
 class _ThreadFlight(Generic[T]):
     """One computation in flight among threads."""
 
@@ -52,8 +56,14 @@ class ThreadFlights(Generic[T]):
         self._lock = threading.Lock()  # guards _flights
         self._flights: dict[str, _ThreadFlight[T]] = {}
 
-    def run(self, key: str, compute: Callable[[Fence], T]) -> tuple[T, bool]:
-        """Run `compute` once for all overlapping callers of `key`; return (value, shared)."""
+    def run(
+        self, key: str, compute: Callable[[Fence], T], on_shared: Callable[[], None] = _nothing
+    ) -> tuple[T, bool]:
+        """Run `compute` once for all overlapping callers of `key`; return (value, shared).
+
+        `on_shared` is called once by every follower that receives the leader's outcome,
+        value or exception.
+        """
         for _ in range(_MAX_RESTARTS):
             with self._lock:
                 flight = self._flights.get(key)
@@ -65,6 +75,7 @@ class ThreadFlights(Generic[T]):
             flight.done.wait()
             if flight.abandoned:
                 continue
+            on_shared()
             if flight.error is not None:
                 raise flight.error
             return flight.value, True  # type: ignore[return-value]
@@ -128,8 +139,16 @@ class AsyncFlights:
         self._lock = threading.Lock()  # guards _flights against other threads' loops
         self._flights: dict[tuple[str, asyncio.AbstractEventLoop], _AsyncFlight] = {}
 
-    async def run(self, key: str, compute: Callable[[Fence], Awaitable[T]]) -> tuple[T, bool]:
-        """Await `compute` once for all overlapping callers of `key`; return (value, shared)."""
+    async def run(
+        self,
+        key: str,
+        compute: Callable[[Fence], Awaitable[T]],
+        on_shared: Callable[[], None] = _nothing,
+    ) -> tuple[T, bool]:
+        """Await `compute` once for all overlapping callers of `key`; return (value, shared).
+
+        `on_shared` is called once by every follower that receives the leader's outcome.
+        """
         loop = asyncio.get_running_loop()
         slot = (key, loop)
         for _ in range(_MAX_RESTARTS):
@@ -140,11 +159,19 @@ class AsyncFlights:
                     flight = self._start(slot, loop, compute)
             flight.waiters += 1
             try:
-                return await asyncio.shield(flight.task), shared
+                value = await asyncio.shield(flight.task)
             except asyncio.CancelledError:
                 if flight.task.cancelled() and not _caller_cancelled():
                     continue  # the computation was cancelled, not us: start over
                 raise
+            except BaseException:
+                if shared:
+                    on_shared()
+                raise
+            else:
+                if shared:
+                    on_shared()
+                return value, shared
             finally:
                 flight.waiters -= 1
                 if flight.waiters == 0 and not flight.task.done():

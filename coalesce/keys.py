@@ -345,7 +345,7 @@ def _template_plan(fn: Callable[..., Any], template: str) -> KeyPlan:
     )
     names = {"__coalesce_t": template, "__coalesce_e": render_escaped}
     make = _compile(fn, body, names, ".key")
-    return KeyPlan(make, expr, names, "'%' not in k")
+    return KeyPlan(make, expr, names, "'%' not in __coalesce_k")
 
 
 def template_key_function(fn: Callable[..., Any], template: str) -> KeyFunction:

@@ -40,7 +40,12 @@ class Store(ABC):
 
     @abstractmethod
     def get(self, key: str) -> Entry | None:
-        """The entry under `key` if it is still fresh or stale-servable, else None."""
+        """The entry under `key`, or None.
+
+        A store may return an entry whose time is up (the memory store expires entries
+        lazily, to keep reads free of clock calls): callers judge it with
+        `Entry.freshness`, which the hot path does anyway.
+        """
 
     @abstractmethod
     def set(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
