@@ -4,6 +4,7 @@ The public names, nothing else: see the README for the guide.
 """
 
 from coalesce.cache import Cache, cached, coalesced, configure, get_cache
+from coalesce.decorators import CachedFunction, Decorator
 from coalesce.entry import Entry
 from coalesce.errors import (
     BackendError,
@@ -22,8 +23,10 @@ __all__ = [
     "BackendError",
     "Cache",
     "CachedError",
+    "CachedFunction",
     "CoalesceError",
     "ConfigurationError",
+    "Decorator",
     "Entry",
     "KeyBuildError",
     "KeyTemplateError",

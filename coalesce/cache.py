@@ -17,10 +17,17 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 from urllib.parse import urlsplit
 
-from coalesce.decorators import Policy, check_seconds, make_decorator, run_sync_refresh
+from coalesce.decorators import (
+    CachedFunction,
+    Decorator,
+    Policy,
+    check_seconds,
+    make_decorator,
+    run_sync_refresh,
+)
 from coalesce.entry import Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.flight import AsyncFlights, ThreadFlights
@@ -33,6 +40,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis as AsyncRedis
 
 logger = logging.getLogger("coalesce")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 BackendErrorMode = Literal["compute", "raise"]
 _LOG_EVERY = 30.0  # seconds between two log lines about a failing store
@@ -132,9 +141,28 @@ class Cache:
 
     # -- decorators ---------------------------------------------------------------------
 
+    @overload
+    def cached(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+    @overload
+    def cached(
+        self,
+        fn: None = None,
+        /,
+        *,
+        ttl: float | None = None,
+        key: str | None = None,
+        exclude: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        stale_ttl: float = 0.0,
+        cache_errors: float | None = None,
+        copy: bool = True,
+    ) -> Decorator: ...
+
     def cached(
         self,
         fn: Callable[..., Any] | None = None,
+        /,
         *,
         ttl: float | None = None,
         key: str | None = None,
@@ -166,9 +194,18 @@ class Cache:
             copy=copy,
         )
 
+    @overload
+    def coalesced(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+    @overload
+    def coalesced(
+        self, fn: None = None, /, *, key: str | None = None, exclude: Sequence[str] = ()
+    ) -> Decorator: ...
+
     def coalesced(
         self,
         fn: Callable[..., Any] | None = None,
+        /,
         *,
         key: str | None = None,
         exclude: Sequence[str] = (),
@@ -338,8 +375,28 @@ def bind_default(policy: Policy) -> Cache:
     return cache
 
 
+@overload
+def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
+def cached(
+    fn: None = None,
+    /,
+    *,
+    ttl: float | None = None,
+    key: str | None = None,
+    exclude: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    stale_ttl: float = 0.0,
+    cache_errors: float | None = None,
+    copy: bool = True,
+) -> Decorator: ...
+
+
 def cached(
     fn: Callable[..., Any] | None = None,
+    /,
     *,
     ttl: float | None = None,
     key: str | None = None,
@@ -364,8 +421,22 @@ def cached(
     )
 
 
+@overload
+def coalesced(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
 def coalesced(
-    fn: Callable[..., Any] | None = None, *, key: str | None = None, exclude: Sequence[str] = ()
+    fn: None = None, /, *, key: str | None = None, exclude: Sequence[str] = ()
+) -> Decorator: ...
+
+
+def coalesced(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    key: str | None = None,
+    exclude: Sequence[str] = (),
 ) -> Any:
     """`Cache.coalesced` on the default cache (see `configure`)."""
     return make_decorator(None, fn, store=False, key=key, exclude=exclude, copy=False)

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 from coalesce.entry import Entry
 from coalesce.errors import BackendError, ConfigurationError
@@ -35,6 +35,39 @@ if TYPE_CHECKING:
     from coalesce.cache import Cache
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R", covariant=True)
+
+
+class CachedFunction(Protocol[P, R]):
+    """What the decorators return: the function, plus `key`, `invalidate` and `stats`.
+
+    Type checkers see calls with the original parameters and result. Accessed on an
+    instance (a decorated method) it is typed `Any`: a protocol cannot drop `self`.
+    """
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The key (without namespace) a call with these arguments uses."""
+        ...
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Delete that entry: `bool`, or an awaitable of it for async functions."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """This function's counters."""
+        ...
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any: ...
+
+
+class Decorator(Protocol):
+    """A decorator configured by `cached(...)` / `coalesced(...)`."""
+
+    def __call__(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
 
 _perf = time.perf_counter
 _count_lock = threading.Lock()  # miss-path counters are exact; hits are counted lock-free
