@@ -1,0 +1,826 @@
+"""The `coalesce` command line: look at and clear cache entries from a shell, and run the demo.
+
+Everything here goes through the public API (`Cache`, its methods, `coalesce.fastapi`'s
+admin router over HTTP), so the command line sees exactly what an application sees.
+
+Where the entries live decides how the command line reaches them:
+
+* Redis (`--url redis://...` or `COALESCE_URL`): directly. `invalidate` deletes through
+  `Cache.invalidate`, so the store broadcasts the deletion and near caches drop it too.
+* memory: the entries live inside the application's process, out of reach of another
+  process. `invalidate` and `stats` then go through the application itself
+  (`--app http://127.0.0.1:8000 --token ...`, served by `coalesce.fastapi.admin_router`).
+
+Errors the user can fix (an unknown URL scheme, an unreachable host, a wrong password, an
+empty key, a tag nothing carries) print one line on stderr and exit with code 2, never a
+traceback: an operator reading it during an incident needs the problem, not our stack.
+`get` of a missing key exits with 1, so scripts can tell "absent" from "broken".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import pprint
+import reprlib
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+from coalesce import Cache, CoalesceError, __version__
+
+if TYPE_CHECKING:
+    import redis
+
+EXIT_OK = 0
+EXIT_MISSING = 1  # `get`: no such key
+EXIT_USAGE = 2  # bad input, unreachable or misconfigured store
+
+DEFAULT_NAMESPACE = "coalesce"
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_ADMIN_PREFIX = "/coalesce"
+DEFAULT_METRICS_PATH = "/coalesce/metrics"
+PREVIEW_CHARS = 600
+LARGE_VALUE = 100_000  # encoded bytes above which the preview stops pretty-printing
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class CliError(Exception):
+    """A problem the user can fix: printed as one line on stderr, then exit `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------
+# small helpers
+
+
+def redact(url: str) -> str:
+    """`url` with its password replaced by `***`, fit for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    except ValueError:
+        return url
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace so that any message prints as exactly one line."""
+    return " ".join(str(text).split())
+
+
+def human_seconds(seconds: float) -> str:
+    """`0.42 s`, `42.0 s`, `3 min 20 s`, `2 h 5 min`, `3 d 4 h`: short and exact enough."""
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def human_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS, *, large: bool = False) -> str:
+    """A readable rendering of a cached value, cut to `limit` characters.
+
+    Small values are pretty-printed; a `large` one (megabytes of rows) goes through
+    `reprlib`, which stops early instead of formatting everything to show the first lines.
+    """
+    if isinstance(value, (str, bytes)):
+        if len(value) <= limit:
+            return repr(value)
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value) - limit:,} more {unit})"
+    if large:
+        shortener = reprlib.Repr()
+        shortener.maxlevel = 4
+        shortener.maxdict = shortener.maxlist = shortener.maxtuple = shortener.maxset = 40
+        shortener.maxstring = shortener.maxother = 200
+        text = shortener.repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... (cut)"
+    text = pprint.pformat(value, width=96, compact=True, sort_dicts=False)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+    return text
+
+
+def _validate_key(key: str, what: str = "key") -> str:
+    if not key or not key.strip():
+        raise CliError(f"empty {what}: give the {what} without the namespace, e.g. user:42")
+    return key
+
+
+# ---------------------------------------------------------------------------------------
+# reaching Redis
+
+
+def resolve_url(args: argparse.Namespace) -> str:
+    url: str = args.url or os.environ.get("COALESCE_URL") or "memory://"
+    return url
+
+
+def _memory_problem(command: str) -> CliError:
+    return CliError(
+        f"`coalesce {command}` cannot reach a memory:// cache: it lives inside the "
+        "application's process. Use --app http://HOST:PORT --token TOKEN (the app's "
+        "coalesce.fastapi admin router), or point --url / COALESCE_URL at Redis"
+    )
+
+
+def _check_scheme(url: str, command: str) -> None:
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        raise _memory_problem(command)
+    if scheme not in REDIS_SCHEMES:
+        shown = scheme or "(none)"
+        raise CliError(
+            f"unknown cache URL scheme {shown!r} in {redact(url)!r}: use redis://, rediss:// "
+            "or unix:// (memory:// caches are reached with --app)"
+        )
+
+
+def describe_redis_error(exc: BaseException, url: str) -> str:
+    """One line naming what went wrong with Redis at `url`, and what to check."""
+    import redis.exceptions as rex
+
+    shown = redact(url)
+    message = one_line(str(exc)) or type(exc).__name__
+    text = message.upper()
+    if "NOAUTH" in text or "ALREADY AUTHENTICATED" in text:
+        return (
+            f"Redis at {shown} requires a password: put it in the URL, "
+            "redis://:PASSWORD@HOST:PORT/DB (or redis://USER:PASSWORD@... with ACL users)"
+        )
+    if isinstance(exc, rex.AuthenticationError) or any(
+        word in text for word in ("WRONGPASS", "INVALID PASSWORD", "INVALID USERNAME")
+    ):
+        return (
+            f"authentication failed at {shown}: {message} "
+            "(check the user name and password in --url / COALESCE_URL)"
+        )
+    if isinstance(exc, rex.TimeoutError):
+        return f"Redis at {shown} did not answer in time: {message}"
+    if isinstance(exc, (rex.ConnectionError, OSError)):
+        return f"cannot connect to Redis at {shown}: {message}"
+    return f"Redis at {shown} failed: {message}"
+
+
+def _redis_cause(exc: BaseException) -> BaseException | None:
+    """The redis-py or OS error behind `exc` (itself, its cause or its context), if any."""
+    import redis.exceptions as rex
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (rex.RedisError, OSError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+class RedisTarget:
+    """A Redis-backed `Cache` for one command, plus a plain client for server facts.
+
+    The plain client (with connect and read timeouts) answers PING and INFO first, so an
+    unreachable host or a wrong password is reported in one clear line, within the timeout,
+    before the cache is used at all. The cache fails closed (`on_backend_error="raise"`):
+    a command line must report a broken store, not quietly compute around it.
+    """
+
+    def __init__(self, url: str, namespace: str, timeout: float) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.timeout = timeout
+        self._client: redis.Redis | None = None
+        self._cache: Cache | None = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            import redis as redis_module
+
+            try:
+                self._client = redis_module.Redis.from_url(
+                    self.url,
+                    socket_connect_timeout=self.timeout,
+                    socket_timeout=self.timeout,
+                )
+            except (ValueError, TypeError) as exc:
+                raise CliError(
+                    f"invalid Redis URL {redact(self.url)!r}: {one_line(str(exc))}"
+                ) from None
+        return self._client
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:
+            self._cache = Cache(self.url, namespace=self.namespace, on_backend_error="raise")
+        return self._cache
+
+    def ping(self) -> float:
+        """Seconds one PING took; raises `CliError` naming the problem."""
+        client = self.client  # built (and redis-py imported) outside the measured time
+        started = time.perf_counter()
+        self.guard(client.ping)
+        return time.perf_counter() - started
+
+    def info(self, section: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.guard(
+            lambda: self.client.info(section) if section else self.client.info()
+        )
+        return result
+
+    def guard(self, call: Callable[[], Any]) -> Any:
+        """Run `call`, turning Redis and OS failures into one-line `CliError`s."""
+        import redis.exceptions as rex
+
+        try:
+            return call()
+        except CliError:
+            raise
+        except (rex.RedisError, OSError, CoalesceError) as exc:
+            cause = _redis_cause(exc)
+            if cause is None:
+                raise CliError(one_line(str(exc)) or type(exc).__name__) from exc
+            raise CliError(describe_redis_error(cause, self.url)) from exc
+
+    def close(self) -> None:
+        for closer in (
+            self._cache.close if self._cache is not None else None,
+            self._client.close if self._client is not None else None,
+        ):
+            if closer is not None:
+                with contextlib.suppress(Exception):  # closing must not hide the result
+                    closer()
+
+
+def open_target(args: argparse.Namespace, command: str) -> RedisTarget:
+    url = resolve_url(args)
+    _check_scheme(url, command)
+    target = RedisTarget(url, args.namespace, args.timeout)
+    target.ping()
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# reaching an application (--app)
+
+
+def http_call(
+    method: str, url: str, *, token: str | None, body: Any, timeout: float
+) -> tuple[int, Any]:
+    """One HTTP request with httpx if installed, else urllib; returns (status, JSON or text)."""
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        import httpx
+    except ImportError:
+        return _urllib_call(method, url, headers=headers, data=data, timeout=timeout)
+    try:
+        response = httpx.request(method, url, headers=headers, content=data, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise CliError(
+            f"cannot reach the application at {url}: {one_line(str(exc)) or type(exc).__name__}"
+        ) from exc
+    return response.status_code, _decode_body(response.content)
+
+
+def _urllib_call(
+    method: str, url: str, *, headers: dict[str, str], data: bytes | None, timeout: float
+) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), _decode_body(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), _decode_body(exc.read())
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"cannot reach the application at {url}: {one_line(str(reason))}") from exc
+
+
+def _decode_body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
+
+
+def _app_url(args: argparse.Namespace, path: str) -> str:
+    base: str = args.app
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CliError(f"--app must be an http:// or https:// URL, not {base!r}")
+    return base.rstrip("/") + "/" + path.lstrip("/")
+
+
+def _app_token(args: argparse.Namespace) -> str:
+    token: str | None = args.token or os.environ.get("COALESCE_TOKEN")
+    if not token:
+        raise CliError("--app needs the admin router's token: --token TOKEN or COALESCE_TOKEN")
+    return token
+
+
+def _app_failure(status: int, body: Any, url: str) -> CliError:
+    detail = body.get("detail") if isinstance(body, dict) else body
+    detail = one_line(str(detail))[:200] if detail else ""
+    suffix = f": {detail}" if detail else ""
+    if status in (401, 403):
+        return CliError(f"the application at {url} refused the token (HTTP {status}){suffix}")
+    if status in (404, 405):
+        return CliError(
+            f"no coalesce admin router at {url} (HTTP {status}): mount "
+            "coalesce.fastapi.admin_router(cache, token=...) or pass --admin-prefix"
+        )
+    return CliError(f"the application at {url} answered HTTP {status}{suffix}")
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_invalidate(args: argparse.Namespace) -> int:
+    keys: list[str] = [_validate_key(key) for key in args.keys]
+    tags: list[str] = [_validate_key(tag, "tag") for tag in args.tag or []]
+    if not keys and not tags:
+        raise CliError("nothing to invalidate: give one or more KEYs or --tag TAG")
+    if args.app:
+        return _invalidate_over_http(args, keys, tags)
+    target = open_target(args, "invalidate")
+    try:
+        missing_tags: list[str] = []
+        for key in keys:
+            removed = target.guard(functools.partial(target.cache.invalidate, key))
+            print(f"removed        {key}" if removed else f"did not exist  {key}")
+        for tag in tags:
+            count = int(target.guard(functools.partial(target.cache.invalidate_tag, tag)))
+            if count:
+                print(f"removed        {count:,} entr{'y' if count == 1 else 'ies'} tagged {tag}")
+            else:
+                missing_tags.append(tag)
+        if missing_tags:
+            raise CliError(f"no such tag: no entry carries {', '.join(map(repr, missing_tags))}")
+    finally:
+        target.close()
+    return EXIT_OK
+
+
+def _invalidate_over_http(args: argparse.Namespace, keys: list[str], tags: list[str]) -> int:
+    """`invalidate` through the app's admin router (`coalesce.fastapi_admin` documents it).
+
+    `POST {prefix}/invalidate` with `{"keys": [...]}` answers `{"removed": {key: bool}}`;
+    with `{"tag": "..."}` it answers `{"tag": ..., "removed": count}`.
+    """
+    token = _app_token(args)
+    url = _app_url(args, args.admin_prefix.rstrip("/") + "/invalidate")
+    bodies: list[dict[str, Any]] = [{"keys": keys}] if keys else []
+    bodies.extend({"tag": tag} for tag in tags)
+    missing_tags: list[str] = []
+    for body in bodies:
+        status, answer = http_call("POST", url, token=token, body=body, timeout=args.timeout)
+        if not 200 <= status < 300:
+            raise _app_failure(status, answer, url)
+        removed = answer.get("removed") if isinstance(answer, dict) else None
+        if "keys" in body and isinstance(removed, dict):
+            for key in body["keys"]:
+                print(f"removed        {key}" if removed.get(key) else f"did not exist  {key}")
+        elif "tag" in body and isinstance(removed, int):
+            if removed:
+                plural = "entry" if removed == 1 else "entries"
+                print(f"removed        {removed:,} {plural} tagged {body['tag']}")
+            else:
+                missing_tags.append(body["tag"])
+        else:
+            raise CliError(f"unexpected answer from {url}: {one_line(json.dumps(answer))[:200]}")
+    if missing_tags:
+        raise CliError(f"no such tag: no entry carries {', '.join(map(repr, missing_tags))}")
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    key = _validate_key(args.key)
+    if args.max_chars < 1:
+        raise CliError(f"--max-chars must be at least 1, not {args.max_chars}")
+    if args.app:
+        raise CliError(
+            "`coalesce get` reads Redis directly (--url); over --app only "
+            "invalidate and stats are available"
+        )
+    target = open_target(args, "get")
+    try:
+        cache = target.cache
+        entry = target.guard(lambda: cache.get_entry(key))
+        if entry is None:
+            print(f"no entry for key {key!r} in namespace {args.namespace!r}", file=sys.stderr)
+            return EXIT_MISSING
+        now = time.time()
+        value = entry.value
+        thawed = value.thaw() if callable(getattr(value, "thaw", None)) else value
+        encoded = -1
+        try:
+            encoded = len(cache.serializer.dumps(thawed))
+            size = f"{encoded:,} bytes ({cache.serializer.name})"
+        except Exception as exc:  # an odd value must not hide the rest of the entry
+            size = f"unknown ({one_line(str(exc))})"
+        remaining = entry.remaining(now)
+        if remaining is None:
+            status = "fresh, never expires by time"
+        elif remaining > 0:
+            status = f"fresh, expires in {human_seconds(remaining)}"
+        else:
+            status = f"stale, served while refreshing for {human_seconds(entry.stale_until - now)}"
+        ttl = "none" if entry.ttl is None else human_seconds(entry.ttl)
+        if entry.stale_ttl:
+            ttl += f" (+ {human_seconds(entry.stale_ttl)} stale)"
+        prefix = cache.prefix
+        tags = [tag[len(prefix) :] if tag.startswith(prefix) else tag for tag in entry.tags]
+        print(f"key        {key}")
+        print(f"status     {status}")
+        print(f"age        {human_seconds(entry.age(now))}")
+        print(f"ttl        {ttl}")
+        print(f"remaining  {'no expiry' if remaining is None else human_seconds(remaining)}")
+        print(f"size       {size}")
+        print(f"computed   in {human_ms(entry.compute_time)}")
+        print(f"tags       {', '.join(tags) if tags else '(none)'}")
+        if entry.error:
+            module, qualname, message = list(thawed)
+            print(f"error      cached failure {module}.{qualname}: {preview(message)}")
+        else:
+            print(
+                f"type       {type(thawed).__module__}.{type(thawed).__qualname__}".replace(
+                    "builtins.", ""
+                )
+            )
+            large = encoded < 0 or encoded > LARGE_VALUE
+            text = preview(thawed, args.max_chars, large=large).replace("\n", "\n" + " " * 11)
+            print(f"value      {text}")
+    finally:
+        target.close()
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.app:
+        raise CliError(
+            "`coalesce keys` scans Redis directly (--url); over --app only "
+            "invalidate and stats are available"
+        )
+    if args.limit < 1:
+        raise CliError(f"--limit must be at least 1, not {args.limit}")
+    pattern: str = args.pattern
+    if not pattern:
+        raise CliError("empty pattern: use * for every key of the namespace")
+    target = open_target(args, "keys")
+    try:
+        found: list[str] = target.guard(lambda: target.cache.keys(pattern, limit=args.limit))
+    finally:
+        target.close()
+    for key in sorted(found):
+        print(key)
+    if not found:
+        print(f"no keys match {pattern!r} in namespace {args.namespace!r}", file=sys.stderr)
+    elif len(found) >= args.limit:
+        print(
+            f"(stopped at --limit {args.limit:,}: there may be more; narrow the pattern or "
+            "raise --limit)",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    if args.app:
+        return _stats_over_http(args)
+    target = open_target(args, "stats")
+    try:
+        keys = target.guard(lambda: target.cache.keys("*", limit=args.limit))
+        info = target.info()
+    finally:
+        target.close()
+    counted = f"{len(keys):,} key{'' if len(keys) == 1 else 's'}"
+    if len(keys) >= args.limit:
+        counted += f", counting stopped at --limit {args.limit:,}"
+    hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
+    ratio = f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
+    maxmemory = int(info.get("maxmemory", 0))
+    print(f"url        {redact(target.url)}")
+    print(f"namespace  {args.namespace} ({counted})")
+    print(
+        f"server     Redis {info.get('redis_version', '?')} ({info.get('redis_mode', '?')}), "
+        f"up {human_seconds(float(info.get('uptime_in_seconds', 0)))}"
+    )
+    print(f"clients    {info.get('connected_clients', '?')} connected")
+    print(
+        f"memory     {info.get('used_memory_human', '?')} used, maxmemory "
+        f"{info.get('maxmemory_human', '?') if maxmemory else 'unlimited'}, policy "
+        f"{info.get('maxmemory_policy', '?')}"
+    )
+    print(
+        f"keyspace   {hits:,} hits, {misses:,} misses ({ratio}), "
+        f"{int(info.get('expired_keys', 0)):,} expired, {int(info.get('evicted_keys', 0)):,} "
+        "evicted (whole server)"
+    )
+    print(f"load       {info.get('instantaneous_ops_per_sec', '?')} ops/s")
+    return EXIT_OK
+
+
+def _stats_over_http(args: argparse.Namespace) -> int:
+    url = _app_url(args, args.metrics_path)
+    token = args.token or os.environ.get("COALESCE_TOKEN")
+    status, answer = http_call("GET", url, token=token, body=None, timeout=args.timeout)
+    if status == 404:
+        raise CliError(
+            f"no coalesce metrics at {url} (HTTP 404): mount coalesce.fastapi.metrics_router() "
+            "or pass --metrics-path"
+        )
+    if not 200 <= status < 300:
+        raise _app_failure(status, answer, url)
+    routes = answer.get("routes") if isinstance(answer, dict) else None
+    if args.json or not isinstance(routes, dict):
+        print(answer.rstrip() if isinstance(answer, str) else json.dumps(answer, indent=2))
+        return EXIT_OK
+    print(render_routes(routes) if routes else f"no cached routes have served requests yet ({url})")
+    return EXIT_OK
+
+
+_ROUTE_COLUMNS = (
+    ("hits", "hits"),
+    ("misses", "misses"),
+    ("stale", "stale"),
+    ("coalesced", "coalesced"),
+    ("computations", "computations"),
+    ("errors", "errors"),
+    ("hit_ratio", "hit ratio"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+)
+
+
+def render_routes(routes: dict[str, dict[str, Any]]) -> str:
+    """The app's per-route metrics (`metrics_router()` JSON) as an aligned table."""
+
+    def cell(field: str, value: Any) -> str:
+        if field == "hit_ratio" and isinstance(value, (int, float)):
+            return f"{value:.1%}"
+        if isinstance(value, float):
+            return f"{value:,.2f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return "-" if value is None else str(value)
+
+    rows = [
+        [route, *(cell(field, metrics.get(field)) for field, _ in _ROUTE_COLUMNS)]
+        for route, metrics in sorted(routes.items())
+    ]
+    header = ["route", *(title for _, title in _ROUTE_COLUMNS)]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            text.ljust(widths[i]) if i == 0 else text.rjust(widths[i]) for i, text in enumerate(row)
+        ).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if args.app:
+        raise CliError(
+            "`coalesce check` tests a Redis store (--url); for an application use "
+            "`coalesce stats --app URL`"
+        )
+    url = resolve_url(args)
+    _check_scheme(url, "check")
+    target = RedisTarget(url, args.namespace, args.timeout)
+    try:
+        connect = target.ping()
+        ping = target.ping()
+        server = target.info("server")
+        cache = target.cache
+        probe_id = uuid.uuid4().hex
+        probe_key = f"coalesce-check:{probe_id}"
+        expected = {"probe": probe_id}
+
+        def make_probe() -> dict[str, str]:
+            return dict(expected)
+
+        probe: Callable[[], dict[str, str]] = cache.cached(ttl=30, key=probe_key)(make_probe)
+
+        write = _timed(target, probe)
+        entry, read = _timed_value(target, lambda: cache.get_entry(probe_key))
+        if entry is None:
+            raise CliError(f"the probe key {probe_key!r} was written but cannot be read back")
+        value = entry.value.thaw() if callable(getattr(entry.value, "thaw", None)) else entry.value
+        if value != expected:
+            raise CliError(f"the probe key read back {value!r}, expected {expected!r}")
+        removed, delete = _timed_value(target, lambda: cache.invalidate(probe_key))
+        if not removed or target.guard(lambda: cache.get_entry(probe_key)) is not None:
+            raise CliError(f"the probe key {probe_key!r} could not be deleted")
+    finally:
+        target.close()
+    print(f"OK         {redact(url)}, namespace {args.namespace!r}")
+    print(
+        f"server     Redis {server.get('redis_version', '?')} ({server.get('redis_mode', '?')})"
+        f", up {human_seconds(float(server.get('uptime_in_seconds', 0)))}"
+    )
+    print(f"connect    {human_ms(connect)}  (first PING, with the connection handshake)")
+    print(f"ping       {human_ms(ping)}")
+    print(f"write      {human_ms(write)}  (probe key {cache.prefix}coalesce-check:...)")
+    print(f"read       {human_ms(read)}")
+    print(f"delete     {human_ms(delete)}")
+    return EXIT_OK
+
+
+def _timed(target: RedisTarget, call: Callable[[], Any]) -> float:
+    return _timed_value(target, call)[1]
+
+
+def _timed_value(target: RedisTarget, call: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = target.guard(call)
+    return result, time.perf_counter() - started
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from coalesce.demo import run_demo
+
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------------------------------
+# the parser
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """`--url` and friends, accepted both before and after the command name.
+
+    On the sub-commands the defaults are SUPPRESS, so an option given before the command is
+    not overwritten by the sub-command's default.
+    """
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("where the cache is")
+    group.add_argument(
+        "--url",
+        default=default(None),
+        help="cache URL: redis://[:PASSWORD@]HOST:PORT/DB, rediss://, unix:// "
+        "(default: $COALESCE_URL, else memory://)",
+    )
+    group.add_argument(
+        "--namespace",
+        default=default(DEFAULT_NAMESPACE),
+        help=f"the cache's namespace, the prefix of every key (default: {DEFAULT_NAMESPACE})",
+    )
+    group.add_argument(
+        "--app",
+        default=default(None),
+        metavar="URL",
+        help="reach an application's in-memory cache through its coalesce admin router, "
+        "e.g. http://127.0.0.1:8000",
+    )
+    group.add_argument(
+        "--token",
+        default=default(None),
+        help="bearer token of the app's admin router (default: $COALESCE_TOKEN)",
+    )
+    group.add_argument(
+        "--admin-prefix",
+        default=default(DEFAULT_ADMIN_PREFIX),
+        help=f"path prefix of the app's admin router (default: {DEFAULT_ADMIN_PREFIX})",
+    )
+    group.add_argument(
+        "--metrics-path",
+        default=default(DEFAULT_METRICS_PATH),
+        help=f"path of the app's metrics endpoint (default: {DEFAULT_METRICS_PATH})",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT),
+        help=f"seconds to wait for Redis or the app (default: {DEFAULT_TIMEOUT:g})",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="coalesce",
+        description="Inspect and clear coalesce cache entries, and run the demo.",
+        epilog="Start with `coalesce demo`. Exit codes: 0 done, 1 no such key (get), "
+        "2 bad input or unreachable store.",
+    )
+    parser.add_argument("--version", action="version", version=f"coalesce {__version__}")
+    _connection_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str, run: Callable[[argparse.Namespace], int]) -> Any:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _connection_options(sub, top=False)
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command(
+        "invalidate",
+        "delete entries by key or tag (near caches of every process drop them too)",
+        cmd_invalidate,
+    )
+    sub.add_argument("keys", nargs="*", metavar="KEY", help="key without the namespace")
+    sub.add_argument("--tag", action="append", metavar="TAG", help="delete every entry tagged TAG")
+
+    sub = command("get", "show one entry: age, TTL, size, tags and a preview", cmd_get)
+    sub.add_argument("key", metavar="KEY", help="key without the namespace")
+    sub.add_argument(
+        "--max-chars", type=int, default=PREVIEW_CHARS, help="length of the value preview"
+    )
+
+    sub = command("keys", "list keys of the namespace (bounded SCAN)", cmd_keys)
+    sub.add_argument("pattern", nargs="?", default="*", metavar="PATTERN", help="glob, e.g. user:*")
+    sub.add_argument("--limit", type=int, default=1000, help="stop after this many keys")
+
+    sub = command(
+        "stats", "keys in the namespace and Redis server facts, or the app's metrics", cmd_stats
+    )
+    sub.add_argument("--limit", type=int, default=10_000, help="stop counting keys here")
+    sub.add_argument("--json", action="store_true", help="with --app: the metrics as JSON")
+
+    command("check", "write, read and delete a probe key; report latency and version", cmd_check)
+
+    sub = command("demo", "run a load against a slow endpoint, unprotected then @cached", cmd_demo)
+    from coalesce.demo import add_demo_arguments
+
+    add_demo_arguments(sub)
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    print(f"coalesce: error: {one_line(message)}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code: int = args.run(args)
+        return code
+    except CliError as exc:
+        _fail(str(exc), exc.code)
+    except KeyboardInterrupt:
+        print("coalesce: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `coalesce keys | head`: the reader left; say nothing more.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as exc:
+        cause = _redis_cause(exc)
+        url = getattr(args, "url", None) or os.environ.get("COALESCE_URL") or ""
+        if cause is not None and not isinstance(cause, BrokenPipeError):
+            _fail(describe_redis_error(cause, url))
+        if isinstance(exc, CoalesceError):
+            _fail(str(exc) or type(exc).__name__)
+        if os.environ.get("COALESCE_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (set COALESCE_DEBUG=1 for a traceback)", 1)
