@@ -407,7 +407,6 @@ def test_console_script_and_python_m_are_the_same_program() -> None:
 @pytest.fixture
 def app_server() -> Iterator[tuple[Cache, str]]:
     """uvicorn on loopback serving an app with the admin and metrics routers of a memory cache."""
-    pytest.importorskip("coalesce.fastapi")
     import uvicorn
     from fastapi import FastAPI
 

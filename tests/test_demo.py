@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from redis_servers import RedisServer
 from test_cli import assert_one_line_error, clean_env, run_cli
 
@@ -104,7 +103,6 @@ def test_demo_plot_without_matplotlib_says_what_to_install(tmp_path: Path) -> No
 
 
 def test_demo_plot_writes_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     chart = tmp_path / "out.png"
     result = run_cli("demo", *SMALL, "--plot", str(chart), timeout=120)
     assert result.returncode == 0, result.stderr

@@ -12,8 +12,10 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import hypothesis
 import msgpack  # type: ignore[import-untyped]
 import pytest
+from hypothesis import strategies as st
 
 from coalesce.entry import Entry
 from coalesce.errors import ConfigurationError, SerializationError
@@ -25,12 +27,6 @@ from coalesce.serialization import (
     encode_entry,
     get_serializer,
 )
-
-try:
-    import hypothesis
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is optional
-    hypothesis = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -264,7 +260,8 @@ def test_encode_entry_passes_context_to_the_error() -> None:
 
 
 def test_numpy_values_are_refused() -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np  # installed with matplotlib, in the test extra
+
     for value in (np.int64(1), np.float64(1.5), np.arange(3)):
         with pytest.raises(SerializationError, match=r"'numpy\."):
             MsgpackSerializer().dumps(value)
@@ -479,37 +476,35 @@ def test_get_serializer_refuses_anything_else(spec: Any) -> None:
     assert "'pickle'" in message
 
 
-if hypothesis is not None:
-    _SCALARS = (
-        st.none()
-        | st.booleans()
-        | st.integers()
-        | st.floats(allow_nan=False)
-        | st.text()
-        | st.binary()
-        | st.decimals(allow_nan=False)
-        | st.uuids()
-        | st.timedeltas()
-        | st.dates()
-        | st.datetimes(timezones=st.none() | st.timezones() | st.just(dt.timezone.utc))
-        | st.times(timezones=st.none() | st.just(IST))
-    )
-    _KEYS = st.recursive(
-        _SCALARS, lambda inner: st.tuples(inner) | st.frozensets(inner), max_leaves=5
-    )
-    _VALUES = st.recursive(
-        _SCALARS,
-        lambda inner: (
-            st.lists(inner)
-            | st.lists(inner).map(tuple)
-            | st.dictionaries(_KEYS, inner)
-            | st.sets(_KEYS)
-        ),
-        max_leaves=20,
-    )
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary()
+    | st.decimals(allow_nan=False)
+    | st.uuids()
+    | st.timedeltas()
+    | st.dates()
+    | st.datetimes(timezones=st.none() | st.timezones() | st.just(dt.timezone.utc))
+    | st.times(timezones=st.none() | st.just(IST))
+)
+_KEYS = st.recursive(_SCALARS, lambda inner: st.tuples(inner) | st.frozensets(inner), max_leaves=5)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner)
+        | st.lists(inner).map(tuple)
+        | st.dictionaries(_KEYS, inner)
+        | st.sets(_KEYS)
+    ),
+    max_leaves=20,
+)
 
-    @hypothesis.settings(max_examples=300, deadline=None)
-    @hypothesis.given(_VALUES)
-    def test_msgpack_round_trip_property(value: Any) -> None:
-        serializer = MsgpackSerializer()
-        assert_same(value, serializer.loads(serializer.dumps(value)))
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(_VALUES)
+def test_msgpack_round_trip_property(value: Any) -> None:
+    serializer = MsgpackSerializer()
+    assert_same(value, serializer.loads(serializer.dumps(value)))
