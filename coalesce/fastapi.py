@@ -1,0 +1,274 @@
+"""The FastAPI edge: cache and coalesce route handlers as rendered HTTP responses.
+
+    from coalesce.fastapi import cached, coalesced, metrics_router, admin_router
+
+    @app.get("/items/{item_id}")
+    @cached(ttl=60, vary=["accept-language"])
+    async def get_item(item_id: int, db: Session = Depends(get_db)) -> Item: ...
+
+    app.include_router(metrics_router())                      # GET /coalesce/metrics
+    app.include_router(admin_router(cache, token=SECRET))     # POST /coalesce/invalidate
+
+Place the decorator *under* `@app.get(...)`. Sync (`def`) and async handlers both work; a
+sync handler still runs in FastAPI's thread pool. FastAPI sees the handler's own signature
+(plus a `Request` and a `Response` it injects for us, which never show in OpenAPI), so
+dependency injection, validation and the OpenAPI schema are exactly as without the decorator.
+Dependencies run on every request, hits included: an auth dependency still rejects.
+
+What is cached is the *rendered* response: status, body bytes and headers (minus
+`Set-Cookie`, `Date`, `Content-Length` and the caching headers computed per response), as a
+msgpack-friendly dict, so a hit skips the handler, response validation and serialization,
+in memory or on Redis.
+
+Keys (see `coalesce.fastapi_keys`): the route's path template plus its path, query,
+header, cookie and body parameters, sorted; `Request`, `Response`, `BackgroundTasks`,
+`SecurityScopes` and `Depends(...)`/`Security(...)` values are left out. `vary=[...]`
+adds request headers. `key="item:{item_id}"` replaces the default with a template over the
+handler's parameters (dependency results included: `"feed:{user.id}"`).
+
+Safe by default: a request carrying `Authorization` or `Cookie` is neither served from nor
+stored into an entry unless each such header is in `vary`, the key is a template, or the
+route says `shared=True`. Such requests run the handler as if undecorated (`X-Cache: BYPASS`).
+Responses that set a cookie or say `Cache-Control: private`/`no-store` are never stored
+nor handed to another request.
+
+HTTP semantics (pure logic in `coalesce.http`):
+
+* `X-Cache: HIT | MISS | STALE | COALESCED | BYPASS`;
+* `ETag: "<32 hex of the body's SHA-256>"`, the same in every process; `If-None-Match`
+  (lists, `*`, `W/` weak comparison) is answered `304` with ETag, Cache-Control, Age, Vary;
+* `Cache-Control: public|private, max-age=<remaining seconds>` (plus
+  `stale-while-revalidate` with `stale_ttl`), `Age`, and `Vary` naming the `vary` headers
+  and, unless `shared=True`, `Authorization, Cookie`;
+* only GET and HEAD are cached (other methods run as if undecorated); 5xx is never stored;
+  4xx only with `cache_4xx=True` (also for `raise HTTPException(404)`, re-raised on hits so
+  your exception handlers render it); concurrent requests still share a 5xx/4xx result;
+* a client's `Cache-Control: no-cache` is ignored unless `honor_client_no_cache=True`
+  (otherwise anyone could stampede the database with one header).
+
+Visibility: per-route counters (hits, misses, stale, coalesced, bypassed, 304s,
+computations, errors) and compute latency p50/p99 over the last 1024 computations, in a
+`MetricsRegistry` (`REGISTRY` by default), served by `metrics_router()`:
+
+* `GET /coalesce/metrics` -> JSON `{"routes": {"/items/{item_id}": {"hits": 3, ...,
+  "p50_ms": 1.2, "p99_ms": 9.8}}}`;
+* `GET /coalesce/metrics?format=prometheus` or `GET /coalesce/metrics/prometheus` ->
+  Prometheus text format 0.0.4 (`coalesce_http_requests_total{route,cache}`,
+  `coalesce_http_computations_total`, `coalesce_http_errors_total`,
+  `coalesce_http_compute_seconds{quantile="0.5"|"0.99"}`).
+
+Every computation logs one line on the logger `coalesce.fastapi` (INFO, WARNING for 5xx)
+with `extra=` fields `route`, `key`, `cache_status`, `duration_ms`, `status_code`, `handler`.
+
+Invalidation: `await get_item.invalidate(item_id=3)` deletes every entry of that request
+(every `vary` variant; it works in a process that never served the route, through the
+entry's tag `route:<module.qualname>?<params>`), `await get_item.invalidate_all()` the whole
+route, `get_item.key(item_id=3)` names the key. `tags=["item:{item_id}"]` adds tags for
+`Cache.invalidate_tag`.
+
+Admin router (off unless mounted; `admin_router(cache, token=...)` raises
+`ConfigurationError` without a token), used by `coalesce invalidate KEY --app URL --token T`:
+
+* `POST {prefix}/invalidate` (prefix `/coalesce`), `Authorization: Bearer <token>`
+  (compared in constant time; otherwise 401 with `WWW-Authenticate: Bearer`), JSON body
+  with exactly one of
+  - `{"keys": ["k1", "k2"]}` -> 200 `{"removed": {"k1": true, "k2": false}, "count": 1}`
+    (keys without the namespace, as `Cache.invalidate` takes them);
+  - `{"tag": "t"}` -> 200 `{"tag": "t", "removed": 3}` (entries that carried the tag);
+* 400 `{"detail": ...}` for any other body, 503 when the store fails.
+
+Notes: `max-age` is the *remaining* freshness and `Age` the entry's age, so a downstream
+cache that subtracts `Age` from `max-age` expires its copy early by `Age` seconds (never
+late). A stale entry (`stale_ttl`) is refreshed in the background with the arguments of the
+request that found it stale, after that request may have finished: use `stale_ttl` only on
+handlers whose dependencies outlive the request (not a session closed by a `yield`).
+Streaming responses (`StreamingResponse`, `FileResponse`) are never cached.
+
+Several workers: with the in-memory store every worker process has its own entries, metrics
+and admin router, so `POST /invalidate` reaches only the worker that answers it and
+`/metrics` shows one worker. Use Redis (`Cache("redis://...")`) for one cache per fleet;
+metrics stay per process (scrape each, or sum them).
+
+Modules: `fastapi_route` (one decorated route: the request path), `fastapi_render`
+(entries and responses), `fastapi_keys` (identity parameters and key text),
+`fastapi_metrics`, `fastapi_admin`, and `coalesce.http` (pure header logic).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from coalesce import Cache, get_cache
+from coalesce.fastapi_admin import admin_router
+from coalesce.fastapi_keys import base_type
+from coalesce.fastapi_metrics import REGISTRY, MetricsRegistry, RouteMetrics, metrics_router
+from coalesce.fastapi_route import CachedRoute
+
+__all__ = [
+    "REGISTRY",
+    "MetricsRegistry",
+    "RouteMetrics",
+    "admin_router",
+    "cached",
+    "coalesced",
+    "metrics_router",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_REQUEST = "coalesce_request_"  # the parameters we add to the signature FastAPI sees
+_RESPONSE = "coalesce_response_"
+
+
+def _slot(sig: inspect.Signature, cls: type, injected: str) -> tuple[str, bool]:
+    """The parameter FastAPI fills with its `cls` object: the handler's own, else ours.
+
+    FastAPI fills one parameter per kind (the last one declared), so a handler that already
+    takes a `Request` or `Response` shares it with us instead of losing it.
+    """
+    for param in sig.parameters.values():
+        base = base_type(param.annotation)
+        if isinstance(base, type) and issubclass(base, cls):
+            return param.name, False
+    return injected, True
+
+
+def _decorate(route: CachedRoute) -> Callable[..., Any]:
+    fn = route.fn
+    sig = route.signature
+    request_name, own_request = _slot(sig, Request, _REQUEST)
+    response_name, own_response = _slot(sig, Response, _RESPONSE)
+
+    @functools.wraps(fn)
+    async def endpoint(**kwargs: Any) -> Any:
+        request = kwargs.pop(request_name) if own_request else kwargs[request_name]
+        sub = kwargs.pop(response_name) if own_response else kwargs[response_name]
+        return await route.serve(request, sub, kwargs)
+
+    params = list(sig.parameters.values())
+    added = []
+    if own_request:
+        added.append(
+            inspect.Parameter(_REQUEST, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+        )
+    if own_response:
+        added.append(
+            inspect.Parameter(_RESPONSE, inspect.Parameter.KEYWORD_ONLY, annotation=Response)
+        )
+    tail = [p for p in params if p.kind is p.VAR_KEYWORD]
+    head = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    wrapper = cast(Any, endpoint)
+    wrapper.__signature__ = sig.replace(parameters=[*head, *added, *tail])
+
+    async def invalidate(*, path: str | None = None, **params: Any) -> bool:
+        """Delete the entries (every `vary` variant) of a request with these parameters."""
+        return await route.invalidate(path, params)
+
+    async def invalidate_all() -> int:
+        """Delete every entry of this route; return how many there were."""
+        cache = route.cache or get_cache()
+        return await cache.ainvalidate_tag(route.normal(route.route_tag()))
+
+    def key(*, path: str | None = None, **params: Any) -> str:
+        """The key (without namespace and `vary` part) of a request with these parameters.
+
+        `path` defaults to the one path template this handler served, if only one.
+        """
+        ident = route.ident(route.given_values(params, f"{route.name}.key"))
+        if path is None and len(route.paths) == 1:
+            path = next(iter(route.paths))
+        return route.normal(route.base_key(path, ident))
+
+    def stats() -> dict[str, Any]:
+        """This handler's metrics, per path template it served."""
+        return {p: route.registry.route(p).snapshot() for p in sorted(route.paths)}
+
+    wrapper.invalidate = invalidate
+    wrapper.invalidate_all = invalidate_all
+    wrapper.key = key
+    wrapper.stats = stats
+    return cast(Callable[..., Any], wrapper)
+
+
+def cached(
+    ttl: float | Callable[..., Any] | None = None,
+    *,
+    key: str | None = None,
+    vary: Sequence[str] = (),
+    shared: bool = False,
+    tags: Sequence[str] = (),
+    stale_ttl: float = 0.0,
+    cache: Cache | None = None,
+    cache_4xx: bool = False,
+    honor_client_no_cache: bool = False,
+    registry: MetricsRegistry | None = None,
+) -> Any:
+    """Cache a route handler's rendered responses for `ttl` seconds (see the module docstring).
+
+    `cache` defaults to `coalesce.get_cache()` at each request; `ttl` to its `default_ttl`.
+    `tags` are templates over the handler's parameters (`"item:{item_id}"`), for
+    `Cache.invalidate_tag`. `registry` collects the metrics (default `REGISTRY`).
+    """
+    if callable(ttl):  # used bare: @cached
+        return cached()(ttl)
+    seconds = ttl
+
+    def decorator(fn: F) -> F:
+        route = CachedRoute(
+            fn,
+            store=True,
+            ttl=seconds,
+            key=key,
+            vary=vary,
+            shared=shared,
+            tags=tags,
+            stale_ttl=stale_ttl,
+            cache=cache,
+            cache_4xx=cache_4xx,
+            honor_client_no_cache=honor_client_no_cache,
+            registry=registry,
+        )
+        return cast(F, _decorate(route))
+
+    return decorator
+
+
+def coalesced(
+    fn: Callable[..., Any] | None = None,
+    *,
+    key: str | None = None,
+    vary: Sequence[str] = (),
+    shared: bool = False,
+    cache: Cache | None = None,
+    registry: MetricsRegistry | None = None,
+) -> Any:
+    """Share one handler run among overlapping identical requests; store nothing.
+
+    Followers receive the leader's rendered response (`X-Cache: COALESCED`); the same
+    safety rules as `cached` decide which requests may share.
+    """
+
+    def decorator(func: F) -> F:
+        route = CachedRoute(
+            func,
+            store=False,
+            ttl=None,
+            key=key,
+            vary=vary,
+            shared=shared,
+            tags=(),
+            stale_ttl=0.0,
+            cache=cache,
+            cache_4xx=False,
+            honor_client_no_cache=False,
+            registry=registry,
+        )
+        return cast(F, _decorate(route))
+
+    return decorator(fn) if fn is not None else decorator

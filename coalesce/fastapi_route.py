@@ -1,0 +1,386 @@
+"""One decorated route handler: the decisions made once, and the path of one request.
+
+    request ──► GET/HEAD? cache enabled? ── no ──► the handler, as if undecorated
+       │
+       ├─ Authorization/Cookie not covered by the key (and not shared=True) ──► BYPASS
+       ▼
+    key ──► read the entry ── fresh ──► HIT (the hot path: one read, nothing else)
+       │
+       └─ missing / stale ──► the core's decorator on `compute` (the flight: one
+          computation per key; on Redis one per fleet), which runs the handler for one
+          request, renders it, and stores the entry ──► MISS | COALESCED | STALE
+
+Only the public API of coalesce is used: `Cache.aread` / `ainvalidate` /
+`ainvalidate_tag`, `Cache.cached` / `coalesced` (and their `.key`) on a small `compute`
+function whose key template is `"{key}"`, and `Entry`. Which request ran the handler is
+known from its `Job`; whether the others waited (COALESCED) or hit is told by the entry's
+creation time (`coalesce.http.cache_status`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from fastapi import HTTPException, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+import coalesce
+from coalesce import Cache, CoalesceError, ConfigurationError, LeaderFailedError, get_cache
+from coalesce.fastapi_keys import (
+    REQUIRED,
+    analyse,
+    bind_identity,
+    encode_params,
+    encode_vary,
+    resolved_signature,
+)
+from coalesce.fastapi_metrics import REGISTRY, MetricsRegistry, RouteMetrics
+from coalesce.fastapi_render import NotShared, Responder, entry_of, exception_entry, render
+from coalesce.http import (
+    BYPASS,
+    COALESCED,
+    CREDENTIAL_HEADERS,
+    HIT,
+    MISS,
+    STALE,
+    cache_status,
+    client_wants_fresh,
+)
+
+logger = logging.getLogger("coalesce.fastapi")
+
+_COUNTER = {HIT: "hits", MISS: "misses", STALE: "stale", COALESCED: "coalesced"}
+_CREDENTIALS = {name.encode(): name for name in CREDENTIAL_HEADERS}
+
+
+def _credentials(raw_headers: Any) -> list[str]:
+    """The credential headers (`authorization`, `cookie`) a request carries: one pass."""
+    found: list[str] = []
+    for name, _ in raw_headers:
+        credential = _CREDENTIALS.get(name)
+        if credential is not None and credential not in found:
+            found.append(credential)
+    return found
+
+
+class Job:
+    """One request's part in a computation: its arguments, and whether it ran the handler."""
+
+    __slots__ = ("key", "kwargs", "metrics", "path", "ran", "request", "response", "sub")
+
+    def __init__(
+        self,
+        key: str,
+        kwargs: dict[str, Any],
+        request: Request,
+        sub: Response,
+        metrics: RouteMetrics,
+        path: str,
+    ) -> None:
+        self.key = key
+        self.kwargs = kwargs
+        self.request = request
+        self.sub = sub  # FastAPI's sub-response: status/headers set by the handler or deps
+        self.metrics = metrics
+        self.path = path
+        self.ran = False  # set when this request's computation started (it is the leader)
+        self.response: Response | None = None  # its rendered response, once there is one
+
+
+class CachedRoute:
+    """Everything decided about one decorated handler when it is decorated."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        store: bool,
+        ttl: float | None,
+        key: str | None,
+        vary: Sequence[str],
+        shared: bool,
+        tags: Sequence[str],
+        stale_ttl: float,
+        cache: Cache | None,
+        cache_4xx: bool,
+        honor_client_no_cache: bool,
+        registry: MetricsRegistry | None,
+    ) -> None:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ConfigurationError(
+                f"{fn.__qualname__} streams its response (a generator): it cannot be cached"
+            )
+        if ttl is not None and (isinstance(ttl, bool) or not ttl > 0):
+            raise ConfigurationError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        if isinstance(vary, str):
+            raise ConfigurationError(f"vary must be a list of header names, not {vary!r}")
+        if cache is not None and not isinstance(cache, Cache):
+            raise ConfigurationError(f"cache must be a coalesce.Cache, not {cache!r}")
+        self.fn = fn
+        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = resolved_signature(fn)
+        self.identity = analyse(self.signature)
+        self.store = store
+        self.ttl = ttl
+        self.cache = cache
+        self.cache_4xx = cache_4xx
+        self.honor_no_cache = honor_client_no_cache
+        self.shared = shared
+        self.registry = REGISTRY if registry is None else registry
+        self.vary = tuple(name.strip().lower() for name in vary)
+        # Templates are compiled by the core: the `.key` of a `coalesced` never called.
+        self.template: Callable[..., str] | None = (
+            None if key is None else coalesce.coalesced(key=key)(fn).key
+        )
+        self.tag_makers: list[Callable[..., str]] = [
+            coalesce.coalesced(key=tag)(fn).key for tag in tags
+        ]
+        uncovered = () if shared else [h for h in CREDENTIAL_HEADERS if h not in self.vary]
+        vary_header = ", ".join(n.title() for n in (*self.vary, *uncovered))
+        self.responder = Responder(
+            vary_header=vary_header.encode("latin-1"), stale_ttl=float(stale_ttl)
+        )
+        self.paths: set[str] = set()  # the path templates this handler has served
+        self._normal: dict[str, str] = {}  # key -> the core's form of it (see `normal`)
+        self.key_failed = False  # logged once that a request's key could not be built
+
+        async def compute(key: str, tags: tuple[str, ...], job: Job) -> dict[str, Any]:
+            return await self.run(job)
+
+        compute.__qualname__ = compute.__name__ = f"{fn.__qualname__}[http]"
+        compute.__module__ = fn.__module__
+        tag_fields = [f"{{tags[{i}]}}" for i in range(2 + len(self.tag_makers))]
+        self.inner: Any
+        if store:
+            self.inner = (cache.cached if cache else coalesce.cached)(
+                ttl=ttl, key="{key}", tags=tag_fields, stale_ttl=stale_ttl, copy=False
+            )(compute)
+        else:
+            self.inner = (cache.coalesced if cache else coalesce.coalesced)(key="{key}")(compute)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def ident(self, values: dict[str, Any]) -> str:
+        """What identifies a request within the route: the template's key or the params."""
+        if self.template is not None:
+            return self.template(**values)
+        return encode_params(self.identity, values)
+
+    def base_key(self, path: str | None, ident: str) -> str:
+        """The key without its `vary` part."""
+        if self.template is not None:
+            return ident
+        if path is None:
+            raise ConfigurationError(
+                f"{self.name}: which path? pass path='/...' (this process served none yet)"
+            )
+        return f"{path}?{ident}"
+
+    def given_values(self, given: dict[str, Any], where: str) -> dict[str, Any]:
+        """Arguments for `.key()` / `.invalidate()`: FastAPI's defaults filled in."""
+        if self.template is None:
+            return bind_identity(self.identity, given, where)
+        values: dict[str, Any] = dict.fromkeys(self.signature.parameters)  # unused: None
+        values.update((p.name, p.default) for p in self.identity if p.default is not REQUIRED)
+        values.update(given)
+        return values
+
+    def normal(self, key: str) -> str:
+        """`key` as the core stores it (escaped where unsafe, bounded in length).
+
+        Remembered for the hottest keys (at most 4096, then forgotten all at once): the core
+        builds it the same way every time.
+        """
+        known = self._normal.get(key)
+        if known is None:
+            known = cast(str, self.inner.key(key, (), None))
+            if len(self._normal) >= 4096:
+                self._normal.clear()
+            self._normal[key] = known
+        return known
+
+    def route_tag(self) -> str:
+        return f"route:{self.name}"
+
+    def request_tag(self, ident: str) -> str:
+        """The tag of every entry (each `vary` variant, each path) of one request."""
+        return f"route:{self.name}?{ident}"
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def call(self, kwargs: dict[str, Any]) -> Any:
+        if self.is_async:
+            return await self.fn(**kwargs)
+        return await run_in_threadpool(self.fn, **kwargs)
+
+    async def bypass(self, kwargs: dict[str, Any], sub: Response, metrics: RouteMetrics) -> Any:
+        """Run the handler as if undecorated, saying so in `X-Cache`."""
+        metrics.bypassed += 1
+        sub.headers["x-cache"] = BYPASS
+        return await self.call(kwargs)
+
+    async def serve(self, request: Request, sub: Response, kwargs: dict[str, Any]) -> Any:
+        scope = request.scope
+        cache = self.cache or get_cache()
+        if scope["method"] not in ("GET", "HEAD") or not cache.enabled:
+            return await self.call(kwargs)
+        route = scope.get("route")
+        path = scope.get("root_path", "") + (getattr(route, "path_format", None) or scope["path"])
+        metrics = self.registry.route(path)
+        credentials = _credentials(scope["headers"])
+        private = False
+        if credentials and not self.shared:
+            if self.template is None and not all(h in self.vary for h in credentials):
+                return await self.bypass(kwargs, sub, metrics)
+            private = True  # the key holds the user's identity: for this user only
+        if path not in self.paths:
+            self.paths.add(path)
+        try:
+            ident = self.ident(kwargs)
+            base = self.base_key(path, ident)
+            key = self.normal(base + encode_vary(self.vary, request.headers) if self.vary else base)
+        except (CoalesceError, TypeError, ValueError, AttributeError, LookupError) as exc:
+            # No stable key for this request (an argument without a text form, a template
+            # field missing): run it as if undecorated rather than fail or share wrongly.
+            if not self.key_failed:
+                self.key_failed = True
+                logger.warning("coalesce: no cache key for %s (%s); not caching it", path, exc)
+            return await self.bypass(kwargs, sub, metrics)
+        headers = request.headers
+        shared_store = cache.store.shared
+        if self.store:
+            if self.honor_no_cache and client_wants_fresh(
+                headers.get("cache-control"), headers.get("pragma")
+            ):
+                await cache.ainvalidate(key)
+            else:  # the hot path: one read, no flight, no handler
+                full = cache.prefix + key
+                entry = await cache.aread(full) if shared_store else cache.read(full)
+                if (
+                    entry is not None
+                    and type(entry.value) is dict
+                    and entry.fresh_until > time.time()
+                ):
+                    metrics.hits += 1
+                    return self.respond(entry.value, HIT, request, metrics, private, shared_store)
+        started = time.time()
+        job = Job(key, kwargs, request, sub, metrics, path)
+        tags = (self.route_tag(), self.request_tag(ident), *(m(**kwargs) for m in self.tag_makers))
+        try:
+            value = await self.inner(key, tags, job)
+        except NotShared as exc:
+            if job.response is not None:  # this request ran the handler: its own response
+                metrics.misses += 1
+                job.response.headers["x-cache"] = MISS
+                return job.response
+            if exc.rendered is None:
+                return await self.bypass(kwargs, sub, metrics)
+            metrics.coalesced += 1
+            return self.respond(exc.rendered, COALESCED, request, metrics, private, True, False)
+        except LeaderFailedError:  # another process failed computing it: try here
+            return await self.bypass(kwargs, sub, metrics)
+        status = cache_status(
+            computed_here=job.ran,
+            created=value["created"],
+            ttl=math.inf if value["ttl"] is None else value["ttl"],
+            started=started,
+            now=time.time(),
+        )
+        counter = _COUNTER[status]
+        setattr(metrics, counter, getattr(metrics, counter) + 1)
+        response = self.respond(value, status, request, metrics, private, shared_store)
+        if job.response is not None:
+            response.background = job.response.background
+        return response
+
+    def respond(
+        self,
+        value: dict[str, Any],
+        status: str,
+        request: Request,
+        metrics: RouteMetrics,
+        private: bool,
+        fresh_dict: bool,
+        cached: bool | None = None,
+    ) -> Response:
+        response = self.responder.respond(
+            value,
+            status,
+            cached=self.store if cached is None else cached,
+            private=private,
+            stale=status == STALE,
+            if_none_match_header=request.headers.get("if-none-match"),
+            head=request.scope["method"] == "HEAD",
+            remember=not fresh_dict,
+        )
+        if response.status_code == 304:
+            metrics.not_modified += 1
+        return response
+
+    # -- computing -------------------------------------------------------------------------
+
+    async def run(self, job: Job) -> dict[str, Any]:
+        """Run the handler for a flight's leader and make its entry (or raise)."""
+        job.ran = True
+        started = time.perf_counter()
+        code = 500  # what an exception becomes, unless it says otherwise
+        try:
+            try:
+                raw = await self.call(job.kwargs)
+            except HTTPException as exc:
+                code = exc.status_code
+                if not (self.store and self.cache_4xx and 400 <= code < 500):
+                    raise
+                return exception_entry(exc, ttl=self.ttl_now())
+            job.response = await render(raw, job.request.scope.get("route"), job.sub)
+            return entry_of(
+                job.response, ttl=self.ttl_now(), store=self.store, cache_4xx=self.cache_4xx
+            )
+        finally:
+            if job.response is not None:
+                code = job.response.status_code
+            seconds = time.perf_counter() - started
+            job.metrics.record_computation(seconds, failed=code >= 500)
+            logger.log(
+                logging.WARNING if code >= 500 else logging.INFO,
+                "coalesce computed %s in %.1f ms (HTTP %s)",
+                job.key,
+                seconds * 1000,
+                code,
+                extra={
+                    "route": job.path,
+                    "key": job.key,
+                    "cache_status": MISS,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "status_code": code,
+                    "handler": self.name,
+                },
+            )
+
+    def ttl_now(self) -> float | None:
+        if not self.store:
+            return None
+        return self.ttl if self.ttl is not None else (self.cache or get_cache()).default_ttl
+
+    # -- invalidation ----------------------------------------------------------------------
+
+    async def invalidate(self, path: str | None, given: dict[str, Any]) -> bool:
+        """Delete every entry of one request (all `vary` variants, every path served)."""
+        cache = self.cache or get_cache()
+        ident = self.ident(self.given_values(given, f"{self.name}.invalidate"))
+        removed = await cache.ainvalidate_tag(self.normal(self.request_tag(ident))) > 0
+        if not self.vary:  # exact keys can be named: also fence computations in flight
+            if self.template is not None:
+                bases = [ident]
+            else:
+                bases = [self.base_key(p, ident) for p in ([path] if path else self.paths)]
+            for base in bases:
+                removed = await cache.ainvalidate(self.normal(base)) or removed
+        return removed

@@ -1,0 +1,370 @@
+"""The Redis store: entries shared by every process, and single-flight across processes.
+
+The pieces, one concern per module: `redis_scripts` (key layout and Lua scripts, pure),
+`redis_client` (lazy clients, errors, circuit breaker, shared reads), `redis_listener` (the
+one pub/sub connection: wake-ups and invalidations), `redis_near` (the optional near cache),
+`redis_breaker`, and `redis_lease` (writing entries and the lease protocol of `fill`, mixed
+into the store). This module is the store itself: reads, deletes, tags, listing.
+
+The paths, in the order of their cost:
+
+* hit: exactly one `GET`, decoded with `decode_entry`. Concurrent reads of one key in this
+  process share that `GET`; each caller decodes the shared bytes itself, so callers never
+  share a mutable value. With a near cache (`local_maxsize=`), a hit costs no I/O at all.
+* miss (`fill`): the cache has already made sure one caller per key and process gets here.
+  One `CLAIM` script either takes the lease or names its holder. The lease holder (the
+  leader) computes, renewing the lease every `lease_ttl / 3` from a background thread (sync)
+  or task (async), then one `STORE` script writes the entry *only if the lease is still its
+  own*, ends the lease and publishes a wake-up. Everyone else waits: registered with the
+  listener first, then checking again (`CLAIM` also reports a fresh entry, or the failure of
+  the leader it waited for), then sleeping until a wake-up, at most `wait_check` seconds or
+  until the lease would run out. When the lease vanished without an entry (the leader died,
+  or was fenced), `CLAIM` hands it to exactly one of them. Nobody polls in a tight loop.
+* leader failure: a short-lived marker `...:failed` holds the lease token, exception type and
+  message; waiters that waited for that lease raise `LeaderFailedError` at once. A caller
+  arriving later never sees it (it did not wait for that token) and computes afresh.
+* invalidation: one `DELETE` script removes the entry *and the lease*, so a computation that
+  began before it cannot store after it (the fence), wakes that lease's waiters and
+  broadcasts the key to every near cache.
+
+Failures: every Redis error becomes `BackendError` naming the URL (never the password) and
+the cause; the cache then computes directly (fail-open) unless configured to raise. After
+`breaker_threshold` consecutive connection failures the breaker fails calls fast for a
+cooldown, then lets one probe through, and closes again by itself once Redis answers.
+
+Concurrency contract of this module's own state: `counts` are plain ints bumped without a
+lock (approximate under threads, by design); `_background` (release tasks of cancelled async
+leaders) is touched only on the loop that owns each task. Everything else is owned by the
+helpers, whose docstrings state their contracts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.crc import key_slot
+
+from coalesce.entry import Entry
+from coalesce.errors import ConfigurationError, SerializationError
+from coalesce.serialization import Serializer, decode_entry, get_serializer
+from coalesce.stores.base import Fence, Store
+from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
+from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClient, redact
+from coalesce.stores.redis_lease import Keys, LeaseMixin
+from coalesce.stores.redis_listener import Listener
+from coalesce.stores.redis_near import NearCache
+from coalesce.stores.redis_scripts import DELETE, KeyLayout
+
+__all__ = ["RedisStore", "redact"]
+
+logger = logging.getLogger("coalesce.redis")
+
+_CHUNK = 256  # keys per DELETE script / ZREM in `delete_tag`
+
+
+class RedisStore(LeaseMixin, Store):
+    """Entries in Redis, shared by every process; one computation per key across them all.
+
+    `url` is `redis://[user:password@]host:port/db`, `rediss://...` or
+    `unix://[user:password@]/path?db=0`. `client` / `async_client` are existing redis-py
+    clients to use instead of building them from the URL (the URL still names the server in
+    messages and feeds the pub/sub connection). `cluster=True` (or a `RedisCluster` client)
+    talks to Redis Cluster. `local_maxsize=N` adds a near cache keeping entries at most
+    `local_ttl` seconds. Nothing connects before the first call.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        namespace: str = "coalesce",
+        serializer: str | Serializer | None = None,
+        client: SyncClient | None = None,
+        async_client: AsyncClient | None = None,
+        cluster: bool | None = None,
+        socket_timeout: float = 0.5,
+        socket_connect_timeout: float = 0.5,
+        max_connections: int | None = None,
+        lease_ttl: float = 2.0,
+        failure_ttl: float = 5.0,
+        wait_check: float = 1.0,
+        local_maxsize: int | None = None,
+        local_ttl: float = 5.0,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 1.0,
+        breaker_max_cooldown: float = 10.0,
+        log_interval: float = 30.0,
+    ) -> None:
+        scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(f"not a Redis URL: {redact(str(url))!r}")
+        for name, value in (
+            ("socket_timeout", socket_timeout),
+            ("socket_connect_timeout", socket_connect_timeout),
+            ("lease_ttl", lease_ttl),
+            ("failure_ttl", failure_ttl),
+            ("wait_check", wait_check),
+            ("local_ttl", local_ttl),
+            ("breaker_cooldown", breaker_cooldown),
+            ("breaker_max_cooldown", breaker_max_cooldown),
+            ("log_interval", log_interval),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
+        for name, count in (
+            ("max_connections", max_connections),
+            ("local_maxsize", local_maxsize),
+            ("breaker_threshold", breaker_threshold),
+        ):
+            if count is not None and (type(count) is not int or count < 1):
+                raise ConfigurationError(f"{name} must be a positive integer, not {count!r}")
+        self.namespace = namespace
+        self.serializer = get_serializer(serializer)
+        self.lease_ms = max(1, int(lease_ttl * 1000))
+        self.failure_ms = max(1, int(failure_ttl * 1000))
+        self.wait_check = float(wait_check)
+        self._layout = KeyLayout(namespace)
+        self._log = RateLimitedLog(logger, log_interval)
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown, breaker_max_cooldown)
+        self._conn = RedisConnection(
+            url,
+            client=client,
+            async_client=async_client,
+            cluster=cluster,
+            socket_timeout=float(socket_timeout),
+            socket_connect_timeout=float(socket_connect_timeout),
+            max_connections=max_connections,
+            breaker=self.breaker,
+            log=self._log,
+        )
+        self.url = url
+        self.where = self._conn.where
+        self.cluster = self._conn.cluster
+        self._listener = Listener(
+            self._conn.pubsub,
+            self._layout,
+            on_invalidate=self._invalidated,
+            on_reset=self._listener_reset,
+            log=self._log,
+            where=self.where,
+        )
+        self._near: NearCache | None = None
+        if local_maxsize is not None:
+            self._near = NearCache(local_maxsize, float(local_ttl), self._listener, self.serializer)
+        self._background: set[asyncio.Task[Any]] = set()
+        #: Called (on the listener thread) with the full key of every invalidation by key that
+        #: any process broadcasts, this one included, while the listener runs (it does while
+        #: this process waits on or leads a computation, or keeps a near cache). The cache can
+        #: fence its in-process flights with it. Must be quick and must not raise.
+        self.on_invalidated: Callable[[str], None] | None = None
+        self.counts = dict.fromkeys(
+            ("hits", "misses", "corrupt", "leads", "waits", "takeovers", "fenced", "leader_failed"),
+            0,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.where!r}, namespace={self.namespace!r})"
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def _decode(self, key: str, data: Any) -> Entry | None:
+        """The entry in `data`; None for a missing, corrupt or foreign value (logged)."""
+        if data is None:
+            self.counts["misses"] += 1
+            return None
+        try:
+            entry = decode_entry(data, self.serializer, context=key)
+        except SerializationError as exc:
+            self.counts["corrupt"] += 1
+            self._log.warning(
+                "corrupt",
+                "coalesce: ignoring an unreadable value under %r in Redis at %s (it will be "
+                "replaced): %s",
+                key,
+                self.where,
+                exc,
+            )
+            return None
+        self.counts["hits"] += 1
+        return entry
+
+    # -- the near cache's hooks (listener thread) ------------------------------------------------
+
+    def _invalidated(self, message: bytes) -> None:
+        if self._near is not None:
+            self._near.on_invalidate(message)
+        hook = self.on_invalidated
+        if hook is not None and message.startswith(b"k:"):
+            try:
+                hook(message[2:].decode("utf-8", "surrogateescape"))
+            except Exception:  # a broken hook must not stop the listener
+                logger.exception("coalesce: the on_invalidated hook failed")
+
+    def _listener_reset(self) -> None:
+        if self._near is not None:
+            self._near.clear()
+
+    def _forget(self, key: str | None = None, tag: str | None = None) -> None:
+        if self._near is not None:
+            self._near.forget(key, tag)
+
+    # -- get ---------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        """One `GET` (shared by the threads reading the same key at the same moment)."""
+        near = self._near
+        if near is None:
+            return self._decode(key, self._conn.get(self._layout.entry(key)))
+        generation = self._listener.generation
+        entry = near.get(key)
+        if entry is None:
+            entry = self._decode(key, self._conn.get(self._layout.entry(key)))
+            if entry is not None:
+                near.remember(key, entry, generation)
+        return entry
+
+    async def aget(self, key: str) -> Entry | None:
+        """One `GET` (shared by the tasks of this loop reading the same key at once)."""
+        near = self._near
+        if near is None:
+            return self._decode(key, await self._conn.aget(self._layout.entry(key)))
+        generation = self._listener.generation
+        entry = near.get(key)
+        if entry is None:
+            entry = self._decode(key, await self._conn.aget(self._layout.entry(key)))
+            if entry is not None:
+                near.remember(key, entry, generation)
+        return entry
+
+    # -- set, delete, tags ---------------------------------------------------------------------
+    def set(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
+        if fence is not None and not fence.valid:
+            return False
+        return self._store(key, Keys(self._layout, key), entry, "")
+
+    async def aset(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
+        if fence is not None and not fence.valid:
+            return False
+        return await self._astore(key, Keys(self._layout, key), entry, "")
+
+    def _delete_args(self, key: str) -> tuple[list[str], list[str]]:
+        entry = self._layout.entry(key)
+        return [entry, self._layout.lease(entry)], [self._layout.invalidate_channel, "k:" + key]
+
+    def delete(self, key: str) -> bool:
+        """Delete the entry and its lease (fencing its computations), tell every near cache."""
+        self._forget(key=key)
+        keys, args = self._delete_args(key)
+        existed = bool(self._conn.script(DELETE, keys, args))
+        self._forget(key=key)
+        return existed
+
+    async def adelete(self, key: str) -> bool:
+        self._forget(key=key)
+        keys, args = self._delete_args(key)
+        existed = bool(await self._conn.ascript(DELETE, keys, args))
+        self._forget(key=key)
+        return existed
+
+    def _tag_batches(self, members: list[Any]) -> list[list[str]]:
+        """KEYS lists for `DELETE`: entry and lease of each member, one slot per list."""
+        groups: dict[int, list[str]] = {}
+        for member in members:
+            name = (
+                member.decode("utf-8", "surrogateescape") if isinstance(member, bytes) else member
+            )
+            entry = self._layout.entry(name)
+            slot = key_slot(entry.encode("utf-8", "surrogateescape")) if self.cluster else 0
+            groups.setdefault(slot, []).extend((entry, self._layout.lease(entry)))
+        return [
+            keys[i : i + 2 * _CHUNK]
+            for keys in groups.values()
+            for i in range(0, len(keys), 2 * _CHUNK)
+        ]
+
+    def delete_tag(self, tag: str) -> int:
+        """Delete every entry recorded in the tag's set: reads the set, never SCANs."""
+        self._forget(tag=tag)
+        tag_key = self._layout.tag(tag)
+        client = self._conn.sync()
+        members: list[Any] = self._conn.call(client.zrange, tag_key, 0, -1)
+        deleted = 0
+        for keys in self._tag_batches(members):
+            deleted += int(self._conn.script(DELETE, keys, ["", ""]))
+        for i in range(0, len(members), _CHUNK):
+            self._conn.call(client.zrem, tag_key, *members[i : i + _CHUNK])
+        self._conn.call(client.publish, self._layout.invalidate_channel, "t:" + tag)
+        self._forget(tag=tag)
+        return deleted
+
+    async def adelete_tag(self, tag: str) -> int:
+        self._forget(tag=tag)
+        tag_key = self._layout.tag(tag)
+        client = self._conn.loop_state().client
+        members: list[Any] = await self._conn.acall(client.zrange, tag_key, 0, -1)
+        deleted = 0
+        for keys in self._tag_batches(members):
+            deleted += int(await self._conn.ascript(DELETE, keys, ["", ""]))
+        for i in range(0, len(members), _CHUNK):
+            await self._conn.acall(client.zrem, tag_key, *members[i : i + _CHUNK])
+        await self._conn.acall(client.publish, self._layout.invalidate_channel, "t:" + tag)
+        self._forget(tag=tag)
+        return deleted
+
+    # -- listing, stats, lifecycle ---------------------------------------------------------------
+
+    def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:
+        """Up to `limit` full keys matching `pattern`: SCAN MATCH inside our namespace only."""
+        found: list[str] = []
+        if limit <= 0:
+            return found
+        client = self._conn.sync()
+        match = self._layout.match(pattern)
+
+        def scan() -> None:
+            for raw in client.scan_iter(match=match, count=max(100, min(limit, 1000))):
+                name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+                key = self._layout.key_of_entry(name)
+                if key is not None:
+                    found.append(key)
+                    if len(found) >= limit:
+                        return
+
+        self._conn.call(scan)
+        return found
+
+    def stats(self) -> dict[str, Any]:
+        """Breaker state, counters, listener and near-cache state (cheap, approximate)."""
+        return {
+            "url": self.where,
+            "namespace": self.namespace,
+            "cluster": self.cluster,
+            "breaker": self.breaker.stats(),
+            "listener": {
+                "subscribed": self._listener.ready.is_set(),
+                "resets": self._listener.resets,
+            },
+            "local_entries": None if self._near is None else len(self._near),
+            "local_hits": 0 if self._near is None else self._near.hits,
+            "errors": self._conn.errors,
+            "log_suppressed": self._log.suppressed,
+            **self.counts,
+        }
+
+    def close(self) -> None:
+        """Stop the listener and close the clients this store created (not given ones)."""
+        self._listener.close()
+        self._conn.close()
+        if self._near is not None:
+            self._near.clear()
+
+    async def aclose(self) -> None:
+        """Close this loop's asyncio client (if the store created it), then the rest."""
+        await self._conn.aclose()
+        self.close()

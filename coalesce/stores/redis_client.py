@@ -1,0 +1,392 @@
+"""The Redis store's connection: lazy clients, errors, the breaker, scripts and shared reads.
+
+`RedisConnection` owns everything about talking to one Redis (or Redis Cluster):
+
+* clients are created on first use, never when a `Cache` is built or a function decorated:
+  one sync client (thread-safe, pooled) and one asyncio client *per event loop* (an asyncio
+  connection belongs to the loop that opened it), unless existing clients were given;
+* every call goes through `call` / `acall`: the circuit breaker first (fail fast, no I/O,
+  while it is open), then the command, whose redis-py errors become `BackendError` naming
+  the URL without its password;
+* `script` / `ascript` run a Lua script by EVALSHA and load it on NOSCRIPT (also after a
+  restarted Redis forgot it);
+* `get` / `aget` share one `GET` among concurrent readers of the same key in this process.
+
+Concurrency contract:
+
+* `_sync_client` and `_loops` are created lazily under `_lock`; `_last_loop` caches the last
+  loop's state for the hot path (a stale cache only costs one lookup under the lock).
+* `_reads` (pending sync reads): a reader inserts its `_Read` with `dict.setdefault`
+  (atomic in CPython); only that reader, the read's leader, removes it, after writing
+  `data`/`error` and before releasing `_Read.lock`, which the followers wait on.
+* `LoopState.reads` is only touched on its own loop's thread. The leader of an async read
+  resolves its future with the bytes, its error, or `_Retry` when it was cancelled, so that
+  the followers (awaiting it through `asyncio.shield`) read again instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.retry import Retry
+
+from coalesce.errors import BackendError, ConfigurationError
+from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
+from coalesce.stores.redis_scripts import Script
+
+T = TypeVar("T")
+SyncClient = redis.Redis | redis.cluster.RedisCluster
+AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+
+#: Errors of redis-py (and of the socket layer below it) that become `BackendError`.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+def redact(url: str) -> str:
+    """`url` without its password (in the user info or a `password=` query parameter)."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = netloc.rpartition("@")[2]
+            netloc = f"{parts.username or ''}:***@{host}"
+        query = parts.query
+        if "password" in query:
+            pairs = [(k, "***" if k == "password" else v) for k, v in parse_qsl(query)]
+            query = urlencode(pairs, safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable redis url>"
+
+
+class _Read:
+    """One `GET` in flight, shared by the threads that want the same key (see the contract)."""
+
+    __slots__ = ("data", "error", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()  # released by the read's leader once data/error are written
+        self.data: Any = None
+        self.error: BaseException | None = None
+
+
+class _Retry(Exception):
+    """The leader of a shared async read was cancelled: its followers read for themselves."""
+
+
+class LoopState:
+    """Per event loop: its asyncio client and its pending reads (touched on that loop only)."""
+
+    __slots__ = ("client", "loop", "owned", "reads")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: AsyncClient, owned: bool) -> None:
+        self.loop = loop
+        self.client = client
+        self.owned = owned  # created by us, so closed by us
+        self.reads: dict[str, asyncio.Future[Any]] = {}
+
+
+class RedisConnection:
+    """Clients, breaker and error handling for one Redis URL (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client: SyncClient | None,
+        async_client: AsyncClient | None,
+        cluster: bool | None,
+        socket_timeout: float,
+        socket_connect_timeout: float,
+        max_connections: int | None,
+        breaker: CircuitBreaker,
+        log: RateLimitedLog,
+    ) -> None:
+        for given in (client, async_client):
+            if given is not None and _decodes_responses(given):
+                raise ConfigurationError(
+                    "the Redis client given to coalesce must use decode_responses=False: "
+                    "entries are bytes"
+                )
+        self.url = url
+        self.where = redact(url)
+        self.cluster = (
+            bool(cluster)
+            or isinstance(client, redis.cluster.RedisCluster)
+            or isinstance(async_client, redis.asyncio.cluster.RedisCluster)
+        )
+        self.socket_timeout = socket_timeout
+        self.socket_connect_timeout = socket_connect_timeout
+        self.max_connections = max_connections
+        self.breaker = breaker
+        self.log = log
+        self.errors = 0
+        self._lock = threading.Lock()  # guards the lazy creation of clients and `_closed`
+        self._sync_client: SyncClient | None = client
+        self._sync_owned = client is None
+        self._async_given = async_client
+        self._loops: dict[asyncio.AbstractEventLoop, LoopState] = {}
+        self._last_loop: LoopState | None = None
+        self._reads: dict[str, _Read] = {}
+        self._closed = False
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def sync(self) -> SyncClient:
+        """The sync client, created on first use."""
+        client = self._sync_client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._sync_client is None:
+                if self._closed:
+                    raise BackendError(f"the Redis store for {self.where} is closed")
+                try:
+                    self._sync_client = self._make_sync()  # a cluster client connects here
+                except REDIS_ERRORS as exc:
+                    raise self.failed(exc) from exc
+            return self._sync_client
+
+    def _options(self, retry: Any) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_connect_timeout,
+            "retry": retry,  # one quick retry: a pooled socket may be stale after a restart
+        }
+        if self.max_connections is not None:
+            options["max_connections"] = self.max_connections
+        return options
+
+    def _make_sync(self) -> SyncClient:
+        options = self._options(Retry(NoBackoff(), 1))
+        if self.cluster:
+            return redis.cluster.RedisCluster.from_url(self.url, **options)
+        return redis.Redis.from_url(self.url, **options)
+
+    def _make_async(self) -> AsyncClient:
+        options = self._options(AsyncRetry(NoBackoff(), 1))
+        if self.cluster:
+            return redis.asyncio.cluster.RedisCluster.from_url(self.url, **options)
+        return redis.asyncio.Redis.from_url(self.url, **options)
+
+    def loop_state(self) -> LoopState:
+        """This event loop's asyncio client and pending reads, created on first use."""
+        loop = asyncio.get_running_loop()
+        state = self._last_loop
+        if state is not None and state.loop is loop:
+            return state
+        with self._lock:
+            state = self._loops.get(loop)
+            if state is None:
+                if self._closed:
+                    raise BackendError(f"the Redis store for {self.where} is closed")
+                for old in [old for old in self._loops if old.is_closed()]:
+                    del self._loops[old]
+                if self._async_given is not None:
+                    state = LoopState(loop, self._async_given, owned=False)
+                else:
+                    state = LoopState(loop, self._make_async(), owned=True)
+                self._loops[loop] = state
+            self._last_loop = state
+            return state
+
+    def pubsub(self) -> tuple[Any, Callable[[], None]]:
+        """A fresh pub/sub connection for the listener, and how to close it.
+
+        On a cluster it goes to the node of the URL: classic PUBLISH reaches every node.
+        """
+        given = self._sync_client
+        if given is not None and not self._sync_owned and isinstance(given, redis.Redis):
+            pubsub = given.pubsub()  # type: ignore[no-untyped-call]
+            return pubsub, pubsub.close
+        client = redis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.socket_connect_timeout,
+            socket_timeout=max(5.0, self.socket_timeout),
+            health_check_interval=5,  # a PING now and then notices a silently dead peer
+            retry=Retry(NoBackoff(), 0),
+        )
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+
+        def cleanup() -> None:
+            pubsub.close()
+            client.close()
+
+        return pubsub, cleanup
+
+    # -- calls, errors and the breaker -----------------------------------------------------------
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one Redis call through the breaker, turning its errors into `BackendError`."""
+        if not self.breaker.allow():
+            raise self.fast_fail()
+        try:
+            result = fn(*args)
+        except REDIS_ERRORS as exc:
+            raise self.failed(exc) from exc
+        self.breaker.success()
+        return result
+
+    async def acall(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`call` for the asyncio client."""
+        if not self.breaker.allow():
+            raise self.fast_fail()
+        try:
+            result = await fn(*args)
+        except REDIS_ERRORS as exc:
+            raise self.failed(exc) from exc
+        self.breaker.success()
+        return result
+
+    def failed(self, exc: BaseException) -> BackendError:
+        """Count a failed call (the breaker, the log) and make its `BackendError`."""
+        self.errors += 1
+        if isinstance(exc, ResponseError):
+            self.breaker.success()  # the server answered: it is up, the command was wrong
+        elif self.breaker.failure():
+            self.log.warning(
+                "breaker",
+                "coalesce: Redis at %s failed %d times in a row (%s: %s); failing fast for "
+                "%.1f s, then probing",
+                self.where,
+                self.breaker.failures,
+                type(exc).__name__,
+                exc,
+                self.breaker.retry_in(),
+            )
+        return BackendError(f"Redis at {self.where} failed: {type(exc).__name__}: {exc}")
+
+    def fast_fail(self) -> BackendError:
+        return BackendError(
+            f"Redis at {self.where} is unavailable: circuit breaker open after "
+            f"{self.breaker.failures} consecutive failures; next try in "
+            f"{self.breaker.retry_in():.1f} s"
+        )
+
+    # -- scripts ---------------------------------------------------------------------------------
+
+    def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        client = self.sync()
+        try:
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            client.script_load(script.source)
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _aeval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        client = self.loop_state().client
+        try:
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(script.source)
+            return await client.evalsha(script.sha, len(keys), *keys, *args)
+
+    def script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run `script` on `keys` (all on one slot) with `args`; errors as `BackendError`."""
+        return self.call(self._eval, script, keys, args)
+
+    async def ascript(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self.acall(self._aeval, script, keys, args)
+
+    def quietly(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Run a clean-up script; a failure is already counted and logged by the breaker."""
+        with contextlib.suppress(BackendError):
+            self.script(script, keys, args)
+
+    async def aquietly(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> None:
+        with contextlib.suppress(BackendError):
+            await self.ascript(script, keys, args)
+
+    # -- shared reads ----------------------------------------------------------------------------
+
+    def get(self, redis_key: str) -> Any:
+        """`GET redis_key`, one command for all the threads asking at the same moment."""
+        mine = _Read()
+        read = self._reads.setdefault(redis_key, mine)
+        if read is mine:
+            try:
+                mine.data = self.call(self.sync().get, redis_key)
+            except BaseException as exc:
+                mine.error = exc
+                raise
+            finally:
+                del self._reads[redis_key]
+                mine.lock.release()
+            return mine.data
+        if not read.lock.acquire(timeout=self.socket_timeout * 4 + 1.0):
+            return self.call(self.sync().get, redis_key)  # bounded: read for ourselves
+        read.lock.release()
+        if read.error is None:
+            return read.data
+        if isinstance(read.error, BackendError):
+            raise read.error
+        return self.get(redis_key)  # the leader was interrupted: read again
+
+    async def aget(self, redis_key: str) -> Any:
+        """`GET redis_key`, one command for all the tasks of this loop asking at once."""
+        state = self.loop_state()
+        while True:
+            pending = state.reads.get(redis_key)
+            if pending is None:
+                return await self._aread(state, redis_key)
+            try:
+                return await asyncio.shield(pending)  # a cancelled follower leaves it intact
+            except _Retry:
+                continue  # the leader was cancelled: read again (maybe as the leader)
+
+    async def _aread(self, state: LoopState, redis_key: str) -> Any:
+        future: asyncio.Future[Any] = state.loop.create_future()
+        state.reads[redis_key] = future
+        try:
+            data = await self.acall(state.client.get, redis_key)
+        except BaseException as exc:
+            future.set_exception(_Retry() if isinstance(exc, asyncio.CancelledError) else exc)
+            future.exception()  # mark it retrieved: there may be no followers
+            raise
+        else:
+            future.set_result(data)
+        finally:
+            if state.reads.get(redis_key) is future:
+                del state.reads[redis_key]
+        return data
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the sync client if we created it; given clients stay open."""
+        with self._lock:
+            self._closed = True
+            client, self._sync_client = self._sync_client, None
+        if client is not None and self._sync_owned:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    async def aclose(self) -> None:
+        """Close this loop's asyncio client if we created it."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            state = self._loops.pop(loop, None)
+            self._last_loop = None
+        if state is not None and state.owned:
+            with contextlib.suppress(Exception):
+                await state.client.aclose()
+
+
+def _decodes_responses(client: Any) -> bool:
+    try:
+        return bool(client.get_encoder().decode_responses)
+    except Exception:
+        return False

@@ -1,0 +1,364 @@
+"""The Redis store's cross-process single-flight: claim a lease, wait for it, or lead.
+
+This is the write half of `RedisStore`, kept apart from the read half (`redis.py`) so that
+the lease protocol can be read in one place. The steps (the scripts are in `redis_scripts`):
+
+1. Register with the listener for the key's wake-ups *first*, then `CLAIM`: one script that
+   either takes the lease (`SET NX PX`, a random token), reports a fresh entry, reports the
+   failure of the leader this caller waited for, or names the lease's holder and how long it
+   still runs. `_claim_step` turns the reply into the next step without I/O.
+2. A waiter sleeps until a wake-up, at most `wait_check` seconds and never past the lease's
+   end (a fallback against lost messages and dead leaders), then claims again. A lease that
+   vanished without an entry (its leader died or was fenced) goes to exactly one claimant.
+3. The leader computes while a renewer (a thread for sync, a task for async) extends the
+   lease every `lease_ttl / 3`; then `STORE` writes the entry only if the lease is still its
+   own (the invalidation fence), ends the lease and publishes the wake-up. On an exception it
+   leaves a failure marker (`FAIL`) instead; on any other exit (cancellation, interrupt) it
+   just ends the lease (`RELEASE`), so a waiter takes over at once.
+
+The sync and async drivers are duplicated on purpose, side by side, to be compared line by
+line. Concurrency contract: per call, the token, the waiter and the renewer belong to that
+call alone; shared state is only the listener's registry (see `redis_listener`) and the
+approximate `counts`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from coalesce.entry import Entry
+from coalesce.errors import BackendError, LeaderFailedError
+from coalesce.serialization import Serializer, encode_entry
+from coalesce.stores.base import Fence
+from coalesce.stores.redis_client import RedisConnection
+from coalesce.stores.redis_listener import AsyncWaiter, Listener, ThreadWaiter
+from coalesce.stores.redis_near import NearCache, shareable
+from coalesce.stores.redis_scripts import (
+    CLAIM,
+    FAIL,
+    RELEASE,
+    RENEW,
+    STORE,
+    TAG,
+    KeyLayout,
+    decode_failure,
+    encode_failure,
+)
+from coalesce.values import Frozen
+
+
+class Keys:
+    """The Redis keys of one cache key (see `redis_scripts.KeyLayout`)."""
+
+    __slots__ = ("channel", "entry", "failed", "lease")
+
+    def __init__(self, layout: KeyLayout, key: str) -> None:
+        self.entry = layout.entry(key)
+        self.lease = layout.lease(self.entry)
+        self.failed = layout.failed(self.entry)
+        self.channel = layout.channel(self.entry)
+
+
+# What one `CLAIM` reply means, decided without I/O by `LeaseMixin._claim_step`.
+_LEAD, _ENTRY, _WAIT, _AGAIN = "lead", "entry", "wait", "again"
+
+
+class LeaseMixin:
+    """Writing entries and single-flight across processes, for `RedisStore`."""
+
+    # provided by RedisStore.__init__
+    _conn: RedisConnection
+    _layout: KeyLayout
+    _listener: Listener
+    _near: NearCache | None
+    _background: set[asyncio.Task[Any]]
+    serializer: Serializer
+    cluster: bool
+    lease_ms: int
+    failure_ms: int
+    wait_check: float
+    counts: dict[str, int]
+
+    def _decode(self, key: str, data: Any) -> Entry | None:
+        raise NotImplementedError  # RedisStore's
+
+    # -- writing an entry (fenced by a lease token, or not) ---------------------------------
+
+    def _store_args(
+        self, key: str, k: Keys, entry: Entry, token: str
+    ) -> tuple[list[str], list[Any], list[str]] | None:
+        """KEYS and ARGV of `STORE`, and the tag sets to record separately; None when the
+        entry is already past its stale window.
+
+        On one server the tags are recorded by the same script, atomically with the entry. On
+        a cluster the tag sets live on other slots, so they are recorded right after the
+        entry: an `invalidate_tag` running in between misses that one new entry.
+        """
+        now = time.time()
+        keep = entry.keep_for(now)
+        if keep is not None and keep <= 0:
+            return None
+        value = entry.value
+        payload = value.payload if type(value) is Frozen else None
+        data = encode_entry(entry, self.serializer, context=key, payload=payload)
+        px = "0" if keep is None else str(max(1, int(keep * 1000)))
+        score = "+inf" if keep is None else str(int((now + keep) * 1000) + 1)
+        tag_keys = [self._layout.tag(tag) for tag in entry.tags]
+        keys = [k.entry, k.lease]
+        separate: list[str] = []
+        if self.cluster:
+            separate = tag_keys  # other slots: recorded one by one after the entry
+        else:
+            keys += tag_keys
+        args = [token, data, px, k.channel, key, score, str(int(now * 1000))]
+        return keys, args, separate
+
+    def _store(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
+        """Write the entry (fenced by `token` unless it is empty) and record its tags."""
+        plan = self._store_args(key, k, entry, token)
+        if plan is None:
+            if token:
+                self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+            return False
+        keys, args, separate = plan
+        generation = self._listener.generation  # before the write: see `NearCache.remember`
+        stored = bool(self._conn.script(STORE, keys, args))
+        if stored:
+            for tag_key in separate:
+                self._conn.script(TAG, [tag_key], [key, args[5], args[6]])
+            if self._near is not None:
+                self._near.remember(key, entry, generation)
+        else:
+            self.counts["fenced"] += 1
+        return stored
+
+    async def _astore(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
+        plan = self._store_args(key, k, entry, token)
+        if plan is None:
+            if token:
+                await self._conn.aquietly(RELEASE, [k.lease], [token, k.channel])
+            return False
+        keys, args, separate = plan
+        generation = self._listener.generation  # before the write: see `NearCache.remember`
+        stored = bool(await self._conn.ascript(STORE, keys, args))
+        if stored:
+            for tag_key in separate:
+                await self._conn.ascript(TAG, [tag_key], [key, args[5], args[6]])
+            if self._near is not None:
+                self._near.remember(key, entry, generation)
+        else:
+            self.counts["fenced"] += 1
+        return stored
+
+    # -- claim, wait, lead ------------------------------------------------------------------
+
+    def _claim_args(self, token: str, check: bool, seen: str) -> list[Any]:
+        return [token, self.lease_ms, "1" if check else "0", seen]
+
+    def _claim_step(self, key: str, reply: list[Any]) -> tuple[str, Entry | None, str, float]:
+        """What a `CLAIM` reply means: (step, entry, lease holder, seconds to wait); no I/O.
+
+        Raises `LeaderFailedError` when the leader this caller waited for failed.
+        """
+        kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if kind == "lease":
+            return _LEAD, None, "", 0.0
+        if kind == "entry":
+            entry = self._decode(key, reply[1])
+            if entry is not None and entry.fresh_until > time.time():
+                return _ENTRY, entry, "", 0.0
+            return _AGAIN, None, "", 0.0  # stale, corrupt or foreign: claim without it
+        if kind == "failed":
+            self.counts["leader_failed"] += 1
+            exc_type, message = decode_failure(reply[1])
+            raise LeaderFailedError(key, exc_type, message)
+        holder = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        pttl = int(reply[2])
+        wait = self.wait_check if pttl < 0 else min(self.wait_check, pttl / 1000 + 0.005)
+        if not self._listener.ready.is_set():
+            wait = min(wait, 0.2)  # no push can come: check a little more often
+        return _WAIT, None, holder, wait
+
+    def fill(self, key: str, compute: Callable[[], Entry], *, fence: Fence) -> Entry:
+        """Compute `key` once across all processes sharing this Redis (see the module doc)."""
+        k = Keys(self._layout, key)
+        token = secrets.token_hex(16)
+        waiter = ThreadWaiter()
+        self._listener.start()
+        self._listener.add(key, waiter)  # subscribe first ...
+        try:
+            check, seen, waited = False, "", False
+            while True:
+                waiter.event.clear()
+                subscribed = self._listener.ready.is_set()
+                reply = self._conn.script(
+                    CLAIM,
+                    [k.entry, k.lease, k.failed],
+                    self._claim_args(token, check, seen),
+                )  # ... then check
+                step, entry, holder, wait = self._claim_step(key, reply)
+                if step == _LEAD:
+                    break
+                if step == _ENTRY:
+                    assert entry is not None
+                    return shareable(entry, self.serializer)
+                if step == _AGAIN:
+                    check = False
+                    continue
+                if not waited:
+                    self.counts["waits"] += 1
+                    waited = True
+                seen, check = holder, True
+                if not subscribed:  # the first wait of this store: make sure pushes arrive
+                    self._listener.ready.wait(min(wait, 1.0))
+                    continue
+                waiter.event.wait(wait)
+        finally:
+            self._listener.remove(key, waiter)
+        if waited:
+            self.counts["takeovers"] += 1
+        return self._lead(key, k, token, compute, fence)
+
+    def _lead(
+        self, key: str, k: Keys, token: str, compute: Callable[[], Entry], fence: Fence
+    ) -> Entry:
+        """Holding the lease: compute (renewing it), then store fenced, or mark the failure."""
+        self.counts["leads"] += 1
+        stop = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew_until,
+            args=(k.lease, token, stop),
+            daemon=True,
+            name=f"coalesce-lease {key[:60]}",
+        )
+        renewer.start()
+        try:
+            entry = compute()
+        except Exception as exc:
+            stop.set()
+            self._conn.quietly(
+                FAIL,
+                [k.lease, k.failed],
+                [token, encode_failure(token, exc), self.failure_ms, k.channel],
+            )
+            raise
+        except BaseException:
+            stop.set()
+            self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+            raise
+        finally:
+            stop.set()
+        if not fence.valid:
+            self.counts["fenced"] += 1
+            self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+            return entry
+        try:
+            self._store(key, k, entry, token)
+        except BaseException:
+            self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+            raise
+        return entry
+
+    def _renew_until(self, lease: str, token: str, stop: threading.Event) -> None:
+        """The lease renewer thread of one computation: every lease_ttl / 3 until stopped."""
+        interval = self.lease_ms / 3000
+        while not stop.wait(interval):
+            try:
+                if not self._conn.script(RENEW, [lease], [token, self.lease_ms]):
+                    return  # no longer ours (invalidated): the store will be refused anyway
+            except BackendError:
+                pass  # try again next round; the lease may still outlive the outage
+
+    async def afill(
+        self, key: str, compute: Callable[[], Awaitable[Entry]], *, fence: Fence
+    ) -> Entry:
+        """`fill` for asyncio: the same steps, awaiting (compare side by side)."""
+        k = Keys(self._layout, key)
+        token = secrets.token_hex(16)
+        waiter = AsyncWaiter(asyncio.get_running_loop())
+        self._listener.start()
+        self._listener.add(key, waiter)  # subscribe first ...
+        try:
+            check, seen, waited = False, "", False
+            while True:
+                waiter.arm()
+                subscribed = self._listener.ready.is_set()
+                reply = await self._conn.ascript(
+                    CLAIM,
+                    [k.entry, k.lease, k.failed],
+                    self._claim_args(token, check, seen),
+                )  # ... then check
+                step, entry, holder, wait = self._claim_step(key, reply)
+                if step == _LEAD:
+                    break
+                if step == _ENTRY:
+                    assert entry is not None
+                    return shareable(entry, self.serializer)
+                if step == _AGAIN:
+                    check = False
+                    continue
+                if not waited:
+                    self.counts["waits"] += 1
+                    waited = True
+                seen, check = holder, True
+                if not subscribed:  # the first wait of this store: make sure pushes arrive
+                    await asyncio.to_thread(self._listener.ready.wait, min(wait, 1.0))
+                    continue
+                await asyncio.wait([waiter.future], timeout=wait)
+        finally:
+            self._listener.remove(key, waiter)
+        if waited:
+            self.counts["takeovers"] += 1
+        return await self._alead(key, k, token, compute, fence)
+
+    async def _alead(
+        self, key: str, k: Keys, token: str, compute: Callable[[], Awaitable[Entry]], fence: Fence
+    ) -> Entry:
+        self.counts["leads"] += 1
+        renewer = asyncio.get_running_loop().create_task(self._arenew(k.lease, token))
+        try:
+            entry = await compute()
+        except Exception as exc:
+            renewer.cancel()
+            await self._conn.aquietly(
+                FAIL,
+                [k.lease, k.failed],
+                [token, encode_failure(token, exc), self.failure_ms, k.channel],
+            )
+            raise
+        except BaseException:  # cancelled: hand over at once, without awaiting here
+            renewer.cancel()
+            self._in_background(self._conn.aquietly(RELEASE, [k.lease], [token, k.channel]))
+            raise
+        finally:
+            renewer.cancel()
+        if not fence.valid:
+            self.counts["fenced"] += 1
+            await self._conn.aquietly(RELEASE, [k.lease], [token, k.channel])
+            return entry
+        try:
+            await self._astore(key, k, entry, token)
+        except BaseException:
+            self._in_background(self._conn.aquietly(RELEASE, [k.lease], [token, k.channel]))
+            raise
+        return entry
+
+    async def _arenew(self, lease: str, token: str) -> None:
+        interval = self.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self._conn.ascript(RENEW, [lease], [token, self.lease_ms]):
+                    return
+            except BackendError:
+                pass
+
+    def _in_background(self, job: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(job)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

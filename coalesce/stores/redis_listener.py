@@ -1,0 +1,232 @@
+"""One long-lived pub/sub connection per Redis store: wake-ups for waiters, invalidations.
+
+A waiter of a cross-process computation must learn at once when the leader's lease ends
+(the value is stored, the leader failed or gave up), without polling and without opening a
+subscription per wait. So each store keeps one listener thread with one pub/sub connection:
+
+* `PSUBSCRIBE ns:{*}:done` receives every wake-up of the namespace and wakes the waiters
+  registered for that key in this process: a `ThreadWaiter` (a `threading.Event`) for sync
+  callers, an `AsyncWaiter` (an asyncio future, resolved with `call_soon_threadsafe` on the
+  waiter's own loop) for async ones;
+* `SUBSCRIBE ns:__invalidate__` receives invalidations ("k:<key>", "t:<tag>") for the near
+  cache, handed to `on_invalidate`.
+
+`ready` is set while both subscriptions are confirmed. When the connection drops, `ready` is
+cleared, `on_reset` runs (the store flushes its near cache: invalidations may be lost while
+nobody listens), every waiter is woken to check Redis again, and the thread reconnects with
+a growing pause (up to 2 s). Waiters never depend on a message alone: they check Redis again
+after registering and at least once a second, so a lost message only costs time.
+
+Concurrency contract: `_waiters` is written by any thread under `_lock` (add/remove) and read
+under `_lock` by the listener thread, which wakes waiters after releasing it. `generation` is
+bumped under `_lock` whenever local copies may have become stale (an invalidation arrived or
+the connection dropped) and read without it by the near cache, which refuses to keep an entry
+read from Redis if the generation moved meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from redis.client import PubSub
+
+from coalesce.stores.redis_breaker import RateLimitedLog
+from coalesce.stores.redis_scripts import KeyLayout
+
+_POLL = 0.25  # seconds the thread blocks on the socket before it looks at `_closed`
+
+#: Makes a subscribed-to-nothing `PubSub` on a fresh connection, and a function to close it.
+PubSubFactory = Callable[[], "tuple[PubSub, Callable[[], None]]"]
+
+
+class Waiter(Protocol):
+    def wake(self) -> None: ...
+
+
+class ThreadWaiter:
+    """A sync waiter: the caller blocks on `event`; the listener sets it."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def wake(self) -> None:
+        self.event.set()
+
+
+class AsyncWaiter:
+    """An async waiter on `loop`: `arm()` before checking Redis, then await `future`.
+
+    `future` is only touched on `loop`'s thread (`arm` runs there, and `wake` hops there with
+    `call_soon_threadsafe`), so no lock is needed. A wake that lands after a re-arm resolves
+    the new future early: harmless, the waiter checks Redis again.
+    """
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def arm(self) -> None:
+        if self.future.done():
+            self.future = self.loop.create_future()
+
+    def wake(self) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self.loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class Listener:
+    """The store's pub/sub thread, started on first need (see the module docstring)."""
+
+    def __init__(
+        self,
+        connect: PubSubFactory,
+        layout: KeyLayout,
+        *,
+        on_invalidate: Callable[[bytes], None],
+        on_reset: Callable[[], None],
+        log: RateLimitedLog,
+        where: str,
+    ) -> None:
+        self._connect = connect
+        self._layout = layout
+        self._on_invalidate = on_invalidate
+        self._on_reset = on_reset
+        self._log = log
+        self._where = where
+        self._lock = threading.Lock()  # guards _waiters, _thread, generation writes
+        self._waiters: dict[str, set[Waiter]] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self.ready = threading.Event()  # set while subscribed; cleared on any trouble
+        self.generation = 0  # see the module docstring
+        self.resets = 0  # how often the connection dropped (stats)
+
+    # -- called by the store, from any thread ------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread unless it runs (cheap when it does)."""
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None and not self._closed.is_set():
+                self._thread = threading.Thread(
+                    target=self._run, name=f"coalesce-listener {self._where}", daemon=True
+                )
+                self._thread.start()
+
+    def add(self, key: str, waiter: Waiter) -> None:
+        with self._lock:
+            self._waiters.setdefault(key, set()).add(waiter)
+
+    def remove(self, key: str, waiter: Waiter) -> None:
+        with self._lock:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[key]
+
+    def bump(self) -> None:
+        """Note that local copies may be stale (see `generation`)."""
+        with self._lock:
+            self.generation += 1
+
+    def close(self, timeout: float = 0.0) -> None:
+        """Stop the thread: it leaves within `_POLL` seconds (join up to `timeout`)."""
+        self._closed.set()
+        self.ready.clear()
+        thread = self._thread
+        if timeout > 0 and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pause = 0.05
+        while not self._closed.is_set():
+            try:
+                pubsub, cleanup = self._connect()
+            except Exception as exc:
+                self._trouble(exc)
+            else:
+                try:
+                    self._listen(pubsub)
+                    pause = 0.05
+                except Exception as exc:
+                    if self.ready.is_set():
+                        pause = 0.05  # it worked until now: reconnect quickly
+                    self._trouble(exc)
+                finally:
+                    self._reset()
+                    with contextlib.suppress(Exception):
+                        cleanup()
+            self._closed.wait(pause)
+            pause = min(pause * 2, 2.0)
+
+    def _listen(self, pubsub: PubSub) -> None:
+        pubsub.psubscribe(self._layout.channel_pattern)
+        pubsub.subscribe(self._layout.invalidate_channel)
+        confirmed = 0
+        while not self._closed.is_set():
+            message: dict[str, Any] | None = pubsub.get_message(timeout=_POLL)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "pmessage":
+                self._dispatch(message["channel"])
+            elif kind == "message":
+                self.bump()
+                self._on_invalidate(message["data"])
+            elif kind in ("psubscribe", "subscribe"):
+                confirmed += 1
+                if confirmed == 2:
+                    self.ready.set()
+                    self._wake_all()  # anything published before now: check again
+
+    def _dispatch(self, channel: bytes | str) -> None:
+        name = channel.decode("utf-8", "surrogateescape") if isinstance(channel, bytes) else channel
+        key = self._layout.key_of_channel(name)
+        if key is None:
+            return
+        with self._lock:
+            waiters = list(self._waiters.get(key, ()))
+        for waiter in waiters:
+            waiter.wake()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            waiters = [w for group in self._waiters.values() for w in group]
+        for waiter in waiters:
+            waiter.wake()
+
+    def _reset(self) -> None:
+        self.ready.clear()
+        self.bump()
+        self.resets += 1
+        try:
+            self._on_reset()
+        finally:
+            self._wake_all()
+
+    def _trouble(self, exc: Exception) -> None:
+        if not self._closed.is_set():
+            self._log.warning(
+                "listener",
+                "coalesce: the pub/sub connection to Redis at %s failed (%s: %s); "
+                "reconnecting (near cache flushed, waiters fall back to checking)",
+                self._where,
+                type(exc).__name__,
+                exc,
+            )

@@ -1,0 +1,118 @@
+"""The optional near cache: hot entries in process memory, in front of Redis.
+
+`NearCache` is a `MemoryStore` plus the rules that keep it honest:
+
+* it serves only while the store's listener is subscribed to the invalidation channel
+  (`listener.ready`): otherwise an invalidation could be missed. When the subscription drops,
+  the listener flushes it (`on_reset`) before anything else;
+* an entry is kept at most `ttl` seconds and never beyond its own freshness (the local copy's
+  `ttl` is clipped, with no stale window: a stale entry is always read from Redis);
+* an entry read from Redis is kept only if no invalidation arrived (or was sent) since the
+  read began: `listener.generation` is read before the `GET` and compared before keeping;
+* invalidations by key or tag, from this process or any other, drop the local copies.
+
+Values are kept frozen (see `coalesce.values`), so every caller still gets a private copy.
+
+Concurrency contract: `MemoryStore` has its own lock for writes and lock-free reads;
+`generation` belongs to the listener (see `redis_listener`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from coalesce.entry import Entry
+from coalesce.errors import SerializationError
+from coalesce.serialization import Serializer
+from coalesce.stores.memory import MemoryStore
+from coalesce.stores.redis_listener import Listener
+from coalesce.values import Frozen, freeze, is_immutable
+
+
+def shareable(entry: Entry, serializer: Serializer) -> Entry:
+    """`entry` with its value frozen, so that callers sharing it in-process get copies."""
+    value = entry.value
+    if type(value) is Frozen or is_immutable(value):
+        return entry
+    try:
+        frozen = freeze(value, serializer)
+    except SerializationError:  # pragma: no cover - it was just decoded by this serializer
+        return entry
+    return Entry(
+        frozen,
+        entry.created,
+        entry.ttl,
+        entry.stale_ttl,
+        entry.compute_time,
+        entry.tags,
+        entry.error,
+    )
+
+
+class NearCache:
+    """Local copies of Redis entries (see the module docstring)."""
+
+    def __init__(
+        self, maxsize: int, ttl: float, listener: Listener, serializer: Serializer
+    ) -> None:
+        self.memory = MemoryStore(maxsize=maxsize)
+        self.ttl = ttl
+        self.listener = listener
+        self.serializer = serializer
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def get(self, key: str) -> Entry | None:
+        """A fresh local copy, or None (also while invalidations might be missed)."""
+        if not self.listener.ready.is_set():
+            self.listener.start()
+            return None
+        entry = self.memory.get(key)
+        if entry is not None and entry.fresh_until > time.time():
+            self.hits += 1
+            return entry
+        return None
+
+    def remember(self, key: str, entry: Entry, generation: int) -> None:
+        """Keep a copy of `entry` unless local copies were invalidated since `generation`."""
+        if not self.listener.ready.is_set():
+            return
+        now = time.time()
+        until = min(entry.fresh_until, now + self.ttl)
+        if until <= now:
+            return
+        value = shareable(entry, self.serializer).value
+        copy = Entry(
+            value,
+            entry.created,
+            until - entry.created,
+            0.0,
+            entry.compute_time,
+            entry.tags,
+            entry.error,
+        )
+        if self.listener.generation == generation:
+            self.memory.set(key, copy)
+
+    def forget(self, key: str | None = None, tag: str | None = None) -> None:
+        """Drop local copies of a key or a tag (this process invalidates them)."""
+        self.listener.bump()
+        if key is not None:
+            self.memory.delete(key)
+        if tag is not None:
+            self.memory.delete_tag(tag)
+
+    def on_invalidate(self, message: bytes) -> None:
+        """An invalidation from any process, on the listener thread: "k:<key>" / "t:<tag>"."""
+        text = message.decode("utf-8", "surrogateescape")
+        if text.startswith("k:"):
+            self.memory.delete(text[2:])
+        elif text.startswith("t:"):
+            self.memory.delete_tag(text[2:])
+        else:
+            self.memory.clear()
+
+    def clear(self) -> None:
+        self.memory.clear()

@@ -1,0 +1,259 @@
+"""The Redis store's key layout and Lua scripts: pure data and pure functions, no I/O.
+
+Key layout. The cache hands the store full keys, namespace first (`ns:user:42`). In Redis the
+part after the namespace is wrapped in braces, so that it is the key's Redis Cluster hash tag
+and every key belonging to one cache key lives on one slot:
+
+    ns:{user:42}            the entry (bytes written by `encode_entry`)
+    ns:{user:42}:lease      the cross-process lease: a random token, SET NX PX
+    ns:{user:42}:failed     a short-lived failure marker: "<lease token>|<msgpack [type, msg]>"
+    ns:{user:42}:done       the wake-up channel (pub/sub), published when a lease ends
+    ns:tag:{user:42}        a tag's sorted set: member = full key, score = expiry (ms)
+    ns:__invalidate__       the invalidation channel of near caches ("k:<key>" / "t:<tag>")
+
+Entry keys are exactly the keys `ns:{...}` that end with `}`; everything else under `ns:` is a
+sibling, so `keys()` can tell them apart without reading them. (A key whose part after the
+namespace is empty or starts with `}` has no usable hash tag: on a cluster its siblings may
+then lie on other slots.)
+
+Scripts. Every decision that must be atomic on the server is one script, run with EVALSHA
+(loaded on NOSCRIPT). They touch only the keys they are given, all on one slot, so they run
+unchanged on Redis Cluster; PUBLISH from a script is broadcast to the whole cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgpack  # type: ignore[import-untyped]
+
+__all__ = [
+    "CLAIM",
+    "DELETE",
+    "FAIL",
+    "RELEASE",
+    "RENEW",
+    "STORE",
+    "TAG",
+    "KeyLayout",
+    "Script",
+    "decode_failure",
+    "encode_failure",
+    "glob_escape",
+]
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and its SHA1, run with EVALSHA and loaded on NOSCRIPT."""
+
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, name: str, source: str) -> Script:
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+# Records `member` (a full key, expiring at `score` ms, or +inf) in the tag set `tagkey`,
+# drops members that expired before `now` and lets the set expire with its last member.
+_ADD_TAG = """
+local function add_tag(tagkey, member, score, now)
+  redis.call('ZADD', tagkey, score, member)
+  redis.call('ZREMRANGEBYSCORE', tagkey, '-inf', '(' .. now)
+  local last = redis.call('ZRANGE', tagkey, -1, -1, 'WITHSCORES')
+  if last[2] == 'inf' then
+    redis.call('PERSIST', tagkey)
+  elseif last[2] then
+    redis.call('PEXPIREAT', tagkey, last[2])
+  end
+end
+"""
+
+#: KEYS: entry, lease, failed. ARGV: token, lease ms, check entry ("1"/"0"), seen lease token.
+#: Returns {"entry", bytes} | {"failed", marker} | {"lease", ""} | {"wait", holder, pttl}.
+#: The failure marker is reported only to a waiter that saw the failed leader's token, so a
+#: caller arriving after a failure computes afresh instead of inheriting the error.
+CLAIM = Script.of(
+    "claim",
+    """
+if ARGV[3] == '1' then
+  local value = redis.call('GET', KEYS[1])
+  if value then return {'entry', value} end
+end
+if ARGV[4] ~= '' then
+  local failed = redis.call('GET', KEYS[3])
+  if failed and string.sub(failed, 1, #ARGV[4] + 1) == ARGV[4] .. '|' then
+    return {'failed', failed}
+  end
+end
+local holder = redis.call('GET', KEYS[2])
+if not holder then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {'lease', ''}
+end
+return {'wait', holder, redis.call('PTTL', KEYS[2])}
+""",
+)
+
+#: KEYS: entry, lease, tag sets... ARGV: token ("" = no lease check), data, px ("0" = no
+#: expiry), wake-up channel, member (full key), tag score, now ms.
+#: The fence: with a token, the entry is written only while the lease is still ours; a
+#: `DELETE` removes the lease with the entry, so a computation that began before an
+#: invalidation cannot store after it. Returns 1 if stored, else 0.
+STORE = Script.of(
+    "store",
+    _ADD_TAG
+    + """
+if ARGV[1] ~= '' then
+  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+  redis.call('DEL', KEYS[2])
+end
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+for i = 3, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7]) end
+redis.call('PUBLISH', ARGV[4], 's')
+return 1
+""",
+)
+
+#: KEYS: one tag set. ARGV: member, score, now ms. (Cluster: tag sets live on other slots.)
+TAG = Script.of("tag", _ADD_TAG + "\nadd_tag(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\nreturn 1\n")
+
+#: KEYS: entry1, lease1, entry2, lease2, ... (one slot). ARGV: invalidation channel or "",
+#: message. Deletes entries and leases (fencing computations in flight), wakes the waiters
+#: of every deleted lease so one of them computes afresh, and returns how many entries existed.
+DELETE = Script.of(
+    "delete",
+    """
+local n = 0
+for i = 1, #KEYS, 2 do
+  n = n + redis.call('DEL', KEYS[i])
+  if redis.call('DEL', KEYS[i + 1]) == 1 then
+    redis.call('PUBLISH', KEYS[i] .. ':done', 'd')
+  end
+end
+if ARGV[1] ~= '' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return n
+""",
+)
+
+#: KEYS: lease. ARGV: token, channel. Ends our lease (if still ours) and wakes the waiters.
+RELEASE = Script.of(
+    "release",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], 'r')
+  return 1
+end
+return 0
+""",
+)
+
+#: KEYS: lease, failed. ARGV: token, marker, marker ms, channel. The leader's computation
+#: raised: leave a short-lived marker for the waiters, end the lease and wake them.
+FAIL = Script.of(
+    "fail",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[4], 'f')
+  return 1
+end
+return 0
+""",
+)
+
+#: KEYS: lease. ARGV: token, lease ms. Extends our lease while we compute.
+RENEW = Script.of(
+    "renew",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+""",
+)
+
+
+def glob_escape(text: str) -> str:
+    """Escape Redis glob metacharacters so `text` matches itself in MATCH / PSUBSCRIBE."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+class KeyLayout:
+    """Where a cache key's entry and siblings live in Redis (see the module docstring)."""
+
+    __slots__ = ("channel_pattern", "invalidate_channel", "namespace", "prefix", "tag_prefix")
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.prefix = namespace + ":"
+        self.tag_prefix = namespace + ":tag:{"
+        self.invalidate_channel = namespace + ":__invalidate__"
+        self.channel_pattern = glob_escape(self.prefix) + "{*}:done"
+
+    def rest(self, key: str) -> str:
+        """The part of a full key after the namespace (a foreign key is taken whole)."""
+        return key[len(self.prefix) :] if key.startswith(self.prefix) else key
+
+    def entry(self, key: str) -> str:
+        return f"{self.prefix}{{{self.rest(key)}}}"
+
+    def tag(self, tag: str) -> str:
+        return f"{self.tag_prefix}{self.rest(tag)}}}"
+
+    @staticmethod
+    def lease(entry_key: str) -> str:
+        return entry_key + ":lease"
+
+    @staticmethod
+    def failed(entry_key: str) -> str:
+        return entry_key + ":failed"
+
+    @staticmethod
+    def channel(entry_key: str) -> str:
+        return entry_key + ":done"
+
+    def key_of_entry(self, entry_key: str) -> str | None:
+        """The cache's full key for a Redis entry key, or None for siblings and strangers."""
+        if entry_key.startswith(self.prefix + "{") and entry_key.endswith("}"):
+            return self.prefix + entry_key[len(self.prefix) + 1 : -1]
+        return None
+
+    def key_of_channel(self, channel: str) -> str | None:
+        """The cache's full key whose wake-up channel this is, or None."""
+        if channel.startswith(self.prefix + "{") and channel.endswith("}:done"):
+            return self.prefix + channel[len(self.prefix) + 1 : -len("}:done")]
+        return None
+
+    def match(self, pattern: str) -> str:
+        """A SCAN MATCH pattern for entry keys, from a glob over full keys (`ns:user:*`)."""
+        return f"{glob_escape(self.prefix)}{{{self.rest(pattern)}}}"
+
+
+def encode_failure(token: str, exc: BaseException) -> bytes:
+    """The failure marker: the failed lease's token, then the exception's type and message."""
+    cls = type(exc)
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    message = str(exc)[:1000]
+    body: bytes = msgpack.packb([name, message], use_bin_type=True)
+    return token.encode() + b"|" + body
+
+
+def decode_failure(marker: bytes) -> tuple[str, str]:
+    """(exception type, message) from a failure marker; a garbled one still reads as a failure."""
+    try:
+        name, message = msgpack.unpackb(marker.split(b"|", 1)[1], raw=False)
+        return str(name), str(message)
+    except Exception:
+        return "Exception", "unknown error (unreadable failure marker)"

@@ -1,0 +1,993 @@
+"""The FastAPI edge through real HTTP: httpx against the ASGI application.
+
+Every test builds its own app, `Cache` and `MetricsRegistry`, so nothing leaks between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
+
+import httpx
+import msgpack
+import pytest
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    Cookie,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    Security,
+)
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import APIKeyHeader, SecurityScopes
+from pydantic import BaseModel, field_validator
+
+from coalesce import Cache, ConfigurationError
+from coalesce.fastapi import MetricsRegistry, admin_router, cached, coalesced, metrics_router
+
+TOKEN = "s3cret-token-for-tests-0123456789"
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def bump(self) -> int:
+        with self.lock:
+            self.n += 1
+            return self.n
+
+
+@pytest.fixture
+def cache() -> Iterator[Cache]:
+    c = Cache()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def registry() -> MetricsRegistry:
+    return MetricsRegistry()
+
+
+# ---------------------------------------------------------------------------------------
+# FastAPI sees the handler as it is
+
+
+class Item(BaseModel):
+    id: int
+    name: str
+
+
+async def get_db() -> AsyncIterator[str]:
+    yield "session"
+
+
+api_key = APIKeyHeader(name="x-api-key", auto_error=False)
+
+
+def build_twin(decorate: bool) -> FastAPI:
+    """The same routes, decorated or not: their OpenAPI schemas must be identical."""
+    app = FastAPI(title="twin")
+    router = APIRouter(prefix="/v1", tags=["items"])
+    cache = Cache()
+
+    def maybe(**options: Any) -> Any:
+        return cached(ttl=30, cache=cache, **options) if decorate else (lambda fn: fn)
+
+    @app.get("/items/{item_id}", response_model=Item, summary="One item")
+    @maybe(vary=["accept-language"])
+    async def read_item(
+        item_id: int,
+        request: Request,
+        response: Response,
+        background: BackgroundTasks,
+        q: Annotated[str | None, Query(max_length=20, description="filter")] = None,
+        limit: int = 10,
+        db: str = Depends(get_db),
+        key: str | None = Security(api_key),
+        x_trace: Annotated[str | None, Header()] = None,
+        session: Annotated[str | None, Cookie()] = None,
+    ) -> Any:
+        """Read one item; the docstring becomes the description."""
+        return {"id": item_id, "name": "x"}
+
+    @router.get("/things", status_code=201, deprecated=True)
+    @maybe()
+    def list_things(tags: Annotated[list[str], Query()] = [], page: int = 1) -> list[Item]:  # noqa: B006
+        return []
+
+    @router.get("/plain", response_class=PlainTextResponse)
+    @maybe(shared=True)
+    async def plain(scopes: SecurityScopes) -> str:
+        return "hi"
+
+    @app.get("/coalesced/{name}")
+    @(coalesced(cache=cache) if decorate else (lambda fn: fn))
+    async def coalesced_route(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    app.include_router(router)
+    return app
+
+
+def test_openapi_schema_is_identical_to_the_undecorated_twin() -> None:
+    plain, decorated = build_twin(False).openapi(), build_twin(True).openapi()
+    assert decorated == plain
+    params = {p["name"] for p in plain["paths"]["/items/{item_id}"]["get"]["parameters"]}
+    assert params == {"item_id", "q", "limit", "x-trace", "session"}
+    assert "APIKeyHeader" in plain["components"]["securitySchemes"]
+
+
+async def test_dependencies_run_on_every_request_hits_included(
+    cache: Cache, registry: MetricsRegistry
+) -> None:
+    app = FastAPI()
+    opened, closed, computed = Counter(), Counter(), Counter()
+
+    async def db() -> AsyncIterator[int]:
+        n = opened.bump()
+        try:
+            yield n
+        finally:
+            closed.bump()
+
+    def auth(x_user: Annotated[str | None, Header()] = None) -> str:
+        if x_user != "ok":
+            raise HTTPException(403, "no")
+        return x_user
+
+    @app.get("/r")
+    @cached(ttl=60, cache=cache, registry=registry)
+    async def route(session: int = Depends(db), user: str = Depends(auth)) -> dict[str, int]:
+        computed.bump()
+        return {"session": session}
+
+    async with client(app) as c:
+        first = await c.get("/r", headers={"x-user": "ok"})
+        second = await c.get("/r", headers={"x-user": "ok"})
+        denied = await c.get("/r", headers={"x-user": "bad"})
+    assert first.json() == second.json() == {"session": 1}  # the dependency value is no key
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert denied.status_code == 403  # the auth dependency still runs before a hit
+    assert computed.n == 1
+    assert opened.n == 3 and closed.n == 3
+
+
+async def test_default_key_is_path_template_plus_sorted_params(
+    cache: Cache, registry: MetricsRegistry
+) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/items/{item_id}")
+    @cached(ttl=60, cache=cache, registry=registry)
+    async def item(
+        item_id: int, request: Request, b: str = "x", a: int | None = None
+    ) -> dict[str, Any]:
+        calls.bump()
+        return {"id": item_id, "a": a, "b": b}
+
+    async with client(app) as c:
+        r1 = await c.get("/items/3?a=1&b=y")
+        r2 = await c.get("/items/3?b=y&a=1")  # other order: same request
+        r3 = await c.get("/items/03?a=01&b=y")  # validated values: same request
+        r4 = await c.get("/items/3?a=2&b=y")
+        r5 = await c.get("/items/4?a=1&b=y")
+        r6 = await c.get("/items/3?a=1&b=y&unknown=1")  # not a parameter: same request
+    assert [r.headers["x-cache"] for r in (r1, r2, r3, r4, r5, r6)] == [
+        "MISS",
+        "HIT",
+        "HIT",
+        "MISS",
+        "MISS",
+        "HIT",
+    ]
+    assert calls.n == 3
+    assert item.key(item_id=3, a=1, b="y") == "/items/{item_id}?a=1&b=y&item_id=3"
+    assert sorted(cache.keys()) == [
+        "/items/{item_id}?a=1&b=y&item_id=3",
+        "/items/{item_id}?a=1&b=y&item_id=4",
+        "/items/{item_id}?a=2&b=y&item_id=3",
+    ]
+
+
+async def test_key_values_are_escaped_so_requests_never_collide(cache: Cache) -> None:
+    app = FastAPI()
+
+    @app.get("/s")
+    @cached(ttl=60, cache=cache, registry=MetricsRegistry())
+    async def search(q: str = "", r: str = "") -> dict[str, str]:
+        return {"q": q, "r": r}
+
+    async with client(app) as c:
+        one = await c.get("/s", params={"q": "a&r=b"})
+        two = await c.get("/s", params={"q": "a", "r": "b"})
+        three = await c.get("/s", params={"q": "ü %|?"})
+    assert one.json() == {"q": "a&r=b", "r": ""}
+    assert two.json() == {"q": "a", "r": "b"}
+    assert three.json() == {"q": "ü %|?", "r": ""}
+    assert all(r.headers["x-cache"] == "MISS" for r in (one, two, three))
+    assert len(cache.keys()) == 3
+
+
+async def test_vary_headers_are_part_of_the_key(cache: Cache, registry: MetricsRegistry) -> None:
+    app = FastAPI()
+
+    @app.get("/hello")
+    @cached(ttl=60, cache=cache, vary=["Accept-Language"], registry=registry)
+    async def hello(request: Request) -> dict[str, str]:
+        return {"lang": request.headers.get("accept-language", "-")}
+
+    async with client(app) as c:
+        en = await c.get("/hello", headers={"accept-language": "en"})
+        fr = await c.get("/hello", headers={"accept-language": "fr"})
+        en2 = await c.get("/hello", headers={"accept-language": "en"})
+        none = await c.get("/hello")
+    assert (en.json(), fr.json(), en2.json(), none.json()) == (
+        {"lang": "en"},
+        {"lang": "fr"},
+        {"lang": "en"},
+        {"lang": "-"},
+    )
+    assert [r.headers["x-cache"] for r in (en, fr, en2, none)] == ["MISS", "MISS", "HIT", "MISS"]
+    assert en.headers["vary"] == "Accept-Language, Authorization, Cookie"
+    assert await hello.invalidate()  # every variant of the request at once
+    async with client(app) as c:
+        assert (await c.get("/hello", headers={"accept-language": "fr"})).headers[
+            "x-cache"
+        ] == "MISS"
+
+
+# ---------------------------------------------------------------------------------------
+# safe by default: credentials
+
+
+def per_user_app(cache: Cache, **options: Any) -> tuple[FastAPI, Counter]:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/me")
+    @cached(ttl=60, cache=cache, registry=MetricsRegistry(), **options)
+    async def me(request: Request) -> dict[str, str]:
+        calls.bump()
+        who = request.headers.get("authorization") or request.headers.get("cookie") or "anon"
+        return {"user": who}
+
+    return app, calls
+
+
+async def test_two_users_never_see_each_others_response(cache: Cache) -> None:
+    app, calls = per_user_app(cache)
+    async with client(app) as c:
+        alice = await c.get("/me", headers={"authorization": "Bearer alice"})
+        bob = await c.get("/me", headers={"authorization": "Bearer bob"})
+        alice2 = await c.get("/me", headers={"authorization": "Bearer alice"})
+        anon = await c.get("/me")
+        anon2 = await c.get("/me")
+        bob2 = await c.get("/me", headers={"authorization": "Bearer bob"})
+    assert alice.json() == alice2.json() == {"user": "Bearer alice"}
+    assert bob.json() == bob2.json() == {"user": "Bearer bob"}
+    assert anon.json() == anon2.json() == {"user": "anon"}
+    assert [r.headers["x-cache"] for r in (alice, bob, alice2, bob2)] == ["BYPASS"] * 4
+    assert (anon.headers["x-cache"], anon2.headers["x-cache"]) == ("MISS", "HIT")
+    assert "cache-control" not in alice.headers
+    assert calls.n == 5
+    assert cache.keys() == ["/me?"]  # only the anonymous response was stored
+
+
+async def test_cookies_bypass_the_shared_entry_too(cache: Cache) -> None:
+    app, _ = per_user_app(cache)
+    async with client(app) as c:
+        await c.get("/me")  # the anonymous entry exists
+        carol = await c.get("/me", headers={"cookie": "session=carol"})
+    assert carol.json() == {"user": "session=carol"}
+    assert carol.headers["x-cache"] == "BYPASS"
+
+
+async def test_vary_on_authorization_caches_per_user_privately(cache: Cache) -> None:
+    app, calls = per_user_app(cache, vary=["authorization"])
+    async with client(app) as c:
+        alice = await c.get("/me", headers={"authorization": "Bearer alice"})
+        bob = await c.get("/me", headers={"authorization": "Bearer bob"})
+        alice2 = await c.get("/me", headers={"authorization": "Bearer alice"})
+        bob2 = await c.get("/me", headers={"authorization": "Bearer bob"})
+        cookie = await c.get("/me", headers={"authorization": "Bearer x", "cookie": "a=b"})
+    assert alice.json() == alice2.json() == {"user": "Bearer alice"}
+    assert bob.json() == bob2.json() == {"user": "Bearer bob"}
+    assert [r.headers["x-cache"] for r in (alice, bob, alice2, bob2)] == [
+        "MISS",
+        "MISS",
+        "HIT",
+        "HIT",
+    ]
+    assert alice2.headers["cache-control"].startswith("private, max-age=")
+    assert cookie.headers["x-cache"] == "BYPASS"  # the cookie is not in the key
+    assert calls.n == 3
+    keys = cache.keys()
+    assert all("alice" not in k and "bob" not in k for k in keys)  # tokens only as hashes
+    digest = hashlib.sha256(b"Bearer alice").hexdigest()[:32]
+    assert f"/me?|authorization=#{digest}" in keys
+
+
+async def test_shared_true_serves_everyone_the_same_entry(cache: Cache) -> None:
+    app, calls = per_user_app(cache, shared=True)
+    async with client(app) as c:
+        alice = await c.get("/me", headers={"authorization": "Bearer alice"})
+        bob = await c.get("/me", headers={"authorization": "Bearer bob"})
+    assert alice.json() == bob.json() == {"user": "Bearer alice"}
+    assert bob.headers["x-cache"] == "HIT"
+    assert "vary" not in bob.headers
+    assert calls.n == 1
+
+
+class User(BaseModel):
+    id: int
+
+
+def current_user(authorization: Annotated[str, Header()]) -> User:
+    return User(id=int(authorization.rsplit(" ", 1)[1]))
+
+
+async def test_key_template_is_the_users_identity(cache: Cache) -> None:
+    app = FastAPI()
+
+    @app.get("/feed")
+    @cached(ttl=60, cache=cache, key="feed:{user.id}", registry=MetricsRegistry())
+    async def feed(user: Annotated[User, Depends(current_user)]) -> dict[str, int]:
+        return {"for": user.id}
+
+    async with client(app) as c:
+        one = await c.get("/feed", headers={"authorization": "Bearer 1"})
+        two = await c.get("/feed", headers={"authorization": "Bearer 2"})
+        one2 = await c.get("/feed", headers={"authorization": "Bearer 1"})
+    assert (one.json(), two.json(), one2.json()) == ({"for": 1}, {"for": 2}, {"for": 1})
+    assert one2.headers["x-cache"] == "HIT"
+    assert one2.headers["cache-control"].startswith("private")
+    assert sorted(cache.keys()) == ["feed:1", "feed:2"]
+    assert feed.key(user=User(id=7)) == "feed:7"
+    assert await feed.invalidate(user=User(id=1))
+    assert sorted(cache.keys()) == ["feed:2"]
+
+
+# ---------------------------------------------------------------------------------------
+# the entry is the rendered response
+
+
+async def test_hit_skips_handler_validation_and_serialization(cache: Cache) -> None:
+    app = FastAPI()
+    validated, calls = Counter(), Counter()
+
+    class Out(BaseModel):
+        name: str
+
+        @field_validator("name")
+        @classmethod
+        def count(cls, value: str) -> str:
+            validated.bump()
+            return value.upper()
+
+    @app.get("/out", response_model=Out)
+    @cached(ttl=60, cache=cache, registry=MetricsRegistry())
+    async def out(response: Response) -> dict[str, str]:
+        calls.bump()
+        response.headers["x-made-by"] = "handler"
+        response.headers["vary"] = "X-Tenant"
+        response.status_code = 203
+        return {"name": "ada", "secret": "not in the model"}
+
+    async with client(app) as c:
+        first = await c.get("/out")
+        second = await c.get("/out")
+    assert first.json() == second.json() == {"name": "ADA"}  # validated, filtered
+    assert first.status_code == second.status_code == 203
+    assert second.headers["x-made-by"] == "handler"
+    assert second.headers.get_list("vary") == ["X-Tenant", "Authorization, Cookie"]
+    assert second.headers["content-type"] == "application/json"
+    assert second.content == first.content
+    assert calls.n == 1 and validated.n == 1
+
+    entry = cache.get_entry(out.key())
+    assert entry is not None
+    value = entry.value
+    assert isinstance(value, dict)
+    assert value["body"] == b'{"name":"ADA"}' and value["status"] == 203
+    assert ["x-made-by", "handler"] in value["headers"]
+    assert all(k not in ("content-length", "set-cookie") for k, _ in value["headers"])
+    assert msgpack.unpackb(msgpack.packb(value)) == value  # plain builtins: fits Redis
+
+
+async def test_returned_response_objects_are_cached_as_they_are(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/text")
+    @cached(ttl=60, cache=cache, registry=MetricsRegistry())
+    def text() -> PlainTextResponse:
+        calls.bump()
+        return PlainTextResponse("héllo", headers={"x-kind": "text"})
+
+    async with client(app) as c:
+        first, second = await c.get("/text"), await c.get("/text")
+    assert first.text == second.text == "héllo"
+    assert second.headers["content-type"] == "text/plain; charset=utf-8"
+    assert second.headers["x-kind"] == "text" and second.headers["x-cache"] == "HIT"
+    assert calls.n == 1
+
+
+async def test_streaming_responses_are_never_cached(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/stream")
+    @cached(ttl=60, cache=cache, registry=MetricsRegistry())
+    async def stream() -> StreamingResponse:
+        calls.bump()
+        return StreamingResponse(iter([b"a", b"b"]))
+
+    async with client(app) as c:
+        first, second = await c.get("/stream"), await c.get("/stream")
+    assert first.content == second.content == b"ab"
+    assert calls.n == 2
+    assert cache.keys() == []
+
+
+def test_generator_handlers_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="streams"):
+
+        @cached(ttl=1)
+        async def gen() -> AsyncIterator[int]:
+            yield 1
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP semantics
+
+
+def simple_app(cache: Cache, registry: MetricsRegistry | None = None, **options: Any) -> Any:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.api_route("/data", methods=["GET", "HEAD"])
+    @cached(cache=cache, registry=registry or MetricsRegistry(), **options)
+    async def data() -> dict[str, int]:
+        n = calls.bump()
+        return {"n": n}
+
+    return app, calls, data
+
+
+async def test_etag_cache_control_and_age(cache: Cache) -> None:
+    app, _, _ = simple_app(cache, ttl=30)
+    async with client(app) as c:
+        miss = await c.get("/data")
+        await asyncio.sleep(1.1)
+        hit = await c.get("/data")
+    body = miss.content
+    assert miss.headers["etag"] == '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    assert hit.headers["etag"] == miss.headers["etag"]
+    assert miss.headers["cache-control"] == "public, max-age=30"
+    assert miss.headers["age"] == "0"
+    assert hit.headers["age"] == "1"
+    assert hit.headers["cache-control"] == "public, max-age=29"  # rounded up: 28.9 s
+    assert hit.headers["content-length"] == str(len(body))
+
+
+@pytest.mark.parametrize(
+    "condition",
+    ["{etag}", "W/{etag}", '"nope", {etag}', '"nope",W/{etag}', "*"],
+)
+async def test_if_none_match_answers_304(cache: Cache, condition: str) -> None:
+    app, calls, _ = simple_app(cache, ttl=30)
+    async with client(app) as c:
+        first = await c.get("/data")
+        etag = first.headers["etag"]
+        again = await c.get("/data", headers={"if-none-match": condition.format(etag=etag)})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+    assert again.headers["cache-control"].startswith("public, max-age=")
+    assert "content-type" not in again.headers
+    assert calls.n == 1
+
+
+async def test_if_none_match_on_a_miss_and_on_no_match(cache: Cache) -> None:
+    app, _, _ = simple_app(cache, ttl=30)
+    async with client(app) as c:
+        body = b'{"n":1}'
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        cold = await c.get("/data", headers={"if-none-match": etag})  # computed, then matched
+        other = await c.get("/data", headers={"if-none-match": '"other"'})
+    assert cold.status_code == 304 and cold.headers["x-cache"] == "MISS"
+    assert other.status_code == 200 and other.content == body
+
+
+async def test_head_is_cached_without_a_body(cache: Cache) -> None:
+    app, calls, _ = simple_app(cache, ttl=30)
+    async with client(app) as c:
+        head = await c.head("/data")
+        get = await c.get("/data")
+    assert head.status_code == 200 and head.content == b""
+    assert get.headers["x-cache"] == "HIT" and get.json() == {"n": 1}
+    assert head.headers["content-length"] == get.headers["content-length"]
+    assert calls.n == 1
+
+
+async def test_only_get_and_head_are_cached(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.post("/things")
+    @cached(ttl=30, cache=cache, registry=MetricsRegistry())
+    async def create(item: Item) -> Item:
+        calls.bump()
+        return item
+
+    async with client(app) as c:
+        responses = [await c.post("/things", json={"id": 1, "name": "a"}) for _ in range(2)]
+    assert all(r.json() == {"id": 1, "name": "a"} for r in responses)
+    assert all("x-cache" not in r.headers for r in responses)
+    assert calls.n == 2 and cache.keys() == []
+
+
+async def test_x_cache_stale_then_refreshed(cache: Cache) -> None:
+    app, calls, _ = simple_app(cache, ttl=0.3, stale_ttl=30)
+    async with client(app) as c:
+        assert (await c.get("/data")).headers["x-cache"] == "MISS"
+        await asyncio.sleep(0.4)
+        stale = await c.get("/data")
+        for _ in range(50):
+            if calls.n == 2:
+                break
+            await asyncio.sleep(0.02)
+        fresh = await c.get("/data")
+    assert stale.headers["x-cache"] == "STALE" and stale.json() == {"n": 1}
+    assert stale.headers["cache-control"] == "public, max-age=0, stale-while-revalidate=30"
+    assert fresh.headers["x-cache"] == "HIT" and fresh.json() == {"n": 2}
+
+
+async def test_concurrent_cold_requests_share_one_computation(
+    cache: Cache, registry: MetricsRegistry
+) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/slow/{n}")
+    @cached(ttl=30, cache=cache, registry=registry)
+    async def slow(n: int) -> dict[str, int]:
+        calls.bump()
+        await asyncio.sleep(0.3)
+        return {"n": n}
+
+    async with client(app) as c:
+        responses = await asyncio.gather(*(c.get("/slow/1") for _ in range(20)))
+    statuses = sorted(r.headers["x-cache"] for r in responses)
+    assert statuses == ["COALESCED"] * 19 + ["MISS"]  # all arrive within the 0.3 s
+    assert {r.content for r in responses} == {b'{"n":1}'}
+    assert calls.n == 1
+    snapshot = registry.snapshot()["routes"]["/slow/{n}"]
+    assert snapshot["coalesced"] == 19 and snapshot["computations"] == 1
+
+
+async def test_sync_handlers_run_in_threads_and_coalesce(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+    threads: set[str] = set()
+
+    @app.get("/sync")
+    @cached(ttl=30, cache=cache, registry=MetricsRegistry())
+    def sync_route() -> dict[str, str]:
+        calls.bump()
+        threads.add(threading.current_thread().name)
+        time.sleep(0.3)
+        return {"ok": "yes"}
+
+    async with client(app) as c:
+        responses = await asyncio.gather(*(c.get("/sync") for _ in range(10)))
+    assert all(r.json() == {"ok": "yes"} for r in responses)
+    assert calls.n == 1
+    assert threading.main_thread().name not in threads
+
+
+async def test_5xx_is_never_stored_but_shared_among_concurrent_requests(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+    registry = MetricsRegistry()
+
+    @app.get("/down")
+    @cached(ttl=30, cache=cache, registry=registry)
+    async def down() -> JSONResponse:
+        calls.bump()
+        await asyncio.sleep(0.3)
+        return JSONResponse({"error": "db down"}, status_code=503)
+
+    async with client(app) as c:
+        burst = await asyncio.gather(*(c.get("/down") for _ in range(5)))
+        later = await c.get("/down")
+    assert all(r.status_code == 503 for r in (*burst, later))
+    assert sorted(r.headers["x-cache"] for r in burst) == ["COALESCED"] * 4 + ["MISS"]
+    assert "cache-control" not in burst[0].headers
+    assert later.headers["x-cache"] == "MISS"
+    assert calls.n == 2 and cache.keys() == []
+    assert registry.snapshot()["routes"]["/down"]["errors"] == 2
+
+
+async def test_exceptions_are_not_cached_and_counted(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+    registry = MetricsRegistry()
+
+    @app.get("/boom")
+    @cached(ttl=30, cache=cache, registry=registry)
+    async def boom() -> dict[str, str]:
+        if calls.bump() == 1:
+            raise RuntimeError("first call fails")
+        return {"ok": "now"}
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        first = await c.get("/boom")
+        second = await c.get("/boom")
+    assert first.status_code == 500
+    assert second.json() == {"ok": "now"} and second.headers["x-cache"] == "MISS"
+    route = registry.snapshot()["routes"]["/boom"]
+    assert route["errors"] == 1 and route["computations"] == 2
+
+
+async def test_4xx_is_cached_only_when_asked(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/default/{n}")
+    @cached(ttl=30, cache=cache, registry=MetricsRegistry())
+    async def default(n: int) -> dict[str, int]:
+        calls.bump()
+        raise HTTPException(404, "no such item")
+
+    @app.get("/opted/{n}")
+    @cached(ttl=30, cache=cache, cache_4xx=True, registry=MetricsRegistry())
+    async def opted(n: int) -> dict[str, int]:
+        calls.bump()
+        raise HTTPException(404, "no such item", headers={"x-why": "gone"})
+
+    @app.get("/returned")
+    @cached(ttl=30, cache=cache, cache_4xx=True, registry=MetricsRegistry())
+    async def returned() -> JSONResponse:
+        calls.bump()
+        return JSONResponse({"detail": "gone"}, status_code=410)
+
+    async with client(app) as c:
+        d = [await c.get("/default/1") for _ in range(2)]
+        assert calls.n == 2
+        o = [await c.get("/opted/1") for _ in range(2)]
+        assert calls.n == 3
+        r = [await c.get("/returned") for _ in range(2)]
+        assert calls.n == 4
+    assert all(x.status_code == 404 and x.json() == {"detail": "no such item"} for x in d + o)
+    assert o[0].headers["x-cache"] == "MISS" and o[0].headers["cache-control"]
+    assert o[1].headers["x-cache"] == "HIT" and o[1].headers["x-why"] == "gone"
+    assert r[1].status_code == 410 and r[1].headers["x-cache"] == "HIT"
+
+
+async def test_responses_setting_cookies_are_never_stored_nor_shared(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/login")
+    @cached(ttl=30, cache=cache, registry=MetricsRegistry())
+    async def login(response: Response) -> dict[str, int]:
+        n = calls.bump()
+        await asyncio.sleep(0.05)
+        response.set_cookie("session", f"user{n}")
+        return {"n": n}
+
+    async with client(app) as c:
+        burst = await asyncio.gather(*(c.get("/login") for _ in range(3)))
+    cookies = sorted(r.cookies["session"] for r in burst)
+    assert cookies == ["user1", "user2", "user3"]  # each request ran for itself
+    assert cache.keys() == []
+
+
+async def test_client_no_cache_is_ignored_unless_honoured(cache: Cache) -> None:
+    app, calls, _ = simple_app(cache, ttl=30)
+    honouring, honoured_calls, _ = simple_app(Cache(), ttl=30, honor_client_no_cache=True)
+    async with client(app) as c:
+        await c.get("/data")
+        ignored = await c.get("/data", headers={"cache-control": "no-cache"})
+    async with client(honouring) as c:
+        await c.get("/data")
+        honoured = await c.get("/data", headers={"cache-control": "no-cache"})
+        after = await c.get("/data")
+    assert ignored.headers["x-cache"] == "HIT" and calls.n == 1
+    assert honoured.headers["x-cache"] == "MISS" and honoured.json() == {"n": 2}
+    assert after.headers["x-cache"] == "HIT" and after.json() == {"n": 2}
+    assert honoured_calls.n == 2
+
+
+async def test_background_tasks_run_only_when_the_handler_ran(cache: Cache) -> None:
+    app = FastAPI()
+    ran = Counter()
+
+    @app.get("/bg")
+    @cached(ttl=30, cache=cache, registry=MetricsRegistry())
+    async def bg(tasks: BackgroundTasks) -> dict[str, bool]:
+        tasks.add_task(ran.bump)
+        return {"ok": True}
+
+    async with client(app) as c:
+        await c.get("/bg")
+        await c.get("/bg")
+    assert ran.n == 1
+
+
+async def test_disabled_cache_is_a_plain_route() -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/off")
+    @cached(ttl=30, cache=Cache(enabled=False), registry=MetricsRegistry())
+    async def off() -> dict[str, int]:
+        return {"n": calls.bump()}
+
+    async with client(app) as c:
+        a, b = await c.get("/off"), await c.get("/off")
+    assert (a.json(), b.json()) == ({"n": 1}, {"n": 2})
+    assert "x-cache" not in b.headers
+
+
+async def test_coalesced_shares_without_storing(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/c/{n}")
+    @coalesced(cache=cache, registry=MetricsRegistry())
+    async def route(n: int) -> dict[str, int]:
+        calls.bump()
+        await asyncio.sleep(0.3)
+        return {"n": n}
+
+    async with client(app) as c:
+        burst = await asyncio.gather(*(c.get("/c/1") for _ in range(10)))
+        later = await c.get("/c/1")
+    assert sorted(r.headers["x-cache"] for r in burst) == ["COALESCED"] * 9 + ["MISS"]
+    assert later.headers["x-cache"] == "MISS"
+    assert "cache-control" not in later.headers and "etag" in later.headers
+    assert calls.n == 2 and cache.keys() == []
+
+
+async def test_invalidate_and_invalidate_all(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/items/{item_id}")
+    @cached(ttl=30, cache=cache, tags=["item:{item_id}"], registry=MetricsRegistry())
+    async def item(item_id: int) -> dict[str, int]:
+        calls.bump()
+        return {"id": item_id}
+
+    async with client(app) as c:
+        for n in (1, 2, 3):
+            await c.get(f"/items/{n}")
+        assert await item.invalidate(item_id=1)
+        assert not await item.invalidate(item_id=1)
+        assert (await c.get("/items/1")).headers["x-cache"] == "MISS"
+        assert cache.invalidate_tag("item:2") == 1
+        assert (await c.get("/items/2")).headers["x-cache"] == "MISS"
+        assert await item.invalidate_all() == 3
+        assert (await c.get("/items/3")).headers["x-cache"] == "MISS"
+    with pytest.raises(ConfigurationError, match="not request parameters"):
+        await item.invalidate(nope=1)
+    with pytest.raises(ConfigurationError, match="required"):
+        await item.invalidate()
+
+
+# ---------------------------------------------------------------------------------------
+# visibility
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate Operation ID")  # GET + HEAD on one function
+async def test_metrics_router_json_and_prometheus(cache: Cache) -> None:
+    registry = MetricsRegistry()
+    app, _, _ = simple_app(cache, registry, ttl=30)
+    app.include_router(metrics_router(registry=registry))
+    async with client(app) as c:
+        for _ in range(3):
+            await c.get("/data")
+        as_json = (await c.get("/coalesce/metrics")).json()
+        text = await c.get("/coalesce/metrics?format=prometheus")
+        text2 = await c.get("/coalesce/metrics/prometheus")
+    route = as_json["routes"]["/data"]
+    assert (route["hits"], route["misses"], route["computations"], route["errors"]) == (2, 1, 1, 0)
+    assert route["p50_ms"] >= 0 and route["p99_ms"] >= route["p50_ms"]
+    assert text.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'coalesce_http_requests_total{route="/data",cache="hit"} 2' in text.text
+    assert 'coalesce_http_computations_total{route="/data"} 1' in text.text
+    assert 'coalesce_http_compute_seconds{route="/data",quantile="0.99"}' in text.text
+    assert text2.text == text.text
+    assert "/coalesce/metrics" not in app.openapi()["paths"]
+
+
+async def test_metrics_router_with_a_token() -> None:
+    app = FastAPI()
+    app.include_router(metrics_router("/metrics", registry=MetricsRegistry(), token=TOKEN))
+    async with client(app) as c:
+        assert (await c.get("/metrics")).status_code == 401
+        ok = await c.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+    assert ok.json() == {"routes": {}}
+
+
+async def test_one_structured_log_line_per_computation(
+    cache: Cache, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, _, _ = simple_app(cache, ttl=30)
+    with caplog.at_level(logging.INFO, logger="coalesce.fastapi"):
+        async with client(app) as c:
+            for _ in range(3):
+                await c.get("/data")
+    records = [r for r in caplog.records if r.name == "coalesce.fastapi"]
+    assert len(records) == 1
+    record: Any = records[0]
+    assert record.route == "/data" and record.key == "/data?"
+    assert record.cache_status == "MISS" and record.status_code == 200
+    assert record.duration_ms >= 0
+
+
+# ---------------------------------------------------------------------------------------
+# the admin router
+
+
+def test_admin_router_refuses_to_exist_without_a_token(cache: Cache) -> None:
+    for token in (None, "", "   "):
+        with pytest.raises(ConfigurationError, match="token"):
+            admin_router(cache, token=token)
+
+
+async def test_admin_router_invalidates_keys_and_tags(cache: Cache) -> None:
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    @cached(ttl=30, cache=cache, key="item:{item_id}", tags=["items"], registry=MetricsRegistry())
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    app.include_router(admin_router(cache, token=TOKEN))
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    async with client(app) as c:
+        for n in (1, 2, 3):
+            await c.get(f"/items/{n}")
+        missing = await c.post("/coalesce/invalidate", json={"keys": ["item:1"]})
+        wrong = await c.post(
+            "/coalesce/invalidate", json={"keys": ["item:1"]}, headers={"authorization": "Bearer x"}
+        )
+        basic = await c.post(
+            "/coalesce/invalidate", json={"keys": ["item:1"]}, headers={"authorization": TOKEN}
+        )
+        keys = await c.post("/coalesce/invalidate", json={"keys": ["item:1", "nope"]}, headers=auth)
+        tag = await c.post("/coalesce/invalidate", json={"tag": "items"}, headers=auth)
+        bad = [
+            await c.post("/coalesce/invalidate", content=body, headers=auth)
+            for body in (b"not json", b"{}", b'{"keys": []}', b'{"keys": [""]}', b'{"tag": 3}')
+        ]
+    assert missing.status_code == wrong.status_code == basic.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert keys.json() == {"removed": {"item:1": True, "nope": False}, "count": 1}
+    assert tag.json() == {"tag": "items", "removed": 2}
+    assert cache.keys() == []
+    assert [r.status_code for r in bad] == [400] * 5
+    assert "/coalesce/invalidate" not in app.openapi()["paths"]
+
+
+# ---------------------------------------------------------------------------------------
+# configuration and placement
+
+
+async def test_the_default_cache_is_used_when_none_is_given() -> None:
+    import coalesce
+
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/default")
+    @cached  # bare: the default cache, its default TTL
+    async def route() -> dict[str, int]:
+        return {"n": calls.bump()}
+
+    previous = coalesce.get_cache()
+    mine = coalesce.configure(Cache(default_ttl=120))
+    try:
+        async with client(app) as c:
+            first, second = await c.get("/default"), await c.get("/default")
+        assert second.headers["x-cache"] == "HIT" and second.json() == {"n": 1}
+        assert first.headers["cache-control"] == "public, max-age=120"
+        assert mine.keys() == ["/default?"]
+        assert route.stats()["/default"]["hits"] == 1
+    finally:
+        coalesce.configure(previous)
+
+
+async def test_mounted_apps_keep_their_prefix_in_the_key(cache: Cache) -> None:
+    app = FastAPI()
+
+    def make(label: str) -> FastAPI:
+        sub = FastAPI()
+
+        @sub.get("/items/{n}")
+        @cached(ttl=30, cache=cache, registry=MetricsRegistry())
+        async def items(n: int) -> dict[str, Any]:
+            return {"app": label, "n": n}
+
+        return sub
+
+    for name in ("a", "b"):
+        app.mount(f"/{name}", make(name))
+    async with client(app) as c:
+        a, b = await c.get("/a/items/1"), await c.get("/b/items/1")
+    assert (a.json()["app"], b.json()["app"]) == ("a", "b")
+    assert b.headers["x-cache"] == "MISS"
+    assert sorted(cache.keys()) == ["/a/items/{n}?n=1", "/b/items/{n}?n=1"]
+
+
+async def test_coalesced_routes_follow_the_same_credential_rules(cache: Cache) -> None:
+    app = FastAPI()
+
+    @app.get("/who")
+    @coalesced(cache=cache, registry=MetricsRegistry())
+    async def who(request: Request) -> dict[str, str]:
+        await asyncio.sleep(0.05)
+        return {"user": request.headers.get("authorization", "anon")}
+
+    async with client(app) as c:
+        burst = await asyncio.gather(
+            *(c.get("/who", headers={"authorization": f"Bearer {i}"}) for i in range(5))
+        )
+    assert [r.json()["user"] for r in burst] == [f"Bearer {i}" for i in range(5)]
+    assert all(r.headers["x-cache"] == "BYPASS" for r in burst)
+
+
+def test_bad_options_are_refused_when_decorating() -> None:
+    async def handler(n: int) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="ttl"):
+        cached(ttl=0)(handler)
+    with pytest.raises(ConfigurationError, match="vary"):
+        cached(ttl=1, vary="accept-language")(handler)
+    with pytest.raises(ConfigurationError, match="cache"):
+        cached(ttl=1, cache="memory://")(handler)
+    with pytest.raises(ConfigurationError):
+        cached(ttl=1, key="x:{nope}")(handler)
+
+
+async def test_a_request_without_a_key_runs_uncached(
+    cache: Cache, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/odd")
+    @cached(ttl=30, cache=cache, key="odd:{user.nope}", registry=MetricsRegistry())
+    async def odd(user: Annotated[User, Depends(current_user)]) -> dict[str, int]:
+        return {"n": calls.bump()}
+
+    with caplog.at_level(logging.WARNING, logger="coalesce.fastapi"):
+        async with client(app) as c:
+            auth = {"authorization": "Bearer 1"}
+            a, b = await c.get("/odd", headers=auth), await c.get("/odd", headers=auth)
+    assert (a.json(), b.json()) == ({"n": 1}, {"n": 2})
+    assert b.headers["x-cache"] == "BYPASS"
+    assert sum("no cache key" in r.getMessage() for r in caplog.records) == 1

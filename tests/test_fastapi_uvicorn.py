@@ -1,0 +1,159 @@
+"""A cached route behind a real uvicorn server on 127.0.0.1, driven over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from coalesce import Cache
+from coalesce.fastapi import MetricsRegistry, admin_router, cached, metrics_router
+
+START_TIMEOUT = 10.0
+TOKEN = "uvicorn-test-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class App:
+    """A FastAPI app with a slow cached route that counts its computations."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.registry = MetricsRegistry()
+        self.app = FastAPI()
+        self.cache = Cache()
+
+        @self.app.get("/report/{day}")
+        @cached(ttl=60, cache=self.cache, registry=self.registry)
+        async def report(day: str) -> dict[str, str]:
+            self.calls += 1
+            await asyncio.sleep(0.3)  # a slow query: every request arrives meanwhile
+            return {"day": day, "total": "42"}
+
+        @self.app.get("/users/{user_id}")
+        @cached(ttl=60, cache=self.cache, key="user:{user_id}", tags=["users"])
+        async def user(user_id: int) -> dict[str, int]:
+            self.calls += 1
+            return {"user": user_id, "version": self.calls}
+
+        self.app.include_router(metrics_router(registry=self.registry))
+        self.app.include_router(admin_router(self.cache, token=TOKEN))
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[App, str]]:
+    """uvicorn serving `App` in a thread; bounded start, always shut down."""
+    target = App()
+    port = free_port()
+    config = uvicorn.Config(
+        target.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            srv.should_exit = True
+            pytest.fail(f"uvicorn did not start on 127.0.0.1:{port} within {START_TIMEOUT} s")
+        time.sleep(0.02)
+    try:
+        yield target, f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "uvicorn did not shut down"
+
+
+async def test_fifty_concurrent_requests_to_a_cold_key_compute_once(
+    server: tuple[App, str],
+) -> None:
+    target, base = server
+    limits = httpx.Limits(max_connections=50)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
+        responses = await asyncio.gather(*(client.get("/report/monday") for _ in range(50)))
+        after = await client.get("/report/monday")
+        metrics = (await client.get("/coalesce/metrics")).json()
+    assert all(r.status_code == 200 for r in responses)
+    assert {r.content for r in responses} == {after.content}
+    assert target.calls == 1
+    statuses = Counter(r.headers["x-cache"] for r in responses)
+    assert statuses["MISS"] == 1
+    assert statuses["MISS"] + statuses["COALESCED"] + statuses["HIT"] == 50
+    assert statuses["COALESCED"] >= 1
+    assert after.headers["x-cache"] == "HIT"
+    assert len({r.headers["etag"] for r in responses}) == 1
+    route = metrics["routes"]["/report/{day}"]
+    assert route["computations"] == 1 and route["misses"] == 1
+    assert route["p50_ms"] >= 300
+
+
+async def test_conditional_request_over_tcp(server: tuple[App, str]) -> None:
+    _, base = server
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        first = await client.get("/report/tuesday")
+        etag = first.headers["etag"]
+        again = await client.get("/report/tuesday", headers={"if-none-match": etag})
+        head_ok = await client.head("/report/tuesday")
+    assert again.status_code == 304 and again.content == b""
+    assert again.headers["etag"] == first.headers["etag"]
+    assert head_ok.status_code == 405  # @app.get routes no HEAD, cached or not
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real command line, in its own process (`python -m coalesce`)."""
+    env = {**os.environ, "COALESCE_TOKEN": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "coalesce", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+async def test_the_cli_invalidates_through_the_admin_router(server: tuple[App, str]) -> None:
+    target, base = server
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for n in (1, 2, 3):
+            await client.get(f"/users/{n}")
+        assert (await client.get("/users/1")).headers["x-cache"] == "HIT"
+
+        done = await asyncio.to_thread(
+            run_cli, "invalidate", "user:1", "user:9", "--app", base, "--token", TOKEN
+        )
+        assert done.returncode == 0, done.stderr
+        assert "removed        user:1" in done.stdout
+        assert "did not exist  user:9" in done.stdout
+        again = await client.get("/users/1")
+        assert again.headers["x-cache"] == "MISS" and again.json()["version"] == 4
+
+        tagged = await asyncio.to_thread(
+            run_cli, "invalidate", "--tag", "users", "--app", base, "--token", TOKEN
+        )
+        assert tagged.returncode == 0, tagged.stderr
+        assert "removed        3 entries tagged users" in tagged.stdout
+        assert target.cache.keys() == []
+
+        refused = await asyncio.to_thread(
+            run_cli, "invalidate", "user:2", "--app", base, "--token", "wrong"
+        )
+        assert refused.returncode == 2
+        assert "refused the token" in refused.stderr + refused.stdout

@@ -1,0 +1,874 @@
+"""The Redis store through the public API (`Cache(url)` + `@cache.cached`), on real servers.
+
+Two `Cache` instances in one process have separate in-process flights, so they meet only in
+Redis, like two processes: that is how the waiting, take-over and failure paths are driven
+here quickly; `test_redis_processes.py` does the same with real OS processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis_servers import RedisServer
+
+from coalesce.cache import Cache
+from coalesce.entry import Entry
+from coalesce.errors import BackendError, LeaderFailedError
+from coalesce.serialization import MsgpackSerializer, encode_entry
+from coalesce.stores.redis import RedisStore, redact
+from coalesce.stores.redis_scripts import KeyLayout
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def caches(redis_url: str, unique_namespace: str) -> Iterator[Callable[..., Cache]]:
+    made: list[Cache] = []
+
+    def make(**options: Any) -> Cache:
+        cache = Cache(redis_url, namespace=unique_namespace, **options)
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        cache.close()
+
+
+def only_namespace(client: redis.Redis, ns: str) -> None:
+    """Nothing we wrote lies outside `ns:` (SCAN the whole database)."""
+    stray = [k for k in client.scan_iter(match=f"*{ns}*") if not k.startswith(f"{ns}:".encode())]
+    assert stray == []
+
+
+def commandstats(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {k[len("cmdstat_") :]: v["calls"] for k, v in stats.items()}
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Data commands run between two snapshots (not connection set-up by the listener)."""
+    changed = {k: v - before.get(k, 0) for k, v in after.items()}
+    ignored = ("info", "config", "hello", "ping", "psubscribe", "subscribe", "client")
+    return {k: v for k, v in changed.items() if v and not k.startswith(ignored)}
+
+
+# -- construction ---------------------------------------------------------------------------
+
+
+def test_constructing_and_decorating_do_not_connect() -> None:
+    cache = Cache("redis://127.0.0.1:1/0", namespace="never")  # nothing listens on port 1
+
+    @cache.cached(ttl=10)
+    def f() -> int:
+        return 1
+
+    assert isinstance(cache.store, RedisStore)
+    assert cache.store._conn._sync_client is None and cache.store._conn._loops == {}
+    assert f() == 1  # the first call connects, fails, and computes directly (fail-open)
+    cache.close()
+
+
+def test_redact_hides_passwords() -> None:
+    assert redact("redis://u:secret@h:1/0") == "redis://u:***@h:1/0"
+    assert redact("redis://:secret@h:1/0") == "redis://:***@h:1/0"
+    assert "secret" not in redact("unix:///tmp/r.sock?db=0&password=secret")
+    assert redact("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_password_in_url_and_error_messages_without_it(unique_namespace: str) -> None:
+    with RedisServer(password="s3cret") as server:
+        cache = Cache(server.url, namespace=unique_namespace)
+        calls = []
+
+        @cache.cached(ttl=30)
+        def f() -> str:
+            calls.append(1)
+            return "ok"
+
+        assert f() == f() == "ok" and len(calls) == 1
+        bad = RedisStore(server.url.replace("s3cret", "wrong"), namespace=unique_namespace)
+        with pytest.raises(BackendError) as info:
+            bad.get(unique_namespace + ":x")
+        assert "s3cret" not in str(info.value) and "wrong" not in str(info.value)
+        assert "127.0.0.1" in str(info.value)
+        bad.close()
+        cache.close()
+
+
+def test_existing_clients_are_used(redis_url: str, unique_namespace: str) -> None:
+    sync = redis.Redis.from_url(redis_url)
+    cache = Cache(redis_url, namespace=unique_namespace, client=sync)
+
+    @cache.cached(ttl=30)
+    def f(x: int) -> int:
+        return x + 1
+
+    assert f(1) == 2 and f(1) == 2
+    assert cache.store._conn._sync_client is sync
+    cache.close()
+    assert sync.ping()  # a given client is not closed by the store
+    sync.close()
+
+
+async def test_existing_async_client_is_used(redis_url: str, unique_namespace: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    cache = Cache(redis_url, namespace=unique_namespace, async_client=client)
+
+    @cache.cached(ttl=30)
+    async def f(x: int) -> int:
+        return x + 1
+
+    assert await f(1) == 2 and await f(1) == 2
+    assert cache.store._conn.loop_state().client is client
+    await cache.aclose()
+    assert await client.ping()
+    await client.aclose()
+
+
+def test_unix_socket_url(unique_namespace: str, tmp_path: Any) -> None:
+    sock = tmp_path / "redis.sock"
+    with RedisServer(extra_args=["--unixsocket", str(sock), "--unixsocketperm", "700"]) as srv:
+        assert srv.is_running()
+        cache = Cache(f"unix://{sock}?db=0", namespace=unique_namespace)
+
+        @cache.cached(ttl=30)
+        def f() -> str:
+            return "via unix"
+
+        assert f() == "via unix"
+        assert cache.keys() != []
+        cache.close()
+
+
+# -- the hot path ---------------------------------------------------------------------------
+
+
+def test_sync_hit_is_exactly_one_get(fresh_redis: RedisServer, unique_namespace: str) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    calls = []
+
+    @cache.cached(ttl=30, key="user:{uid}")
+    def user(uid: int) -> dict[str, Any]:
+        calls.append(uid)
+        return {"id": uid, "roles": ["a", "b"]}
+
+    assert user(42) == {"id": 42, "roles": ["a", "b"]}
+    client = fresh_redis.client()
+    before = commandstats(client)
+    for _ in range(10):
+        value = user(42)
+        value["roles"].append("mine")  # a private copy each time
+    assert delta(before, commandstats(client)) == {"get": 10}
+    assert user(42) == {"id": 42, "roles": ["a", "b"]} and calls == [42]
+    raw_value = client.get(f"{unique_namespace}:{{user:42}}")
+    assert raw_value is not None  # the documented layout: ns:{key}
+    client.close()
+    cache.close()
+
+
+async def test_async_hit_is_one_get_shared_by_concurrent_callers(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+
+    @cache.cached(ttl=30, key="item:{i}")
+    async def item(i: int) -> list[int]:
+        return [i, i]
+
+    assert await item(3) == [3, 3]
+    client = fresh_redis.client()
+    before = commandstats(client)
+    results = await asyncio.gather(*[item(3) for _ in range(25)])
+    assert delta(before, commandstats(client)) == {"get": 1}
+    assert results == [[3, 3]] * 25
+    assert len({id(r) for r in results}) == 25  # every caller has its own copy
+    before = commandstats(client)
+    assert await item(3) == [3, 3]
+    assert delta(before, commandstats(client)) == {"get": 1}
+    client.close()
+    await cache.aclose()
+
+
+async def test_cancelled_first_reader_does_not_break_the_others(
+    caches: Callable[..., Cache], unique_namespace: str
+) -> None:
+    cache = caches()
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    key = unique_namespace + ":k"
+    await store.aset(key, Entry("v", ttl=30))
+    first = asyncio.ensure_future(store.aget(key))
+    await asyncio.sleep(0)  # the first reader has sent its GET
+    others = [asyncio.ensure_future(store.aget(key)) for _ in range(5)]
+    await asyncio.sleep(0)
+    first.cancel()
+    entries = await asyncio.gather(*others)
+    assert all(e is not None and e.value == "v" for e in entries)
+    assert first.cancelled() or (first.result() is not None)
+
+
+def test_threads_share_one_get(caches: Callable[..., Cache], unique_namespace: str) -> None:
+    store = caches().store
+    assert isinstance(store, RedisStore)
+    key = unique_namespace + ":t"
+    store.set(key, Entry({"a": 1}, ttl=30))
+    barrier = threading.Barrier(8)
+    out: list[Any] = []
+
+    def read() -> None:
+        barrier.wait()
+        entry = store.get(key)
+        out.append(entry.value if entry else None)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert out == [{"a": 1}] * 8
+    assert len({id(v) for v in out}) == 8
+
+
+# -- corrupt and foreign values -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"\xff\xfe not msgpack", b"\x93\x01\x02\x03", "plain text", None]
+)
+def test_corrupt_value_is_a_miss_and_replaced(
+    caches: Callable[..., Cache], raw: redis.Redis, unique_namespace: str, garbage: Any
+) -> None:
+    cache = caches()
+    redis_key = f"{unique_namespace}:{{page:1}}"
+    if garbage is None:
+        raw.hset(redis_key, "field", "a hash, not a string")
+    else:
+        raw.set(redis_key, garbage)
+    calls = []
+
+    @cache.cached(ttl=30, key="page:{n}")
+    def page(n: int) -> str:
+        calls.append(n)
+        return f"page {n}"
+
+    assert page(1) == "page 1"
+    assert page(1) == "page 1"
+    assert calls == [1]  # replaced by a valid entry on the first call
+    entry = cache.get_entry("page:1")
+    assert entry is not None and entry.value == "page 1"
+
+
+async def test_corrupt_value_async(caches: Callable[..., Cache], raw: redis.Redis) -> None:
+    cache = caches()
+    raw.set(f"{cache.namespace}:{{a}}", b"junk")
+
+    @cache.cached(ttl=30, key="a")
+    async def a() -> int:
+        return 1
+
+    assert await a() == 1
+    assert cache.store.stats()["corrupt"] >= 1
+    await cache.aclose()
+
+
+def test_pickle_entries_are_never_read_by_a_msgpack_cache(
+    caches: Callable[..., Cache], raw: redis.Redis
+) -> None:
+    writer = caches(serializer="pickle")
+    reader = caches()
+
+    @writer.cached(ttl=30, key="p")
+    def w() -> str:
+        return "pickled"
+
+    @reader.cached(ttl=30, key="p")
+    def r() -> str:
+        return "msgpack"
+
+    assert w() == "pickled"
+    assert r() == "msgpack"  # the pickle entry was a miss, never unpickled
+
+
+# -- fill across "processes" (two caches) ---------------------------------------------------
+
+
+def test_waiter_gets_the_leaders_value_by_push(caches: Callable[..., Cache]) -> None:
+    a, b = caches(), caches()
+    calls: list[str] = []
+
+    def make(cache: Cache, name: str) -> Callable[[], str]:
+        @cache.cached(ttl=30, key="shared")
+        def shared() -> str:
+            calls.append(name)
+            started_event.set()
+            time.sleep(0.3)
+            return f"from {name}"
+
+        return shared  # type: ignore[no-any-return]
+
+    started_event = threading.Event()
+    fa, fb = make(a, "a"), make(b, "b")
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(fa()))
+    t.start()
+    assert started_event.wait(5)
+    started = time.monotonic()
+    assert fb() == "from a"
+    waited = time.monotonic() - started
+    t.join(5)
+    assert got == ["from a"] and calls == ["a"]
+    assert waited < 0.45  # woken by the push, not by the 1 s fallback check
+    assert b.store.stats()["waits"] == 1
+
+
+async def test_async_waiter_and_leader_failure(caches: Callable[..., Cache]) -> None:
+    a, b = caches(), caches()
+    started_event = asyncio.Event()
+
+    @a.cached(ttl=30, key="f")
+    async def fa() -> int:
+        started_event.set()
+        await asyncio.sleep(0.2)
+        raise KeyError("nope")
+
+    @b.cached(ttl=30, key="f")
+    async def fb() -> int:
+        return 2
+
+    leader = asyncio.ensure_future(fa())
+    await asyncio.wait_for(started_event.wait(), 5)
+    started = time.monotonic()
+    with pytest.raises(LeaderFailedError) as info:
+        await fb()
+    assert time.monotonic() - started < 0.4
+    assert info.value.exc_type == "KeyError" and "nope" in info.value.message
+    with pytest.raises(KeyError):
+        await leader
+    assert await fb() == 2  # a later caller computes afresh
+
+
+def test_sync_leader_cancel_like_exit_hands_over(caches: Callable[..., Cache]) -> None:
+    """A leader leaving with a BaseException releases the lease: a waiter takes over."""
+    a, b = caches(), caches()
+
+    class Stop(BaseException):
+        pass
+
+    @a.cached(ttl=30, key="g")
+    def fa() -> int:
+        started_event.set()
+        time.sleep(0.2)
+        raise Stop
+
+    @b.cached(ttl=30, key="g")
+    def fb() -> int:
+        return 5
+
+    started_event = threading.Event()
+
+    def lead() -> None:
+        with pytest.raises(Stop):
+            fa()
+
+    t = threading.Thread(target=lead)
+    t.start()
+    assert started_event.wait(5)
+    started = time.monotonic()
+    assert fb() == 5
+    assert time.monotonic() - started < 0.5
+    t.join(5)
+    assert b.store.stats()["takeovers"] == 1
+
+
+async def test_async_leader_cancelled_hands_over(caches: Callable[..., Cache]) -> None:
+    a, b = caches(), caches()
+
+    @a.cached(ttl=30, key="h")
+    async def fa() -> int:
+        started_event.set()
+        await asyncio.sleep(10)
+        return 1
+
+    @b.cached(ttl=30, key="h")
+    async def fb() -> int:
+        return 2
+
+    started_event = asyncio.Event()
+    leader = asyncio.ensure_future(fa())
+    await asyncio.wait_for(started_event.wait(), 5)
+    waiter = asyncio.ensure_future(fb())
+    await asyncio.sleep(0.1)  # the waiter is parked on the lease
+    leader.cancel()
+    started = time.monotonic()
+    assert await asyncio.wait_for(waiter, 2) == 2
+    assert time.monotonic() - started < 0.5
+
+
+def test_lease_is_renewed_while_computing(caches: Callable[..., Cache], raw: redis.Redis) -> None:
+    a, b = caches(lease_ttl=0.3), caches(lease_ttl=0.3)
+    calls: list[str] = []
+
+    @a.cached(ttl=30, key="long")
+    def fa() -> str:
+        calls.append("a")
+        started_event.set()
+        time.sleep(1.0)  # three lease lifetimes
+        return "a"
+
+    @b.cached(ttl=30, key="long")
+    def fb() -> str:
+        calls.append("b")
+        return "b"
+
+    started_event = threading.Event()
+    t = threading.Thread(target=fa)
+    t.start()
+    assert started_event.wait(5)
+    assert fb() == "a"  # no takeover: the lease never ran out
+    t.join(5)
+    assert calls == ["a"]
+    assert raw.exists(f"{a.namespace}:{{long}}:lease") == 0  # released
+
+
+# -- invalidation ---------------------------------------------------------------------------
+
+
+def test_invalidate_fences_a_computation_in_flight(caches: Callable[..., Cache]) -> None:
+    a, b = caches(), caches()
+    version = ["v1"]
+
+    @a.cached(ttl=30, key="doc")
+    def doc_a() -> str:
+        v = version[0]
+        started_event.set()
+        time.sleep(0.3)
+        return v
+
+    @b.cached(ttl=30, key="doc")
+    def doc_b() -> str:
+        return version[0]
+
+    started_event = threading.Event()
+    t = threading.Thread(target=doc_a)
+    t.start()
+    assert started_event.wait(5)
+    version[0] = "v2"
+    assert b.invalidate("doc") is False  # nothing stored yet
+    t.join(5)
+    assert doc_b() == "v2" and doc_a() == "v2"
+    assert a.store.stats()["fenced"] == 1
+
+
+def test_invalidate_returns_whether_it_existed(caches: Callable[..., Cache]) -> None:
+    cache = caches()
+
+    @cache.cached(ttl=30, key="x")
+    def x() -> int:
+        return 1
+
+    assert cache.invalidate("x") is False
+    x()
+    assert cache.invalidate("x") is True
+    assert cache.get_entry("x") is None
+
+
+# -- tags -----------------------------------------------------------------------------------
+
+
+def test_tags_delete_their_entries_and_expired_members_are_cleaned(
+    caches: Callable[..., Cache], raw: redis.Redis
+) -> None:
+    cache = caches()
+    ns = cache.namespace
+    calls: list[tuple[int, str]] = []
+
+    @cache.cached(ttl=0.2, key="short:{i}", tags=["grp"])
+    def short(i: int) -> int:
+        calls.append((i, "short"))
+        return i
+
+    @cache.cached(ttl=30, key="user:{uid}:orders", tags=["user:{uid}", "grp"])
+    def orders(uid: int) -> list[int]:
+        calls.append((uid, "orders"))
+        return [uid]
+
+    short(1), short(2)
+    tag_key = f"{ns}:tag:{{grp}}"
+    assert raw.zcard(tag_key) == 2
+    time.sleep(0.25)
+    orders(42)
+    orders(43)
+    assert sorted(raw.zrange(tag_key, 0, -1)) == [
+        f"{ns}:user:42:orders".encode(),
+        f"{ns}:user:43:orders".encode(),
+    ]  # the expired members were dropped
+    assert 25_000 < raw.pttl(tag_key) <= 30_100  # the set lives as long as its last member
+    assert cache.invalidate_tag("user:42") == 1
+    assert orders(43) == [43] and orders(42) == [42]
+    assert calls.count((42, "orders")) == 2 and calls.count((43, "orders")) == 1
+    assert cache.invalidate_tag("grp") == 2
+    assert cache.invalidate_tag("grp") == 0
+    assert cache.keys() == []
+    only_namespace(raw, ns)
+
+
+async def test_tags_async(caches: Callable[..., Cache]) -> None:
+    cache = caches()
+
+    @cache.cached(ttl=30, key="a:{i}", tags=["t"])
+    async def a(i: int) -> int:
+        return i
+
+    assert [await a(i) for i in range(5)] == list(range(5))
+    assert await cache.ainvalidate_tag("t") == 5
+    assert await cache.ainvalidate("a:1") is False
+    await cache.aclose()
+
+
+def test_keys_lists_only_entries_in_the_namespace(
+    caches: Callable[..., Cache], raw: redis.Redis
+) -> None:
+    cache = caches()
+    other = Cache(cache.url, namespace=cache.namespace + "x")
+
+    @cache.cached(ttl=30, key="user:{i}", tags=["all"])
+    def user(i: int) -> int:
+        return i
+
+    @other.cached(ttl=30, key="user:{i}")
+    def other_user(i: int) -> int:
+        return i
+
+    for i in range(5):
+        user(i)
+        other_user(i)
+    raw.set(f"{cache.namespace}:{{user:9}}:lease", "x", px=5000)  # a sibling, not an entry
+    assert sorted(cache.keys("user:*")) == [f"user:{i}" for i in range(5)]
+    assert len(cache.keys("*", limit=2)) == 2
+    assert cache.keys("nothing*") == []
+    other.close()
+
+
+# -- near cache ------------------------------------------------------------------------------
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not reached in time"
+        time.sleep(0.001)
+    return time.monotonic() - started
+
+
+def test_near_cache_serves_locally_and_is_dropped_by_invalidations(
+    caches: Callable[..., Cache],
+) -> None:
+    near = caches(local_maxsize=100, local_ttl=10)
+    plain = caches()
+    store = near.store
+    assert isinstance(store, RedisStore)
+    version = ["v1"]
+
+    @near.cached(ttl=30, key="cfg:{name}", tags=["cfg"])
+    def cfg(name: str) -> dict[str, str]:
+        return {"name": name, "v": version[0]}
+
+    cfg("a")
+    _wait_until(lambda: store.stats()["listener"]["subscribed"])
+    cfg("a")  # from Redis, now kept locally
+    hits = store.stats()["local_hits"]
+    value = cfg("a")
+    value["v"] = "mutated"
+    assert cfg("a") == {"name": "a", "v": "v1"}  # private copies from the near cache too
+    assert store.stats()["local_hits"] == hits + 2
+    version[0] = "v2"
+    plain.invalidate("cfg:a")
+    assert _wait_until(lambda: store.get(near.prefix + "cfg:a") is None) < 0.1
+    assert cfg("a") == {"name": "a", "v": "v2"}
+    cfg("a")
+    assert store._near is not None and len(store._near) == 1
+    version[0] = "v3"
+    plain.invalidate_tag("cfg")
+    _wait_until(lambda: len(store._near or ()) == 0, timeout=0.1)
+    assert cfg("a") == {"name": "a", "v": "v3"}
+
+
+def test_near_cache_never_outlives_the_entry(caches: Callable[..., Cache]) -> None:
+    near = caches(local_maxsize=100, local_ttl=10)
+    n = [0]
+
+    @near.cached(ttl=0.2, key="short")
+    def short() -> int:
+        n[0] += 1
+        return n[0]
+
+    short()
+    _wait_until(lambda: near.store.stats()["listener"]["subscribed"])
+    assert short() == 1
+    time.sleep(0.25)
+    assert short() == 2
+
+
+def test_near_cache_flushed_when_the_listener_connection_drops(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace, local_maxsize=100)
+    store = cache.store
+    assert isinstance(store, RedisStore)
+
+    @cache.cached(ttl=30, key="k")
+    def k() -> int:
+        return 1
+
+    k()
+    _wait_until(lambda: store.stats()["listener"]["subscribed"])
+    k()
+    assert store._near is not None and len(store._near) == 1
+    client = fresh_redis.client()
+    client.client_kill_filter(_type="pubsub")
+    _wait_until(lambda: len(store._near or ()) == 0, timeout=1.0)
+    _wait_until(lambda: store.stats()["listener"]["subscribed"], timeout=2.0)  # resubscribed
+    assert store.stats()["listener"]["resets"] >= 1
+    client.close()
+    cache.close()
+
+
+# -- Redis down ------------------------------------------------------------------------------
+
+
+def test_redis_stopped_and_restarted_keeps_answering(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    calls = [0]
+
+    @cache.cached(ttl=30, key="n:{i}")
+    def n(i: int) -> int:
+        calls[0] += 1
+        return i * 10
+
+    assert n(1) == 10 and n(1) == 10 and calls[0] == 1
+    fresh_redis.stop()
+    started = time.monotonic()
+    for _ in range(20):
+        assert n(1) == 10  # computed directly
+    assert time.monotonic() - started < 2.0
+    assert store.breaker.state == "open"
+    opened_calls = calls[0]
+    assert cache.backend_errors >= 5
+    fresh_redis.start()
+    time.sleep(1.1)  # the breaker's cooldown
+    assert n(2) == 20  # the probe
+    _wait_until(lambda: store.breaker.state == "closed")
+    before = calls[0]
+    assert n(2) == 20 and n(2) == 20
+    assert calls[0] == before  # caching resumed
+    assert opened_calls > 1
+    cache.close()
+
+
+async def test_redis_down_async_fails_open_and_breaker_fails_fast(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    store = cache.store
+    assert isinstance(store, RedisStore)
+
+    @cache.cached(ttl=30, key="a")
+    async def a() -> str:
+        return "computed"
+
+    assert await a() == "computed"
+    fresh_redis.kill()
+    for _ in range(10):
+        assert await a() == "computed"
+    assert store.breaker.state == "open"
+    with pytest.raises(BackendError, match="circuit breaker open"):
+        await store.aget(cache.prefix + "a")
+    fresh_redis.start()
+    await asyncio.sleep(1.1)
+    assert await a() == "computed"
+    assert store.breaker.state == "closed"
+    await cache.aclose()
+
+
+def test_fail_closed_raises_backend_error(unique_namespace: str) -> None:
+    cache = Cache("redis://127.0.0.1:1/0", namespace=unique_namespace, on_backend_error="raise")
+
+    @cache.cached(ttl=30)
+    def f() -> int:
+        return 1
+
+    with pytest.raises(BackendError, match=r"127\.0\.0\.1:1"):
+        f()
+    cache.close()
+
+
+def test_breaker_opens_and_closes() -> None:
+    from coalesce.stores.redis_breaker import CircuitBreaker
+
+    breaker = CircuitBreaker(threshold=3, cooldown=0.05, max_cooldown=0.2)
+    for _ in range(2):
+        assert breaker.allow()
+        assert not breaker.failure()
+    assert breaker.failure() and breaker.state == "open"
+    assert not breaker.allow()
+    time.sleep(0.06)
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one
+    breaker.failure()
+    assert breaker.state == "open" and breaker.retry_in() > 0.06  # doubled cooldown
+    time.sleep(0.11)
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.allow()
+
+
+def test_key_layout_round_trips() -> None:
+    layout = KeyLayout("ns")
+    entry = layout.entry("ns:user:42")
+    assert entry == "ns:{user:42}"
+    assert layout.lease(entry) == "ns:{user:42}:lease"
+    assert layout.key_of_entry(entry) == "ns:user:42"
+    assert layout.key_of_entry("ns:{user:42}:lease") is None
+    assert layout.key_of_channel("ns:{user:42}:done") == "ns:user:42"
+    assert layout.tag("ns:user:42") == "ns:tag:{user:42}"
+    assert layout.match("ns:user:*") == "ns:{user:*}"
+
+
+def test_entries_written_by_hand_are_read(caches: Callable[..., Cache], raw: redis.Redis) -> None:
+    cache = caches()
+    data = encode_entry(Entry({"hand": True}, ttl=30), MsgpackSerializer())
+    raw.set(f"{cache.namespace}:{{manual}}", data)
+    entry = cache.get_entry("manual")
+    assert entry is not None and entry.value == {"hand": True}
+
+
+# -- stale-while-revalidate and cached errors through Redis ----------------------------------
+
+
+def test_stale_entry_is_served_while_one_caller_refreshes(caches: Callable[..., Cache]) -> None:
+    a, b = caches(), caches()
+    version = [1]
+
+    def make(cache: Cache) -> Callable[[], int]:
+        @cache.cached(ttl=0.2, stale_ttl=5, key="swr")
+        def swr() -> int:
+            time.sleep(0.1)
+            return version[0]
+
+        return swr  # type: ignore[no-any-return]
+
+    fa, fb = make(a), make(b)
+    assert fa() == 1
+    time.sleep(0.25)
+    version[0] = 2
+    assert fa() == 1 and fb() == 1  # stale, refreshed in the background (once)
+    _wait_until(lambda: fb() == 2, timeout=2.0)
+    assert fa() == 2
+
+
+def test_cached_errors_round_trip_through_redis(caches: Callable[..., Cache]) -> None:
+    a, b = caches(), caches()
+    calls: list[str] = []
+
+    def make(cache: Cache, name: str) -> Callable[[], int]:
+        @cache.cached(ttl=30, cache_errors=5, key="err")
+        def err() -> int:
+            calls.append(name)
+            raise LookupError("not there")
+
+        return err  # type: ignore[no-any-return]
+
+    fa, fb = make(a, "a"), make(b, "b")
+    with pytest.raises(LookupError, match="not there"):
+        fa()
+    with pytest.raises(LookupError, match="not there"):
+        fb()  # read from Redis, not computed again
+    assert calls == ["a"]
+
+
+def test_everything_written_lies_under_the_namespace(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """A workload touching every kind of key; then SCAN the whole database."""
+    a = Cache(fresh_redis.url, namespace=unique_namespace, local_maxsize=10)
+    b = Cache(fresh_redis.url, namespace=unique_namespace)
+
+    @a.cached(ttl=30, key="u:{i}", tags=["g:{i}", "all"])
+    def u(i: int) -> list[int]:
+        if i == 3:
+            raise RuntimeError("three")
+        return [i]
+
+    @b.cached(ttl=30, key="u:{i}", tags=["g:{i}", "all"])
+    async def ub(i: int) -> list[int]:
+        return [i]
+
+    for i in range(5):
+        if i == 3:
+            with pytest.raises(RuntimeError):
+                u(i)
+        else:
+            assert u(i) == [i]
+    assert asyncio.run(ub(4)) == [4]
+    a.invalidate("u:1")
+    b.invalidate_tag("g:2")
+    client = fresh_redis.client()
+    names = list(client.scan_iter(count=1000))
+    assert names and all(name.startswith(f"{unique_namespace}:".encode()) for name in names)
+    client.close()
+    a.close()
+    b.close()
+
+
+def test_options_are_checked_and_passed_on(redis_url: str, unique_namespace: str) -> None:
+    from coalesce.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="socket_timeout"):
+        Cache(redis_url, namespace=unique_namespace, socket_timeout=0)
+    with pytest.raises(ConfigurationError, match="max_connections"):
+        Cache(redis_url, namespace=unique_namespace, max_connections=0)
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        Cache(redis_url, client=redis.Redis.from_url(redis_url, decode_responses=True))
+    cache = Cache(redis_url, namespace=unique_namespace, max_connections=3, socket_timeout=0.25)
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    client = store._conn.sync()
+    assert isinstance(client, redis.Redis)
+    pool = client.connection_pool
+    assert pool.max_connections == 3
+    assert pool.connection_kwargs["socket_timeout"] == 0.25
+    cache.close()
+
+
+def test_invalidations_by_other_processes_reach_the_hook(caches: Callable[..., Cache]) -> None:
+    """The hook a cache can use to fence its own flights when another process invalidates."""
+    a, b = caches(), caches()
+    store = a.store
+    assert isinstance(store, RedisStore)
+    seen: list[str] = []
+    store.on_invalidated = seen.append
+
+    @a.cached(ttl=30, key="x")
+    def x() -> int:
+        return 1
+
+    x()  # a fill: the listener runs from now on
+    _wait_until(lambda: store.stats()["listener"]["subscribed"])
+    b.invalidate("x")
+    _wait_until(lambda: seen == [a.prefix + "x"], timeout=1.0)
