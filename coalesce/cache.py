@@ -133,6 +133,8 @@ class Cache:
         self._last_logged = 0.0
         self.backend_errors = 0
         self.local = not self.store.shared  # reads cannot fail nor block: no wrapper needed
+        if self.store.shared:
+            self.store.on_invalidated = self._fence
         if self.local:
             self.read = self.store.get  # type: ignore[method-assign]
 
@@ -279,6 +281,11 @@ class Cache:
             raise ConfigurationError(f"a key must be a non-empty string, not {key!r}")
         return self.prefix + key
 
+    def _fence(self, full_key: str) -> None:
+        """Fence this process's computations of `full_key` in flight."""
+        self.flights.invalidate(full_key)
+        self.aflights.invalidate(full_key)
+
     def invalidate(self, key: str) -> bool:
         """Delete `key` (without namespace); return whether an entry existed.
 
@@ -286,15 +293,13 @@ class Cache:
         result afterwards: the next caller computes afresh.
         """
         full = self._full(key)
-        self.flights.invalidate(full)
-        self.aflights.invalidate(full)
+        self._fence(full)
         return self.store.delete(full)
 
     async def ainvalidate(self, key: str) -> bool:
         """`invalidate` for async code."""
         full = self._full(key)
-        self.flights.invalidate(full)
-        self.aflights.invalidate(full)
+        self._fence(full)
         return await self.store.adelete(full)
 
     def invalidate_tag(self, tag: str) -> int:
@@ -317,8 +322,16 @@ class Cache:
     # -- stats and lifecycle ----------------------------------------------------------------
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Counters per decorated function (by key template, else by qualified name)."""
-        return {policy.stats_name: policy.stats.as_dict() for policy in list(self._policies)}
+        """Counters per decorated function: by key template, else by qualified name (both
+        when functions share a template)."""
+        result: dict[str, dict[str, Any]] = {}
+        policies = list(self._policies)
+        names = [policy.stats_name for policy in policies]
+        for policy, name in zip(policies, names, strict=True):
+            if names.count(name) > 1:  # one template on several functions: tell them apart
+                name = f"{name} ({policy.name})"
+            result[name] = policy.stats.as_dict()
+        return result
 
     def close(self) -> None:
         if self._refresher is not None:

@@ -29,7 +29,7 @@ from coalesce.errors import BackendError, ConfigurationError
 from coalesce.keys import KeyFunction, plan_key, signature_source, template_key_function
 from coalesce.stats import Stats
 from coalesce.stores.base import Fence
-from coalesce.values import Frozen, freeze
+from coalesce.values import Frozen, freeze, freeze_entry
 
 if TYPE_CHECKING:
     from coalesce.cache import Cache
@@ -314,7 +314,7 @@ def _lead(cache: Cache, policy: Policy, key: str, fence: Fence, args: Any, kwarg
     if policy.store:
         entry = cache.read(key)
         if entry is not None and entry.fresh_until > _now():
-            return entry
+            return _shareable(cache, policy, entry)
     computed: list[Entry] = []
 
     def compute() -> Entry:
@@ -338,6 +338,17 @@ def _lead(cache: Cache, policy: Policy, key: str, fence: Fence, args: Any, kwarg
     except BackendError as exc:
         cache.backend_failed(policy, exc)
         return computed[0] if computed else compute()
+
+
+def _shareable(cache: Cache, policy: Policy, entry: Entry) -> Entry:
+    """An entry read by a flight's leader, safe to hand to all its followers.
+
+    The memory store keeps values frozen already; an entry decoded from a shared store
+    holds a plain value, which followers would otherwise share.
+    """
+    if cache.local or not policy.copy:
+        return entry
+    return freeze_entry(entry, cache.serializer)
 
 
 def _count_computation(policy: Policy, started: float, *, failed: bool = False) -> None:
@@ -367,7 +378,7 @@ async def _alead(
     if policy.store:
         entry = await cache.aread(key)
         if entry is not None and entry.fresh_until > _now():
-            return entry
+            return _shareable(cache, policy, entry)
     computed: list[Entry] = []
 
     async def compute() -> Entry:

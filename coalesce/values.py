@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from coalesce.entry import Entry
+from coalesce.errors import SerializationError
 from coalesce.serialization import Serializer, dump_value
 
 _IMMUTABLE = frozenset(
@@ -94,3 +96,27 @@ def freeze(value: Any, serializer: Serializer, context: str = "") -> Any:
 def thaw(value: Any) -> Any:
     """The value a caller receives: a private copy of a `Frozen`, else the value itself."""
     return value.thaw() if type(value) is Frozen else value
+
+
+def freeze_entry(entry: Entry, serializer: Serializer) -> Entry:
+    """`entry` with its value frozen, so that callers sharing it in-process get copies.
+
+    For entries decoded from a shared store, which hold a plain value that several callers
+    of one flight (or readers of a near cache) would otherwise share.
+    """
+    value = entry.value
+    if type(value) is Frozen or is_immutable(value):
+        return entry
+    try:
+        frozen = freeze(value, serializer)
+    except SerializationError:  # it was just decoded by this serializer; keep it as it is
+        return entry
+    return Entry(
+        frozen,
+        entry.created,
+        entry.ttl,
+        entry.stale_ttl,
+        entry.compute_time,
+        entry.tags,
+        entry.error,
+    )

@@ -38,6 +38,10 @@ class Store(ABC):
     #: True when the store is shared between processes (its `fill` coordinates them).
     shared: bool = False
 
+    #: Called with the full key of every invalidation broadcast through a shared store (by
+    #: any process), so the cache can fence its own computations of that key in flight.
+    on_invalidated: Callable[[str], None] | None = None
+
     @abstractmethod
     def get(self, key: str) -> Entry | None:
         """The entry under `key`, or None.

@@ -37,7 +37,7 @@ from coalesce.serialization import Serializer, encode_entry
 from coalesce.stores.base import Fence
 from coalesce.stores.redis_client import RedisConnection
 from coalesce.stores.redis_listener import AsyncWaiter, Listener, ThreadWaiter
-from coalesce.stores.redis_near import NearCache, shareable
+from coalesce.stores.redis_near import NearCache
 from coalesce.stores.redis_scripts import (
     CLAIM,
     FAIL,
@@ -49,7 +49,7 @@ from coalesce.stores.redis_scripts import (
     decode_failure,
     encode_failure,
 )
-from coalesce.values import Frozen
+from coalesce.values import Frozen, freeze_entry
 
 
 class Keys:
@@ -206,7 +206,7 @@ class LeaseMixin:
                     break
                 if step == _ENTRY:
                     assert entry is not None
-                    return shareable(entry, self.serializer)
+                    return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
                     check = False
                     continue
@@ -298,7 +298,7 @@ class LeaseMixin:
                     break
                 if step == _ENTRY:
                     assert entry is not None
-                    return shareable(entry, self.serializer)
+                    return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
                     check = False
                     continue

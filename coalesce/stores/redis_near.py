@@ -22,31 +22,10 @@ from __future__ import annotations
 import time
 
 from coalesce.entry import Entry
-from coalesce.errors import SerializationError
 from coalesce.serialization import Serializer
 from coalesce.stores.memory import MemoryStore
 from coalesce.stores.redis_listener import Listener
-from coalesce.values import Frozen, freeze, is_immutable
-
-
-def shareable(entry: Entry, serializer: Serializer) -> Entry:
-    """`entry` with its value frozen, so that callers sharing it in-process get copies."""
-    value = entry.value
-    if type(value) is Frozen or is_immutable(value):
-        return entry
-    try:
-        frozen = freeze(value, serializer)
-    except SerializationError:  # pragma: no cover - it was just decoded by this serializer
-        return entry
-    return Entry(
-        frozen,
-        entry.created,
-        entry.ttl,
-        entry.stale_ttl,
-        entry.compute_time,
-        entry.tags,
-        entry.error,
-    )
+from coalesce.values import freeze_entry
 
 
 class NearCache:
@@ -83,7 +62,7 @@ class NearCache:
         until = min(entry.fresh_until, now + self.ttl)
         if until <= now:
             return
-        value = shareable(entry, self.serializer).value
+        value = freeze_entry(entry, self.serializer).value
         copy = Entry(
             value,
             entry.created,
