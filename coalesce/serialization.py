@@ -358,24 +358,21 @@ def encode_entry(
     return _pack(record)  # only exact builtins in `record`: never reaches the hook
 
 
-def _is_float(value: Any) -> bool:
-    return type(value) is float
-
-
 def _valid_record(record: Any) -> bool:
-    """Whether `record` is exactly the array `encode_entry` writes."""
+    """Whether `record` is exactly the array `encode_entry` writes (on every Redis hit: kept
+    to plain comparisons, no helper calls)."""
     if type(record) is not list or len(record) != _ENTRY_FIELDS:
         return False
     marker, created, ttl, stale_ttl, compute_time, tags, name, payload, error = record
     return (
-        type(marker) is str
-        and marker == _ENTRY_MARKER
-        and _is_float(created)
-        and (ttl is None or _is_float(ttl))
-        and _is_float(stale_ttl)
-        and _is_float(compute_time)
+        marker == _ENTRY_MARKER
+        and type(marker) is str
+        and type(created) is float
+        and (ttl is None or type(ttl) is float)
+        and type(stale_ttl) is float
+        and type(compute_time) is float
         and type(tags) is list
-        and all(type(tag) is str for tag in tags)
+        and (not tags or all(type(tag) is str for tag in tags))
         and type(name) is str
         and type(payload) is bytes
         and type(error) is bool
@@ -428,16 +425,11 @@ def decode_entry(data: bytes, serializer: Serializer, *, context: str = "") -> E
             f"uses {serializer.name!r}; configure the same serializer everywhere that shares "
             "the store, or clear the old entries"
         )
-    value = _loads_value(serializer, payload, context)
-    return Entry(
-        value=value,
-        created=created,
-        ttl=ttl,
-        stale_ttl=stale_ttl,
-        compute_time=compute_time,
-        tags=tuple(tags),
-        error=error,
-    )
+    if type(serializer) is MsgpackSerializer:  # the default: skip the generic wrapper
+        value = serializer.loads(payload, context=context)
+    else:
+        value = _loads_value(serializer, payload, context)
+    return Entry(value, created, ttl, stale_ttl, compute_time, tuple(tags), error)
 
 
 # --- configuration -------------------------------------------------------------------------
