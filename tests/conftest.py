@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -67,6 +67,27 @@ def redis_url(redis_server: RedisServer) -> str:
 def unique_namespace() -> str:
     """A key namespace no other test uses, e.g. ``"t3f9a0c1d2e"``."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def redis_caches(redis_url: str, unique_namespace: str) -> Iterator[Callable[..., Any]]:
+    """Make `Cache(redis_url, namespace=unique_namespace, **options)`s, closed afterwards.
+
+    Two caches made here have separate in-process flights and meet only in Redis, like two
+    processes.
+    """
+    from coalesce import Cache
+
+    made: list[Cache] = []
+
+    def make(**options: Any) -> Cache:
+        cache = Cache(redis_url, namespace=unique_namespace, **options)
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        cache.close()
 
 
 @pytest.fixture

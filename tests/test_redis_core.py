@@ -4,31 +4,17 @@ remote invalidations fencing this process's computations in flight."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from coalesce.cache import Cache
 from coalesce.entry import Entry
 
 
-@pytest.fixture
-def caches(redis_url: str, unique_namespace: str) -> Iterator[Callable[..., Cache]]:
-    made: list[Cache] = []
-
-    def make(**options: Any) -> Cache:
-        cache = Cache(redis_url, namespace=unique_namespace, **options)
-        made.append(cache)
-        return cache
-
-    yield make
-    for cache in made:
-        cache.close()
-
-
-async def test_followers_of_one_flight_get_private_copies(caches: Callable[..., Cache]) -> None:
-    cache = caches()
+async def test_followers_of_one_flight_get_private_copies(
+    redis_caches: Callable[..., Cache],
+) -> None:
+    cache = redis_caches()
 
     @cache.cached(ttl=60, key="doc:{n}")
     async def load(n: int) -> dict[str, Any]:
@@ -43,9 +29,9 @@ async def test_followers_of_one_flight_get_private_copies(caches: Callable[..., 
 
 
 async def test_entry_found_by_the_leaders_recheck_is_copied_for_followers(
-    caches: Callable[..., Cache],
+    redis_caches: Callable[..., Cache],
 ) -> None:
-    writer, cache = caches(), caches()
+    writer, cache = redis_caches(), redis_caches()
 
     @writer.cached(ttl=60, key="doc:{n}")
     async def produce(n: int) -> dict[str, Any]:
@@ -77,8 +63,10 @@ async def test_entry_found_by_the_leaders_recheck_is_copied_for_followers(
     assert results[1] == {"n": 1, "items": [1]}
 
 
-async def test_remote_invalidation_fences_the_local_flight(caches: Callable[..., Cache]) -> None:
-    here, elsewhere = caches(), caches()
+async def test_remote_invalidation_fences_the_local_flight(
+    redis_caches: Callable[..., Cache],
+) -> None:
+    here, elsewhere = redis_caches(), redis_caches()
     started = asyncio.Event()
     release = asyncio.Event()
     versions = iter(range(1, 100))
