@@ -13,7 +13,11 @@ Place the decorator *under* `@app.get(...)`. Sync (`def`) and async handlers bot
 sync handler still runs in FastAPI's thread pool. FastAPI sees the handler's own signature
 (plus a `Request` and a `Response` it injects for us, which never show in OpenAPI), so
 dependency injection, validation and the OpenAPI schema are exactly as without the decorator.
-Dependencies run on every request, hits included: an auth dependency still rejects.
+Dependencies run on every request, hits included: an auth dependency still rejects. A route
+with no dependencies at all (route, router and security ones included) whose parameters are
+path and query parameters only has its fresh hits answered before FastAPI's request
+handling (validation, dependency solving) by the route's `HitShortcut`, with the same
+status, body and headers (see `coalesce.fastapi_route`).
 
 What is cached is the *rendered* response: status, body bytes and headers (minus
 `Set-Cookie`, `Date`, `Content-Length` and the caching headers computed per response), as a
@@ -164,6 +168,7 @@ def _decorate(route: CachedRoute) -> Callable[..., Any]:
     tail = [p for p in params if p.kind is p.VAR_KEYWORD]
     head = [p for p in params if p.kind is not p.VAR_KEYWORD]
     wrapper = cast(Any, endpoint)
+    route.endpoint = wrapper
     wrapper.__signature__ = sig.replace(parameters=[*head, *added, *tail])
 
     async def invalidate(*, path: str | None = None, **params: Any) -> bool:

@@ -156,6 +156,22 @@ def exception_entry(exc: HTTPException, *, ttl: float | None) -> dict[str, Any]:
     }
 
 
+class Encoded:
+    """An entry's parts encoded once: its stored headers (with Content-Length) and ETag, and
+    the complete headers of its latest public `HIT` response with the `Age` and `max-age`
+    they carry (they change at most once a second)."""
+
+    __slots__ = ("etag", "hit", "hit_ages", "raw", "value")
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        self.value = value
+        self.raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in value["headers"]]
+        self.raw.append((b"content-length", str(len(value["body"])).encode()))
+        self.etag = value["etag"].encode()
+        self.hit: RawHeaders = []
+        self.hit_ages = (-1, -1)
+
+
 class Responder:
     """Builds responses from entries for one route, remembering each entry's encoded parts.
 
@@ -179,21 +195,77 @@ class Responder:
             .replace("max-age=0", "max-age=%d")
             .encode()
         )
-        self._memo: dict[int, tuple[dict[str, Any], RawHeaders, bytes]] = {}
+        self._memo: dict[int, Encoded] = {}
 
-    def _encoded(self, value: dict[str, Any], remember: bool) -> tuple[RawHeaders, bytes]:
-        """The stored headers (with Content-Length) and the ETag of an entry, encoded."""
+    def _encoded(self, value: dict[str, Any], remember: bool) -> Encoded:
         memo = self._memo.get(id(value))
-        if memo is not None and memo[0] is value:
-            return memo[1], memo[2]
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in value["headers"]]
-        raw.append((b"content-length", str(len(value["body"])).encode()))
-        etag = value["etag"].encode()
+        if memo is not None and memo.value is value:
+            return memo
+        encoded = Encoded(value)
         if remember:
             if len(self._memo) >= self.memo_size:
                 self._memo.clear()
-            self._memo[id(value)] = (value, raw, etag)
-        return raw, etag
+            self._memo[id(value)] = encoded
+        return encoded
+
+    def _caching_headers(
+        self, status: str, private: bool, ages: tuple[int, int] | None
+    ) -> RawHeaders:
+        """`X-Cache`, then (`ages`: Age and max-age, for cached routes) `Cache-Control` and
+        `Age`, then `Vary`."""
+        extra: RawHeaders = [_X_CACHE.get(status) or (b"x-cache", status.encode())]
+        if ages is not None:
+            control = self._control_private if private else self._control_public
+            extra.append((b"cache-control", control % ages[1]))
+            extra.append((b"age", b"%d" % ages[0]))
+        if self.vary_header:
+            extra.append((b"vary", self.vary_header))
+        return extra
+
+    def parts(
+        self,
+        value: dict[str, Any],
+        status: str,
+        *,
+        cached: bool,
+        private: bool,
+        stale: bool,
+        if_none_match_header: str | None,
+        head: bool,
+        remember: bool = True,
+    ) -> tuple[int, bytes, RawHeaders]:
+        """The status, body and raw headers of the response for an entry: its stored parts
+        plus this response's caching headers.
+
+        `cached`: add Cache-Control and Age (False for `coalesced` routes, which keep
+        nothing). Raises the entry's `HTTPException` for a cached exception.
+        """
+        ages: tuple[int, int] | None = None
+        if cached:
+            now = time.time()
+            created, ttl = value["created"], value["ttl"]
+            max_age = 0 if stale or ttl is None else max_age_seconds(created, ttl, now)
+            ages = (age_seconds(created, now), max_age)
+        if "detail" in value:  # a cached HTTPException: the app's handlers render it
+            headers = {k: v for k, v in value["headers"]}
+            extra = self._caching_headers(status, private, ages)
+            headers.update((k.decode(), v.decode()) for k, v in extra)
+            raise HTTPException(value["status"], detail=value["detail"], headers=headers)
+        encoded = self._encoded(value, remember)
+        code: int = value["status"]
+        body = b"" if head else value["body"]
+        if status == HIT and ages is not None and not private and if_none_match_header is None:
+            # The common hit: the same headers as the previous one within the same second.
+            if encoded.hit_ages != ages:
+                extra = self._caching_headers(HIT, False, ages)
+                encoded.hit = [*encoded.raw, *extra, (b"etag", encoded.etag)]
+                encoded.hit_ages = ages
+            return code, body, list(encoded.hit)  # a copy: middleware may add to it
+        extra = self._caching_headers(status, private, ages)
+        extra.append((b"etag", encoded.etag))
+        if 200 <= code < 300 and if_none_match(if_none_match_header, value["etag"]):
+            return 304, b"", extra
+        return code, body, encoded.raw + extra
 
     def respond(
         self,
@@ -207,28 +279,16 @@ class Responder:
         head: bool,
         remember: bool = True,
     ) -> Response:
-        """The response for an entry: its stored parts plus this response's caching headers.
-
-        `cached`: add Cache-Control and Age (False for `coalesced` routes, which keep
-        nothing). Raises the entry's `HTTPException` for a cached exception.
-        """
-        extra: RawHeaders = [_X_CACHE.get(status) or (b"x-cache", status.encode())]
-        if cached:
-            now = time.time()
-            created, ttl = value["created"], value["ttl"]
-            max_age = 0 if stale or ttl is None else max_age_seconds(created, ttl, now)
-            control = self._control_private if private else self._control_public
-            extra.append((b"cache-control", control % max_age))
-            extra.append((b"age", b"%d" % age_seconds(created, now)))
-        if self.vary_header:
-            extra.append((b"vary", self.vary_header))
-        if "detail" in value:  # a cached HTTPException: the app's handlers render it
-            headers = {k: v for k, v in value["headers"]}
-            headers.update((k.decode(), v.decode()) for k, v in extra)
-            raise HTTPException(value["status"], detail=value["detail"], headers=headers)
-        raw, etag = self._encoded(value, remember)
-        extra.append((b"etag", etag))
-        code: int = value["status"]
-        if 200 <= code < 300 and if_none_match(if_none_match_header, value["etag"]):
-            return RawResponse(304, b"", extra)
-        return RawResponse(code, b"" if head else value["body"], raw + extra)
+        """`parts` as a `Response`."""
+        return RawResponse(
+            *self.parts(
+                value,
+                status,
+                cached=cached,
+                private=private,
+                stale=stale,
+                if_none_match_header=if_none_match_header,
+                head=head,
+                remember=remember,
+            )
+        )

@@ -991,3 +991,222 @@ async def test_a_request_without_a_key_runs_uncached(
     assert (a.json(), b.json()) == ({"n": 1}, {"n": 2})
     assert b.headers["x-cache"] == "BYPASS"
     assert sum("no cache key" in r.getMessage() for r in caplog.records) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Hits of routes without dependencies are answered before FastAPI solves anything
+
+
+@pytest.fixture
+def solved(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Counts FastAPI's dependency solving: once per request that goes the full way."""
+    import fastapi.routing
+
+    count = Counter()
+    solve = fastapi.routing.solve_dependencies
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        count.bump()
+        return await solve(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    return count
+
+
+def twin_routes(cache: Cache, registry: MetricsRegistry, **options: Any) -> tuple[FastAPI, Counter]:
+    """`/fast/{n}` (no dependencies) and `/full/{n}` (a no-op dependency): same handler."""
+    app = FastAPI()
+    calls = Counter()
+
+    def nothing() -> None:
+        return None
+
+    async def item(n: int, q: str | None = None) -> dict[str, Any]:
+        calls.bump()
+        return {"n": n, "q": q}
+
+    both = ["GET", "HEAD"]
+    app.api_route("/fast/{n}", methods=both)(
+        cached(ttl=30, cache=cache, registry=registry, **options)(item)
+    )
+    app.api_route("/full/{n}", methods=both, dependencies=[Depends(nothing)])(
+        cached(ttl=30, cache=cache, registry=registry, **options)(item)
+    )
+    return app, calls
+
+
+def comparable(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, str]]]:
+    return response.status_code, response.content, list(response.headers.multi_items())
+
+
+async def test_hits_without_dependencies_skip_fastapi_and_answer_the_same(
+    cache: Cache, registry: MetricsRegistry, solved: Counter
+) -> None:
+    app, calls = twin_routes(cache, registry)
+    async with client(app) as c:
+        for route in ("fast", "full"):
+            first = await c.get(f"/{route}/1?q=a")
+            etag = first.headers["etag"]
+        before = solved.n
+        fast = [
+            await c.get("/fast/1?q=a"),
+            await c.head("/fast/1?q=a"),
+            await c.get("/fast/1?q=a", headers={"if-none-match": etag}),
+            await c.get("/fast/1?q=a", headers={"if-none-match": '"other"'}),
+        ]
+        assert solved.n == before  # no dependency solving, no validation: the shortcut
+        full = [
+            await c.get("/full/1?q=a"),
+            await c.head("/full/1?q=a"),
+            await c.get("/full/1?q=a", headers={"if-none-match": etag}),
+            await c.get("/full/1?q=a", headers={"if-none-match": '"other"'}),
+        ]
+        assert solved.n == before + 4  # the dependency keeps the full way
+    assert [comparable(r) for r in fast] == [comparable(r) for r in full]
+    assert [r.status_code for r in fast] == [200, 200, 304, 200]
+    assert all(r.headers["x-cache"] == "HIT" for r in fast)
+    assert fast[0].json() == {"n": 1, "q": "a"} and fast[1].content == b""
+    assert calls.n == 2  # one computation per route
+    stats = registry.snapshot()["routes"]
+    assert stats["/fast/{n}"]["hits"] == stats["/full/{n}"]["hits"] == 4
+    assert stats["/fast/{n}"]["not_modified"] == stats["/full/{n}"]["not_modified"] == 1
+
+
+async def test_the_shortcut_keeps_keys_validation_and_credentials(
+    cache: Cache, registry: MetricsRegistry
+) -> None:
+    app, calls = twin_routes(cache, registry)
+    async with client(app) as c:
+        first, again = await c.get("/fast/1"), await c.get("/fast/01")  # the same key
+        other = await c.get("/fast/2")
+        bad = [await c.get("/fast/x"), await c.get("/fast/x")]  # never a key: always 422
+        alice = await c.get("/fast/1", headers={"authorization": "Bearer alice"})
+        cookie = await c.get("/fast/1", headers={"cookie": "s=1"})
+        anon = await c.get("/fast/1")
+    assert [r.headers["x-cache"] for r in (first, again, other, anon)] == [
+        "MISS",
+        "HIT",
+        "MISS",
+        "HIT",
+    ]
+    assert [r.status_code for r in bad] == [422, 422]
+    assert alice.headers["x-cache"] == cookie.headers["x-cache"] == "BYPASS"
+    assert calls.n == 4  # 1, 2 and the two bypasses
+    assert sorted(cache.keys()) == ["/fast/{n}?n=1", "/fast/{n}?n=2"]
+
+
+async def test_the_shortcut_keeps_vary_invalidation_and_expiry(cache: Cache) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/greet")
+    @cached(ttl=0.3, cache=cache, vary=["accept-language"], registry=MetricsRegistry())
+    async def greet(request: Request) -> dict[str, Any]:
+        return {"lang": request.headers.get("accept-language"), "n": calls.bump()}
+
+    async with client(app) as c:
+
+        async def get(lang: str) -> tuple[str, Any]:
+            r = await c.get("/greet", headers={"accept-language": lang})
+            return r.headers["x-cache"], r.json()["n"]
+
+        assert [await get("en"), await get("fr"), await get("en"), await get("fr")] == [
+            ("MISS", 1),
+            ("MISS", 2),
+            ("HIT", 1),
+            ("HIT", 2),
+        ]
+        assert await greet.invalidate() is True  # type: ignore[attr-defined]
+        assert await get("en") == ("MISS", 3)
+        await asyncio.sleep(0.4)
+        assert await get("en") == ("MISS", 4)  # expired: the full way computes again
+        cache.enabled = False
+        assert (await c.get("/greet")).headers.get("x-cache") is None
+        cache.enabled = True
+
+
+async def test_routes_with_dependencies_never_skip_them(cache: Cache, solved: Counter) -> None:
+    def auth(x_user: Annotated[str | None, Header()] = None) -> None:
+        if x_user != "ok":
+            raise HTTPException(403, "no")
+
+    app = FastAPI()
+    router = APIRouter()
+    calls = Counter()
+
+    async def thing(n: int) -> dict[str, int]:
+        calls.bump()
+        return {"n": n}
+
+    def decorate(fn: Any) -> Any:
+        return cached(ttl=30, cache=cache, registry=MetricsRegistry())(fn)
+
+    app.get("/route/{n}", dependencies=[Depends(auth)])(decorate(thing))
+    router.get("/router/{n}")(decorate(thing))
+    app.include_router(router, prefix="/included", dependencies=[Depends(auth)])
+
+    async def header(n: int, x_user: Annotated[str | None, Header()] = None) -> dict[str, int]:
+        return {"n": n}
+
+    async def since(n: int, t: float = Query(default_factory=time.time)) -> dict[str, float]:
+        return {"n": n, "t": t}
+
+    app.get("/header/{n}")(decorate(header))
+    app.get("/since/{n}")(decorate(since))
+
+    async with client(app) as c:
+        for url in ("/route/1", "/included/router/1"):
+            ok = [await c.get(url, headers={"x-user": "ok"}) for _ in range(2)]
+            denied = await c.get(url, headers={"x-user": "bad"})
+            assert [r.headers["x-cache"] for r in ok] == ["MISS", "HIT"]
+            assert denied.status_code == 403  # the dependency still refuses a hit
+        before = solved.n
+        await c.get("/header/1")
+        await c.get("/header/1")
+        a, b = await c.get("/since/1"), await c.get("/since/1")
+        assert solved.n == before + 4  # header and default-factory parameters: full way
+    assert a.json()["t"] != b.json()["t"] and b.headers["x-cache"] == "MISS"
+
+
+async def test_included_routers_use_the_shortcut_and_keep_their_prefix(
+    cache: Cache, solved: Counter
+) -> None:
+    app = FastAPI()
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/x/{n}")
+    @cached(ttl=30, cache=cache, registry=MetricsRegistry())
+    async def x(request: Request, n: int) -> dict[str, Any]:
+        return {"n": n, "path": request.url.path}
+
+    app.include_router(router, prefix="/a")
+    app.include_router(router, prefix="/b")
+    async with client(app) as c:
+        a1, b1 = await c.get("/a/v1/x/1"), await c.get("/b/v1/x/1")
+        before = solved.n
+        a2, b2 = await c.get("/a/v1/x/1"), await c.get("/b/v1/x/1")
+        assert solved.n == before
+    assert (a1.json()["path"], b1.json()["path"]) == ("/a/v1/x/1", "/b/v1/x/1")
+    assert (a2.json(), b2.json()) == (a1.json(), b1.json())
+    assert [r.headers["x-cache"] for r in (a1, b1, a2, b2)] == ["MISS", "MISS", "HIT", "HIT"]
+    assert sorted(cache.keys()) == ["/a/v1/x/{n}?n=1", "/b/v1/x/{n}?n=1"]
+
+
+async def test_shortcut_headers_are_fresh_lists_middleware_may_change(cache: Cache) -> None:
+    app, _, _ = simple_app(cache, ttl=30)
+
+    def tagging(inner: Any) -> Any:
+        async def asgi(scope: Any, receive: Any, send: Any) -> None:
+            async def tagged(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"].append((b"x-tag", b"1"))  # in place, as many do
+                await send(message)
+
+            await inner(scope, receive, tagged)
+
+        return asgi
+
+    async with client(tagging(app)) as c:  # type: ignore[arg-type]
+        responses = [await c.get("/data") for _ in range(4)]
+    assert [r.headers.get_list("x-tag") for r in responses] == [["1"]] * 4
+    assert [r.headers["x-cache"] for r in responses] == ["MISS", "HIT", "HIT", "HIT"]
