@@ -1046,8 +1046,10 @@ def bench_wakeups(server: RedisServer, settings: Settings) -> Section:
         f"\n\nEach round {WAKE_PROCESSES} processes call one cold key of a "
         f"{WAKE_SLEEP * 1000:.0f} ms function at once; the value carries the leader's pid and "
         "its `time.monotonic_ns()` when the function returned, and every other process "
-        "records the time from there to its own answer: the leader's store, its wake-up "
-        "message and the waiter's read, on loopback. The floor row does the same by hand "
+        "records the time from there to its own answer, on loopback: the leader's store and "
+        "its wake-up message, which carries the entry (a waiter of that lease decodes it and "
+        "answers without another round trip; entries over 64 KiB are read by the waiter "
+        "instead). The floor row does the same by hand "
         "with redis-py (SET NX lease; SET + PUBLISH; the waiters, subscribed beforehand, "
         "GET on the message): what this machine allows."
     )

@@ -48,7 +48,7 @@ def first():
 @cache.cached(ttl=30, key="cold:{x}")
 async def compute(x):
     executed("start")
-    if mode == "slow":
+    if mode in ("slow", "large"):
         await asyncio.sleep(0.5)
     elif mode == "kill":
         if first():
@@ -58,6 +58,8 @@ async def compute(x):
     elif mode == "raise":
         await asyncio.sleep(0.5)
         raise ValueError("boom from the leader")
+    if mode == "large":  # over PUSH_MAX: announced by a marker, read by the waiters
+        return {"x": x, "by": "coalesce", "pad": "p" * 70_000}
     return {"x": x, "by": "coalesce"}
 
 async def call():
@@ -118,16 +120,22 @@ def _only_namespace(url: str, ns: str) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("mode", ["slow", "large"])
 def test_four_processes_times_25_callers_compute_once(
-    redis_url: str, unique_namespace: str, tmp_path: Path
+    redis_url: str, unique_namespace: str, tmp_path: Path, mode: str
 ) -> None:
     start_at = time.time() + 1.5  # every worker has imported everything by then
-    procs = [_spawn(redis_url, unique_namespace, "slow", tmp_path, start_at) for _ in range(4)]
+    procs = [_spawn(redis_url, unique_namespace, mode, tmp_path, start_at) for _ in range(4)]
     outputs = [_collect(p) for p in procs]
     results = [r for out in outputs for r in out["results"]]
+    expected: dict[str, Any] = {"x": 7, "by": "coalesce"}
+    if mode == "large":
+        expected["pad"] = "p" * 70_000
     assert len(results) == 100
-    assert all(r[0] == "ok" and r[1] == {"x": 7, "by": "coalesce"} for r in results), results
+    assert all(r[0] == "ok" and r[1] == expected for r in results), results
     assert len(_executions(tmp_path)) == 1
+    if mode == "large":  # never pushed: every waiting process read it from Redis
+        assert sum(out["stats"]["pushed"] for out in outputs) == 0
     # the slowest caller finished within the computation's time plus a margin
     assert max(r[2] for r in results) - start_at < 0.5 + 0.5
     assert sum(out["stats"]["leads"] for out in outputs) == 1

@@ -22,7 +22,7 @@ from coalesce.entry import Entry
 from coalesce.errors import BackendError, LeaderFailedError
 from coalesce.serialization import MsgpackSerializer, encode_entry
 from coalesce.stores.redis import RedisStore, redact
-from coalesce.stores.redis_scripts import KeyLayout
+from coalesce.stores.redis_scripts import CLAIM, PUSH_MAX, STORE, KeyLayout, pushed_entry
 
 
 @pytest.fixture
@@ -331,6 +331,241 @@ def test_waiter_gets_the_leaders_value_by_push(caches: Callable[..., Cache]) -> 
     assert got == ["from a"] and calls == ["a"]
     assert waited < 0.45  # woken by the push, not by the 1 s fallback check
     assert b.store.stats()["waits"] == 1
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (a bounded poll, not a timing assertion) until `condition()` holds."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.002)
+
+
+def _subscribed(cache: Cache) -> None:
+    """Start `cache`'s listener and wait for its subscriptions: pushes then reach it."""
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    store._listener.start()
+    assert store._listener.ready.wait(10)
+
+
+def _load_scripts(client: redis.Redis) -> None:
+    """Load the scripts beforehand, so that counted commands hold no SCRIPT LOAD retry."""
+    for script in (CLAIM, STORE):
+        client.script_load(script.source)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_waiter_takes_the_entry_from_the_wake_up_without_asking_redis(
+    fresh_redis: RedisServer, unique_namespace: str, size: str
+) -> None:
+    """A small entry travels in the wake-up: after it, the waiter sends no command at all
+    (commandstats: only the leader's STORE). A large one is announced by a marker and read by
+    the waiter's CLAIM."""
+    value: Any = {"id": 7, "name": "Ada"} if size == "small" else "x" * (PUSH_MAX + 1000)
+    options = {"namespace": unique_namespace, "lease_ttl": 60.0, "wait_check": 60.0}
+    a, b = Cache(fresh_redis.url, **options), Cache(fresh_redis.url, **options)
+    client = fresh_redis.client()
+    _load_scripts(client)
+    started, release = threading.Event(), threading.Event()
+    try:
+
+        @a.cached(ttl=30, key="k")
+        def fa() -> Any:
+            started.set()
+            assert release.wait(30)
+            return value
+
+        @b.cached(ttl=30, key="k")
+        def fb() -> Any:
+            raise AssertionError("the waiter computed")
+
+        _subscribed(b)
+        leader = threading.Thread(target=fa)
+        leader.start()
+        assert started.wait(10)
+        got: list[Any] = []
+        waiter = threading.Thread(target=lambda: got.append(fb()))
+        waiter.start()
+        _until(lambda: b.store.stats()["waits"] == 1, "the waiter parked on the lease")
+        before = commandstats(client)
+        release.set()
+        waiter.join(10)
+        leader.join(10)
+        after = delta(before, commandstats(client))
+        assert got == [value]
+        if size == "small":
+            # STORE: GET + DEL the lease, DEL the waiters flag, SET the entry, PUBLISH it
+            assert after == {"evalsha": 1, "get": 1, "del": 2, "set": 1, "publish": 1}
+            assert b.store.stats()["pushed"] == 1
+        else:
+            assert after["evalsha"] == 2  # STORE, then the waiter's CLAIM finds the entry
+            assert b.store.stats()["pushed"] == 0
+        assert b.store.stats()["leads"] == 0 and a.store.stats()["leads"] == 1
+    finally:
+        release.set()
+        client.close()
+        a.close()
+        b.close()
+
+
+async def test_async_waiter_takes_the_entry_from_the_wake_up(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    a = Cache(fresh_redis.url, namespace=unique_namespace, lease_ttl=60.0, wait_check=60.0)
+    b = Cache(fresh_redis.url, namespace=unique_namespace, lease_ttl=60.0, wait_check=60.0)
+    client = fresh_redis.client()
+    _load_scripts(client)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @a.cached(ttl=30, key="k")
+    async def fa() -> list[int]:
+        started.set()
+        await release.wait()
+        return [1, 2, 3]
+
+    @b.cached(ttl=30, key="k")
+    async def fb() -> list[int]:
+        raise AssertionError("the waiter computed")
+
+    try:
+        _subscribed(b)
+        leader = asyncio.ensure_future(fa())
+        await asyncio.wait_for(started.wait(), 10)
+        waiter = asyncio.ensure_future(fb())
+        while b.store.stats()["waits"] == 0:
+            await asyncio.sleep(0.002)
+        before = commandstats(client)
+        release.set()
+        assert await asyncio.wait_for(waiter, 10) == [1, 2, 3]
+        assert await asyncio.wait_for(leader, 10) == [1, 2, 3]
+        assert delta(before, commandstats(client)) == {
+            "evalsha": 1,
+            "get": 1,
+            "del": 2,
+            "set": 1,
+            "publish": 1,
+        }
+        assert b.store.stats()["pushed"] == 1
+    finally:
+        release.set()
+        client.close()
+        await a.aclose()
+        await b.aclose()
+
+
+def test_waiter_ignores_foreign_and_corrupt_pushes(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """Only the entry pushed by the leader of the lease it waits for is taken: a value
+    message carrying another token, or unreadable bytes, sends the waiter back to CLAIM."""
+    options = {"namespace": unique_namespace, "lease_ttl": 60.0, "wait_check": 60.0}
+    a, b = Cache(fresh_redis.url, **options), Cache(fresh_redis.url, **options)
+    client = fresh_redis.client()
+    _load_scripts(client)
+    started, release = threading.Event(), threading.Event()
+    channel = f"{unique_namespace}:{{k}}:done"
+    try:
+
+        @a.cached(ttl=30, key="k")
+        def fa() -> str:
+            started.set()
+            assert release.wait(30)
+            return "from the leader"
+
+        @b.cached(ttl=30, key="k")
+        def fb() -> str:
+            raise AssertionError("the waiter computed")
+
+        _subscribed(b)
+        leader = threading.Thread(target=fa)
+        leader.start()
+        assert started.wait(10)
+        got: list[str] = []
+        waiter = threading.Thread(target=lambda: got.append(fb()))
+        waiter.start()
+        _until(lambda: b.store.stats()["waits"] == 1, "the waiter parked on the lease")
+        token = client.get(f"{unique_namespace}:{{k}}:lease")
+        assert token is not None
+        forged = encode_entry(Entry("forged", time.time(), 30.0), MsgpackSerializer())
+        for message in (b"v" + b"f" * 32 + b"|" + forged, b"v" + token + b"|not an entry"):
+            claims = commandstats(client).get("evalsha", 0)
+            assert client.publish(channel, message) >= 1
+            _until(
+                lambda claims=claims: commandstats(client).get("evalsha", 0) > claims,
+                "the waiter checked Redis again",
+            )
+        release.set()
+        waiter.join(10)
+        leader.join(10)
+        assert got == ["from the leader"]
+        assert b.store.stats()["pushed"] == 1
+    finally:
+        release.set()
+        client.close()
+        a.close()
+        b.close()
+
+
+def test_store_pushes_entries_only_for_leases_somebody_waits_for(
+    caches: Callable[..., Cache], raw: redis.Redis
+) -> None:
+    cache = caches()
+    pubsub = raw.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub.subscribe(f"{cache.namespace}:{{alone}}:done")
+    _until(lambda: raw.pubsub_numsub(f"{cache.namespace}:{{alone}}:done")[0][1] == 1, "subscribed")
+
+    @cache.cached(ttl=30, key="alone")
+    def alone() -> int:
+        return 1
+
+    assert alone() == 1
+    message = None
+    deadline = time.monotonic() + 10
+    while message is None and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+    pubsub.close()
+    assert message is not None and message["data"] == b"s"  # nobody waited: just the marker
+
+
+def test_pushed_entry_takes_only_the_awaited_leases_entry() -> None:
+    assert pushed_entry(b"vabc|data", "abc") == b"data"
+    assert pushed_entry(b"vabc|", "abc") == b""
+    assert pushed_entry(b"vabd|data", "abc") is None  # another lease's leader
+    assert pushed_entry(b"vabcd|data", "abc") is None
+    assert pushed_entry(b"s", "abc") is None  # markers: s, d, r, f
+    assert pushed_entry(b"vabc|data", "") is None
+    assert pushed_entry(None, "abc") is None
+
+
+def test_own_invalidation_does_not_fence_a_computation_begun_after_it(
+    caches: Callable[..., Cache],
+) -> None:
+    """The broadcast of our own invalidate comes back to our listener later; the cache
+    fenced its flights before deleting, so the echo must not fence a newer computation."""
+    cache = caches()
+    _subscribed(cache)
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    started, release = threading.Event(), threading.Event()
+
+    @cache.cached(ttl=30, key="doc")
+    def doc() -> str:
+        started.set()
+        assert release.wait(30)
+        return "fresh"
+
+    generation = store._listener.generation
+    assert cache.invalidate("doc") is False
+    t = threading.Thread(target=doc)
+    t.start()
+    assert started.wait(10)
+    _until(lambda: store._listener.generation > generation, "the echo arrived")
+    release.set()
+    t.join(10)
+    assert store.stats()["fenced"] == 0
+    entry = cache.get_entry("doc")
+    assert entry is not None and entry.value == "fresh"
 
 
 async def test_async_waiter_and_leader_failure(caches: Callable[..., Cache]) -> None:

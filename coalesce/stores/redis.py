@@ -13,13 +13,16 @@ The paths, in the order of their cost:
   share a mutable value. With a near cache (`local_maxsize=`), a hit costs no I/O at all.
 * miss (`fill`): the cache has already made sure one caller per key and process gets here.
   One `CLAIM` script either takes the lease or names its holder. The lease holder (the
-  leader) computes, renewing the lease every `lease_ttl / 3` from a background thread (sync)
-  or task (async), then one `STORE` script writes the entry *only if the lease is still its
-  own*, ends the lease and publishes a wake-up. Everyone else waits: registered with the
-  listener first, then checking again (`CLAIM` also reports a fresh entry, or the failure of
-  the leader it waited for), then sleeping until a wake-up, at most `wait_check` seconds or
-  until the lease would run out. When the lease vanished without an entry (the leader died,
-  or was fenced), `CLAIM` hands it to exactly one of them. Nobody polls in a tight loop.
+  leader) computes, renewing the lease every `lease_ttl / 3` from the store's renewer thread
+  (sync) or a task (async), then one `STORE` script writes the entry *only if the lease is
+  still its own*, ends the lease and publishes a wake-up, which carries the entry itself when
+  somebody waits for that lease and it is small (`PUSH_MAX`). Everyone else waits: registered
+  with the listener first, then checking again (`CLAIM` also reports a fresh entry, or the
+  failure of the leader it waited for), then sleeping until a wake-up, at most `wait_check`
+  seconds or until the lease would run out. A wake-up carrying the entry of the awaited lease
+  is the answer, with no further round trip; any other wake-up means `CLAIM` again. When the
+  lease vanished without an entry (the leader died, or was fenced), `CLAIM` hands it to
+  exactly one of them. Nobody polls in a tight loop.
 * leader failure: a short-lived marker `...:failed` holds the lease token, exception type and
   message; waiters that waited for that lease raise `LeaderFailedError` at once. A caller
   arriving later never sees it (it did not wait for that token) and computes afresh.
@@ -34,14 +37,16 @@ cooldown, then lets one probe through, and closes again by itself once Redis ans
 
 Concurrency contract of this module's own state: `counts` are plain ints bumped without a
 lock (approximate under threads, by design); `_background` (release tasks of cancelled async
-leaders) is touched only on the loop that owns each task. Everything else is owned by the
-helpers, whose docstrings state their contracts.
+leaders) is touched only on the loop that owns each task; `_echoes` (own invalidations whose
+broadcast has not come back yet) is guarded by `_echoes_lock`. Everything else is owned by
+the helpers, whose docstrings state their contracts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,7 +59,7 @@ from coalesce.serialization import Serializer, decode_entry, get_serializer
 from coalesce.stores.base import Fence, Store
 from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
 from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClient, redact
-from coalesce.stores.redis_lease import Keys, LeaseMixin
+from coalesce.stores.redis_lease import Keys, LeaseMixin, Renewer
 from coalesce.stores.redis_listener import Listener
 from coalesce.stores.redis_near import NearCache
 from coalesce.stores.redis_scripts import DELETE, KeyLayout
@@ -158,13 +163,30 @@ class RedisStore(LeaseMixin, Store):
         if local_maxsize is not None:
             self._near = NearCache(local_maxsize, float(local_ttl), self._listener, self.serializer)
         self._background: set[asyncio.Task[Any]] = set()
+        self._renewer = Renewer(self._renew, self.lease_ms / 3000, f"coalesce-renew {self.where}")
+        self._subscribe_waited = False  # see `LeaseMixin._subscribe_wait`
         #: Called (on the listener thread) with the full key of every invalidation by key that
         #: any process broadcasts, this one included, while the listener runs (it does while
         #: this process waits on or leads a computation, or keeps a near cache). The cache can
-        #: fence its in-process flights with it. Must be quick and must not raise.
+        #: fence its in-process flights with it. Must be quick and must not raise. The echo of
+        #: this store's own `delete` is not passed on: the cache fenced its flights before
+        #: deleting, and a flight begun after the delete must not be fenced when the echo
+        #: arrives (`_echoes` counts the broadcasts still on their way back).
         self.on_invalidated: Callable[[str], None] | None = None
+        self._echoes: dict[str, int] = {}
+        self._echoes_lock = threading.Lock()
         self.counts = dict.fromkeys(
-            ("hits", "misses", "corrupt", "leads", "waits", "takeovers", "fenced", "leader_failed"),
+            (
+                "hits",
+                "misses",
+                "corrupt",
+                "leads",
+                "waits",
+                "pushed",
+                "takeovers",
+                "fenced",
+                "leader_failed",
+            ),
             0,
         )
 
@@ -199,14 +221,41 @@ class RedisStore(LeaseMixin, Store):
     def _invalidated(self, message: bytes) -> None:
         if self._near is not None:
             self._near.on_invalidate(message)
+        if not message.startswith(b"k:"):
+            return
+        key = message[2:].decode("utf-8", "surrogateescape")
+        if self._echoes and self._echo_arrived(key):
+            return  # our own delete, back from Redis
         hook = self.on_invalidated
-        if hook is not None and message.startswith(b"k:"):
+        if hook is not None:
             try:
-                hook(message[2:].decode("utf-8", "surrogateescape"))
+                hook(key)
             except Exception:  # a broken hook must not stop the listener
                 logger.exception("coalesce: the on_invalidated hook failed")
 
+    def _expect_echo(self, key: str, change: int) -> None:
+        """Count (+1) or uncount (-1) a broadcast of our own `delete` of `key`."""
+        with self._echoes_lock:
+            count = self._echoes.get(key, 0) + change
+            if count > 0:
+                self._echoes[key] = count
+            else:
+                self._echoes.pop(key, None)
+
+    def _echo_arrived(self, key: str) -> bool:
+        with self._echoes_lock:
+            count = self._echoes.get(key, 0)
+            if count <= 0:
+                return False
+            if count == 1:
+                del self._echoes[key]
+            else:
+                self._echoes[key] = count - 1
+            return True
+
     def _listener_reset(self) -> None:
+        with self._echoes_lock:
+            self._echoes.clear()  # echoes still on their way are lost with the connection
         if self._near is not None:
             self._near.clear()
 
@@ -261,14 +310,30 @@ class RedisStore(LeaseMixin, Store):
         """Delete the entry and its lease (fencing its computations), tell every near cache."""
         self._forget(key=key)
         keys, args = self._delete_args(key)
-        existed = bool(self._conn.script(DELETE, keys, args))
+        echo = self._listener.ready.is_set()  # else our broadcast will not come back to us
+        if echo:
+            self._expect_echo(key, 1)
+        try:
+            existed = bool(self._conn.script(DELETE, keys, args))
+        except BaseException:
+            if echo:
+                self._expect_echo(key, -1)  # maybe not sent: rather fence once too often
+            raise
         self._forget(key=key)
         return existed
 
     async def adelete(self, key: str) -> bool:
         self._forget(key=key)
         keys, args = self._delete_args(key)
-        existed = bool(await self._conn.ascript(DELETE, keys, args))
+        echo = self._listener.ready.is_set()
+        if echo:
+            self._expect_echo(key, 1)
+        try:
+            existed = bool(await self._conn.ascript(DELETE, keys, args))
+        except BaseException:
+            if echo:
+                self._expect_echo(key, -1)
+            raise
         self._forget(key=key)
         return existed
 
@@ -360,6 +425,7 @@ class RedisStore(LeaseMixin, Store):
     def close(self) -> None:
         """Stop the listener and close the clients this store created (not given ones)."""
         self._listener.close()
+        self._renewer.close()
         self._conn.close()
         if self._near is not None:
             self._near.clear()

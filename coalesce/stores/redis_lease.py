@@ -8,18 +8,22 @@ the lease protocol can be read in one place. The steps (the scripts are in `redi
    failure of the leader this caller waited for, or names the lease's holder and how long it
    still runs. `_claim_step` turns the reply into the next step without I/O.
 2. A waiter sleeps until a wake-up, at most `wait_check` seconds and never past the lease's
-   end (a fallback against lost messages and dead leaders), then claims again. A lease that
-   vanished without an entry (its leader died or was fenced) goes to exactly one claimant.
-3. The leader computes while a renewer (a thread for sync, a task for async) extends the
-   lease every `lease_ttl / 3`; then `STORE` writes the entry only if the lease is still its
-   own (the invalidation fence), ends the lease and publishes the wake-up. On an exception it
-   leaves a failure marker (`FAIL`) instead; on any other exit (cancellation, interrupt) it
-   just ends the lease (`RELEASE`), so a waiter takes over at once.
+   end (a fallback against lost messages and dead leaders). A wake-up that carries the entry
+   stored by the leader of the very lease it waited for (its token is in the message) is
+   the answer: decoded and returned without another round trip. Anything else (a marker, a
+   large entry, unreadable bytes, a timeout) means: claim again. A lease that vanished
+   without an entry (its leader died or was fenced) goes to exactly one claimant.
+3. The leader computes while a renewer (the store's one renewer thread for sync, a task for
+   async) extends the lease every `lease_ttl / 3`; then `STORE` writes the entry only if the
+   lease is still its own (the invalidation fence), ends the lease and publishes the wake-up
+   (with the entry, when somebody waits and it is small). On an exception it leaves a failure
+   marker (`FAIL`) instead; on any other exit (cancellation, interrupt) it just ends the lease
+   (`RELEASE`), so a waiter takes over at once.
 
 The sync and async drivers are duplicated on purpose, side by side, to be compared line by
-line. Concurrency contract: per call, the token, the waiter and the renewer belong to that
-call alone; shared state is only the listener's registry (see `redis_listener`) and the
-approximate `counts`.
+line. Concurrency contract: per call, the token and the waiter belong to that call alone;
+shared state is the listener's registry (see `redis_listener`), the renewer's table (under
+its own lock, see `Renewer`) and the approximate `counts`.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from coalesce.entry import Entry
-from coalesce.errors import BackendError, LeaderFailedError
-from coalesce.serialization import Serializer, encode_entry
+from coalesce.errors import BackendError, LeaderFailedError, SerializationError
+from coalesce.serialization import Serializer, decode_entry, encode_entry
 from coalesce.stores.base import Fence
 from coalesce.stores.redis_client import RedisConnection
 from coalesce.stores.redis_listener import AsyncWaiter, Listener, ThreadWaiter
@@ -41,6 +45,7 @@ from coalesce.stores.redis_near import NearCache
 from coalesce.stores.redis_scripts import (
     CLAIM,
     FAIL,
+    PUSH_MAX,
     RELEASE,
     RENEW,
     STORE,
@@ -48,6 +53,7 @@ from coalesce.stores.redis_scripts import (
     KeyLayout,
     decode_failure,
     encode_failure,
+    pushed_entry,
 )
 from coalesce.values import Frozen, freeze_entry
 
@@ -55,13 +61,85 @@ from coalesce.values import Frozen, freeze_entry
 class Keys:
     """The Redis keys of one cache key (see `redis_scripts.KeyLayout`)."""
 
-    __slots__ = ("channel", "entry", "failed", "lease")
+    __slots__ = ("channel", "entry", "failed", "lease", "waiters")
 
     def __init__(self, layout: KeyLayout, key: str) -> None:
         self.entry = layout.entry(key)
         self.lease = layout.lease(self.entry)
         self.failed = layout.failed(self.entry)
+        self.waiters = layout.waiters(self.entry)
         self.channel = layout.channel(self.entry)
+
+
+class Renewer:
+    """One thread per store renews the leases of all its sync computations.
+
+    A thread per computation would be started (and waited for: `Thread.start` blocks until it
+    runs) between taking the lease and computing, on every miss; this one starts once. `add`
+    and `remove` are a dict update under `_cond`; the thread is woken only when it sleeps
+    without a deadline. Every lease is renewed `interval` seconds after it was added or last
+    renewed, until removed or no longer ours. Renewals run one after the other, outside the
+    lock: a slow Redis delays the others by at most its socket timeout, well inside a lease.
+
+    Concurrency contract: `_leases`, `_idle`, `_thread` and `_closed` are guarded by `_cond`.
+    """
+
+    def __init__(self, renew: Callable[[str, str], bool], interval: float, name: str) -> None:
+        self._renew = renew  # (lease key, token) -> still ours; raises BackendError
+        self._interval = interval
+        self._name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._leases: dict[str, tuple[str, float]] = {}  # token -> (lease key, renew at)
+        self._thread: threading.Thread | None = None
+        self._idle = True  # sleeping without a deadline: `add` must wake it
+        self._closed = False
+
+    def add(self, lease: str, token: str) -> None:
+        due = time.monotonic() + self._interval
+        with self._cond:
+            self._leases[token] = (lease, due)
+            thread = self._thread
+            if (thread is None or not thread.is_alive()) and not self._closed:
+                # first use (or a forked child, where the parent's thread does not exist)
+                self._idle = False
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            elif self._idle:
+                self._cond.notify()
+
+    def remove(self, token: str) -> None:
+        with self._cond:
+            self._leases.pop(token, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._leases.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if not self._leases:
+                    self._idle = True
+                    self._cond.wait()
+                    self._idle = False
+                    continue
+                token, (lease, due) = min(self._leases.items(), key=lambda item: item[1][1])
+                now = time.monotonic()
+                if due > now:
+                    self._cond.wait(due - now)
+                    continue
+                self._leases[token] = (lease, now + self._interval)
+                self._cond.release()
+                try:
+                    ours = self._renew(lease, token)
+                except Exception:  # BackendError: try again next round, the lease may
+                    ours = True  # outlive the outage; anything else must not stop the thread
+                finally:
+                    self._cond.acquire()
+                if not ours and token in self._leases:
+                    del self._leases[token]  # invalidated: the store will be refused anyway
 
 
 # What one `CLAIM` reply means, decided without I/O by `LeaseMixin._claim_step`.
@@ -83,6 +161,8 @@ class LeaseMixin:
     failure_ms: int
     wait_check: float
     counts: dict[str, int]
+    _renewer: Renewer
+    _subscribe_waited: bool
 
     def _decode(self, key: str, data: Any) -> Entry | None:
         raise NotImplementedError  # RedisStore's
@@ -109,13 +189,14 @@ class LeaseMixin:
         px = "0" if keep is None else str(max(1, int(keep * 1000)))
         score = "+inf" if keep is None else str(int((now + keep) * 1000) + 1)
         tag_keys = [self._layout.tag(tag) for tag in entry.tags]
-        keys = [k.entry, k.lease]
+        keys = [k.entry, k.lease, k.waiters]
         separate: list[str] = []
         if self.cluster:
             separate = tag_keys  # other slots: recorded one by one after the entry
         else:
             keys += tag_keys
-        args = [token, data, px, k.channel, key, score, str(int(now * 1000))]
+        push = "1" if token and len(data) <= PUSH_MAX else "0"
+        args = [token, data, px, k.channel, key, score, str(int(now * 1000)), push]
         return keys, args, separate
 
     def _store(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
@@ -157,8 +238,39 @@ class LeaseMixin:
 
     # -- claim, wait, lead ------------------------------------------------------------------
 
+    def _subscribe_wait(self) -> float:
+        """Seconds this leader waits for the listener's subscriptions before computing.
+
+        Until the listener is subscribed, a remote invalidation cannot fence this process's
+        flight, and the first computation of a process races its own listener's start. So the
+        first leader of the store waits for it (once per store, at most a third of the lease,
+        a few milliseconds normally); later ones never do, even while the listener is down.
+        """
+        if self._subscribe_waited or self._listener.ready.is_set():
+            return 0.0
+        self._subscribe_waited = True
+        return min(0.5, self.lease_ms / 3000)
+
     def _claim_args(self, token: str, check: bool, seen: str) -> list[Any]:
         return [token, self.lease_ms, "1" if check else "0", seen]
+
+    def _pushed(self, key: str, message: bytes | None, holder: str) -> Entry | None:
+        """The fresh entry a wake-up carries from the leader of lease `holder`, else None.
+
+        No I/O: None (a marker, another lease's message, unreadable or stale bytes) sends the
+        waiter back to `CLAIM`, which reads Redis and reports (and logs) what is there.
+        """
+        data = pushed_entry(message, holder)
+        if data is None:
+            return None
+        try:
+            entry = decode_entry(data, self.serializer, context=key)
+        except SerializationError:
+            return None
+        if entry.fresh_until <= time.time():
+            return None
+        self.counts["pushed"] += 1
+        return entry
 
     def _claim_step(self, key: str, reply: list[Any]) -> tuple[str, Entry | None, str, float]:
         """What a `CLAIM` reply means: (step, entry, lease holder, seconds to wait); no I/O.
@@ -194,11 +306,11 @@ class LeaseMixin:
         try:
             check, seen, waited = False, "", False
             while True:
-                waiter.event.clear()
+                waiter.arm()
                 subscribed = self._listener.ready.is_set()
                 reply = self._conn.script(
                     CLAIM,
-                    [k.entry, k.lease, k.failed],
+                    [k.entry, k.lease, k.failed, k.waiters],
                     self._claim_args(token, check, seen),
                 )  # ... then check
                 step, entry, holder, wait = self._claim_step(key, reply)
@@ -217,11 +329,16 @@ class LeaseMixin:
                 if not subscribed:  # the first wait of this store: make sure pushes arrive
                     self._listener.ready.wait(min(wait, 1.0))
                     continue
-                waiter.event.wait(wait)
+                entry = self._pushed(key, waiter.wait(wait), seen)
+                if entry is not None:
+                    return freeze_entry(entry, self.serializer)
         finally:
             self._listener.remove(key, waiter)
         if waited:
             self.counts["takeovers"] += 1
+        pause = self._subscribe_wait()
+        if pause:
+            self._listener.ready.wait(pause)
         return self._lead(key, k, token, compute, fence)
 
     def _lead(
@@ -229,18 +346,11 @@ class LeaseMixin:
     ) -> Entry:
         """Holding the lease: compute (renewing it), then store fenced, or mark the failure."""
         self.counts["leads"] += 1
-        stop = threading.Event()
-        renewer = threading.Thread(
-            target=self._renew_until,
-            args=(k.lease, token, stop),
-            daemon=True,
-            name=f"coalesce-lease {key[:60]}",
-        )
-        renewer.start()
+        self._renewer.add(k.lease, token)
         try:
             entry = compute()
         except Exception as exc:
-            stop.set()
+            self._renewer.remove(token)
             self._conn.quietly(
                 FAIL,
                 [k.lease, k.failed],
@@ -248,11 +358,11 @@ class LeaseMixin:
             )
             raise
         except BaseException:
-            stop.set()
+            self._renewer.remove(token)
             self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
             raise
         finally:
-            stop.set()
+            self._renewer.remove(token)
         if not fence.valid:
             self.counts["fenced"] += 1
             self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
@@ -264,15 +374,9 @@ class LeaseMixin:
             raise
         return entry
 
-    def _renew_until(self, lease: str, token: str, stop: threading.Event) -> None:
-        """The lease renewer thread of one computation: every lease_ttl / 3 until stopped."""
-        interval = self.lease_ms / 3000
-        while not stop.wait(interval):
-            try:
-                if not self._conn.script(RENEW, [lease], [token, self.lease_ms]):
-                    return  # no longer ours (invalidated): the store will be refused anyway
-            except BackendError:
-                pass  # try again next round; the lease may still outlive the outage
+    def _renew(self, lease: str, token: str) -> bool:
+        """Extend our lease (on the renewer thread); False once it is no longer ours."""
+        return bool(self._conn.script(RENEW, [lease], [token, self.lease_ms]))
 
     async def afill(
         self, key: str, compute: Callable[[], Awaitable[Entry]], *, fence: Fence
@@ -290,7 +394,7 @@ class LeaseMixin:
                 subscribed = self._listener.ready.is_set()
                 reply = await self._conn.ascript(
                     CLAIM,
-                    [k.entry, k.lease, k.failed],
+                    [k.entry, k.lease, k.failed, k.waiters],
                     self._claim_args(token, check, seen),
                 )  # ... then check
                 step, entry, holder, wait = self._claim_step(key, reply)
@@ -309,11 +413,16 @@ class LeaseMixin:
                 if not subscribed:  # the first wait of this store: make sure pushes arrive
                     await asyncio.to_thread(self._listener.ready.wait, min(wait, 1.0))
                     continue
-                await asyncio.wait([waiter.future], timeout=wait)
+                entry = self._pushed(key, await waiter.wait(wait), seen)
+                if entry is not None:
+                    return freeze_entry(entry, self.serializer)
         finally:
             self._listener.remove(key, waiter)
         if waited:
             self.counts["takeovers"] += 1
+        pause = self._subscribe_wait()
+        if pause:
+            await asyncio.to_thread(self._listener.ready.wait, pause)
         return await self._alead(key, k, token, compute, fence)
 
     async def _alead(

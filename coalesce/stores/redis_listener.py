@@ -5,9 +5,10 @@ A waiter of a cross-process computation must learn at once when the leader's lea
 subscription per wait. So each store keeps one listener thread with one pub/sub connection:
 
 * `PSUBSCRIBE ns:{*}:done` receives every wake-up of the namespace and wakes the waiters
-  registered for that key in this process: a `ThreadWaiter` (a `threading.Event`) for sync
-  callers, an `AsyncWaiter` (an asyncio future, resolved with `call_soon_threadsafe` on the
-  waiter's own loop) for async ones;
+  registered for that key in this process, handing each the message itself (`wake(message)`:
+  it may carry the stored entry, see `redis_scripts`): a `ThreadWaiter` (a bare lock, released
+  by the listener) for sync callers, an `AsyncWaiter` (an asyncio future, resolved with the
+  message through `call_soon_threadsafe` on the waiter's own loop) for async ones;
 * `SUBSCRIBE ns:__invalidate__` receives invalidations ("k:<key>", "t:<tag>") for the near
   cache, handed to `on_invalidate`.
 
@@ -44,46 +45,79 @@ PubSubFactory = Callable[[], "tuple[PubSub, Callable[[], None]]"]
 
 
 class Waiter(Protocol):
-    def wake(self) -> None: ...
+    def wake(self, message: bytes | None = None) -> None: ...
 
 
 class ThreadWaiter:
-    """A sync waiter: the caller blocks on `event`; the listener sets it."""
+    """A sync waiter: `arm()` before checking Redis, then `wait()`; the listener `wake`s it.
 
-    __slots__ = ("event",)
+    A bare lock rather than a `threading.Event`: the listener's `wake` is one release, and the
+    woken caller needs no second lock to get going. Held = armed; `wait` returns once it is
+    released (and holds it again, armed); `message` is the last message handed over (None for
+    a plain wake-up), reset by `arm`.
+    """
+
+    __slots__ = ("_lock", "message")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.message: bytes | None = None
 
-    def wake(self) -> None:
-        self.event.set()
+    def arm(self) -> None:
+        self.message = None
+        self._lock.acquire(blocking=False)
+
+    def wake(self, message: bytes | None = None) -> None:
+        self.message = message
+        with contextlib.suppress(RuntimeError):  # already released: woken twice
+            self._lock.release()
+
+    def wait(self, timeout: float) -> bytes | None:
+        """Block until woken or `timeout` seconds passed; the message, if any."""
+        self._lock.acquire(timeout=max(0.0, timeout))
+        return self.message
 
 
 class AsyncWaiter:
-    """An async waiter on `loop`: `arm()` before checking Redis, then await `future`.
+    """An async waiter on `loop`: `arm()` before checking Redis, then `await wait(timeout)`.
 
-    `future` is only touched on `loop`'s thread (`arm` runs there, and `wake` hops there with
-    `call_soon_threadsafe`), so no lock is needed. A wake that lands after a re-arm resolves
-    the new future early: harmless, the waiter checks Redis again.
+    `future` is only touched on `loop`'s thread (`arm` and `wait` run there, and `wake` hops
+    there with `call_soon_threadsafe`), so no lock is needed. The future is awaited directly,
+    its timeout a `call_later` resolving it with None: one loop iteration from the wake-up to
+    the waiter (`asyncio.wait` takes two). A wake that lands after a re-arm resolves the new
+    future early, with an old message: harmless, the waiter checks what it holds (the lease
+    token in a pushed entry) or asks Redis again.
     """
 
     __slots__ = ("future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.future: asyncio.Future[None] = loop.create_future()
+        self.future: asyncio.Future[bytes | None] = loop.create_future()
 
     def arm(self) -> None:
         if self.future.done():
             self.future = self.loop.create_future()
 
-    def wake(self) -> None:
+    def wake(self, message: bytes | None = None) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            self.loop.call_soon_threadsafe(self._resolve)
+            self.loop.call_soon_threadsafe(self._resolve, message)
 
-    def _resolve(self) -> None:
+    def _resolve(self, message: bytes | None) -> None:
         if not self.future.done():
-            self.future.set_result(None)
+            self.future.set_result(message)
+
+    async def wait(self, timeout: float) -> bytes | None:
+        """Until woken or `timeout` seconds passed; the message, if any."""
+        future = self.future
+        if not future.done():
+            timer = self.loop.call_later(max(0.0, timeout), self._resolve, None)
+            try:
+                await future
+            finally:
+                timer.cancel()
+        return future.result()
 
 
 class Listener:
@@ -185,7 +219,7 @@ class Listener:
                 continue
             kind = message["type"]
             if kind == "pmessage":
-                self._dispatch(message["channel"])
+                self._dispatch(message["channel"], message["data"])
             elif kind == "message":
                 self.bump()
                 self._on_invalidate(message["data"])
@@ -195,7 +229,7 @@ class Listener:
                     self.ready.set()
                     self._wake_all()  # anything published before now: check again
 
-    def _dispatch(self, channel: bytes | str) -> None:
+    def _dispatch(self, channel: bytes | str, data: bytes | None) -> None:
         name = channel.decode("utf-8", "surrogateescape") if isinstance(channel, bytes) else channel
         key = self._layout.key_of_channel(name)
         if key is None:
@@ -203,7 +237,7 @@ class Listener:
         with self._lock:
             waiters = list(self._waiters.get(key, ()))
         for waiter in waiters:
-            waiter.wake()
+            waiter.wake(data)
 
     def _wake_all(self) -> None:
         with self._lock:

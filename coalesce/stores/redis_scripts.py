@@ -7,6 +7,7 @@ and every key belonging to one cache key lives on one slot:
     ns:{user:42}            the entry (bytes written by `encode_entry`)
     ns:{user:42}:lease      the cross-process lease: a random token, SET NX PX
     ns:{user:42}:failed     a short-lived failure marker: "<lease token>|<msgpack [type, msg]>"
+    ns:{user:42}:waiters    "someone waits for this lease" (set by CLAIM, PX = lease ms)
     ns:{user:42}:done       the wake-up channel (pub/sub), published when a lease ends
     ns:tag:{user:42}        a tag's sorted set: member = full key, score = expiry (ms)
     ns:__invalidate__       the invalidation channel of near caches ("k:<key>" / "t:<tag>")
@@ -15,6 +16,14 @@ Entry keys are exactly the keys `ns:{...}` that end with `}`; everything else un
 sibling, so `keys()` can tell them apart without reading them. (A key whose part after the
 namespace is empty or starts with `}` has no usable hash tag: on a cluster its siblings may
 then lie on other slots.)
+
+Wake-up messages on `...:done`: a one-byte marker (`s` stored, `d` deleted, `r` released,
+`f` failed), except when a leader's `STORE` ends a lease that somebody waits for and the entry
+is at most `PUSH_MAX` bytes: then the message carries the entry itself,
+`v<lease token>|<entry bytes>`, and a waiter of that very lease takes it without asking Redis
+again (`pushed_entry`). A marker, a foreign token or unreadable bytes mean: check Redis.
+Every process of the namespace receives every message (one pattern subscription each), which
+is why values are pushed only when a waiter asked for it (`...:waiters`) and only small ones.
 
 Scripts. Every decision that must be atomic on the server is one script, run with EVALSHA
 (loaded on NOSCRIPT). They touch only the keys they are given, all on one slot, so they run
@@ -32,6 +41,7 @@ __all__ = [
     "CLAIM",
     "DELETE",
     "FAIL",
+    "PUSH_MAX",
     "RELEASE",
     "RENEW",
     "STORE",
@@ -41,7 +51,11 @@ __all__ = [
     "decode_failure",
     "encode_failure",
     "glob_escape",
+    "pushed_entry",
 ]
+
+#: Entries up to this many bytes travel in the wake-up message itself (see the module doc).
+PUSH_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,10 +86,12 @@ local function add_tag(tagkey, member, score, now)
 end
 """
 
-#: KEYS: entry, lease, failed. ARGV: token, lease ms, check entry ("1"/"0"), seen lease token.
+#: KEYS: entry, lease, failed, waiters. ARGV: token, lease ms, check entry ("1"/"0"), seen
+#: lease token.
 #: Returns {"entry", bytes} | {"failed", marker} | {"lease", ""} | {"wait", holder, pttl}.
 #: The failure marker is reported only to a waiter that saw the failed leader's token, so a
-#: caller arriving after a failure computes afresh instead of inheriting the error.
+#: caller arriving after a failure computes afresh instead of inheriting the error. A caller
+#: told to wait also flags the lease as waited for, so that its `STORE` pushes the entry.
 CLAIM = Script.of(
     "claim",
     """
@@ -94,30 +110,40 @@ if not holder then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   return {'lease', ''}
 end
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
 return {'wait', holder, redis.call('PTTL', KEYS[2])}
 """,
 )
 
-#: KEYS: entry, lease, tag sets... ARGV: token ("" = no lease check), data, px ("0" = no
-#: expiry), wake-up channel, member (full key), tag score, now ms.
+#: KEYS: entry, lease, waiters, tag sets... ARGV: token ("" = no lease check), data, px ("0"
+#: = no expiry), wake-up channel, member (full key), tag score, now ms, push ("1": data is
+#: small enough to travel in the wake-up).
 #: The fence: with a token, the entry is written only while the lease is still ours; a
 #: `DELETE` removes the lease with the entry, so a computation that began before an
-#: invalidation cannot store after it. Returns 1 if stored, else 0.
+#: invalidation cannot store after it (and a fenced leader publishes nothing). The wake-up
+#: carries the entry when the lease was waited for and `push` allows it, else the marker `s`.
+#: Returns 1 if stored, else 0.
 STORE = Script.of(
     "store",
     _ADD_TAG
     + """
+local waited = false
 if ARGV[1] ~= '' then
   if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
   redis.call('DEL', KEYS[2])
+  waited = redis.call('DEL', KEYS[3]) == 1
 end
 if ARGV[3] == '0' then
   redis.call('SET', KEYS[1], ARGV[2])
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 end
-for i = 3, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7]) end
-redis.call('PUBLISH', ARGV[4], 's')
+for i = 4, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7]) end
+if waited and ARGV[8] == '1' then
+  redis.call('PUBLISH', ARGV[4], 'v' .. ARGV[1] .. '|' .. ARGV[2])
+else
+  redis.call('PUBLISH', ARGV[4], 's')
+end
 return 1
 """,
 )
@@ -219,6 +245,10 @@ class KeyLayout:
         return entry_key + ":failed"
 
     @staticmethod
+    def waiters(entry_key: str) -> str:
+        return entry_key + ":waiters"
+
+    @staticmethod
     def channel(entry_key: str) -> str:
         return entry_key + ":done"
 
@@ -237,6 +267,20 @@ class KeyLayout:
     def match(self, pattern: str) -> str:
         """A SCAN MATCH pattern for entry keys, from a glob over full keys (`ns:user:*`)."""
         return f"{glob_escape(self.prefix)}{{{self.rest(pattern)}}}"
+
+
+def pushed_entry(message: bytes | None, holder: str) -> bytes | None:
+    """The entry bytes a wake-up message carries, if `STORE` of lease `holder` sent it.
+
+    None for markers, for an entry pushed by another lease's leader (an older one, say, whose
+    message was still on its way) and for anything else: the waiter then checks Redis.
+    """
+    if not message or not holder or message[:1] != b"v":
+        return None
+    prefix = b"v" + holder.encode("utf-8", "surrogateescape") + b"|"
+    if not message.startswith(prefix):
+        return None
+    return message[len(prefix) :]
 
 
 def encode_failure(token: str, exc: BaseException) -> bytes:
