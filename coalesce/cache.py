@@ -34,6 +34,7 @@ from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.serialization import Serializer, get_serializer
 from coalesce.stores.base import Store
 from coalesce.stores.memory import MemoryStore
+from coalesce.urls import redact
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -64,8 +65,8 @@ def _make_store(url: str, maxsize: int, options: dict[str, Any]) -> Store:
 
         return RedisStore(url, **options)
     raise ConfigurationError(
-        f"unknown cache URL scheme {scheme!r} in {url!r}: use memory://, redis://, rediss:// "
-        "or unix://"
+        f"unknown cache URL scheme {scheme!r} in {redact(url)!r}: use memory://, redis://, "
+        "rediss:// or unix://"
     )
 
 
@@ -139,7 +140,7 @@ class Cache:
             self.read = self.store.get  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
-        return f"Cache({self.url!r}, namespace={self.namespace!r}, enabled={self.enabled})"
+        return f"Cache({redact(self.url)!r}, namespace={self.namespace!r}, enabled={self.enabled})"
 
     # -- decorators ---------------------------------------------------------------------
 
@@ -252,7 +253,7 @@ class Cache:
             self._last_logged = now
             logger.warning(
                 "coalesce: the cache store %s failed (%s); computing directly until it is back",
-                self.url,
+                redact(self.url),
                 exc,
             )
 

@@ -31,9 +31,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from coalesce import Cache, CoalesceError, __version__
+from coalesce.urls import redact
 
 if TYPE_CHECKING:
     import redis
@@ -61,19 +62,6 @@ class CliError(Exception):
 
 # ---------------------------------------------------------------------------------------
 # small helpers
-
-
-def redact(url: str) -> str:
-    """`url` with its password replaced by `***`, fit for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-    except ValueError:
-        return url
 
 
 def one_line(text: str) -> str:

@@ -250,9 +250,10 @@ def _import_web_stack() -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run both phases against a fresh app and print the table; return the exit code."""
-    from coalesce.cli import RedisTarget, redact, resolve_url
+    from coalesce.cli import RedisTarget, resolve_url
     from coalesce.demo_load import request_plan
     from coalesce.demo_server import ServerProcess
+    from coalesce.urls import redact
 
     _check_options(args)
     _import_web_stack()

@@ -10,6 +10,8 @@ left alone.
   (on the same port).
 * :class:`RedisCluster` is a three-master Redis Cluster formed with
   ``redis-cli --cluster create``.
+* :func:`make_tls_files` writes a throw-away CA and a server certificate for 127.0.0.1, so
+  that ``RedisServer(tls=True)`` can serve ``rediss://`` (no network needed).
 
 Failures to start raise :class:`RedisStartError` carrying the server's log, so a broken
 environment shows up as a clear test failure rather than a hang or a skip.
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
+import ipaddress
 import random
 import shutil
 import signal
@@ -28,9 +32,11 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import redis
 
@@ -39,8 +45,10 @@ __all__ = [
     "RedisCluster",
     "RedisServer",
     "RedisStartError",
+    "TlsFiles",
     "cluster_info",
     "free_port",
+    "make_tls_files",
 ]
 
 HOST = "127.0.0.1"
@@ -143,6 +151,186 @@ def cluster_info(client: redis.Redis) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in fields}
 
 
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a throw-away certificate authority and of a server certificate it signed.
+
+    The server certificate is valid for ``127.0.0.1`` and ``localhost`` (subject alternative
+    names), for one day.
+    """
+
+    directory: Path
+
+    @property
+    def ca(self) -> Path:
+        """The CA's certificate: what clients trust (``ssl_ca_certs``)."""
+        return self.directory / "ca.pem"
+
+    @property
+    def cert(self) -> Path:
+        """The server's certificate (``--tls-cert-file``)."""
+        return self.directory / "server.pem"
+
+    @property
+    def key(self) -> Path:
+        """The server's private key, unencrypted (``--tls-key-file``)."""
+        return self.directory / "server.key"
+
+    def exist(self) -> bool:
+        return all(path.is_file() for path in (self.ca, self.cert, self.key))
+
+
+def make_tls_files(
+    directory: Path | str, *, tool: Literal["auto", "cryptography", "openssl"] = "auto"
+) -> TlsFiles:
+    """Write a new CA and a server certificate for 127.0.0.1 into ``directory``.
+
+    Uses the ``cryptography`` package when it is importable (``tool="auto"``), else the
+    ``openssl`` command line. Nothing goes over the network. The keys are P-256 EC keys, so
+    this takes milliseconds.
+
+    Raises:
+        RedisStartError: neither ``cryptography`` nor ``openssl`` is available, or
+            ``openssl`` failed.
+    """
+    files = TlsFiles(Path(directory))
+    files.directory.mkdir(parents=True, exist_ok=True)
+    if tool == "auto":
+        try:
+            import cryptography  # noqa: F401
+        except ImportError:
+            tool = "openssl"
+        else:
+            tool = "cryptography"
+    if tool == "cryptography":
+        _tls_with_cryptography(files)
+    else:
+        _tls_with_openssl(files)
+    return files
+
+
+def _tls_with_cryptography(files: TlsFiles) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
+
+    def usage(*, cert_sign: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=cert_sign,
+            crl_sign=cert_sign,
+            encipher_only=False,
+            decipher_only=False,
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "coalesce test CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage(cert_sign=True), critical=True)
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    files.key.chmod(0o600)
+
+
+def _tls_with_openssl(files: TlsFiles) -> None:
+    openssl = _executable("openssl")
+    work = files.directory
+    ca_key, csr, ext = work / "ca.key", work / "server.csr", work / "server.ext"
+    ext.write_text(
+        f"subjectAltName=IP:{HOST},DNS:localhost\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        [
+            *[openssl, "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(files.ca)],
+            *["-days", "1", "-subj", "/CN=coalesce test CA"],
+            *["-addext", "basicConstraints=critical,CA:TRUE,pathlen:0"],
+            *["-addext", "keyUsage=critical,digitalSignature,keyCertSign,cRLSign"],
+        ],
+        [openssl, "req", *ec, "-keyout", str(files.key), "-out", str(csr), "-subj", f"/CN={HOST}"],
+        [
+            *[
+                openssl,
+                "x509",
+                "-req",
+                "-in",
+                str(csr),
+                "-CA",
+                str(files.ca),
+                "-CAkey",
+                str(ca_key),
+            ],
+            *["-set_serial", str(random.getrandbits(63)), "-days", "1"],
+            *["-out", str(files.cert), "-extfile", str(ext)],
+        ],
+    ]
+    for cmd in steps:
+        result = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            raise RedisStartError(f"{' '.join(cmd)} failed ({result.returncode}):\n{output}")
+
+
 class RedisServer:
     """One ``redis-server`` subprocess on 127.0.0.1, for tests.
 
@@ -161,6 +349,10 @@ class RedisServer:
         extra_args: more ``redis-server`` command-line arguments, e.g.
             ``["--maxmemory", "10mb"]``.
         name: label used in the temporary directory's name and in error messages.
+        tls: serve TLS only (``--port 0 --tls-port PORT``, no client certificates asked
+            for) with a throw-away CA and certificate written into :attr:`tls_files` on
+            the first start (unless files are already there); :attr:`url` is then
+            ``rediss://...?ssl_ca_certs=...`` and :meth:`client` verifies the server.
     """
 
     def __init__(
@@ -170,6 +362,7 @@ class RedisServer:
         password: str | None = None,
         extra_args: Sequence[str] = (),
         name: str = "redis",
+        tls: bool = False,
     ) -> None:
         self._fixed_port = port is not None
         self._port = port if port is not None else free_port()
@@ -178,6 +371,8 @@ class RedisServer:
         self.name = name
         self.host = HOST
         self.dir = Path(tempfile.mkdtemp(prefix=f"coalesce-{name}-"))
+        self.tls = tls
+        self.tls_files = TlsFiles(self.dir / "tls")
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
@@ -191,8 +386,14 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """``redis://`` URL of database 0, including the password when there is one."""
+        """``redis://`` URL of database 0, including the password when there is one.
+
+        With ``tls=True``: ``rediss://...:PORT/0?ssl_ca_certs=/path/to/ca.pem``.
+        """
         auth = f":{self.password}@" if self.password is not None else ""
+        if self.tls:
+            ca = quote(str(self.tls_files.ca), safe="/")
+            return f"rediss://{auth}{self.host}:{self._port}/0?ssl_ca_certs={ca}"
         return f"redis://{auth}{self.host}:{self._port}/0"
 
     @property
@@ -221,12 +422,19 @@ class RedisServer:
 
     def command(self) -> list[str]:
         """The ``redis-server`` command line used to start the server."""
+        if self.tls:
+            ports = ["--port", "0", "--tls-port", str(self._port)]
+            ports += ["--tls-cert-file", str(self.tls_files.cert)]
+            ports += ["--tls-key-file", str(self.tls_files.key)]
+            ports += ["--tls-ca-cert-file", str(self.tls_files.ca)]
+            ports += ["--tls-auth-clients", "no"]
+        else:
+            ports = ["--port", str(self._port)]
         cmd = [
             _executable("redis-server"),
             "--bind",
             self.host,
-            "--port",
-            str(self._port),
+            *ports,
             "--dir",
             str(self.dir),
             "--save",
@@ -243,7 +451,12 @@ class RedisServer:
         return cmd + self.extra_args
 
     def client(self, **kwargs: object) -> redis.Redis:
-        """A new synchronous redis-py client for this server (caller closes it)."""
+        """A new synchronous redis-py client for this server (caller closes it).
+
+        With ``tls=True`` it speaks TLS and verifies the server against :attr:`tls_files`.
+        """
+        if self.tls:
+            kwargs = {"ssl": True, "ssl_ca_certs": str(self.tls_files.ca), **kwargs}
         return redis.Redis(
             host=self.host,
             port=self._port,
@@ -280,6 +493,8 @@ class RedisServer:
 
     def _spawn_and_wait(self, timeout: float) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.tls and not self.tls_files.exist():
+            make_tls_files(self.tls_files.directory)
         cmd = self.command()
         with self.log_path.open("ab") as log:
             log.write(f"--- starting: {' '.join(cmd)!s}\n".encode())
@@ -378,7 +593,8 @@ class RedisServer:
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
-        return f"<RedisServer {self.host}:{self._port} {state}>"
+        tls = " tls" if self.tls else ""
+        return f"<RedisServer {self.host}:{self._port}{tls} {state}>"
 
 
 class RedisCluster:

@@ -58,11 +58,12 @@ from coalesce.errors import ConfigurationError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, get_serializer
 from coalesce.stores.base import Fence, Store
 from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
-from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClient, redact
+from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClient
 from coalesce.stores.redis_lease import Keys, LeaseMixin, Renewer
 from coalesce.stores.redis_listener import Listener
 from coalesce.stores.redis_near import NearCache
 from coalesce.stores.redis_scripts import DELETE, KeyLayout
+from coalesce.urls import redact
 
 __all__ = ["RedisStore", "redact"]
 

@@ -31,7 +31,6 @@ import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -45,6 +44,7 @@ from redis.retry import Retry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
 from coalesce.stores.redis_scripts import Script
+from coalesce.urls import redact
 
 T = TypeVar("T")
 SyncClient = redis.Redis | redis.cluster.RedisCluster
@@ -52,23 +52,6 @@ AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 #: Errors of redis-py (and of the socket layer below it) that become `BackendError`.
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
-
-
-def redact(url: str) -> str:
-    """`url` without its password (in the user info or a `password=` query parameter)."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            host = netloc.rpartition("@")[2]
-            netloc = f"{parts.username or ''}:***@{host}"
-        query = parts.query
-        if "password" in query:
-            pairs = [(k, "***" if k == "password" else v) for k, v in parse_qsl(query)]
-            query = urlencode(pairs, safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparsable redis url>"
 
 
 class _Read:
