@@ -42,6 +42,9 @@ class Store(ABC):
     #: any process), so the cache can fence its own computations of that key in flight.
     on_invalidated: Callable[[str], None] | None = None
 
+    #: The same for every tag invalidation (the full tag name).
+    on_invalidated_tag: Callable[[str], None] | None = None
+
     @abstractmethod
     def get(self, key: str) -> Entry | None:
         """The entry under `key`, or None.
@@ -64,8 +67,15 @@ class Store(ABC):
         """Delete every entry carrying `tag`; return how many existed."""
 
     @abstractmethod
-    def fill(self, key: str, compute: Callable[[], Entry], *, fence: Fence) -> Entry:
-        """Compute the entry for `key` once across everyone sharing this store, and store it."""
+    def fill(
+        self, key: str, compute: Callable[[], Entry], *, fence: Fence, tags: tuple[str, ...] = ()
+    ) -> Entry:
+        """Compute the entry for `key` once across everyone sharing this store, and store it.
+
+        `tags` are the full tag names the entry will carry, known before it is computed: a
+        shared store makes an invalidation of one of them during the computation fence it,
+        as an invalidation of the key does.
+        """
 
     @abstractmethod
     async def aget(self, key: str) -> Entry | None: ...
@@ -81,7 +91,12 @@ class Store(ABC):
 
     @abstractmethod
     async def afill(
-        self, key: str, compute: Callable[[], Awaitable[Entry]], *, fence: Fence
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[Entry]],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
     ) -> Entry: ...
 
     def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:

@@ -128,7 +128,9 @@ class MemoryStore(Store):
             self._tags.clear()
             self._touched.clear()
 
-    def fill(self, key: str, compute: Callable[[], Entry], *, fence: Fence) -> Entry:
+    def fill(
+        self, key: str, compute: Callable[[], Entry], *, fence: Fence, tags: tuple[str, ...] = ()
+    ) -> Entry:
         entry = compute()
         self.set(key, entry, fence=fence)
         return entry
@@ -143,7 +145,12 @@ class MemoryStore(Store):
         return self.delete_tag(tag)
 
     async def afill(
-        self, key: str, compute: Callable[[], Awaitable[Entry]], *, fence: Fence
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[Entry]],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
     ) -> Entry:
         entry = await compute()
         self.set(key, entry, fence=fence)

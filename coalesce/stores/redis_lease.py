@@ -296,7 +296,9 @@ class LeaseMixin:
             wait = min(wait, 0.2)  # no push can come: check a little more often
         return _WAIT, None, holder, wait
 
-    def fill(self, key: str, compute: Callable[[], Entry], *, fence: Fence) -> Entry:
+    def fill(
+        self, key: str, compute: Callable[[], Entry], *, fence: Fence, tags: tuple[str, ...] = ()
+    ) -> Entry:
         """Compute `key` once across all processes sharing this Redis (see the module doc)."""
         k = Keys(self._layout, key)
         token = secrets.token_hex(16)
@@ -379,7 +381,12 @@ class LeaseMixin:
         return bool(self._conn.script(RENEW, [lease], [token, self.lease_ms]))
 
     async def afill(
-        self, key: str, compute: Callable[[], Awaitable[Entry]], *, fence: Fence
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[Entry]],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
     ) -> Entry:
         """`fill` for asyncio: the same steps, awaiting (compare side by side)."""
         k = Keys(self._layout, key)
