@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 from urllib.parse import urlsplit
@@ -134,8 +134,10 @@ class Cache:
         self._last_logged = 0.0
         self.backend_errors = 0
         self.local = not self.store.shared  # reads cannot fail nor block: no wrapper needed
+        self._tags_in_flight: dict[str, set[str]] = {}  # full tag -> full keys computing
         if self.store.shared:
             self.store.on_invalidated = self._fence
+            self.store.on_invalidated_tag = self._fence_tag
         if self.local:
             self.read = self.store.get  # type: ignore[method-assign]
 
@@ -287,6 +289,33 @@ class Cache:
         self.flights.invalidate(full_key)
         self.aflights.invalidate(full_key)
 
+    @contextlib.contextmanager
+    def computing(self, key: str, tags: tuple[str, ...]) -> Iterator[None]:
+        """Mark `key` as computing with `tags`, so an invalidation of a tag fences it."""
+        if not tags:
+            yield
+            return
+        with self._lock:
+            for tag in tags:
+                self._tags_in_flight.setdefault(tag, set()).add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                for tag in tags:
+                    keys = self._tags_in_flight.get(tag)
+                    if keys is not None:
+                        keys.discard(key)
+                        if not keys:
+                            del self._tags_in_flight[tag]
+
+    def _fence_tag(self, full_tag: str) -> None:
+        """Fence this process's computations in flight that carry `full_tag`."""
+        with self._lock:
+            keys = list(self._tags_in_flight.get(full_tag, ()))
+        for key in keys:
+            self._fence(key)
+
     def invalidate(self, key: str) -> bool:
         """Delete `key` (without namespace); return whether an entry existed.
 
@@ -294,22 +323,38 @@ class Cache:
         result afterwards: the next caller computes afresh.
         """
         full = self._full(key)
+        if not self.enabled:
+            return False  # the rollback switch: nothing is read or written
         self._fence(full)
         return self.store.delete(full)
 
     async def ainvalidate(self, key: str) -> bool:
         """`invalidate` for async code."""
         full = self._full(key)
+        if not self.enabled:
+            return False
         self._fence(full)
         return await self.store.adelete(full)
 
     def invalidate_tag(self, tag: str) -> int:
-        """Delete every entry carrying `tag`; return how many there were."""
-        return self.store.delete_tag(self._full(tag))
+        """Delete every entry carrying `tag`; return how many there were.
+
+        Computations in flight whose entries will carry the tag are fenced first, as for
+        `invalidate`.
+        """
+        full = self._full(tag)
+        if not self.enabled:
+            return 0
+        self._fence_tag(full)
+        return self.store.delete_tag(full)
 
     async def ainvalidate_tag(self, tag: str) -> int:
         """`invalidate_tag` for async code."""
-        return await self.store.adelete_tag(self._full(tag))
+        full = self._full(tag)
+        if not self.enabled:
+            return 0
+        self._fence_tag(full)
+        return await self.store.adelete_tag(full)
 
     def get_entry(self, key: str) -> Entry | None:
         """The entry stored under `key` (without namespace), fresh or stale, for inspection."""

@@ -124,9 +124,12 @@ class Policy:
     def ttl_for(self, cache: Cache) -> float | None:
         return cache.default_ttl if self.ttl is None else self.ttl
 
-    def make_entry(self, cache: Cache, value: Any, started: float, args: Any, kwargs: Any) -> Entry:
+    def tag_names(self, cache: Cache, args: Any, kwargs: Any) -> tuple[str, ...]:
+        """The full names of the tags a call's entry carries."""
+        return tuple(cache.prefix + make(*args, **kwargs) for make in self.tag_keys)
+
+    def make_entry(self, cache: Cache, value: Any, started: float, tags: tuple[str, ...]) -> Entry:
         elapsed = _perf() - started
-        tags = tuple(cache.prefix + make(*args, **kwargs) for make in self.tag_keys)
         if self.store and (self.copy or cache.store.shared):
             value = freeze(value, cache.serializer, self.name)
         return Entry(value, _now(), self.ttl_for(cache), self.stale_ttl, elapsed, tags)
@@ -197,7 +200,9 @@ def __coalesce_wrapper({params}):
     ):
         __coalesce_stats.hits += 1
         __coalesce_v = __coalesce_e.value
-        return __coalesce_v.thaw() if type(__coalesce_v) is __coalesce_Frozen else __coalesce_v
+        if __coalesce_type(__coalesce_v) is __coalesce_Frozen:
+            return __coalesce_v.thaw()
+        return __coalesce_v
     return __coalesce_slow(
         __coalesce_cache, __coalesce_policy, __coalesce_k, __coalesce_e, {args}, {kwargs}
     )
@@ -222,7 +227,9 @@ async def __coalesce_wrapper({params}):
     ):
         __coalesce_stats.hits += 1
         __coalesce_v = __coalesce_e.value
-        return __coalesce_v.thaw() if type(__coalesce_v) is __coalesce_Frozen else __coalesce_v
+        if __coalesce_type(__coalesce_v) is __coalesce_Frozen:
+            return __coalesce_v.thaw()
+        return __coalesce_v
     return await __coalesce_slow(
         __coalesce_cache, __coalesce_policy, __coalesce_k, __coalesce_e, {args}, {kwargs}
     )
@@ -244,6 +251,7 @@ def _generate(policy: Policy, is_async: bool) -> Callable[..., Any]:
         "__coalesce_fn": policy.fn,
         "__coalesce_stats": policy.stats,
         "__coalesce_now": time.time,
+        "__coalesce_type": type,
         "__coalesce_Frozen": Frozen,
         "__coalesce_slow": _aslow if is_async else _slow,
     }
@@ -303,18 +311,36 @@ def _raw_key_was_read(policy: Policy, raw_key: str) -> bool:
 
 
 def _miss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
+    raised: list[Exception] = []
     entry, _ = cache.flights.run(
-        key, lambda fence: _lead(cache, policy, key, fence, args, kwargs), policy.count_shared
+        key,
+        lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised),
+        policy.count_shared,
     )
+    if raised and entry.error:
+        raise raised[0]  # the leader's caller gets its own exception, traceback and all
     return entry
 
 
-def _lead(cache: Cache, policy: Policy, key: str, fence: Fence, args: Any, kwargs: Any) -> Entry:
-    """The leader of this process: check again, then compute once (across processes)."""
+def _lead(
+    cache: Cache,
+    policy: Policy,
+    key: str,
+    fence: Fence,
+    args: Any,
+    kwargs: Any,
+    raised: list[Exception],
+) -> Entry:
+    """The leader of this process: check again, then compute once (across processes).
+
+    A failure cached with `cache_errors` goes into `raised`, so that the leader's own caller
+    gets the original exception and the others its rebuilt form.
+    """
     if policy.store:
         entry = cache.read(key)
         if entry is not None and entry.fresh_until > _now():
             return _shareable(cache, policy, entry)
+    tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
 
     def compute() -> Entry:
@@ -325,19 +351,21 @@ def _lead(cache: Cache, policy: Policy, key: str, fence: Fence, args: Any, kwarg
             _count_computation(policy, started, failed=True)
             if policy.cache_errors is None:
                 raise
+            raised.append(exc)
             computed.append(policy.error_entry(cache, exc, started))
             return computed[0]
         _count_computation(policy, started)
-        computed.append(policy.make_entry(cache, value, started, args, kwargs))
+        computed.append(policy.make_entry(cache, value, started, tags))
         return computed[0]
 
     if not policy.store:
         return compute()
-    try:
-        return cache.store.fill(key, compute, fence=fence)
-    except BackendError as exc:
-        cache.backend_failed(policy, exc)
-        return computed[0] if computed else compute()
+    with cache.computing(key, tags):
+        try:
+            return cache.store.fill(key, compute, fence=fence, tags=tags)
+        except BackendError as exc:
+            cache.backend_failed(policy, exc)
+            return computed[0] if computed else compute()
 
 
 def _shareable(cache: Cache, policy: Policy, entry: Entry) -> Entry:
@@ -365,20 +393,32 @@ def _count_computation(policy: Policy, started: float, *, failed: bool = False) 
 
 
 async def _amiss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
+    raised: list[Exception] = []
     entry, _ = await cache.aflights.run(
-        key, lambda fence: _alead(cache, policy, key, fence, args, kwargs), policy.count_shared
+        key,
+        lambda fence: _alead(cache, policy, key, fence, args, kwargs, raised),
+        policy.count_shared,
     )
+    if raised and entry.error:
+        raise raised[0]
     return entry
 
 
 async def _alead(
-    cache: Cache, policy: Policy, key: str, fence: Fence, args: Any, kwargs: Any
+    cache: Cache,
+    policy: Policy,
+    key: str,
+    fence: Fence,
+    args: Any,
+    kwargs: Any,
+    raised: list[Exception],
 ) -> Entry:
     """The leader of this process on this loop: check again, then compute once."""
     if policy.store:
         entry = await cache.aread(key)
         if entry is not None and entry.fresh_until > _now():
             return _shareable(cache, policy, entry)
+    tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
 
     async def compute() -> Entry:
@@ -389,19 +429,21 @@ async def _alead(
             _count_computation(policy, started, failed=True)
             if policy.cache_errors is None:
                 raise
+            raised.append(exc)
             computed.append(policy.error_entry(cache, exc, started))
             return computed[0]
         _count_computation(policy, started)
-        computed.append(policy.make_entry(cache, value, started, args, kwargs))
+        computed.append(policy.make_entry(cache, value, started, tags))
         return computed[0]
 
     if not policy.store:
         return await compute()
-    try:
-        return await cache.store.afill(key, compute, fence=fence)
-    except BackendError as exc:
-        cache.backend_failed(policy, exc)
-        return computed[0] if computed else await compute()
+    with cache.computing(key, tags):
+        try:
+            return await cache.store.afill(key, compute, fence=fence, tags=tags)
+        except BackendError as exc:
+            cache.backend_failed(policy, exc)
+            return computed[0] if computed else await compute()
 
 
 # ---------------------------------------------------------------------------------------

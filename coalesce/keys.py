@@ -42,11 +42,14 @@ MAX_KEY_LENGTH = 250
 _HASHED_PREFIX_LENGTH = 200
 
 # Printable ASCII punctuation that may stay as it is inside a substituted template value.
-_TEMPLATE_SAFE = "!\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"
+_TEMPLATE_SAFE = "!\"#$&'()*+,-./:;<=>?@[\\]^_`|~"
 # Inside the canonical encoding the structural characters must be escaped too.
 _CANONICAL_SAFE = "!\"#$&'*+-./;<>?@\\^_`|~"
 
 KeyFunction = Callable[..., str]
+
+# Builtins the generated code calls, under names no parameter can shadow.
+_BUILTINS: dict[str, Any] = {"__coalesce_str": str, "__coalesce_type": type, "__coalesce_int": int}
 
 # A format field that means the same in an f-string: attributes, integer indexes, a
 # conversion and a plain format spec.
@@ -54,12 +57,15 @@ _FSTRING_FIELD = re.compile(r"^\{[A-Za-z_]\w*(\.[A-Za-z_]\w*|\[\d+\])*(![rsa])?(
 
 
 def is_safe_key(key: str) -> bool:
-    """True when `key` needs no escaping: printable, no whitespace, no `%`, not too long."""
+    """True when `key` needs no escaping: printable, no whitespace, no `%`, no braces (they
+    would cut a Redis Cluster hash tag short), not empty, not too long."""
     return (
         len(key) <= MAX_KEY_LENGTH
         and key.isprintable()
         and " " not in key
         and "%" not in key
+        and "{" not in key
+        and "}" not in key
         and key != ""
     )
 
@@ -74,7 +80,9 @@ def shorten(key: str) -> str:
     if len(key) <= MAX_KEY_LENGTH:
         return key
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-    return f"{key[:_HASHED_PREFIX_LENGTH]}#{digest}"
+    # "%#" cannot occur in a key otherwise (values always escape "%"): no key can pose as
+    # the shortened form of another
+    return f"{key[:_HASHED_PREFIX_LENGTH]}%#{digest}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,7 +152,9 @@ def canonical(value: Any) -> str:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _canon_dataclass(value)
     if getattr(type(value), "__repr__", None) is not object.__repr__:
-        return f"r{_canon_type_name(value)}({_quote(repr(value))})"
+        text = repr(value)
+        if " at 0x" not in text:  # a memory address identifies nothing across calls
+            return f"r{_canon_type_name(value)}({_quote(text)})"
     raise KeyBuildError(
         f"cannot build a cache key from an argument of type {type(value).__qualname__!r}: "
         "it has no stable text form; give the decorator a key template "
@@ -257,13 +267,19 @@ def _default_plan(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyPla
     prefix = f"{fn.__module__}.{fn.__qualname__}:"
     pieces = [
         # ints are the most common argument: encode them inline, the rest by `canonical`
-        f"{param.name!r} + ('=i' + str({param.name}) if type({param.name}) is int "
+        f"{param.name!r} + ('=i' + __coalesce_str({param.name}) "
+        f"if __coalesce_type({param.name}) is __coalesce_int "
         f"else '=' + __coalesce_c({param.name}))"
         for param in sig.parameters.values()
         if param.name not in excluded
     ]
     expr = "__coalesce_p + " + (" + ',' + ".join(pieces) if pieces else "''")
-    names = {"__coalesce_c": canonical, "__coalesce_p": prefix, "__coalesce_s": shorten}
+    names = {
+        "__coalesce_c": canonical,
+        "__coalesce_p": prefix,
+        "__coalesce_s": shorten,
+        **_BUILTINS,
+    }
     make = _compile(fn, f"return __coalesce_s({expr})", names, ".key")
     return KeyPlan(make, expr, names, "True")
 
@@ -337,13 +353,12 @@ def _template_plan(fn: Callable[..., Any], template: str) -> KeyPlan:
     else:
         expr = f"__coalesce_t.format({kwargs})"
     body = (
-        f"k = {expr}\n"
-        f"    if len(k) <= {MAX_KEY_LENGTH} and k.isprintable() and ' ' not in k "
-        "and '%' not in k and k:\n"
-        "        return k\n"
+        f"__coalesce_k = {expr}\n"
+        f"    if __coalesce_ok(__coalesce_k):\n"
+        "        return __coalesce_k\n"
         f"    return __coalesce_e({kwargs})"
     )
-    names = {"__coalesce_t": template, "__coalesce_e": render_escaped}
+    names = {"__coalesce_t": template, "__coalesce_e": render_escaped, "__coalesce_ok": is_safe_key}
     make = _compile(fn, body, names, ".key")
     return KeyPlan(make, expr, names, "'%' not in __coalesce_k")
 

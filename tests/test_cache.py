@@ -615,3 +615,105 @@ def test_cache_errors_hits_count_as_hits() -> None:
     assert stats["errors"] == 1
     assert stats["misses"] == 1
     assert stats["hits"] == 2
+
+
+# -- tags fence computations in flight; the rollback switch covers invalidation ------------
+
+
+def test_invalidate_tag_fences_a_sync_computation_in_flight() -> None:
+    cache = Cache()
+    started, release = threading.Event(), threading.Event()
+    versions = iter(range(1, 10))
+
+    @cache.cached(ttl=60, key="orders:{uid}", tags=["user:{uid}"])
+    def orders(uid: int) -> int:
+        value = next(versions)
+        started.set()
+        release.wait(5)
+        return value
+
+    results: list[int] = []
+    worker = threading.Thread(target=lambda: results.append(orders(42)))
+    worker.start()
+    assert started.wait(5)
+    assert cache.invalidate_tag("user:42") == 0  # nothing stored yet, but one is computing
+    release.set()
+    worker.join(5)
+    assert results == [1]  # its own caller still gets it ...
+    assert orders(42) == 2  # ... but it never landed: the next caller computes afresh
+
+
+async def test_invalidate_tag_fences_an_async_computation_in_flight() -> None:
+    cache = Cache()
+    started, release = asyncio.Event(), asyncio.Event()
+    versions = iter(range(1, 10))
+
+    @cache.cached(ttl=60, key="orders:{uid}", tags=["user:{uid}"])
+    async def orders(uid: int) -> int:
+        value = next(versions)
+        started.set()
+        await release.wait()
+        return value
+
+    first = asyncio.ensure_future(orders(42))
+    await asyncio.wait_for(started.wait(), 5)
+    await cache.ainvalidate_tag("user:42")
+    release.set()
+    assert await first == 1
+    assert await orders(42) == 2
+
+
+async def test_a_tag_invalidation_leaves_other_computations_alone() -> None:
+    cache = Cache()
+    release = asyncio.Event()
+
+    @cache.cached(ttl=60, key="orders:{uid}", tags=["user:{uid}"])
+    async def orders(uid: int) -> int:
+        await release.wait()
+        return uid
+
+    first = asyncio.ensure_future(orders(7))
+    await asyncio.sleep(0)
+    await cache.ainvalidate_tag("user:42")
+    release.set()
+    assert await first == 7
+    assert await orders(7) == 7
+    assert orders.stats()["hits"] == 1
+
+
+def test_disabled_cache_invalidation_is_a_no_op() -> None:
+    cache = Cache("redis://127.0.0.1:1/0", enabled=False)  # nothing listens there
+
+    @cache.cached(ttl=60, key="k:{x}", tags=["t"])
+    def f(x: int) -> int:
+        return x
+
+    assert f(1) == 1
+    assert f.invalidate(1) is False
+    assert cache.invalidate("k:1") is False
+    assert cache.invalidate_tag("t") == 0
+
+
+class NotFound(Exception):
+    def __init__(self, what: str, code: int) -> None:
+        super().__init__(what, code)
+        self.code = code
+
+
+def test_cached_error_reaches_the_leader_as_the_original_exception() -> None:
+    cache = Cache()
+    calls = 0
+
+    @cache.cached(ttl=60, cache_errors=30)
+    def find(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise NotFound("user", 404)
+
+    with pytest.raises(NotFound) as first:
+        find(1)
+    assert first.value.code == 404  # the very exception, attributes and all
+    with pytest.raises(Exception, match="user") as later:
+        find(1)  # from the cache: rebuilt, or CachedError when it cannot be
+    assert later.value is not first.value
+    assert calls == 1

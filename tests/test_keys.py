@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from coalesce import Cache, KeyBuildError, KeyTemplateError
+from coalesce.keys import key_function
 
 MAX_KEY = 250
 
@@ -657,3 +658,62 @@ def test_stored_default_key_matches_fn_key() -> None:
     f("x y")
     assert cache.keys() == [f.key("x y")]
     assert cache.get_entry(f.key("x y", 2)) is not None
+
+
+# -- names and values that once broke keys ------------------------------------------------
+
+
+def test_parameters_named_like_builtins_work_on_hits_and_misses() -> None:
+    cache = Cache()
+
+    @cache.cached(ttl=60, key="s:{q}:{type}")
+    def templated(q: int, type: str = "x", len: int = 3, str: str = "a", int: int = 1) -> int:
+        return q
+
+    @cache.cached(ttl=60)
+    def default(type: int, str: int = 2, int: int = 3, k: int = 4, len: int = 5) -> int:
+        return type
+
+    for _ in range(2):  # a miss, then a hit
+        assert templated(1) == 1
+        assert default(7) == 7
+    assert templated.stats()["hits"] == 1
+    assert default.stats()["hits"] == 1
+
+
+def test_a_value_cannot_pose_as_the_shortened_form_of_another_key() -> None:
+    cache = Cache()
+    calls: list[str] = []
+
+    @cache.cached(ttl=60, key="q:{s}")
+    def f(s: str) -> int:
+        calls.append(s)
+        return len(s)
+
+    long_value = "a" * 300
+    shortened = f.key(long_value)
+    assert len(shortened) <= 250 and "%#" in shortened
+    forged = shortened[len("q:") :]  # a caller sends the shortened form as its value
+    assert f(long_value) == 300
+    assert f(forged) == len(forged)  # computed for itself, not the other key's value
+    assert calls == [long_value, forged]
+    assert f.key(forged) != shortened
+
+
+def test_braces_in_values_are_escaped_for_redis_cluster_hash_tags() -> None:
+    def f(q: str) -> None: ...
+
+    key = key_function(f, "q:{q}")("}x{")
+    assert "{" not in key and "}" not in key
+    assert key == "q:%7Dx%7B"
+    with pytest.raises(KeyTemplateError):
+        key_function(f, "q:{{literal}}:{q}")
+
+
+def test_reprs_with_memory_addresses_are_refused_in_default_keys() -> None:
+    def apply(fn: Any, x: int) -> int:
+        return int(fn(x))
+
+    make = key_function(apply, None)
+    with pytest.raises(KeyBuildError, match="function"):
+        make(lambda v: v + 1, 1)
