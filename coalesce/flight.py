@@ -15,11 +15,14 @@ contract (after Go's `singleflight`):
 * asyncio only: the computation runs in its own task and callers await it through
   `asyncio.shield`, so cancelling a caller (or `asyncio.wait_for` timing it out) affects
   that caller alone. The computation is cancelled only when no caller waits any more.
+  Callers on several event loops of one process share one computation too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -110,14 +113,48 @@ class ThreadFlights(Generic[T]):
 
 
 class _AsyncFlight:
-    """One computation in flight on one event loop."""
+    """One computation in flight, running on the event loop of the caller that started it."""
 
-    __slots__ = ("fence", "task", "waiters")
+    __slots__ = ("fence", "loop", "outcome", "task", "waiters")
 
-    def __init__(self, task: asyncio.Task[Any], fence: Fence) -> None:
+    def __init__(
+        self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop, fence: Fence
+    ) -> None:
         self.task = task  # the shared computation; never awaited directly, only shielded
+        self.loop = loop  # the task's loop: only it may touch `task`
         self.fence = fence
-        self.waiters = 0  # callers awaiting the task; only touched on the task's loop
+        # the task's outcome, copied when it ends, for callers on other loops (threads)
+        self.outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.waiters = 0  # callers awaiting the outcome; guarded by `AsyncFlights._lock`
+
+    def done(self) -> bool:
+        return self.outcome.done()
+
+    def cancelled(self) -> bool:
+        return self.outcome.cancelled()
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """The outcome, awaited from `loop`; cancelling the caller leaves it running."""
+        if loop is self.loop:
+            return await asyncio.shield(self.task)
+        return await asyncio.shield(asyncio.wrap_future(self.outcome))
+
+    def cancel(self) -> None:
+        """Cancel the computation, from any thread."""
+        if asyncio.get_running_loop() is self.loop:
+            self.task.cancel()
+        else:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: it is over anyway
+                self.loop.call_soon_threadsafe(self.task.cancel)
+
+
+def _copy_outcome(task: asyncio.Task[Any], outcome: concurrent.futures.Future[Any]) -> None:
+    if task.cancelled():
+        outcome.cancel()
+    elif task.exception() is not None:
+        outcome.set_exception(task.exception())
+    else:
+        outcome.set_result(task.result())
 
 
 def _caller_cancelled() -> bool:
@@ -129,15 +166,17 @@ def _caller_cancelled() -> bool:
 
 
 class AsyncFlights:
-    """Single-flight for asyncio: flights are per key and per event loop.
+    """Single-flight for asyncio, across the event loops of one process.
 
-    Followers on another event loop (another thread) start their own flight: futures cannot
-    be awaited across loops, and the cross-process store still lets only one of them compute.
+    The computation runs as a task on the loop of the caller that started it. Callers on
+    that loop await the task; callers on other loops (other threads) await a
+    `concurrent.futures.Future` the task's outcome is copied into when it ends. Should the
+    starting loop shut down first, the task is cancelled and those callers start over.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards _flights against other threads' loops
-        self._flights: dict[tuple[str, asyncio.AbstractEventLoop], _AsyncFlight] = {}
+        self._lock = threading.Lock()  # guards _flights and every flight's `waiters`
+        self._flights: dict[str, _AsyncFlight] = {}
 
     async def run(
         self,
@@ -150,18 +189,17 @@ class AsyncFlights:
         `on_shared` is called once by every follower that receives the leader's outcome.
         """
         loop = asyncio.get_running_loop()
-        slot = (key, loop)
         for _ in range(_MAX_RESTARTS):
             with self._lock:
-                flight = self._flights.get(slot)
+                flight = self._flights.get(key)
                 shared = flight is not None
                 if flight is None:
-                    flight = self._start(slot, loop, compute)
-            flight.waiters += 1
+                    flight = self._start(key, loop, compute)
+                flight.waiters += 1
             try:
-                value = await asyncio.shield(flight.task)
+                value = await flight.wait(loop)
             except asyncio.CancelledError:
-                if flight.task.cancelled() and not _caller_cancelled():
+                if flight.cancelled() and not _caller_cancelled():
                     continue  # the computation was cancelled, not us: start over
                 raise
             except BaseException:
@@ -173,43 +211,40 @@ class AsyncFlights:
                     on_shared()
                 return value, shared
             finally:
-                flight.waiters -= 1
-                if flight.waiters == 0 and not flight.task.done():
-                    flight.task.cancel()  # nobody is left to receive the result
+                with self._lock:
+                    flight.waiters -= 1
+                    abandoned = flight.waiters == 0 and not flight.done()
+                if abandoned:
+                    flight.cancel()  # nobody is left to receive the result
         raise RuntimeError(f"the computation of {key!r} was abandoned {_MAX_RESTARTS} times")
 
     def _start(
-        self,
-        slot: tuple[str, asyncio.AbstractEventLoop],
-        loop: asyncio.AbstractEventLoop,
-        compute: Callable[[Fence], Awaitable[T]],
+        self, key: str, loop: asyncio.AbstractEventLoop, compute: Callable[[Fence], Awaitable[T]]
     ) -> _AsyncFlight:
         fence = Fence()
 
         async def guarded() -> T:
             return await compute(fence)
 
-        flight = _AsyncFlight(loop.create_task(guarded()), fence)
-        self._flights[slot] = flight
+        flight = _AsyncFlight(loop.create_task(guarded()), loop, fence)
+        self._flights[key] = flight
 
-        def forget(_: asyncio.Task[Any]) -> None:
+        def finish(task: asyncio.Task[Any]) -> None:
             with self._lock:
-                if self._flights.get(slot) is flight:
-                    del self._flights[slot]
-            if not flight.task.cancelled():
-                flight.task.exception()  # mark retrieved: waiters got it, or nobody waited
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+            _copy_outcome(task, flight.outcome)  # also marks the task's exception retrieved
 
-        flight.task.add_done_callback(forget)
+        flight.task.add_done_callback(finish)
         return flight
 
     def invalidate(self, key: str) -> None:
-        """Fence the computations of `key` in flight (on any loop); new callers start afresh."""
+        """Fence the computation of `key` in flight; new callers start afresh."""
         with self._lock:
-            slots = [slot for slot in self._flights if slot[0] == key]
-            flights = [self._flights.pop(slot) for slot in slots]
-        for flight in flights:
+            flight = self._flights.pop(key, None)
+        if flight is not None:
             flight.fence.valid = False
 
     def running(self, key: str) -> bool:
-        """Whether a computation of `key` is in flight on the running loop."""
-        return (key, asyncio.get_running_loop()) in self._flights
+        """Whether a computation of `key` is in flight."""
+        return key in self._flights
