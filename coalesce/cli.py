@@ -11,10 +11,19 @@ Where the entries live decides how the command line reaches them:
   process. `invalidate` and `stats` then go through the application itself
   (`--app http://127.0.0.1:8000 --token ...`, served by `coalesce.fastapi.admin_router`).
 
-Errors the user can fix (an unknown URL scheme, an unreachable host, a wrong password, an
-empty key, a tag nothing carries) print one line on stderr and exit with code 2, never a
-traceback: an operator reading it during an incident needs the problem, not our stack.
-`get` of a missing key exits with 1, so scripts can tell "absent" from "broken".
+Errors the user can fix (an unknown URL scheme, an unparsable URL, an unreachable host, a
+wrong password, an empty key, a tag nothing carries, an entry written with another
+serializer) print one line on stderr and exit with code 2, never a traceback: an operator
+reading it during an incident needs the problem, not our stack. `get` of a missing key exits
+with 1, so scripts can tell "absent" from "broken".
+
+A KEY or TAG is given as the application's author writes it (`user:a b`) or as it is stored
+(`user:a%20b`, as `coalesce keys` lists it): one that is not safe as it is
+(`coalesce.keys.is_safe_key`) is looked up in the escaped form the core stores
+(`coalesce.keys.escape`), and the output says which form was used (`key_forms`).
+
+`keys` and `stats` bound their work, not only their results: at most `--max-scans` SCAN
+calls of `SCAN_COUNT` keys each, then they say that the listing was cut short.
 """
 
 from __future__ import annotations
@@ -23,17 +32,19 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
 import pprint
 import reprlib
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
-from coalesce import Cache, CoalesceError, __version__
+from coalesce import Cache, CoalesceError, SerializationError, __version__
+from coalesce.keys import escape, is_safe_key
 from coalesce.urls import redact
 
 if TYPE_CHECKING:
@@ -50,6 +61,8 @@ DEFAULT_METRICS_PATH = "/coalesce/metrics"
 PREVIEW_CHARS = 600
 LARGE_VALUE = 100_000  # encoded bytes above which the preview stops pretty-printing
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+SCAN_COUNT = 1000  # keys Redis looks at per SCAN call (`keys`, `stats`)
+DEFAULT_MAX_SCANS = 1000  # SCAN calls before `keys` / `stats` stop: a bound on the work
 
 
 class CliError(Exception):
@@ -119,6 +132,52 @@ def _validate_key(key: str, what: str = "key") -> str:
     return key
 
 
+def key_forms(key: str) -> list[str]:
+    """The stored names a KEY given on the command line may mean, the likelier first.
+
+    The core stores a key as it is when it is safe (`coalesce.keys.is_safe_key`), else
+    percent-encoded (`coalesce.keys.escape`): `user:a b` is stored as `user:a%20b`. A key
+    that is already in that encoded form (copied from `coalesce keys`, say) is taken as it
+    is first, then encoded once more (the raw value may contain `%20` itself).
+    """
+    if is_safe_key(key):
+        return [key]
+    escaped = escape(key)
+    if escape(unquote(key, errors="surrogatepass")) == key:  # only %XX: already encoded
+        return [key, escaped]
+    return [escaped]
+
+
+def form_note(given: str, used: str, forms: list[str], found: bool) -> str:
+    """How a KEY given on the command line was looked up, when not only as it was typed."""
+    if forms == [given]:
+        return ""
+    if used != given:
+        return f"  (the escaped form of {given!r}, as coalesce stores it)"
+    if found:
+        return "  (as given: already in the escaped form coalesce stores)"
+    return f"  (as given, and as its escaped form {forms[-1]}: neither exists)"
+
+
+def missing_tag(tag: str, forms: list[str]) -> str:
+    """A tag no entry carries, with the forms it was looked up as."""
+    if forms == [tag]:
+        return repr(tag)
+    if forms[0] != tag:
+        return f"{tag!r} (looked up as {forms[0]!r})"
+    return f"{tag!r} (nor {forms[-1]!r})"
+
+
+def _check_length(key: str, what: str = "key") -> str:
+    if len(key_forms(key)[0]) > 250:
+        raise CliError(
+            f"{what} {key[:40]!r}... is longer than 250 characters once escaped: coalesce "
+            "stores such keys shortened (their first 200 characters, then # and a SHA-256); "
+            "give that stored form, as `coalesce keys` lists it"
+        )
+    return key
+
+
 # ---------------------------------------------------------------------------------------
 # reaching Redis
 
@@ -136,8 +195,26 @@ def _memory_problem(command: str) -> CliError:
     )
 
 
+def parse_url(url: str, what: str = "cache URL (--url / COALESCE_URL)") -> SplitResult:
+    """`urlsplit(url)` and its port, or a `CliError` naming the problem (never the password)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        shown = redact(url)
+        where = f"invalid {what}" if shown.startswith("<") else f"invalid {what} {shown!r}"
+        hint = ""
+        if "IPv6" in str(exc):
+            hint = " (an IPv6 host goes in brackets, with its port after them: [::1]:6379)"
+        elif "port" in str(exc).lower():
+            hint = " (the port is a number from 0 to 65535, e.g. HOST:6379)"
+        raise CliError(f"{where}: {one_line(str(exc))}{hint}") from None
+    return parts
+
+
 def _check_scheme(url: str, command: str) -> None:
-    scheme = urlsplit(url).scheme
+    parts = parse_url(url)
+    scheme = parts.scheme
     if scheme == "memory":
         raise _memory_problem(command)
     if scheme not in REDIS_SCHEMES:
@@ -145,6 +222,11 @@ def _check_scheme(url: str, command: str) -> None:
         raise CliError(
             f"unknown cache URL scheme {shown!r} in {redact(url)!r}: use redis://, rediss:// "
             "or unix:// (memory:// caches are reached with --app)"
+        )
+    if scheme == "unix" and not parts.path:
+        raise CliError(
+            f"invalid cache URL {redact(url)!r}: unix:// needs the socket's path, "
+            "e.g. unix:///run/redis/redis.sock?db=0"
         )
 
 
@@ -224,8 +306,53 @@ class RedisTarget:
     @property
     def cache(self) -> Cache:
         if self._cache is None:
-            self._cache = Cache(self.url, namespace=self.namespace, on_backend_error="raise")
+            try:
+                self._cache = Cache(self.url, namespace=self.namespace, on_backend_error="raise")
+            except (ValueError, TypeError) as exc:
+                raise CliError(
+                    f"invalid Redis URL {redact(self.url)!r}: {one_line(str(exc))}"
+                ) from None
         return self._cache
+
+    def entry_name(self, key: str) -> str:
+        """The Redis key holding the entry of `key` (without namespace).
+
+        The store's layout (`coalesce.stores.redis_scripts.KeyLayout`): the public API has
+        no bounded SCAN nor a raw read, which `keys` and `get` need.
+        """
+        from coalesce.stores.redis_scripts import KeyLayout
+
+        return KeyLayout(self.namespace).entry(self.cache.prefix + key)
+
+    def scan(self, pattern: str, limit: int, max_scans: int) -> tuple[list[str], bool]:
+        """Up to `limit` keys (without namespace) matching the glob `pattern`, looking at
+        no more than `max_scans` x `SCAN_COUNT` Redis keys; and whether the scan finished.
+
+        `Cache.keys` stops at `limit` results but not before: a pattern matching nothing
+        would walk the whole database. This walks it `SCAN_COUNT` keys per call, at most
+        `max_scans` calls.
+        """
+        from coalesce.stores.redis_scripts import KeyLayout
+
+        layout = KeyLayout(self.namespace)
+        match = layout.match(self.cache.prefix + pattern)
+        found: list[str] = []
+        client = self.client
+        cursor: Any = 0
+        for _ in range(max_scans):
+            cursor, names = self.guard(
+                functools.partial(client.scan, cursor, match=match, count=SCAN_COUNT)
+            )
+            for raw in names:
+                name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+                full = layout.key_of_entry(name)
+                if full is not None and full.startswith(self.cache.prefix):
+                    found.append(full[len(self.cache.prefix) :])
+                    if len(found) >= limit:
+                        return found, int(cursor) == 0
+            if int(cursor) == 0:
+                return found, True
+        return found, False
 
     def ping(self) -> float:
         """Seconds one PING took; raises `CliError` naming the problem."""
@@ -325,7 +452,7 @@ def _decode_body(raw: bytes) -> Any:
 
 def _app_url(args: argparse.Namespace, path: str) -> str:
     base: str = args.app
-    parts = urlsplit(base)
+    parts = parse_url(base, "--app URL")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise CliError(f"--app must be an http:// or https:// URL, not {base!r}")
     return base.rstrip("/") + "/" + path.lstrip("/")
@@ -357,8 +484,8 @@ def _app_failure(status: int, body: Any, url: str) -> CliError:
 
 
 def cmd_invalidate(args: argparse.Namespace) -> int:
-    keys: list[str] = [_validate_key(key) for key in args.keys]
-    tags: list[str] = [_validate_key(tag, "tag") for tag in args.tag or []]
+    keys: list[str] = [_check_length(_validate_key(key)) for key in args.keys]
+    tags: list[str] = [_check_length(_validate_key(tag, "tag"), "tag") for tag in args.tag or []]
     if not keys and not tags:
         raise CliError("nothing to invalidate: give one or more KEYs or --tag TAG")
     if args.app:
@@ -367,16 +494,29 @@ def cmd_invalidate(args: argparse.Namespace) -> int:
     try:
         missing_tags: list[str] = []
         for key in keys:
-            removed = target.guard(functools.partial(target.cache.invalidate, key))
-            print(f"removed        {key}" if removed else f"did not exist  {key}")
+            forms = key_forms(key)
+            for used in forms:  # the first form that existed, else the likeliest one
+                removed = target.guard(functools.partial(target.cache.invalidate, used))
+                if removed:
+                    break
+            used = used if removed else forms[0]
+            note = form_note(key, used, forms, bool(removed))
+            print(f"removed        {used}{note}" if removed else f"did not exist  {used}{note}")
         for tag in tags:
-            count = int(target.guard(functools.partial(target.cache.invalidate_tag, tag)))
+            forms = key_forms(tag)
+            for used in forms:
+                count = int(target.guard(functools.partial(target.cache.invalidate_tag, used)))
+                if count:
+                    break
+            used = used if count else forms[0]
+            note = form_note(tag, used, forms, bool(count))
             if count:
-                print(f"removed        {count:,} entr{'y' if count == 1 else 'ies'} tagged {tag}")
+                plural = "entry" if count == 1 else "entries"
+                print(f"removed        {count:,} {plural} tagged {used}{note}")
             else:
-                missing_tags.append(tag)
+                missing_tags.append(missing_tag(tag, forms))
         if missing_tags:
-            raise CliError(f"no such tag: no entry carries {', '.join(map(repr, missing_tags))}")
+            raise CliError(f"no such tag: no entry carries {', '.join(missing_tags)}")
     finally:
         target.close()
     return EXIT_OK
@@ -390,32 +530,51 @@ def _invalidate_over_http(args: argparse.Namespace, keys: list[str], tags: list[
     """
     token = _app_token(args)
     url = _app_url(args, args.admin_prefix.rstrip("/") + "/invalidate")
-    bodies: list[dict[str, Any]] = [{"keys": keys}] if keys else []
-    bodies.extend({"tag": tag} for tag in tags)
-    missing_tags: list[str] = []
-    for body in bodies:
+
+    def post(body: dict[str, Any]) -> Any:
         status, answer = http_call("POST", url, token=token, body=body, timeout=args.timeout)
         if not 200 <= status < 300:
             raise _app_failure(status, answer, url)
         removed = answer.get("removed") if isinstance(answer, dict) else None
-        if "keys" in body and isinstance(removed, dict):
-            for key in body["keys"]:
-                print(f"removed        {key}" if removed.get(key) else f"did not exist  {key}")
-        elif "tag" in body and isinstance(removed, int):
-            if removed:
-                plural = "entry" if removed == 1 else "entries"
-                print(f"removed        {removed:,} {plural} tagged {body['tag']}")
-            else:
-                missing_tags.append(body["tag"])
+        if isinstance(removed, dict if "keys" in body else int):
+            return removed
+        raise CliError(f"unexpected answer from {url}: {one_line(json.dumps(answer))[:200]}")
+
+    if keys:  # each key's likeliest stored form; the other one for those that did not exist
+        forms = {key: key_forms(key) for key in keys}
+        removed = post({"keys": sorted({f[0] for f in forms.values()})})
+        used = {key: f[0] for key, f in forms.items()}
+        retry = {key: f[1] for key, f in forms.items() if len(f) > 1 and not removed.get(f[0])}
+        if retry:
+            again = post({"keys": sorted(set(retry.values()))})
+            for key, other in retry.items():
+                if again.get(other):
+                    used[key], removed[other] = other, True
+        for key in keys:
+            form = used[key]
+            done = "removed       " if removed.get(form) else "did not exist "
+            note = form_note(key, form, forms[key], bool(removed.get(form)))
+            print(f"{done} {form}{note}")
+    missing_tags: list[str] = []
+    for tag in tags:
+        tag_forms = key_forms(tag)
+        for form in tag_forms:
+            count = int(post({"tag": form}))
+            if count:
+                break
+        if count:
+            plural = "entry" if count == 1 else "entries"
+            note = form_note(tag, form, tag_forms, True)
+            print(f"removed        {count:,} {plural} tagged {form}{note}")
         else:
-            raise CliError(f"unexpected answer from {url}: {one_line(json.dumps(answer))[:200]}")
+            missing_tags.append(missing_tag(tag, tag_forms))
     if missing_tags:
-        raise CliError(f"no such tag: no entry carries {', '.join(map(repr, missing_tags))}")
+        raise CliError(f"no such tag: no entry carries {', '.join(missing_tags)}")
     return EXIT_OK
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    key = _validate_key(args.key)
+    given = _check_length(_validate_key(args.key))
     if args.max_chars < 1:
         raise CliError(f"--max-chars must be at least 1, not {args.max_chars}")
     if args.app:
@@ -426,9 +585,18 @@ def cmd_get(args: argparse.Namespace) -> int:
     target = open_target(args, "get")
     try:
         cache = target.cache
-        entry = target.guard(lambda: cache.get_entry(key))
+        forms = key_forms(given)
+        with _quiet_unreadable():  # `undecodable` says it, in one line
+            for key in forms:
+                entry = target.guard(functools.partial(cache.get_entry, key))
+                if entry is not None:
+                    break
         if entry is None:
-            print(f"no entry for key {key!r} in namespace {args.namespace!r}", file=sys.stderr)
+            key = forms[0]
+            for form in forms:
+                undecodable(target, form)
+            shown = repr(key) if key == given else f"{key!r} (the escaped form of {given!r})"
+            print(f"no entry for key {shown} in namespace {args.namespace!r}", file=sys.stderr)
             return EXIT_MISSING
         now = time.time()
         value = entry.value
@@ -451,7 +619,7 @@ def cmd_get(args: argparse.Namespace) -> int:
             ttl += f" (+ {human_seconds(entry.stale_ttl)} stale)"
         prefix = cache.prefix
         tags = [tag[len(prefix) :] if tag.startswith(prefix) else tag for tag in entry.tags]
-        print(f"key        {key}")
+        print(f"key        {key}{form_note(given, key, forms, True)}")
         print(f"status     {status}")
         print(f"age        {human_seconds(entry.age(now))}")
         print(f"ttl        {ttl}")
@@ -476,6 +644,48 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _drop_unreadable(record: logging.LogRecord) -> bool:
+    return "unreadable value" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_unreadable() -> Iterator[None]:
+    """Silence the Redis store's warning about an unreadable entry (`undecodable` reports
+    it as the command's own one-line error instead)."""
+    store_logger = logging.getLogger("coalesce.redis")
+    store_logger.addFilter(_drop_unreadable)
+    try:
+        yield
+    finally:
+        store_logger.removeFilter(_drop_unreadable)
+
+
+def undecodable(target: RedisTarget, key: str) -> None:
+    """Raise a `CliError` (exit 2) if an entry exists under `key` that cannot be decoded.
+
+    `Cache.get_entry` reads an entry written by another serializer (or by another program)
+    as no entry at all, so this reads the raw value and decodes it to tell why.
+    """
+    from coalesce.serialization import decode_entry
+
+    cache = target.cache
+    raw = target.guard(functools.partial(target.client.get, target.entry_name(key)))
+    if raw is None:
+        return
+    try:
+        decode_entry(raw, cache.serializer, context=key)
+    except SerializationError as exc:
+        raise CliError(
+            f"an entry exists for key {key!r} in namespace {target.namespace!r} but could not "
+            f"be decoded: {one_line(str(exc))}"
+        ) from None
+    except Exception as exc:  # a decoder that fails in its own way: still say it exists
+        raise CliError(
+            f"an entry exists for key {key!r} in namespace {target.namespace!r} but could not "
+            f"be decoded: {type(exc).__name__}: {one_line(str(exc))}"
+        ) from None
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.app:
         raise CliError(
@@ -487,36 +697,52 @@ def cmd_keys(args: argparse.Namespace) -> int:
     pattern: str = args.pattern
     if not pattern:
         raise CliError("empty pattern: use * for every key of the namespace")
+    if args.max_scans < 1:
+        raise CliError(f"--max-scans must be at least 1, not {args.max_scans}")
     target = open_target(args, "keys")
     try:
-        found: list[str] = target.guard(lambda: target.cache.keys(pattern, limit=args.limit))
+        found, complete = target.scan(pattern, args.limit, args.max_scans)
     finally:
         target.close()
     for key in sorted(found):
         print(key)
-    if not found:
-        print(f"no keys match {pattern!r} in namespace {args.namespace!r}", file=sys.stderr)
-    elif len(found) >= args.limit:
+    if len(found) >= args.limit:
         print(
             f"(stopped at --limit {args.limit:,}: there may be more; narrow the pattern or "
             "raise --limit)",
             file=sys.stderr,
         )
+    elif not complete:
+        print(
+            f"(listing cut short: {len(found):,} match{'' if len(found) == 1 else 'es'} among "
+            f"the first ~{args.max_scans * SCAN_COUNT:,} keys of the database, which has more; "
+            "give a narrower pattern with a literal start, e.g. user:42*, or raise "
+            f"--max-scans, now {args.max_scans:,})",
+            file=sys.stderr,
+        )
+    elif not found:
+        print(f"no keys match {pattern!r} in namespace {args.namespace!r}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     if args.app:
         return _stats_over_http(args)
+    if args.limit < 1:
+        raise CliError(f"--limit must be at least 1, not {args.limit}")
+    if args.max_scans < 1:
+        raise CliError(f"--max-scans must be at least 1, not {args.max_scans}")
     target = open_target(args, "stats")
     try:
-        keys = target.guard(lambda: target.cache.keys("*", limit=args.limit))
+        keys, complete = target.scan("*", args.limit, args.max_scans)
         info = target.info()
     finally:
         target.close()
     counted = f"{len(keys):,} key{'' if len(keys) == 1 else 's'}"
     if len(keys) >= args.limit:
         counted += f", counting stopped at --limit {args.limit:,}"
+    elif not complete:
+        counted = f"at least {counted}, counting stopped at --max-scans {args.max_scans:,}"
     hits, misses = int(info.get("keyspace_hits", 0)), int(info.get("keyspace_misses", 0))
     ratio = f"{hits / (hits + misses):.1%}" if hits + misses else "n/a"
     maxmemory = int(info.get("maxmemory", 0))
@@ -661,6 +887,7 @@ def _timed_value(target: RedisTarget, call: Callable[[], Any]) -> tuple[Any, flo
 def cmd_demo(args: argparse.Namespace) -> int:
     from coalesce.demo import run_demo
 
+    parse_url(resolve_url(args))  # a malformed URL: one line, exit 2, before any load
     return run_demo(args)
 
 
@@ -720,6 +947,18 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
+def _max_scans_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-scans",
+        type=int,
+        default=DEFAULT_MAX_SCANS,
+        metavar="N",
+        help=f"stop after N SCAN calls of {SCAN_COUNT:,} keys each, matching or not "
+        f"(default: {DEFAULT_MAX_SCANS:,}): a pattern that matches little cannot walk a "
+        "huge database",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line too, like every other bad input."""
 
@@ -761,11 +1000,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("keys", "list keys of the namespace (bounded SCAN)", cmd_keys)
     sub.add_argument("pattern", nargs="?", default="*", metavar="PATTERN", help="glob, e.g. user:*")
     sub.add_argument("--limit", type=int, default=1000, help="stop after this many keys")
+    _max_scans_option(sub)
 
     sub = command(
         "stats", "keys in the namespace and Redis server facts, or the app's metrics", cmd_stats
     )
     sub.add_argument("--limit", type=int, default=10_000, help="stop counting keys here")
+    _max_scans_option(sub)
     sub.add_argument("--json", action="store_true", help="with --app: the metrics as JSON")
 
     command("check", "write, read and delete a probe key; report latency and version", cmd_check)

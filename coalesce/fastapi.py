@@ -31,8 +31,10 @@ adds request headers. `key="item:{item_id}"` replaces the default with a templat
 handler's parameters (dependency results included: `"feed:{user.id}"`).
 
 Safe by default: a request carrying `Authorization` or `Cookie` is neither served from nor
-stored into an entry unless each such header is in `vary`, the key is a template, or the
-route says `shared=True`. Such requests run the handler as if undecorated (`X-Cache: BYPASS`).
+stored into an entry unless each such header is in `vary`, the key is a template that reads
+the user's identity (a dependency result such as `"feed:{user.id}"`, a cookie parameter or
+a credential header parameter; `"item:{item_id}"` does not), or the route says
+`shared=True`. Such requests run the handler as if undecorated (`X-Cache: BYPASS`).
 Responses that set a cookie or say `Cache-Control: private`/`no-store` are never stored
 nor handed to another request.
 

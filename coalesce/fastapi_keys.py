@@ -5,10 +5,11 @@ identity) along with things that are not: `Request`, `Response`, `BackgroundTask
 `SecurityScopes` and every `Depends(...)` / `Security(...)` value (a database session, the
 current user object...). `analyse` sorts them once, at decoration time.
 
-The default key of a request is the route's path template followed by its identity
-parameters in name order, query-string style, then the `vary` request headers:
+The default key of a request is the route's path template (with `<name>` for `{name}`, as
+braces are not allowed in keys) followed by its identity parameters in name order,
+query-string style, then the `vary` request headers:
 
-    /items/{item_id}?item_id=3&q=red|accept-language=en
+    /items/<item_id>?item_id=3&q=red|accept-language=en
 
 * `None` leaves a parameter out; a list repeats it (`tag=a&tag=b`, in order; sets sorted);
   booleans are `true`/`false`; enums give their value; other objects (pydantic models,
@@ -19,6 +20,12 @@ parameters in name order, query-string style, then the `vary` request headers:
   logs, `coalesce keys` and metrics, tokens must not.
 * A missing `vary` header is written without `=`, an empty one with it: they differ.
 
+A `key=` template replaces the default key. It carries the user's identity (so a request
+with `Authorization` or `Cookie` may be cached under it, for that user only) only when it
+reads a dependency result (`"feed:{user.id}"` with `user = Depends(current_user)`), a cookie
+parameter or a credential header parameter (`Authorization`, `X-API-Key`...):
+`template_carries_identity`.
+
 The core then makes the key safe (escapes what is left, bounds its length with a hash).
 """
 
@@ -28,6 +35,7 @@ import enum
 import hashlib
 import inspect
 import json
+import string
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -211,3 +219,48 @@ def bind_identity(
         else:
             values[param.name] = param.default
     return values
+
+
+def template_fields(template: str) -> set[str]:
+    """The parameter names a key template reads: `user` in `"feed:{user.id}"` (nested
+    fields of format specs included)."""
+    names: set[str] = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:  # malformed: the core refuses it when decorating
+        return names
+    for _, field, spec, _ in parsed:
+        if field is None:
+            continue
+        for stop in ".[!:":
+            field = field.split(stop, 1)[0]
+        names.add(field)
+        if spec:
+            names |= template_fields(spec)
+    return names
+
+
+def carries_identity(param: inspect.Parameter) -> bool:
+    """Whether a handler parameter's value tells users apart: a dependency result (the
+    current user...), a cookie parameter, or a credential header parameter."""
+    for marker in _markers(param):
+        if isinstance(marker, (params.Depends, params.Cookie)):
+            return True
+        if isinstance(marker, params.Header):
+            header = (marker.alias or param.name.replace("_", "-")).lower()
+            if header in SENSITIVE_HEADERS:
+                return True
+    return False
+
+
+def template_carries_identity(sig: inspect.Signature, template: str) -> bool:
+    """Whether a key template reads a parameter that tells users apart (`carries_identity`).
+
+    `"item:{item_id}"` does not: the same key for every user, so a request carrying
+    credentials must not be served from it nor stored into it.
+    """
+    parameters = sig.parameters
+    return any(
+        name in parameters and carries_identity(parameters[name])
+        for name in template_fields(template)
+    )

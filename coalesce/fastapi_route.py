@@ -8,6 +8,8 @@
     request ──► GET/HEAD? cache enabled? ── no ──► the handler, as if undecorated
        │
        ├─ Authorization/Cookie not covered by the key (and not shared=True) ──► BYPASS
+       │  (covered: each such header in `vary`, or a key template that reads the user's
+       │  identity: a dependency result such as `{user.id}`, a cookie or credential header)
        ▼
     key ──► read the entry ── fresh ──► HIT (the hot path: one read, nothing else)
        │
@@ -54,6 +56,7 @@ from coalesce.fastapi_keys import (
     encode_params,
     encode_vary,
     resolved_signature,
+    template_carries_identity,
 )
 from coalesce.fastapi_metrics import REGISTRY, MetricsRegistry, RouteMetrics
 from coalesce.fastapi_render import NotShared, Responder, entry_of, exception_entry, render
@@ -295,6 +298,10 @@ class CachedRoute:
         self.template: Callable[..., str] | None = (
             None if key is None else coalesce.coalesced(key=key)(fn).key
         )
+        # Whether the key tells users apart by itself (a template reading a dependency
+        # result such as `{user.id}`, a cookie or a credential header parameter); else a
+        # request with credentials needs each of them in `vary` (or `shared=True`).
+        self.key_has_user = key is not None and template_carries_identity(self.signature, key)
         self.tag_makers: list[Callable[..., str]] = [
             coalesce.coalesced(key=tag)(fn).key for tag in tags
         ]
@@ -348,7 +355,9 @@ class CachedRoute:
             raise ConfigurationError(
                 f"{self.name}: which path? pass path='/...' (this process served none yet)"
             )
-        return f"{path}?{ident}"
+        # `<item_id>` for `{item_id}`: braces would be escaped (they cut Redis Cluster hash
+        # tags short), and the key should stay readable in `coalesce keys`
+        return f"{path.replace('{', '<').replace('}', '>')}?{ident}"
 
     def given_values(self, given: dict[str, Any], where: str) -> dict[str, Any]:
         """Arguments for `.key()` / `.invalidate()`: FastAPI's defaults filled in."""
@@ -404,7 +413,7 @@ class CachedRoute:
         credentials = _credentials(scope["headers"])
         private = False
         if credentials and not self.shared:
-            if self.template is None and not all(h in self.vary for h in credentials):
+            if not self.key_has_user and not all(h in self.vary for h in credentials):
                 return await self.bypass(kwargs, sub, metrics)
             private = True  # the key holds the user's identity: for this user only
         if path not in self.paths:
@@ -417,7 +426,8 @@ class CachedRoute:
         try:
             ident = self.ident(kwargs)
             base = self.base_key(path, ident)
-            key = self.normal(base + encode_vary(self.vary, request.headers) if self.vary else base)
+            raw_key = base + encode_vary(self.vary, request.headers) if self.vary else base
+            key = self.normal(raw_key)
         except (CoalesceError, TypeError, ValueError, AttributeError, LookupError) as exc:
             # No stable key for this request (an argument without a text form, a template
             # field missing): run it as if undecorated rather than fail or share wrongly.
@@ -449,7 +459,9 @@ class CachedRoute:
         job = Job(key, kwargs, request, sub, metrics, path)
         tags = (self.route_tag(), self.request_tag(ident), *(m(**kwargs) for m in self.tag_makers))
         try:
-            value = await self.inner(key, tags, job)
+            # The raw key: the core escapes it once, into `key` (`normal`); passing `key`
+            # would escape its `%` again and store where reads and invalidations never look.
+            value = await self.inner(raw_key, tags, job)
         except NotShared as exc:
             if job.response is not None:  # this request ran the handler: its own response
                 metrics.misses += 1

@@ -117,6 +117,51 @@ def test_invalidate_reports_removed_and_missing_keys(
     assert cache.get_entry("user:1") is None
 
 
+def test_keys_with_unsafe_characters_are_found_in_their_escaped_form(
+    redis_server: RedisServer, unique_namespace: str, cache: Cache
+) -> None:
+    """The core stores `user:{name}` with name "a b" as `user:a%20b`: the command line looks
+    up that form when given the key as the application's author writes it, and says so."""
+
+    @cache.cached(ttl=120, key="user:{name}", tags=["team:{name}"])
+    def load(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    load("a b")
+    assert cache.keys() == ["user:a%20b"]
+    args = redis_args(redis_server, unique_namespace)
+
+    shown = run_cli("get", "user:a b", *args)
+    assert shown.returncode == 0, shown.stderr
+    assert "user:a%20b" in shown.stdout and "escaped form of 'user:a b'" in shown.stdout
+    assert "'name': 'a b'" in shown.stdout
+
+    removed = run_cli("invalidate", "user:a b", *args)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.split()[:2] == ["removed", "user:a%20b"]
+    assert "escaped form of 'user:a b'" in removed.stdout
+    assert cache.keys() == []
+
+    load("a b")  # the escaped form, as `coalesce keys` lists it, works as it is
+    pasted = run_cli("invalidate", "user:a%20b", *args)
+    assert pasted.stdout.split()[:2] == ["removed", "user:a%20b"], pasted.stdout
+    assert "as given" in pasted.stdout
+    assert cache.keys() == []
+
+    load("a b")
+    tagged = run_cli("invalidate", "--tag", "team:a b", *args)
+    assert tagged.returncode == 0, tagged.stderr
+    assert "tagged team:a%20b" in tagged.stdout
+    assert cache.keys() == []
+
+    missing = run_cli("invalidate", "user:a b", *args)
+    assert missing.returncode == 0
+    assert missing.stdout.split()[:4] == ["did", "not", "exist", "user:a%20b"]
+    absent = run_cli("get", "user:a b", *args)
+    assert absent.returncode == 1
+    assert "'user:a%20b' (the escaped form of 'user:a b')" in absent.stderr
+
+
 def test_invalidate_of_only_missing_keys_still_exits_0(
     redis_server: RedisServer, unique_namespace: str
 ) -> None:
@@ -303,6 +348,59 @@ def test_keys_with_pattern_and_limit(
     assert "no keys match" in result.stderr
 
 
+def test_get_of_an_entry_written_with_another_serializer_says_it_exists(
+    redis_server: RedisServer, unique_namespace: str
+) -> None:
+    pickled = Cache(redis_server.url, namespace=unique_namespace, serializer="pickle")
+    try:
+
+        @pickled.cached(ttl=60, key="report:{day}")
+        def report(day: str) -> dict[str, str]:
+            return {"day": day}
+
+        report("monday")
+        result = run_cli("get", "report:monday", *redis_args(redis_server, unique_namespace))
+    finally:
+        pickled.close()
+    line = assert_one_line_error(result, "an entry exists", "could not be decoded", "'pickle'")
+    assert "report:monday" in line
+    assert "no entry" not in line
+
+
+@pytest.fixture
+def filler(redis_server: RedisServer, unique_namespace: str) -> Iterator[int]:
+    """2,500 keys of another program in the database, so that a SCAN takes several calls."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    names = [f"{unique_namespace}-other:{i}" for i in range(2500)]
+    client.mset(dict.fromkeys(names, b"x"))
+    yield len(names)
+    client.delete(*names)
+    client.close()
+
+
+def test_keys_bounds_the_scan_not_only_the_results(
+    redis_server: RedisServer, unique_namespace: str, user: Any, filler: int
+) -> None:
+    args = redis_args(redis_server, unique_namespace)
+    user(1)
+    cut = run_cli("keys", "nomatch:*", "--max-scans", "1", *args)
+    assert cut.returncode == 0, cut.stderr
+    assert cut.stdout == ""
+    assert "cut short" in cut.stderr and "--max-scans" in cut.stderr
+    assert "narrower pattern" in cut.stderr
+
+    whole = run_cli("keys", "nomatch:*", *args)  # the default bound walks this database
+    assert "no keys match" in whole.stderr and "cut short" not in whole.stderr
+    assert run_cli("keys", "user:*", *args).stdout.split() == ["user:1"]
+
+    stats = run_cli("stats", "--max-scans", "1", *args)
+    assert stats.returncode == 0, stats.stderr
+    assert "counting stopped at --max-scans 1" in stats.stdout
+    assert_one_line_error(run_cli("keys", "--max-scans", "0", *args), "--max-scans")
+
+
 # ---------------------------------------------------------------------------------------
 # stats and check
 
@@ -351,6 +449,32 @@ def test_unknown_scheme_is_one_line_exit_2() -> None:
     assert_one_line_error(result, "unknown cache URL scheme", "mysql")
     result = run_cli("keys", env=clean_env(COALESCE_URL="memcached://127.0.0.1:11211"))
     assert_one_line_error(result, "memcached")
+
+
+@pytest.mark.parametrize(
+    ("url", "needles"),
+    [
+        ("redis://[::1", ("invalid cache URL", "IPv6", "[::1]")),
+        ("rediss://:s3cret@[::1:6379/0", ("invalid cache URL", "IPv6")),
+        ("redis://127.0.0.1:99999/0", ("invalid", "port")),
+        ("redis://127.0.0.1:port/0", ("invalid", "port")),
+        ("redis://:s3cret@127.0.0.1:nope/0", ("invalid", "port")),
+        ("unix://", ("invalid cache URL", "socket's path")),
+        ("redis://127.0.0.1:6379/0?db=x", ("invalid Redis URL", "db")),
+    ],
+)
+def test_unparsable_urls_are_one_line_exit_2(url: str, needles: tuple[str, ...]) -> None:
+    for command in ("get", "keys", "invalidate", "check"):
+        args = ["k"] if command in ("get", "invalidate") else []
+        line = assert_one_line_error(run_cli(command, *args, "--url", url), *needles)
+        assert "s3cret" not in line  # the password is never printed
+
+
+def test_an_unparsable_app_url_is_one_line_exit_2() -> None:
+    result = run_cli("invalidate", "k", "--app", "http://[::1", "--token", "t")
+    assert_one_line_error(result, "invalid --app URL", "IPv6")
+    result = run_cli("demo", "--url", "redis://[::1")
+    assert_one_line_error(result, "invalid cache URL", "IPv6")
 
 
 def test_wrong_or_missing_password_is_one_line_exit_2() -> None:

@@ -1,9 +1,19 @@
 """Cross-process single-flight on a real Redis: several OS processes, one computation.
 
 Each worker is a fresh `python -c` process (no fork: every process has its own clients and
-listener) running `WORKER` below: it waits for a common start time, fires its callers at one
-cold key at once and prints every caller's outcome as JSON. Executions are counted by
-appending to a file, so counting writes nothing to Redis.
+listener) running `WORKER` below. Nothing here depends on how fast a machine is:
+
+* start: every worker announces itself with a `ready-<pid>` file once it has imported
+  everything and made its cache, then waits for the `go` file that the test writes only when
+  all workers are ready (`_start_together`), and fires its callers at one cold key at once;
+* overlap: a worker writes `engaged-<pid>` once all its callers have joined its in-process
+  flight and that flight either leads or waits for another process's lease (its store's
+  `leads`/`waits` counters); the leader's computation does not finish before every worker
+  is engaged, so every caller really overlaps the leader, however late its process ran.
+
+Every wait is bounded (`BARRIER_TIMEOUT`); a worker that gives up exits with status 3 and
+says why. Each worker prints every caller's outcome as JSON. Executions are counted by
+appending to a file, and the barriers are files too, so they write nothing to Redis.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +34,63 @@ import redis
 from coalesce.cache import Cache
 
 ROOT = Path(__file__).resolve().parent.parent
+BARRIER_TIMEOUT = 30.0  # seconds any barrier waits before failing loudly
+LEASE_TTL = 2.0  # the workers' default lease
 
 WORKER = r"""
-import asyncio, json, os, sys, time
+import asyncio, glob, json, os, sys, time
 from coalesce.cache import Cache
 from coalesce.errors import LeaderFailedError
 
-url, ns, mode, workdir, start_at, callers = sys.argv[1:7]
-start_at, callers = float(start_at), int(callers)
+url, ns, mode, workdir, procs, callers, barrier = sys.argv[1:8]
+procs, callers, barrier = int(procs), int(callers), float(barrier)
 cache = Cache(url, namespace=ns, lease_ttl=float(os.environ.get("LEASE_TTL", "2")))
 
+def path(name):
+    return os.path.join(workdir, name)
+
+def give_up(why):
+    sys.stderr.write(f"worker {os.getpid()}: {why} within {barrier} s\n")
+    sys.stderr.flush()
+    os._exit(3)
+
+def touch(name, text=""):
+    tmp = path(f".{name}.tmp")  # no barrier's pattern matches it
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path(name))  # appears complete, never half written
+
 def executed(note):
-    fd = os.open(os.path.join(workdir, "executions"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    fd = os.open(path("executions"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.write(fd, f"{os.getpid()} {note}\n".encode())
     os.close(fd)
 
 def first():
     try:
-        os.close(os.open(os.path.join(workdir, "first"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(path("first"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
     except FileExistsError:
         return False
 
+async def all_engaged():
+    # the leader finishes only once every process's callers overlap it
+    deadline = time.monotonic() + barrier
+    while len(glob.glob(path("engaged-*"))) < procs:
+        if time.monotonic() > deadline:
+            give_up("not every process joined the computation")
+        await asyncio.sleep(0.01)
+
 @cache.cached(ttl=30, key="cold:{x}")
 async def compute(x):
     executed("start")
-    if mode in ("slow", "large"):
-        await asyncio.sleep(0.5)
-    elif mode == "kill":
-        if first():
-            open(os.path.join(workdir, "leader"), "w").write(str(os.getpid()))
-            await asyncio.sleep(30)  # the test SIGKILLs us here
-        await asyncio.sleep(0.05)
-    elif mode == "raise":
-        await asyncio.sleep(0.5)
+    if mode == "kill" and first():
+        touch("leader", str(os.getpid()))
+        await asyncio.sleep(60)  # the test SIGKILLs us here, once everybody waits
+    await all_engaged()
+    if mode in ("slow", "large", "raise"):
+        await asyncio.sleep(0.5)  # a slow computation, as it would be without the barrier
+    touch("finished", repr(time.time()))
+    if mode == "raise":
         raise ValueError("boom from the leader")
     if mode == "large":  # over PUSH_MAX: announced by a marker, read by the waiters
         return {"x": x, "by": "coalesce", "pad": "p" * 70_000}
@@ -70,9 +104,29 @@ async def call():
     except Exception as exc:
         return ["error", type(exc).__name__, str(exc), time.time()]
 
+async def engage():
+    # engaged: all callers joined this process's flight, which leads or waits for a lease
+    deadline = time.monotonic() + barrier
+    while True:
+        stats = cache.store.stats()
+        joined = compute.stats()["misses"] >= callers
+        if joined and (stats["leads"] or stats["waits"]):
+            touch(f"engaged-{os.getpid()}")
+            return
+        if time.monotonic() > deadline:
+            give_up(f"the callers did not reach the store ({stats})")
+        await asyncio.sleep(0.005)
+
 async def main():
-    await asyncio.sleep(max(0.0, start_at - time.time()))
+    touch(f"ready-{os.getpid()}")
+    deadline = time.monotonic() + barrier
+    while not os.path.exists(path("go")):
+        if time.monotonic() > deadline:
+            give_up("no go from the test")
+        await asyncio.sleep(0.005)
+    watcher = asyncio.ensure_future(engage())
     results = await asyncio.gather(*[call() for _ in range(callers)])
+    await watcher
     print(json.dumps({"pid": os.getpid(), "results": results, "stats": cache.store.stats()}))
     await cache.aclose()
 
@@ -85,12 +139,13 @@ def _spawn(
     ns: str,
     mode: str,
     workdir: Path,
-    start_at: float,
+    procs: int = 4,
     callers: int = 25,
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
+    args = [url, ns, mode, str(workdir), str(procs), str(callers), str(BARRIER_TIMEOUT)]
     return subprocess.Popen(
-        [sys.executable, "-c", WORKER, url, ns, mode, str(workdir), str(start_at), str(callers)],
+        [sys.executable, "-c", WORKER, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -99,7 +154,44 @@ def _spawn(
     )
 
 
-def _collect(proc: subprocess.Popen[str], timeout: float = 20.0) -> dict[str, Any]:
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """`spawn(url, ns, mode, n=4, env=None)`: n workers on `tmp_path`, killed if left over."""
+    made: list[subprocess.Popen[str]] = []
+
+    def start(
+        url: str, ns: str, mode: str, n: int = 4, env: dict[str, str] | None = None
+    ) -> list[subprocess.Popen[str]]:
+        procs = [_spawn(url, ns, mode, tmp_path, procs=n, env=env) for _ in range(n)]
+        made.extend(procs)
+        return procs
+
+    yield start
+    for proc in made:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def _wait_for(
+    workdir: Path, pattern: str, count: int, procs: list[subprocess.Popen[str]], what: str
+) -> None:
+    """Wait (bounded) until `count` files match `pattern`; fail early if a worker died."""
+    deadline = time.monotonic() + BARRIER_TIMEOUT
+    while len(list(workdir.glob(pattern))) < count:
+        dead = [p for p in procs if p.poll() is not None]
+        assert not dead, f"a worker exited before {what}:\n{dead[0].communicate()[1]}"
+        assert time.monotonic() < deadline, f"{what} did not happen within {BARRIER_TIMEOUT} s"
+        time.sleep(0.01)
+
+
+def _start_together(workdir: Path, procs: list[subprocess.Popen[str]]) -> None:
+    """The start barrier: every worker has started up; then let them all go at once."""
+    _wait_for(workdir, "ready-*", len(procs), procs, "every worker was ready")
+    (workdir / "go").write_text("")
+
+
+def _collect(proc: subprocess.Popen[str], timeout: float = 2 * BARRIER_TIMEOUT) -> dict[str, Any]:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err}"
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -109,6 +201,11 @@ def _collect(proc: subprocess.Popen[str], timeout: float = 20.0) -> dict[str, An
 def _executions(workdir: Path) -> list[str]:
     path = workdir / "executions"
     return path.read_text().splitlines() if path.exists() else []
+
+
+def _finished(workdir: Path) -> float:
+    """When the (last) leader's computation ended: the wall clock its worker wrote."""
+    return float((workdir / "finished").read_text())
 
 
 def _only_namespace(url: str, ns: str) -> None:
@@ -122,10 +219,10 @@ def _only_namespace(url: str, ns: str) -> None:
 
 @pytest.mark.parametrize("mode", ["slow", "large"])
 def test_four_processes_times_25_callers_compute_once(
-    redis_url: str, unique_namespace: str, tmp_path: Path, mode: str
+    redis_url: str, unique_namespace: str, tmp_path: Path, mode: str, spawn: Any
 ) -> None:
-    start_at = time.time() + 1.5  # every worker has imported everything by then
-    procs = [_spawn(redis_url, unique_namespace, mode, tmp_path, start_at) for _ in range(4)]
+    procs = spawn(redis_url, unique_namespace, mode)
+    _start_together(tmp_path, procs)
     outputs = [_collect(p) for p in procs]
     results = [r for out in outputs for r in out["results"]]
     expected: dict[str, Any] = {"x": 7, "by": "coalesce"}
@@ -134,28 +231,26 @@ def test_four_processes_times_25_callers_compute_once(
     assert len(results) == 100
     assert all(r[0] == "ok" and r[1] == expected for r in results), results
     assert len(_executions(tmp_path)) == 1
+    assert sum(out["stats"]["leads"] for out in outputs) == 1
+    assert sum(out["stats"]["waits"] for out in outputs) == 3  # the other processes waited
     if mode == "large":  # never pushed: every waiting process read it from Redis
         assert sum(out["stats"]["pushed"] for out in outputs) == 0
-    # the slowest caller finished within the computation's time plus a margin
-    assert max(r[2] for r in results) - start_at < 0.5 + 0.5
-    assert sum(out["stats"]["leads"] for out in outputs) == 1
+    # woken by the leader's store, not by a lease running out: every caller had its answer
+    # before the 2 s lease could have expired twice (a generous bound for a loaded machine)
+    assert max(r[2] for r in results) - _finished(tmp_path) < 2 * LEASE_TTL
     _only_namespace(redis_url, unique_namespace)
 
 
 def test_sigkill_of_the_leader_hands_over_to_exactly_one_waiter(
-    redis_url: str, unique_namespace: str, tmp_path: Path
+    redis_url: str, unique_namespace: str, tmp_path: Path, spawn: Any
 ) -> None:
-    start_at = time.time() + 1.5
-    env = {"LEASE_TTL": "1.0"}
-    procs = [
-        _spawn(redis_url, unique_namespace, "kill", tmp_path, start_at, env=env) for _ in range(4)
-    ]
-    leader_file = tmp_path / "leader"
-    deadline = time.time() + 10
-    while not leader_file.exists() or not leader_file.read_text():
-        assert time.time() < deadline, "no process started computing"
-        time.sleep(0.01)
-    leader_pid = int(leader_file.read_text())
+    lease_ttl = 1.0
+    procs = spawn(redis_url, unique_namespace, "kill", env={"LEASE_TTL": str(lease_ttl)})
+    _start_together(tmp_path, procs)
+    # kill the leader only once every other process waits for its lease
+    _wait_for(tmp_path, "leader", 1, procs, "a worker started computing")
+    _wait_for(tmp_path, "engaged-*", len(procs), procs, "every worker joined the computation")
+    leader_pid = int((tmp_path / "leader").read_text())
     os.kill(leader_pid, signal.SIGKILL)
     killed_at = time.time()
     survivors = [p for p in procs if p.pid != leader_pid]
@@ -170,26 +265,32 @@ def test_sigkill_of_the_leader_hands_over_to_exactly_one_waiter(
     assert all(r[0] == "ok" and r[1] == {"x": 7, "by": "coalesce"} for r in results), results
     executions = _executions(tmp_path)
     assert len(executions) == 2, executions  # the killed leader, then exactly one takeover
+    assert sum(out["stats"]["leads"] for out in outputs) == 1
     assert sum(out["stats"]["takeovers"] for out in outputs) == 1
-    # handed over within the lease time (1 s) plus the waiters' check interval
-    assert max(r[2] for r in results) - killed_at < 2.5
+    # handed over once the 1 s lease ran out (plus at most a 1 s check interval and a wide
+    # margin for a loaded machine), long before the killed leader's 60 s computation
+    assert max(r[2] for r in results) - killed_at < lease_ttl + 1.0 + 3.0
 
 
 def test_leader_raising_fails_waiters_in_other_processes_promptly(
-    redis_url: str, unique_namespace: str, tmp_path: Path
+    redis_url: str, unique_namespace: str, tmp_path: Path, spawn: Any
 ) -> None:
-    start_at = time.time() + 1.5
-    procs = [_spawn(redis_url, unique_namespace, "raise", tmp_path, start_at) for _ in range(4)]
+    procs = spawn(redis_url, unique_namespace, "raise")
+    _start_together(tmp_path, procs)
     outputs = [_collect(p) for p in procs]
     assert len(_executions(tmp_path)) == 1  # nobody retried after the leader failed
     by_process = [{tuple(r[:3]) for r in out["results"]} for out in outputs]
     leader = [s for s in by_process if ("error", "ValueError", "boom from the leader") in s]
     waiters = [s for s in by_process if s not in leader]
     assert len(leader) == 1 and len(waiters) == 3
+    assert leader[0] == {("error", "ValueError", "boom from the leader")}
     for outcomes in waiters:
         assert outcomes == {("leader_failed", "ValueError", "boom from the leader")}
+    assert sum(len(out["results"]) for out in outputs) == 100
+    assert sum(out["stats"]["leader_failed"] for out in outputs) == 3
+    # told at once, not after the 2 s lease ran out (twice, to allow for a loaded machine)
     finished = [r[-1] for out in outputs for r in out["results"]]
-    assert max(finished) - start_at < 0.5 + 0.5  # at once, not after computing themselves
+    assert max(finished) - _finished(tmp_path) < 2 * LEASE_TTL
     # a caller arriving after the failure computes afresh instead of inheriting the error
     cache = Cache(redis_url, namespace=unique_namespace)
 
@@ -259,13 +360,13 @@ def test_invalidate_from_another_process_while_computing_fences_the_stale_result
 
 @pytest.mark.parametrize("mode", ["slow"])
 def test_waiters_need_few_redis_commands(
-    fresh_redis: Any, unique_namespace: str, tmp_path: Path, mode: str
+    fresh_redis: Any, unique_namespace: str, tmp_path: Path, mode: str, spawn: Any
 ) -> None:
     """The stampede costs at most about one Redis command per caller (issue: speed)."""
     client = fresh_redis.client()
     client.config_resetstat()
-    start_at = time.time() + 1.5
-    procs = [_spawn(fresh_redis.url, unique_namespace, mode, tmp_path, start_at) for _ in range(4)]
+    procs = spawn(fresh_redis.url, unique_namespace, mode)
+    _start_together(tmp_path, procs)
     for p in procs:
         _collect(p)
     stats = client.info("commandstats")
