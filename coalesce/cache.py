@@ -128,6 +128,7 @@ class Cache:
         self.flights: ThreadFlights[Entry] = ThreadFlights()
         self.aflights = AsyncFlights()
         self._policies: weakref.WeakSet[Policy] = weakref.WeakSet()
+        _all_caches.add(self)
         self._refresher: ThreadPoolExecutor | None = None
         self._refresh_tasks: set[asyncio.Task[Any]] = set()
         self._lock = threading.Lock()
@@ -284,6 +285,14 @@ class Cache:
             raise ConfigurationError(f"a key must be a non-empty string, not {key!r}")
         return self.prefix + key
 
+    def after_fork(self) -> None:
+        """In a forked child: fresh locks, no refresh pool, no tags in flight (the flight
+        tables reset themselves)."""
+        self._lock = threading.Lock()
+        self._refresher = None
+        self._refresh_tasks = set()
+        self._tags_in_flight = {}
+
     def _fence(self, full_key: str) -> None:
         """Fence this process's computations of `full_key` in flight."""
         self.flights.invalidate(full_key)
@@ -386,6 +395,23 @@ class Cache:
 
     async def aclose(self) -> None:
         await self.store.aclose()
+
+
+# ---------------------------------------------------------------------------------------
+# forked children (gunicorn --preload, multiprocessing) start without the parent's threads
+
+_all_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()
+    for cache in list(_all_caches):
+        cache.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import sys
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -33,6 +35,19 @@ from coalesce.stores.base import Fence
 T = TypeVar("T")
 
 _MAX_RESTARTS = 10  # an abandoned leader is replaced at most this often per call
+
+# Every flight table, so that a forked child (gunicorn --preload, multiprocessing) starts
+# with none of its parent's flights: their leaders are threads or tasks that did not fork.
+_all_flights: weakref.WeakSet[ThreadFlights[Any] | AsyncFlights] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for flights in list(_all_flights):
+        flights.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _nothing() -> None:
@@ -58,6 +73,12 @@ class ThreadFlights(Generic[T]):
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards _flights
         self._flights: dict[str, _ThreadFlight[T]] = {}
+        _all_flights.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's leaders do not exist here, forget their flights."""
+        self._lock = threading.Lock()
+        self._flights = {}
 
     def run(
         self, key: str, compute: Callable[[Fence], T], on_shared: Callable[[], None] = _nothing
@@ -177,6 +198,12 @@ class AsyncFlights:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # guards _flights and every flight's `waiters`
         self._flights: dict[str, _AsyncFlight] = {}
+        _all_flights.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's computations do not run here, forget them."""
+        self._lock = threading.Lock()
+        self._flights = {}
 
     async def run(
         self,

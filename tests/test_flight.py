@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import threading
 import time
@@ -1341,3 +1342,39 @@ def test_a_follower_on_another_loop_survives_the_leaders_loop_shutting_down(
     join_all(threads)
     assert result == [1]  # the follower started over on its own loop
     assert computations == 2
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_flights() -> None:
+    cache = Cache()
+    started, release = threading.Event(), threading.Event()
+
+    @cache.cached(ttl=60)
+    def f(x: int) -> int:
+        if os.getpid() == parent:
+            started.set()
+            release.wait(BOUND)
+        return x
+
+    parent = os.getpid()
+    worker = threading.Thread(target=f, args=(1,))
+    worker.start()
+    assert started.wait(BOUND)  # the parent's thread leads a flight of f(1)
+    pid = os.fork()
+    if pid == 0:  # the child: that leader thread does not exist here
+        code = 1
+        try:
+            done = threading.Event()
+            threading.Thread(target=lambda: (f(1), done.set()), daemon=True).start()
+            code = 0 if done.wait(5) else 2
+        finally:
+            os._exit(code)
+    release.set()
+    worker.join(BOUND)
+    deadline = time.monotonic() + BOUND
+    while True:
+        waited, status = os.waitpid(pid, os.WNOHANG)
+        if waited:
+            break
+        assert time.monotonic() < deadline, "the child hung"
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0

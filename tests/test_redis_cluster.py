@@ -13,6 +13,8 @@ from redis.crc import key_slot
 from redis_servers import RedisCluster
 
 from coalesce.cache import Cache
+from coalesce.entry import Entry
+from coalesce.stores.base import Fence
 from coalesce.stores.redis import RedisStore
 
 
@@ -144,3 +146,56 @@ def test_cluster_near_cache_invalidation(
     assert cfg(1) == 2
     near.close()
     other.close()
+
+
+def test_cluster_tag_invalidation_fences_a_computation_in_flight(
+    redis_cluster: RedisCluster, cluster_client: ClusterClient, unique_namespace: str
+) -> None:
+    """On a cluster the leader records its key in the tag sets right after `CLAIM` (other
+    slots): from then on a `delete_tag` deletes its lease and the result is refused."""
+    a = Cache(redis_cluster.url, namespace=unique_namespace, cluster=True)
+    b = Cache(redis_cluster.url, namespace=unique_namespace, cluster=True)
+    sa, sb = a.store, b.store
+    assert isinstance(sa, RedisStore) and isinstance(sb, RedisStore)
+    tag = a.prefix + "team:7"
+    keys = [a.prefix + f"member:{i}" for i in range(6)]  # several slots, other than the tag's
+    assert len({key_slot(sa._layout.entry(k).encode()) for k in keys}) > 1
+    started = threading.Barrier(len(keys) + 1)
+    release = threading.Event()
+    calls: list[str] = []
+
+    def compute(key: str) -> Entry:
+        calls.append(key)
+        started.wait(10)
+        assert release.wait(30)
+        return Entry("stale", time.time(), 30.0, 0.0, 0.0, (tag,))
+
+    threads = [
+        threading.Thread(
+            target=lambda key=key: sa.fill(key, lambda: compute(key), fence=Fence(), tags=(tag,))
+        )
+        for key in keys
+    ]
+    for t in threads:
+        t.start()
+    try:
+        started.wait(10)
+        members = cluster_client.zrange(sa._layout.tag(tag), 0, -1)
+        assert sorted(members) == sorted(k.encode() for k in keys)
+        assert sb.delete_tag(tag) == 0
+    finally:
+        release.set()
+        for t in threads:
+            t.join(10)
+    assert sa.counts["fenced"] == len(keys)
+    assert all(sb.get(k) is None for k in keys)
+    fresh = sb.fill(
+        keys[0],
+        lambda: Entry("fresh", time.time(), 30.0, 0.0, 0.0, (tag,)),
+        fence=Fence(),
+        tags=(tag,),
+    )
+    assert fresh.value == "fresh"
+    assert sb.delete_tag(tag) == 1
+    a.close()
+    b.close()

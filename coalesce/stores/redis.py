@@ -29,11 +29,20 @@ The paths, in the order of their cost:
 * invalidation: one `DELETE` script removes the entry *and the lease*, so a computation that
   began before it cannot store after it (the fence), wakes that lease's waiters and
   broadcasts the key to every near cache.
+* tag invalidation: `TAKE_TAG` reads and deletes the tag's set in one step, then `DELETE`
+  removes every member's entry and lease. A leader records its key in the sets of its
+  entry's tags when it takes the lease (`fill(..., tags=)`), so computations in flight are
+  fenced too (on a cluster with a short window, see `redis_lease`). The tag is then
+  broadcast (`t:<tag>`) to near caches and to `on_invalidated_tag` in every process.
 
 Failures: every Redis error becomes `BackendError` naming the URL (never the password) and
 the cause; the cache then computes directly (fail-open) unless configured to raise. After
 `breaker_threshold` consecutive connection failures the breaker fails calls fast for a
 cooldown, then lets one probe through, and closes again by itself once Redis answers.
+
+Fork: after `os.fork()` a child resets every store it inherited (`_after_fork_in_child`):
+listener and renewer "not started", near cache empty, new locks, no pending reads, new
+clients of our own. The child then starts its threads and connections on first need.
 
 Concurrency contract of this module's own state: `counts` are plain ints bumped without a
 lock (approximate under threads, by design); `_background` (release tasks of cancelled async
@@ -46,7 +55,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,7 +74,7 @@ from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClien
 from coalesce.stores.redis_lease import Keys, LeaseMixin, Renewer
 from coalesce.stores.redis_listener import Listener
 from coalesce.stores.redis_near import NearCache
-from coalesce.stores.redis_scripts import DELETE, KeyLayout
+from coalesce.stores.redis_scripts import DELETE, TAG, TAKE_TAG, KeyLayout
 from coalesce.urls import redact
 
 __all__ = ["RedisStore", "redact"]
@@ -174,8 +186,12 @@ class RedisStore(LeaseMixin, Store):
         #: deleting, and a flight begun after the delete must not be fenced when the echo
         #: arrives (`_echoes` counts the broadcasts still on their way back).
         self.on_invalidated: Callable[[str], None] | None = None
-        self._echoes: dict[str, int] = {}
+        #: Called the same way with the full tag name of every tag invalidation (echoes of
+        #: this store's own `delete_tag` skipped likewise).
+        self.on_invalidated_tag: Callable[[str], None] | None = None
+        self._echoes: dict[str, int] = {}  # "k:<key>" / "t:<tag>" -> broadcasts on their way
         self._echoes_lock = threading.Lock()
+        _STORES.add(self)
         self.counts = dict.fromkeys(
             (
                 "hits",
@@ -222,36 +238,39 @@ class RedisStore(LeaseMixin, Store):
     def _invalidated(self, message: bytes) -> None:
         if self._near is not None:
             self._near.on_invalidate(message)
-        if not message.startswith(b"k:"):
+        text = message.decode("utf-8", "surrogateescape")
+        if text.startswith("k:"):
+            hook, name = self.on_invalidated, "on_invalidated"
+        elif text.startswith("t:"):
+            hook, name = self.on_invalidated_tag, "on_invalidated_tag"
+        else:
             return
-        key = message[2:].decode("utf-8", "surrogateescape")
-        if self._echoes and self._echo_arrived(key):
-            return  # our own delete, back from Redis
-        hook = self.on_invalidated
+        if self._echoes and self._echo_arrived(text):
+            return  # our own delete or delete_tag, back from Redis
         if hook is not None:
             try:
-                hook(key)
+                hook(text[2:])
             except Exception:  # a broken hook must not stop the listener
-                logger.exception("coalesce: the on_invalidated hook failed")
+                logger.exception("coalesce: the %s hook failed", name)
 
-    def _expect_echo(self, key: str, change: int) -> None:
-        """Count (+1) or uncount (-1) a broadcast of our own `delete` of `key`."""
+    def _expect_echo(self, message: str, change: int) -> None:
+        """Count (+1) or uncount (-1) a broadcast ("k:<key>" / "t:<tag>") of our own."""
         with self._echoes_lock:
-            count = self._echoes.get(key, 0) + change
+            count = self._echoes.get(message, 0) + change
             if count > 0:
-                self._echoes[key] = count
+                self._echoes[message] = count
             else:
-                self._echoes.pop(key, None)
+                self._echoes.pop(message, None)
 
-    def _echo_arrived(self, key: str) -> bool:
+    def _echo_arrived(self, message: str) -> bool:
         with self._echoes_lock:
-            count = self._echoes.get(key, 0)
+            count = self._echoes.get(message, 0)
             if count <= 0:
                 return False
             if count == 1:
-                del self._echoes[key]
+                del self._echoes[message]
             else:
-                self._echoes[key] = count - 1
+                self._echoes[message] = count - 1
             return True
 
     def _listener_reset(self) -> None:
@@ -259,6 +278,23 @@ class RedisStore(LeaseMixin, Store):
             self._echoes.clear()  # echoes still on their way are lost with the connection
         if self._near is not None:
             self._near.clear()
+
+    def _after_fork(self) -> None:
+        """In a forked child (see `_after_fork_in_child`): the listener and renewer threads
+        are not there, so their state is reset to "not started"; the near cache is dropped,
+        locks are new, pending reads and async clients forgotten. Everything starts again on
+        next need, as in a new process."""
+        self._echoes = {}
+        self._echoes_lock = threading.Lock()
+        self._background = set()
+        self._subscribe_waited = False
+        self._log.after_fork()
+        self.breaker.after_fork()
+        self._conn.after_fork()
+        self._listener.after_fork()
+        self._renewer.after_fork()
+        if self._near is not None:
+            self._near.after_fork()
 
     def _forget(self, key: str | None = None, tag: str | None = None) -> None:
         if self._near is not None:
@@ -313,12 +349,12 @@ class RedisStore(LeaseMixin, Store):
         keys, args = self._delete_args(key)
         echo = self._listener.ready.is_set()  # else our broadcast will not come back to us
         if echo:
-            self._expect_echo(key, 1)
+            self._expect_echo(args[1], 1)
         try:
             existed = bool(self._conn.script(DELETE, keys, args))
         except BaseException:
             if echo:
-                self._expect_echo(key, -1)  # maybe not sent: rather fence once too often
+                self._expect_echo(args[1], -1)  # maybe not sent: rather fence once too often
             raise
         self._forget(key=key)
         return existed
@@ -328,58 +364,97 @@ class RedisStore(LeaseMixin, Store):
         keys, args = self._delete_args(key)
         echo = self._listener.ready.is_set()
         if echo:
-            self._expect_echo(key, 1)
+            self._expect_echo(args[1], 1)
         try:
             existed = bool(await self._conn.ascript(DELETE, keys, args))
         except BaseException:
             if echo:
-                self._expect_echo(key, -1)
+                self._expect_echo(args[1], -1)
             raise
         self._forget(key=key)
         return existed
 
-    def _tag_batches(self, members: list[Any]) -> list[list[str]]:
-        """KEYS lists for `DELETE`: entry and lease of each member, one slot per list."""
-        groups: dict[int, list[str]] = {}
-        for member in members:
+    def _tag_batches(self, taken: list[Any]) -> list[tuple[list[str], list[Any]]]:
+        """From `TAKE_TAG`'s flat (member, score) reply: per batch, the KEYS of `DELETE` (entry
+        and lease of each member, one slot per batch) and the (member, score) pairs it covers
+        (put back into the tag set if the batch fails)."""
+        groups: dict[int, tuple[list[str], list[Any]]] = {}
+        for member, score in zip(taken[0::2], taken[1::2], strict=True):
             name = (
                 member.decode("utf-8", "surrogateescape") if isinstance(member, bytes) else member
             )
             entry = self._layout.entry(name)
             slot = key_slot(entry.encode("utf-8", "surrogateescape")) if self.cluster else 0
-            groups.setdefault(slot, []).extend((entry, self._layout.lease(entry)))
+            keys, pairs = groups.setdefault(slot, ([], []))
+            keys.extend((entry, self._layout.lease(entry)))
+            pairs.extend((member, score))
         return [
-            keys[i : i + 2 * _CHUNK]
-            for keys in groups.values()
+            (keys[i : i + 2 * _CHUNK], pairs[i : i + 2 * _CHUNK])
+            for keys, pairs in groups.values()
             for i in range(0, len(keys), 2 * _CHUNK)
         ]
 
+    def _untake_args(self, batches: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """ARGV of `TAG` putting back the members of `batches` (raising scores only)."""
+        args: list[Any] = ["1", int(time.time() * 1000)]
+        for _, pairs in batches:
+            args.extend(pairs)
+        return args
+
     def delete_tag(self, tag: str) -> int:
-        """Delete every entry recorded in the tag's set: reads the set, never SCANs."""
+        """Delete every entry recorded in the tag's set, and the leases of its computations in
+        flight (fencing them); tell every process. Reads the set, never SCANs.
+
+        The set is taken (read and deleted) in one step first: a computation that takes its
+        lease after that is recorded in a new set, for the next `delete_tag`. If deleting a
+        batch fails, the members not deleted yet are put back (best effort) before raising.
+        """
         self._forget(tag=tag)
         tag_key = self._layout.tag(tag)
-        client = self._conn.sync()
-        members: list[Any] = self._conn.call(client.zrange, tag_key, 0, -1)
-        deleted = 0
-        for keys in self._tag_batches(members):
-            deleted += int(self._conn.script(DELETE, keys, ["", ""]))
-        for i in range(0, len(members), _CHUNK):
-            self._conn.call(client.zrem, tag_key, *members[i : i + _CHUNK])
-        self._conn.call(client.publish, self._layout.invalidate_channel, "t:" + tag)
+        message = "t:" + tag
+        echo = self._listener.ready.is_set()  # else our broadcast will not come back to us
+        if echo:
+            self._expect_echo(message, 1)
+        try:
+            batches = self._tag_batches(self._conn.script(TAKE_TAG, [tag_key], []))
+            deleted = 0
+            for done, (keys, _) in enumerate(batches):
+                try:
+                    deleted += int(self._conn.script(DELETE, keys, ["", ""]))
+                except BaseException:
+                    self._conn.quietly(TAG, [tag_key], self._untake_args(batches[done:]))
+                    raise
+            client = self._conn.sync()
+            self._conn.call(client.publish, self._layout.invalidate_channel, message)
+        except BaseException:
+            if echo:
+                self._expect_echo(message, -1)
+            raise
         self._forget(tag=tag)
         return deleted
 
     async def adelete_tag(self, tag: str) -> int:
         self._forget(tag=tag)
         tag_key = self._layout.tag(tag)
-        client = self._conn.loop_state().client
-        members: list[Any] = await self._conn.acall(client.zrange, tag_key, 0, -1)
-        deleted = 0
-        for keys in self._tag_batches(members):
-            deleted += int(await self._conn.ascript(DELETE, keys, ["", ""]))
-        for i in range(0, len(members), _CHUNK):
-            await self._conn.acall(client.zrem, tag_key, *members[i : i + _CHUNK])
-        await self._conn.acall(client.publish, self._layout.invalidate_channel, "t:" + tag)
+        message = "t:" + tag
+        echo = self._listener.ready.is_set()
+        if echo:
+            self._expect_echo(message, 1)
+        try:
+            batches = self._tag_batches(await self._conn.ascript(TAKE_TAG, [tag_key], []))
+            deleted = 0
+            for done, (keys, _) in enumerate(batches):
+                try:
+                    deleted += int(await self._conn.ascript(DELETE, keys, ["", ""]))
+                except BaseException:
+                    await self._conn.aquietly(TAG, [tag_key], self._untake_args(batches[done:]))
+                    raise
+            client = self._conn.loop_state().client
+            await self._conn.acall(client.publish, self._layout.invalidate_channel, message)
+        except BaseException:
+            if echo:
+                self._expect_echo(message, -1)
+            raise
         self._forget(tag=tag)
         return deleted
 
@@ -435,3 +510,25 @@ class RedisStore(LeaseMixin, Store):
         """Close this loop's asyncio client (if the store created it), then the rest."""
         await self._conn.aclose()
         self.close()
+
+
+#: Every store of this process, for `_after_fork_in_child`.
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Reset every store after `os.fork()` (gunicorn --preload, multiprocessing's fork).
+
+    Only the forking thread lives on in the child: without this, a store would believe its
+    listener runs (and its near cache would serve entries no invalidation can reach any more)
+    and its renewer thread too.
+    """
+    for store in list(_STORES):
+        try:
+            store._after_fork()
+        except Exception:  # one broken store must not leave the others stale
+            logger.exception("coalesce: resetting %r after fork failed", store)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -44,6 +44,10 @@ class CircuitBreaker:
         self.opened = 0  # how often the breaker opened (stats)
         self.rejected = 0  # calls failed fast (stats)
 
+    def after_fork(self) -> None:
+        """In a forked child: a new lock (another thread of the parent may have held it)."""
+        self._lock = threading.Lock()
+
     def allow(self) -> bool:
         """Whether a call may go to Redis now (False: fail fast, no I/O)."""
         if self.state == CLOSED:
@@ -112,6 +116,10 @@ class RateLimitedLog:
         self._lock = threading.Lock()  # guards _last and suppressed
         self._last: dict[str, float] = {}
         self.suppressed = 0
+
+    def after_fork(self) -> None:
+        """In a forked child: a new lock (another thread of the parent may have held it)."""
+        self._lock = threading.Lock()
 
     def warning(self, topic: str, message: str, *args: Any) -> bool:
         """Log unless `topic` was logged less than `interval` ago; return whether it logged."""

@@ -126,6 +126,23 @@ class RedisConnection:
         self._reads: dict[str, _Read] = {}
         self._closed = False
 
+    def after_fork(self) -> None:
+        """In a forked child: new lock, no pending reads, no asyncio clients (their
+        connections are the parent's sockets, and their loops do not run here), and a new
+        sync client if we made it.
+
+        A given sync client is left alone: redis-py's connection pools notice the new pid and
+        drop the parent's connections themselves (without shutting down the parent's sockets).
+        Our own is dropped the same way and made again on first use: cheap, and it does not
+        depend on any lock of the old client (a cluster client has several).
+        """
+        self._lock = threading.Lock()
+        self._reads = {}
+        self._loops = {}
+        self._last_loop = None
+        if self._sync_owned:
+            self._sync_client = None
+
     # -- clients -------------------------------------------------------------------------------
 
     def sync(self) -> SyncClient:

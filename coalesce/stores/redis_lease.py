@@ -20,6 +20,15 @@ the lease protocol can be read in one place. The steps (the scripts are in `redi
    marker (`FAIL`) instead; on any other exit (cancellation, interrupt) it just ends the lease
    (`RELEASE`), so a waiter takes over at once.
 
+Tags fence too. `fill` is given the full tag names of the entry it will compute; the caller
+that takes the lease records the key in those tags' sets at once (score: the lease's expiry,
+raised by every renewal and set to the entry's expiry by `STORE`), so that a `delete_tag`
+running during the computation deletes its lease with the other members' entries, and the
+`STORE` is refused. On one server `CLAIM` records them atomically with taking the lease. On a
+cluster the tag sets lie on other slots, so the leader records them with `TAG` right after
+`CLAIM`, best effort: a `delete_tag` that reads the set in between (one round trip), or a
+failure of that `TAG`, lets that one computation store its result after the invalidation.
+
 The sync and async drivers are duplicated on purpose, side by side, to be compared line by
 line. Concurrency contract: per call, the token and the waiter belong to that call alone;
 shared state is the listener's registry (see `redis_listener`), the renewer's table (under
@@ -71,6 +80,18 @@ class Keys:
         self.channel = layout.channel(self.entry)
 
 
+class Lease:
+    """One lease held by a computation: what renewing it takes."""
+
+    __slots__ = ("key", "lease", "tag_keys", "token")
+
+    def __init__(self, key: str, lease: str, token: str, tag_keys: list[str]) -> None:
+        self.key = key  # the full key (the tag sets' member)
+        self.lease = lease  # its lease's Redis key
+        self.token = token
+        self.tag_keys = tag_keys  # the tag sets that list the key while it is computed
+
+
 class Renewer:
     """One thread per store renews the leases of all its sync computations.
 
@@ -84,18 +105,24 @@ class Renewer:
     Concurrency contract: `_leases`, `_idle`, `_thread` and `_closed` are guarded by `_cond`.
     """
 
-    def __init__(self, renew: Callable[[str, str], bool], interval: float, name: str) -> None:
-        self._renew = renew  # (lease key, token) -> still ours; raises BackendError
+    def __init__(self, renew: Callable[[Lease], bool], interval: float, name: str) -> None:
+        self._renew = renew  # lease -> still ours; raises BackendError
         self._interval = interval
         self._name = name
+        self._closed = False
+        self.after_fork()
+
+    def after_fork(self) -> None:
+        """Forget everything but `_closed` (in a forked child: the thread is not there, the
+        leases are the parent's, and the lock may have been held by another thread)."""
         self._cond = threading.Condition(threading.Lock())
-        self._leases: dict[str, tuple[str, float]] = {}  # token -> (lease key, renew at)
+        self._leases: dict[str, tuple[Lease, float]] = {}  # token -> (lease, renew at)
         self._thread: threading.Thread | None = None
         self._idle = True  # sleeping without a deadline: `add` must wake it
-        self._closed = False
 
-    def add(self, lease: str, token: str) -> None:
+    def add(self, lease: Lease) -> None:
         due = time.monotonic() + self._interval
+        token = lease.token
         with self._cond:
             self._leases[token] = (lease, due)
             thread = self._thread
@@ -133,7 +160,7 @@ class Renewer:
                 self._leases[token] = (lease, now + self._interval)
                 self._cond.release()
                 try:
-                    ours = self._renew(lease, token)
+                    ours = self._renew(lease)
                 except Exception:  # BackendError: try again next round, the lease may
                     ours = True  # outlive the outage; anything else must not stop the thread
                 finally:
@@ -177,7 +204,8 @@ class LeaseMixin:
 
         On one server the tags are recorded by the same script, atomically with the entry. On
         a cluster the tag sets live on other slots, so they are recorded right after the
-        entry: an `invalidate_tag` running in between misses that one new entry.
+        entry (`_tag_args`): an `invalidate_tag` running in between misses that one new entry
+        unless its leader had recorded the key at `CLAIM` (as `fill` does).
         """
         now = time.time()
         keep = entry.keep_for(now)
@@ -211,7 +239,7 @@ class LeaseMixin:
         stored = bool(self._conn.script(STORE, keys, args))
         if stored:
             for tag_key in separate:
-                self._conn.script(TAG, [tag_key], [key, args[5], args[6]])
+                self._conn.script(TAG, [tag_key], self._tag_args(key, args[5], args[6], token))
             if self._near is not None:
                 self._near.remember(key, entry, generation)
         else:
@@ -229,12 +257,20 @@ class LeaseMixin:
         stored = bool(await self._conn.ascript(STORE, keys, args))
         if stored:
             for tag_key in separate:
-                await self._conn.ascript(TAG, [tag_key], [key, args[5], args[6]])
+                await self._conn.ascript(
+                    TAG, [tag_key], self._tag_args(key, args[5], args[6], token)
+                )
             if self._near is not None:
                 self._near.remember(key, entry, generation)
         else:
             self.counts["fenced"] += 1
         return stored
+
+    @staticmethod
+    def _tag_args(key: str, score: str, now: str, token: str) -> list[str]:
+        """ARGV of `TAG` after a `STORE` on a cluster: a leader's store sets the score (its
+        lease is over), a plain `set` only raises it (a computation may hold the lease)."""
+        return ["0" if token else "1", now, key, score]
 
     # -- claim, wait, lead ------------------------------------------------------------------
 
@@ -251,8 +287,21 @@ class LeaseMixin:
         self._subscribe_waited = True
         return min(0.5, self.lease_ms / 3000)
 
-    def _claim_args(self, token: str, check: bool, seen: str) -> list[Any]:
-        return [token, self.lease_ms, "1" if check else "0", seen]
+    def _claim_keys(self, k: Keys, tag_keys: list[str]) -> list[str]:
+        keys = [k.entry, k.lease, k.failed, k.waiters]
+        return keys if self.cluster else keys + tag_keys  # cluster: `_claim_tags`
+
+    def _claim_args(self, key: str, token: str, check: bool, seen: str) -> list[Any]:
+        now = int(time.time() * 1000)
+        return [token, self.lease_ms, "1" if check else "0", seen, key, now + self.lease_ms, now]
+
+    def _claim_tags(self, lease: Lease) -> tuple[list[str], list[Any]] | None:
+        """On a cluster: the tag sets a new leader records its key in right after `CLAIM`,
+        and the ARGV of `TAG` for each. None when there is nothing to record separately."""
+        if not self.cluster or not lease.tag_keys:
+            return None
+        now = int(time.time() * 1000)
+        return lease.tag_keys, ["1", now, lease.key, now + self.lease_ms]
 
     def _pushed(self, key: str, message: bytes | None, holder: str) -> Entry | None:
         """The fresh entry a wake-up carries from the leader of lease `holder`, else None.
@@ -302,6 +351,8 @@ class LeaseMixin:
         """Compute `key` once across all processes sharing this Redis (see the module doc)."""
         k = Keys(self._layout, key)
         token = secrets.token_hex(16)
+        lease = Lease(key, k.lease, token, [self._layout.tag(tag) for tag in tags])
+        claim_keys = self._claim_keys(k, lease.tag_keys)
         waiter = ThreadWaiter()
         self._listener.start()
         self._listener.add(key, waiter)  # subscribe first ...
@@ -311,9 +362,7 @@ class LeaseMixin:
                 waiter.arm()
                 subscribed = self._listener.ready.is_set()
                 reply = self._conn.script(
-                    CLAIM,
-                    [k.entry, k.lease, k.failed, k.waiters],
-                    self._claim_args(token, check, seen),
+                    CLAIM, claim_keys, self._claim_args(key, token, check, seen)
                 )  # ... then check
                 step, entry, holder, wait = self._claim_step(key, reply)
                 if step == _LEAD:
@@ -336,19 +385,24 @@ class LeaseMixin:
                     return freeze_entry(entry, self.serializer)
         finally:
             self._listener.remove(key, waiter)
+        separate = self._claim_tags(lease)
+        if separate is not None:  # a cluster: best effort, see the module docstring
+            for tag_key in separate[0]:
+                self._conn.quietly(TAG, [tag_key], separate[1])
         if waited:
             self.counts["takeovers"] += 1
         pause = self._subscribe_wait()
         if pause:
             self._listener.ready.wait(pause)
-        return self._lead(key, k, token, compute, fence)
+        return self._lead(key, k, lease, compute, fence)
 
     def _lead(
-        self, key: str, k: Keys, token: str, compute: Callable[[], Entry], fence: Fence
+        self, key: str, k: Keys, lease: Lease, compute: Callable[[], Entry], fence: Fence
     ) -> Entry:
         """Holding the lease: compute (renewing it), then store fenced, or mark the failure."""
         self.counts["leads"] += 1
-        self._renewer.add(k.lease, token)
+        token = lease.token
+        self._renewer.add(lease)
         try:
             entry = compute()
         except Exception as exc:
@@ -376,9 +430,24 @@ class LeaseMixin:
             raise
         return entry
 
-    def _renew(self, lease: str, token: str) -> bool:
-        """Extend our lease (on the renewer thread); False once it is no longer ours."""
-        return bool(self._conn.script(RENEW, [lease], [token, self.lease_ms]))
+    def _renew_args(self, lease: Lease) -> tuple[list[str], list[Any], list[Any] | None]:
+        """KEYS and ARGV of `RENEW`, and on a cluster the ARGV of `TAG` for each tag set."""
+        now = int(time.time() * 1000)
+        until = now + self.lease_ms
+        args = [lease.token, self.lease_ms, lease.key, until, now]
+        if not self.cluster:
+            return [lease.lease, *lease.tag_keys], args, None
+        return [lease.lease], args, (["1", now, lease.key, until] if lease.tag_keys else None)
+
+    def _renew(self, lease: Lease) -> bool:
+        """Extend our lease and its tag memberships (on the renewer thread); False once the
+        lease is no longer ours."""
+        keys, args, tag_args = self._renew_args(lease)
+        ours = bool(self._conn.script(RENEW, keys, args))
+        if ours and tag_args is not None:
+            for tag_key in lease.tag_keys:
+                self._conn.script(TAG, [tag_key], tag_args)
+        return ours
 
     async def afill(
         self,
@@ -391,6 +460,8 @@ class LeaseMixin:
         """`fill` for asyncio: the same steps, awaiting (compare side by side)."""
         k = Keys(self._layout, key)
         token = secrets.token_hex(16)
+        lease = Lease(key, k.lease, token, [self._layout.tag(tag) for tag in tags])
+        claim_keys = self._claim_keys(k, lease.tag_keys)
         waiter = AsyncWaiter(asyncio.get_running_loop())
         self._listener.start()
         self._listener.add(key, waiter)  # subscribe first ...
@@ -400,9 +471,7 @@ class LeaseMixin:
                 waiter.arm()
                 subscribed = self._listener.ready.is_set()
                 reply = await self._conn.ascript(
-                    CLAIM,
-                    [k.entry, k.lease, k.failed, k.waiters],
-                    self._claim_args(token, check, seen),
+                    CLAIM, claim_keys, self._claim_args(key, token, check, seen)
                 )  # ... then check
                 step, entry, holder, wait = self._claim_step(key, reply)
                 if step == _LEAD:
@@ -425,18 +494,23 @@ class LeaseMixin:
                     return freeze_entry(entry, self.serializer)
         finally:
             self._listener.remove(key, waiter)
+        separate = self._claim_tags(lease)
+        if separate is not None:  # a cluster: best effort, see the module docstring
+            for tag_key in separate[0]:
+                await self._conn.aquietly(TAG, [tag_key], separate[1])
         if waited:
             self.counts["takeovers"] += 1
         pause = self._subscribe_wait()
         if pause:
             await asyncio.to_thread(self._listener.ready.wait, pause)
-        return await self._alead(key, k, token, compute, fence)
+        return await self._alead(key, k, lease, compute, fence)
 
     async def _alead(
-        self, key: str, k: Keys, token: str, compute: Callable[[], Awaitable[Entry]], fence: Fence
+        self, key: str, k: Keys, lease: Lease, compute: Callable[[], Awaitable[Entry]], fence: Fence
     ) -> Entry:
         self.counts["leads"] += 1
-        renewer = asyncio.get_running_loop().create_task(self._arenew(k.lease, token))
+        token = lease.token
+        renewer = asyncio.get_running_loop().create_task(self._arenew(lease))
         try:
             entry = await compute()
         except Exception as exc:
@@ -464,13 +538,17 @@ class LeaseMixin:
             raise
         return entry
 
-    async def _arenew(self, lease: str, token: str) -> None:
+    async def _arenew(self, lease: Lease) -> None:
         interval = self.lease_ms / 3000
         while True:
             await asyncio.sleep(interval)
+            keys, args, tag_args = self._renew_args(lease)
             try:
-                if not await self._conn.ascript(RENEW, [lease], [token, self.lease_ms]):
+                if not await self._conn.ascript(RENEW, keys, args):
                     return
+                if tag_args is not None:
+                    for tag_key in lease.tag_keys:
+                        await self._conn.ascript(TAG, [tag_key], tag_args)
             except BackendError:
                 pass
 

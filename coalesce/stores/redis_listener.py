@@ -147,6 +147,22 @@ class Listener:
         self.generation = 0  # see the module docstring
         self.resets = 0  # how often the connection dropped (stats)
 
+    def after_fork(self) -> None:
+        """In a forked child: no thread runs here, nothing is subscribed, and the waiters
+        were the parent's. Start afresh (on next need); a closed listener stays closed.
+
+        The lock and events are new: another thread of the parent may have held them.
+        """
+        closed = self._closed.is_set()
+        self._lock = threading.Lock()
+        self._waiters = {}
+        self._thread = None
+        self._closed = threading.Event()
+        if closed:
+            self._closed.set()
+        self.ready = threading.Event()
+        self.generation += 1  # a read begun before the fork must not fill the near cache
+
     # -- called by the store, from any thread ------------------------------------------------
 
     def start(self) -> None:

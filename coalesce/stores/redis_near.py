@@ -9,7 +9,9 @@
   `ttl` is clipped, with no stale window: a stale entry is always read from Redis);
 * an entry read from Redis is kept only if no invalidation arrived (or was sent) since the
   read began: `listener.generation` is read before the `GET` and compared before keeping;
-* invalidations by key or tag, from this process or any other, drop the local copies.
+* invalidations by key or tag, from this process or any other, drop the local copies;
+* a forked child starts with none (`after_fork`), and keeps none until its own listener is
+  subscribed.
 
 Values are kept frozen (see `coalesce.values`), so every caller still gets a private copy.
 
@@ -34,6 +36,7 @@ class NearCache:
     def __init__(
         self, maxsize: int, ttl: float, listener: Listener, serializer: Serializer
     ) -> None:
+        self.maxsize = maxsize
         self.memory = MemoryStore(maxsize=maxsize)
         self.ttl = ttl
         self.listener = listener
@@ -95,3 +98,8 @@ class NearCache:
 
     def clear(self) -> None:
         self.memory.clear()
+
+    def after_fork(self) -> None:
+        """In a forked child: drop every copy (invalidations sent while no listener runs here
+        are lost) without touching the old store's lock, which another thread may have held."""
+        self.memory = MemoryStore(maxsize=self.maxsize)

@@ -9,7 +9,8 @@ and every key belonging to one cache key lives on one slot:
     ns:{user:42}:failed     a short-lived failure marker: "<lease token>|<msgpack [type, msg]>"
     ns:{user:42}:waiters    "someone waits for this lease" (set by CLAIM, PX = lease ms)
     ns:{user:42}:done       the wake-up channel (pub/sub), published when a lease ends
-    ns:tag:{user:42}        a tag's sorted set: member = full key, score = expiry (ms)
+    ns:tag:{user:42}        a tag's sorted set: member = full key, score = expiry (ms) of
+                            the entry, or of the lease of its computation in flight
     ns:__invalidate__       the invalidation channel of near caches ("k:<key>" / "t:<tag>")
 
 Entry keys are exactly the keys `ns:{...}` that end with `}`; everything else under `ns:` is a
@@ -46,6 +47,7 @@ __all__ = [
     "RENEW",
     "STORE",
     "TAG",
+    "TAKE_TAG",
     "KeyLayout",
     "Script",
     "decode_failure",
@@ -73,9 +75,18 @@ class Script:
 
 # Records `member` (a full key, expiring at `score` ms, or +inf) in the tag set `tagkey`,
 # drops members that expired before `now` and lets the set expire with its last member.
+# `raise_only`: keep a higher score already there (a computation in flight records its key
+# with the lease's expiry, and nothing may shorten that while the lease runs).
 _ADD_TAG = """
-local function add_tag(tagkey, member, score, now)
-  redis.call('ZADD', tagkey, score, member)
+local function score_of(text)
+  if text == 'inf' or text == '+inf' then return math.huge end
+  return tonumber(text)
+end
+local function add_tag(tagkey, member, score, now, raise_only)
+  local current = raise_only and redis.call('ZSCORE', tagkey, member)
+  if not current or score_of(current) < score_of(score) then
+    redis.call('ZADD', tagkey, score, member)
+  end
   redis.call('ZREMRANGEBYSCORE', tagkey, '-inf', '(' .. now)
   local last = redis.call('ZRANGE', tagkey, -1, -1, 'WITHSCORES')
   if last[2] == 'inf' then
@@ -86,15 +97,20 @@ local function add_tag(tagkey, member, score, now)
 end
 """
 
-#: KEYS: entry, lease, failed, waiters. ARGV: token, lease ms, check entry ("1"/"0"), seen
-#: lease token.
+#: KEYS: entry, lease, failed, waiters, tag sets... ARGV: token, lease ms, check entry
+#: ("1"/"0"), seen lease token, member (full key), lease expiry (ms, the tag score), now ms.
 #: Returns {"entry", bytes} | {"failed", marker} | {"lease", ""} | {"wait", holder, pttl}.
 #: The failure marker is reported only to a waiter that saw the failed leader's token, so a
 #: caller arriving after a failure computes afresh instead of inheriting the error. A caller
 #: told to wait also flags the lease as waited for, so that its `STORE` pushes the entry.
+#: A caller taking the lease records the key in the tag sets of the entry it will compute
+#: (score: the lease's expiry), so that a `delete_tag` from now on deletes the lease too and
+#: fences the computation. (On a cluster the tag sets lie on other slots: no tag KEYS here,
+#: `TAG` records them right after.)
 CLAIM = Script.of(
     "claim",
-    """
+    _ADD_TAG
+    + """
 if ARGV[3] == '1' then
   local value = redis.call('GET', KEYS[1])
   if value then return {'entry', value} end
@@ -108,6 +124,7 @@ end
 local holder = redis.call('GET', KEYS[2])
 if not holder then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  for i = 5, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], true) end
   return {'lease', ''}
 end
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
@@ -122,12 +139,15 @@ return {'wait', holder, redis.call('PTTL', KEYS[2])}
 #: `DELETE` removes the lease with the entry, so a computation that began before an
 #: invalidation cannot store after it (and a fenced leader publishes nothing). The wake-up
 #: carries the entry when the lease was waited for and `push` allows it, else the marker `s`.
+#: The tag scores become the entry's expiry; without a token they are only raised while
+#: somebody holds the lease (its computation's membership must last as long as the lease).
 #: Returns 1 if stored, else 0.
 STORE = Script.of(
     "store",
     _ADD_TAG
     + """
 local waited = false
+local raise_only = ARGV[1] == '' and redis.call('EXISTS', KEYS[2]) == 1
 if ARGV[1] ~= '' then
   if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
   redis.call('DEL', KEYS[2])
@@ -138,7 +158,7 @@ if ARGV[3] == '0' then
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 end
-for i = 4, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7]) end
+for i = 4, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], raise_only) end
 if waited and ARGV[8] == '1' then
   redis.call('PUBLISH', ARGV[4], 'v' .. ARGV[1] .. '|' .. ARGV[2])
 else
@@ -148,8 +168,30 @@ return 1
 """,
 )
 
-#: KEYS: one tag set. ARGV: member, score, now ms. (Cluster: tag sets live on other slots.)
-TAG = Script.of("tag", _ADD_TAG + "\nadd_tag(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\nreturn 1\n")
+#: KEYS: one tag set. ARGV: "1" to only raise scores (else set them), now ms, then member,
+#: score pairs. On a cluster, where tag sets lie on other slots than their entries, this
+#: records what `CLAIM`, `RENEW` and `STORE` record themselves on one server; `delete_tag`
+#: also uses it to put back members it could not delete.
+TAG = Script.of(
+    "tag",
+    _ADD_TAG
+    + """
+for i = 3, #ARGV, 2 do add_tag(KEYS[1], ARGV[i], ARGV[i + 1], ARGV[2], ARGV[1] == '1') end
+return 1
+""",
+)
+
+#: KEYS: one tag set. Returns its members and scores (flat) and deletes it, in one step: a
+#: computation that records itself after this lands in a new set, seen by the next
+#: `delete_tag`, and none is removed from the set while its lease may still be running.
+TAKE_TAG = Script.of(
+    "take_tag",
+    """
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+redis.call('DEL', KEYS[1])
+return members
+""",
+)
 
 #: KEYS: entry1, lease1, entry2, lease2, ... (one slot). ARGV: invalidation channel or "",
 #: message. Deletes entries and leases (fencing computations in flight), wakes the waiters
@@ -197,11 +239,14 @@ return 0
 """,
 )
 
-#: KEYS: lease. ARGV: token, lease ms. Extends our lease while we compute.
+#: KEYS: lease, tag sets... ARGV: token, lease ms, member, lease expiry (ms), now ms.
+#: Extends our lease while we compute, and the key's membership in its tag sets with it.
 RENEW = Script.of(
     "renew",
-    """
+    _ADD_TAG
+    + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  for i = 2, #KEYS do add_tag(KEYS[i], ARGV[3], ARGV[4], ARGV[5], true) end
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
