@@ -39,10 +39,10 @@ def _fail_to_start(what: str, exc: Exception) -> NoReturn:
     ) from None
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A real redis-server on 127.0.0.1 (random port), shared by the whole session."""
-    server = RedisServer(name="session")
+def _running_server(name: str) -> Iterator[RedisServer]:
+    """Start a redis-server (failing the test, never skipping it, if it cannot start),
+    yield it, and remove it afterwards."""
+    server = RedisServer(name=name)
     try:
         server.start()
     except (RedisStartError, OSError) as exc:
@@ -52,6 +52,12 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 (random port), shared by the whole session."""
+    yield from _running_server("session")
 
 
 @pytest.fixture
@@ -97,16 +103,7 @@ def fresh_redis() -> Iterator[RedisServer]:
     ``restart()`` brings it back on the same port, empty.  It is stopped and its
     temporary directory removed after the test.
     """
-    server = RedisServer(name="fresh")
-    try:
-        server.start()
-    except (RedisStartError, OSError) as exc:
-        server.close()
-        _fail_to_start("redis-server", exc)
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from _running_server("fresh")
 
 
 @pytest.fixture(scope="session")
