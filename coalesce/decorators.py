@@ -266,7 +266,7 @@ def _slow(
     stats = policy.stats
     key = cache.prefix + policy.make_key(*args, **kwargs)
     if policy.store:
-        if key != raw_key or not _raw_key_was_read(policy, raw_key):
+        if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = cache.read(key)
         if entry is not None:
             now = _now()
@@ -289,7 +289,7 @@ async def _aslow(
     stats = policy.stats
     key = cache.prefix + policy.make_key(*args, **kwargs)
     if policy.store:
-        if key != raw_key or not _raw_key_was_read(policy, raw_key):
+        if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = await cache.aread(key)
         if entry is not None:
             now = _now()
@@ -303,11 +303,6 @@ async def _aslow(
                 return _result(entry)
         stats.misses += 1
     return _result(await _amiss(cache, policy, key, args, kwargs))
-
-
-def _raw_key_was_read(policy: Policy, raw_key: str) -> bool:
-    """Whether the hot path already read `raw_key` (its guard held)."""
-    return policy.plan.hit_guard == "True" or "%" not in raw_key
 
 
 def _miss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:

@@ -190,11 +190,6 @@ def storable(status: int, headers: Iterable[tuple[str, str]], *, cache_4xx: bool
     return True
 
 
-def vary_value(names: Sequence[str]) -> str:
-    """The `Vary` header for the request headers a cache key includes."""
-    return ", ".join(names)
-
-
 def quantile(ordered: Sequence[float], q: float) -> float:
     """The `q` quantile (0..1) of sorted values by the nearest-rank method; 0.0 when empty."""
     if not ordered:

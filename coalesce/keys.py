@@ -246,12 +246,15 @@ class KeyPlan:
     hot path of the decorator evaluates inline, with `names` as its globals. Stores only
     ever hold safe keys, so a raw key that finds an entry is the safe key itself, provided
     `hit_guard` holds (a template's raw key may contain `%` that escaping would change).
+    `guard_holds` is the same test for the slow path, which must know whether the hot path
+    already read the raw key.
     """
 
     make: KeyFunction
     expr: str
     names: dict[str, Any]
     hit_guard: str
+    guard_holds: Callable[[str], bool]
 
 
 def _default_plan(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyPlan:
@@ -281,12 +284,7 @@ def _default_plan(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyPla
         **_BUILTINS,
     }
     make = _compile(fn, f"return __coalesce_s({expr})", names, ".key")
-    return KeyPlan(make, expr, names, "True")
-
-
-def default_key_function(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyFunction:
-    """Key function giving `<module>.<qualname>:` plus the canonical encoding of arguments."""
-    return _default_plan(fn, exclude).make
+    return KeyPlan(make, expr, names, "True", lambda raw_key: True)
 
 
 def _field_root(field: str) -> str:
@@ -360,7 +358,7 @@ def _template_plan(fn: Callable[..., Any], template: str) -> KeyPlan:
     )
     names = {"__coalesce_t": template, "__coalesce_e": render_escaped, "__coalesce_ok": is_safe_key}
     make = _compile(fn, body, names, ".key")
-    return KeyPlan(make, expr, names, "'%' not in __coalesce_k")
+    return KeyPlan(make, expr, names, "'%' not in __coalesce_k", lambda raw_key: "%" not in raw_key)
 
 
 def template_key_function(fn: Callable[..., Any], template: str) -> KeyFunction:

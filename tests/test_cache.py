@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -717,3 +718,23 @@ def test_cached_error_reaches_the_leader_as_the_original_exception() -> None:
         find(1)  # from the cache: rebuilt, or CachedError when it cannot be
     assert later.value is not first.value
     assert calls == 1
+
+
+def test_a_failing_store_is_logged_once_per_interval_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from redis_servers import free_port
+
+    cache = Cache(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)  # closed
+
+    @cache.cached(ttl=60, key="k:{x}")
+    def f(x: int) -> int:
+        return x
+
+    with caplog.at_level(logging.WARNING, logger="coalesce"):
+        assert [f(i) for i in range(5)] == [0, 1, 2, 3, 4]  # fail-open: computed directly
+    warnings = [r for r in caplog.records if "computing directly" in r.getMessage()]
+    assert len(warnings) == 1  # not once per call
+    assert cache.backend_errors >= 5
+    assert f.stats()["backend_errors"] >= 5
+    cache.close()
