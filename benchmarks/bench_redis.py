@@ -77,6 +77,10 @@ CONNECTION_SETUP = frozenset({"hello", "client|setinfo", "client|setname", "sele
 SYNC_STAMPEDERS = ("coalesce (threads)", "dogpile.cache distributed_lock=True")
 ASYNC_STAMPEDERS = ("coalesce (asyncio)", "cashews lock=True")
 
+#: Caches of the hit benchmarks, closed before the script stops its redis-server (else their
+#: listener threads would log the server's disappearance).
+OPEN_CACHES: list[Cache] = []
+
 
 @dataclass
 class Settings:
@@ -209,6 +213,7 @@ def sync_hit_cases(
 
         def build_coalesce(counter: Counter) -> Callable[[int], Any]:
             cache = Cache(server.url, namespace="bench_hit_sync")
+            OPEN_CACHES.append(cache)
 
             @cache.cached(ttl=60, key="user:{user_id}")
             def load(user_id: int) -> dict[str, Any]:
@@ -265,6 +270,7 @@ async def async_hit_cases(
 
         def build_coalesce(counter: Counter) -> Callable[[int], Awaitable[Any]]:
             cache = Cache(server.url, namespace="bench_hit_async")
+            OPEN_CACHES.append(cache)
 
             @cache.cached(ttl=60, key="user:{user_id}")
             async def load(user_id: int) -> dict[str, Any]:
@@ -1166,6 +1172,8 @@ def main() -> None:
         if with_coalesce:
             sections.append(bench_wakeups(server, settings))
             sections.append(bench_near_cache(server, settings))
+        for cache in OPEN_CACHES:
+            cache.close()
     mode = "quick" if args.quick else "full"
     parts = [
         "# coalesce Redis benchmarks",
