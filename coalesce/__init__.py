@@ -18,6 +18,7 @@ from coalesce.errors import (
 )
 from coalesce.serialization import MsgpackSerializer, PickleSerializer, Serializer
 from coalesce.stats import Stats
+from coalesce.stores.base import KeyList
 
 __all__ = [
     "BackendError",
@@ -29,6 +30,7 @@ __all__ = [
     "Decorator",
     "Entry",
     "KeyBuildError",
+    "KeyList",
     "KeyTemplateError",
     "LeaderFailedError",
     "MsgpackSerializer",

@@ -32,7 +32,7 @@ from coalesce.entry import Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.serialization import Serializer, get_serializer
-from coalesce.stores.base import Store
+from coalesce.stores.base import KeyList, Store
 from coalesce.stores.memory import MemoryStore
 from coalesce.urls import redact
 
@@ -365,14 +365,31 @@ class Cache:
         self._fence_tag(full)
         return await self.store.adelete_tag(full)
 
-    def get_entry(self, key: str) -> Entry | None:
-        """The entry stored under `key` (without namespace), fresh or stale, for inspection."""
-        return self.store.get(self._full(key))
+    def get_entry(self, key: str, *, strict: bool = False) -> Entry | None:
+        """The entry stored under `key` (without namespace), fresh or stale, for inspection.
 
-    def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:
-        """Up to `limit` keys (without namespace) matching the glob `pattern`."""
-        full = self.store.keys(self.prefix + pattern, limit=limit)
-        return [key[len(self.prefix) :] for key in full]
+        An entry that cannot be decoded (written by another serializer or program) counts as
+        missing, as it does for the decorators; with `strict=True` it raises
+        `SerializationError` saying why, and a Redis store reads Redis, not its near cache.
+        """
+        full = self._full(key)
+        return self.store.get_strict(full) if strict else self.store.get(full)
+
+    def keys(
+        self, pattern: str = "*", *, limit: int = 1000, max_scanned: int | None = None
+    ) -> KeyList:
+        """Up to `limit` keys (without namespace) matching the glob `pattern`.
+
+        `max_scanned` bounds the work, not only the result: the store looks at about that
+        many stored keys at most (on Redis, in SCAN calls of 1,000), so a pattern matching
+        nothing cannot walk a large database. The result is a list; its `complete` says
+        whether the listing looked at everything (False: there may be more matches).
+        """
+        for name, bound in (("limit", limit), ("max_scanned", max_scanned)):
+            if bound is not None and (type(bound) is not int or bound < 1):
+                raise ConfigurationError(f"{name} must be a positive integer, not {bound!r}")
+        full = self.store.keys(self.prefix + pattern, limit=limit, max_scanned=max_scanned)
+        return KeyList((key[len(self.prefix) :] for key in full), full.complete)
 
     # -- stats and lifecycle ----------------------------------------------------------------
 

@@ -32,14 +32,13 @@ import argparse
 import contextlib
 import functools
 import json
-import logging
 import os
 import pprint
 import reprlib
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -314,45 +313,19 @@ class RedisTarget:
                 ) from None
         return self._cache
 
-    def entry_name(self, key: str) -> str:
-        """The Redis key holding the entry of `key` (without namespace).
-
-        The store's layout (`coalesce.stores.redis_scripts.KeyLayout`): the public API has
-        no bounded SCAN nor a raw read, which `keys` and `get` need.
-        """
-        from coalesce.stores.redis_scripts import KeyLayout
-
-        return KeyLayout(self.namespace).entry(self.cache.prefix + key)
-
-    def scan(self, pattern: str, limit: int, max_scans: int) -> tuple[list[str], bool]:
+    def keys(self, pattern: str, limit: int, max_scans: int) -> tuple[list[str], bool]:
         """Up to `limit` keys (without namespace) matching the glob `pattern`, looking at
-        no more than `max_scans` x `SCAN_COUNT` Redis keys; and whether the scan finished.
+        no more than `max_scans` x `SCAN_COUNT` Redis keys; and whether the listing finished.
 
-        `Cache.keys` stops at `limit` results but not before: a pattern matching nothing
-        would walk the whole database. This walks it `SCAN_COUNT` keys per call, at most
-        `max_scans` calls.
+        `Cache.keys` with `max_scanned`: a pattern matching nothing cannot walk the whole
+        database.
         """
-        from coalesce.stores.redis_scripts import KeyLayout
-
-        layout = KeyLayout(self.namespace)
-        match = layout.match(self.cache.prefix + pattern)
-        found: list[str] = []
-        client = self.client
-        cursor: Any = 0
-        for _ in range(max_scans):
-            cursor, names = self.guard(
-                functools.partial(client.scan, cursor, match=match, count=SCAN_COUNT)
+        found = self.guard(
+            functools.partial(
+                self.cache.keys, pattern, limit=limit, max_scanned=max_scans * SCAN_COUNT
             )
-            for raw in names:
-                name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
-                full = layout.key_of_entry(name)
-                if full is not None and full.startswith(self.cache.prefix):
-                    found.append(full[len(self.cache.prefix) :])
-                    if len(found) >= limit:
-                        return found, int(cursor) == 0
-            if int(cursor) == 0:
-                return found, True
-        return found, False
+        )
+        return list(found), found.complete
 
     def ping(self) -> float:
         """Seconds one PING took; raises `CliError` naming the problem."""
@@ -586,15 +559,18 @@ def cmd_get(args: argparse.Namespace) -> int:
     try:
         cache = target.cache
         forms = key_forms(given)
-        with _quiet_unreadable():  # `undecodable` says it, in one line
-            for key in forms:
-                entry = target.guard(functools.partial(cache.get_entry, key))
-                if entry is not None:
-                    break
+        unreadable: CliError | None = None
+        for key in forms:
+            try:
+                entry = target.guard(functools.partial(strict_entry, target, key))
+            except CliError as exc:  # unreadable under this form: maybe readable under another
+                entry, unreadable = None, unreadable or exc
+            if entry is not None:
+                break
         if entry is None:
+            if unreadable is not None:
+                raise unreadable
             key = forms[0]
-            for form in forms:
-                undecodable(target, form)
             shown = repr(key) if key == given else f"{key!r} (the escaped form of {given!r})"
             print(f"no entry for key {shown} in namespace {args.namespace!r}", file=sys.stderr)
             return EXIT_MISSING
@@ -644,45 +620,15 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _drop_unreadable(record: logging.LogRecord) -> bool:
-    return "unreadable value" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def _quiet_unreadable() -> Iterator[None]:
-    """Silence the Redis store's warning about an unreadable entry (`undecodable` reports
-    it as the command's own one-line error instead)."""
-    store_logger = logging.getLogger("coalesce.redis")
-    store_logger.addFilter(_drop_unreadable)
+def strict_entry(target: RedisTarget, key: str) -> Any:
+    """The entry under `key`, or None; a `CliError` (exit 2) if one exists that cannot be
+    decoded (`Cache.get_entry(strict=True)`: by default an unreadable entry counts as none)."""
     try:
-        yield
-    finally:
-        store_logger.removeFilter(_drop_unreadable)
-
-
-def undecodable(target: RedisTarget, key: str) -> None:
-    """Raise a `CliError` (exit 2) if an entry exists under `key` that cannot be decoded.
-
-    `Cache.get_entry` reads an entry written by another serializer (or by another program)
-    as no entry at all, so this reads the raw value and decodes it to tell why.
-    """
-    from coalesce.serialization import decode_entry
-
-    cache = target.cache
-    raw = target.guard(functools.partial(target.client.get, target.entry_name(key)))
-    if raw is None:
-        return
-    try:
-        decode_entry(raw, cache.serializer, context=key)
+        return target.cache.get_entry(key, strict=True)
     except SerializationError as exc:
         raise CliError(
             f"an entry exists for key {key!r} in namespace {target.namespace!r} but could not "
             f"be decoded: {one_line(str(exc))}"
-        ) from None
-    except Exception as exc:  # a decoder that fails in its own way: still say it exists
-        raise CliError(
-            f"an entry exists for key {key!r} in namespace {target.namespace!r} but could not "
-            f"be decoded: {type(exc).__name__}: {one_line(str(exc))}"
         ) from None
 
 
@@ -701,7 +647,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         raise CliError(f"--max-scans must be at least 1, not {args.max_scans}")
     target = open_target(args, "keys")
     try:
-        found, complete = target.scan(pattern, args.limit, args.max_scans)
+        found, complete = target.keys(pattern, args.limit, args.max_scans)
     finally:
         target.close()
     for key in sorted(found):
@@ -734,7 +680,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise CliError(f"--max-scans must be at least 1, not {args.max_scans}")
     target = open_target(args, "stats")
     try:
-        keys, complete = target.scan("*", args.limit, args.max_scans)
+        keys, complete = target.keys("*", args.limit, args.max_scans)
         info = target.info()
     finally:
         target.close()

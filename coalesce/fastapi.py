@@ -112,7 +112,7 @@ from fastapi.responses import Response
 
 from coalesce import Cache, get_cache
 from coalesce.fastapi_admin import admin_router
-from coalesce.fastapi_keys import base_type
+from coalesce.fastapi_keys import base_type, is_class
 from coalesce.fastapi_metrics import REGISTRY, MetricsRegistry, RouteMetrics, metrics_router
 from coalesce.fastapi_route import CachedRoute
 
@@ -140,7 +140,7 @@ def _slot(sig: inspect.Signature, cls: type, injected: str) -> tuple[str, bool]:
     """
     for param in sig.parameters.values():
         base = base_type(param.annotation)
-        if isinstance(base, type) and issubclass(base, cls):
+        if is_class(base) and issubclass(base, cls):
             return param.name, False
     return injected, True
 

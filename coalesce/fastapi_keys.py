@@ -36,6 +36,7 @@ import hashlib
 import inspect
 import json
 import string
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,11 @@ def base_type(annotation: Any) -> Any:
     return annotation
 
 
+def is_class(annotation: Any) -> bool:
+    """A real class (on 3.10, `list[str]` passes `isinstance(..., type)` but is not one)."""
+    return isinstance(annotation, type) and not isinstance(annotation, types.GenericAlias)
+
+
 def _default_of(param: inspect.Parameter) -> Any:
     """The value FastAPI passes for `param` when the request omits it, or `REQUIRED`."""
     default = param.default
@@ -115,7 +121,7 @@ def analyse(sig: inspect.Signature) -> list[IdentityParam]:
         if any(isinstance(m, params.Depends) for m in markers):
             continue
         base = base_type(param.annotation)
-        if isinstance(base, type) and issubclass(base, _NOT_IDENTITY):
+        if is_class(base) and issubclass(base, _NOT_IDENTITY):
             continue
         if isinstance(base, str) and base.rpartition(".")[2] in _NOT_IDENTITY_NAMES:
             continue  # an annotation that could not be evaluated: go by the class name

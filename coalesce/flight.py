@@ -152,7 +152,10 @@ class _AsyncFlight:
         return self.outcome.done()
 
     def cancelled(self) -> bool:
-        return self.outcome.cancelled()
+        """Whether the computation ended cancelled. The task is asked too: the outcome is
+        copied by the task's done-callback, which a caller on the task's loop may wake up
+        before (seen on CPython 3.12)."""
+        return self.outcome.cancelled() or self.task.cancelled()
 
     async def wait(self, loop: asyncio.AbstractEventLoop) -> Any:
         """The outcome, awaited from `loop`; cancelling the caller leaves it running."""
@@ -227,6 +230,9 @@ class AsyncFlights:
                 value = await flight.wait(loop)
             except asyncio.CancelledError:
                 if flight.cancelled() and not _caller_cancelled():
+                    with self._lock:  # its done-callback may not have removed it yet
+                        if self._flights.get(key) is flight:
+                            del self._flights[key]
                     continue  # the computation was cancelled, not us: start over
                 raise
             except BaseException:

@@ -15,7 +15,7 @@ import pytest
 
 import coalesce
 import coalesce.cache as cache_module
-from coalesce import Cache, ConfigurationError, cached, coalesced, configure, get_cache
+from coalesce import Cache, ConfigurationError, KeyList, cached, coalesced, configure, get_cache
 
 BOUND = 10.0
 STAT_FIELDS = {
@@ -518,6 +518,43 @@ def test_keys_glob() -> None:
     assert sorted(cache.keys("user:*")) == [f"user:{i}" for i in range(5)]
     assert cache.keys("user:3") == ["user:3"]
     assert len(cache.keys(limit=2)) == 2
+
+
+def test_keys_bound_their_work_and_say_whether_they_saw_everything() -> None:
+    cache = Cache()
+
+    @cache.cached(ttl=60, key="user:{uid}")
+    def f(uid: int) -> int:
+        return uid
+
+    for i in range(50):
+        f(i)
+    everything = cache.keys("user:*")
+    assert isinstance(everything, list) and isinstance(everything, KeyList)
+    assert len(everything) == 50 and everything.complete
+    cut = cache.keys("nothing*", max_scanned=10)
+    assert cut == [] and not cut.complete  # looked at 10 of 50 entries only
+    assert cache.keys("nothing*").complete
+    capped = cache.keys("user:*", limit=3)
+    assert len(capped) == 3 and not capped.complete
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="limit must be a positive integer"):
+            cache.keys(limit=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="max_scanned must be a positive integer"):
+            cache.keys(max_scanned=bad)  # type: ignore[arg-type]
+
+
+def test_strict_get_entry_in_memory_is_get_entry() -> None:
+    cache = Cache()
+
+    @cache.cached(ttl=60, key="k")
+    def k() -> int:
+        return 7
+
+    k()
+    entry = cache.get_entry("k", strict=True)
+    assert entry is not None and entry.value == 7
+    assert cache.get_entry("missing", strict=True) is None
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import enum
 import hashlib
+import inspect
 from typing import Annotated, Any
 
 import pytest
@@ -21,6 +22,7 @@ from coalesce.fastapi_keys import (
     encode_params,
     encode_value,
     encode_vary,
+    is_class,
     resolved_signature,
 )
 
@@ -82,6 +84,20 @@ def test_analyse_keeps_only_the_request_identity() -> None:
 )
 def test_encode_value(value: Any, text: str) -> None:
     assert encode_value(value) == text
+
+
+def test_generic_aliases_are_not_classes() -> None:
+    # on Python 3.10 `isinstance(list[str], type)` is True and `issubclass` then raises
+    assert is_class(int) and is_class(Request)
+    assert not is_class(list[str]) and not is_class(dict[str, int]) and not is_class("Request")
+    sig = inspect.signature(lambda tags, page: None)
+    sig = sig.replace(
+        parameters=[
+            sig.parameters["tags"].replace(annotation=Annotated[list[str], Query()]),
+            sig.parameters["page"].replace(annotation=int),
+        ]
+    )
+    assert [p.name for p in analyse(sig)] == ["page", "tags"]
 
 
 def test_string_annotations_that_cannot_be_evaluated_are_still_recognised() -> None:

@@ -60,9 +60,12 @@ def test_cluster_cached_fill_tags_and_invalidate(
     assert len(slots) > 3
     lease_slot = key_slot(f"{unique_namespace}:{{user:1}}:lease".encode())
     assert lease_slot == key_slot(f"{unique_namespace}:{{user:1}}".encode())
-    assert sorted(a.keys("user:*"), key=lambda k: int(k.split(":")[1])) == [
+    listed = a.keys("user:*")
+    assert sorted(listed, key=lambda k: int(k.split(":")[1])) == [
         f"user:{uid}" for uid in range(1, 20)
     ]
+    assert listed.complete  # every master was scanned
+    assert not a.keys("user:*", limit=5).complete
     before = len(calls)
     assert user_a(5, 1) == {"uid": 5, "team": 1}  # type: ignore[operator]
     assert len(calls) == before  # a hit

@@ -25,7 +25,7 @@ from redis_servers import RedisServer
 
 from coalesce.cache import Cache
 from coalesce.entry import Entry
-from coalesce.errors import BackendError, LeaderFailedError
+from coalesce.errors import BackendError, LeaderFailedError, SerializationError
 from coalesce.serialization import MsgpackSerializer, encode_entry
 from coalesce.stores.redis import RedisStore, redact
 from coalesce.stores.redis_scripts import CLAIM, PUSH_MAX, STORE, KeyLayout, pushed_entry
@@ -819,6 +819,55 @@ def test_keys_lists_only_entries_in_the_namespace(
     assert len(cache.keys("*", limit=2)) == 2
     assert cache.keys("nothing*") == []
     other.close()
+
+
+def test_keys_scan_a_bounded_number_of_keys_on_a_real_server(
+    caches: Callable[..., Cache], raw: redis.Redis, unique_namespace: str
+) -> None:
+    cache = caches()
+
+    @cache.cached(ttl=30, key="user:{i}")
+    def user(i: int) -> int:
+        return i
+
+    for i in range(3):
+        user(i)
+    unrelated = [f"other-app-{unique_namespace[::-1]}:{i}" for i in range(2500)]
+    with raw.pipeline(transaction=False) as pipe:  # another application's data, same database
+        for name in unrelated:
+            pipe.set(name, "x", ex=60)
+        pipe.execute()
+    assert sorted(cache.keys("user:*")) == ["user:0", "user:1", "user:2"]
+    assert cache.keys("user:*").complete
+    cut = cache.keys("nothing*", max_scanned=1000)  # one SCAN call of 1,000 keys
+    assert cut == [] and not cut.complete
+    assert cache.keys("nothing*").complete
+    capped = cache.keys("user:*", limit=1)
+    assert len(capped) == 1 and not capped.complete
+    raw.delete(*unrelated)
+
+
+def test_strict_get_entry_tells_unreadable_from_missing(
+    caches: Callable[..., Cache], raw: redis.Redis, unique_namespace: str
+) -> None:
+    cache = caches(local_maxsize=10)
+
+    @cache.cached(ttl=30, key="good")
+    def good() -> str:
+        return "value"
+
+    good()
+    raw.set(f"{unique_namespace}:{{bad}}", b"\xff\xfe not an entry")
+    assert cache.get_entry("bad") is None  # as the decorators see it: a miss
+    with pytest.raises(SerializationError):
+        cache.get_entry("bad", strict=True)
+    assert cache.get_entry("missing", strict=True) is None
+    entry = cache.get_entry("good", strict=True)
+    assert entry is not None and entry.value == "value"
+    raw.set(f"{unique_namespace}:{{good}}", b"junk")  # behind the near cache's back
+    assert cache.get_entry("good") is not None  # the near cache still holds it
+    with pytest.raises(SerializationError):  # strict reads Redis itself
+        cache.get_entry("good", strict=True)
 
 
 # -- near cache ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ computes and stores.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from coalesce.entry import Entry
 
@@ -30,6 +30,18 @@ class Fence:
 
     def __init__(self) -> None:
         self.valid = True  # written False once by an invalidation; read by the store on set
+
+
+class KeyList(list[str]):
+    """Keys found by a bounded listing (`Cache.keys`): a plain list, and `complete`.
+
+    `complete` is False when the listing stopped before it had looked at everything (at
+    `limit` matches, or after `max_scanned` stored keys): there may be more matches.
+    """
+
+    def __init__(self, keys: Iterable[str] = (), complete: bool = True) -> None:
+        super().__init__(keys)
+        self.complete = complete
 
 
 class Store(ABC):
@@ -99,9 +111,18 @@ class Store(ABC):
         tags: tuple[str, ...] = (),
     ) -> Entry: ...
 
-    def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:
-        """Up to `limit` full keys matching a glob `pattern` (for the command line)."""
-        raise NotImplementedError
+    @abstractmethod
+    def keys(
+        self, pattern: str = "*", *, limit: int = 1000, max_scanned: int | None = None
+    ) -> KeyList:
+        """Up to `limit` full keys matching a glob `pattern`, looking at no more than about
+        `max_scanned` stored keys (None: no bound); see `KeyList.complete`."""
+
+    def get_strict(self, key: str) -> Entry | None:
+        """`get`, except that an entry that exists but cannot be decoded raises
+        `SerializationError` instead of counting as missing (for inspection: the command
+        line must tell "absent" from "unreadable"). Stores that keep no bytes just `get`."""
+        return self.get(key)
 
     def close(self) -> None:  # noqa: B027  (optional for stores without connections)
         """Release connections; the store may not be used afterwards."""

@@ -30,7 +30,7 @@ from typing import Any
 import cachetools
 
 from coalesce.entry import Entry
-from coalesce.stores.base import Fence, Store
+from coalesce.stores.base import Fence, KeyList, Store
 
 
 def _keep_until(_key: str, entry: Entry, now: float) -> float:
@@ -87,14 +87,21 @@ class MemoryStore(Store):
     def __len__(self) -> int:
         return len(self._index)
 
-    def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:
+    def keys(
+        self, pattern: str = "*", *, limit: int = 1000, max_scanned: int | None = None
+    ) -> KeyList:
         now = time.time()
-        found = []
-        for key, entry in list(self._index.items()):
+        found = KeyList()
+        items = list(self._index.items())
+        for scanned, (key, entry) in enumerate(items, 1):
             if entry.stale_until > now and fnmatch.fnmatchcase(key, pattern):
                 found.append(key)
                 if len(found) >= limit:
+                    found.complete = scanned == len(items)
                     break
+            if max_scanned is not None and scanned >= max_scanned:
+                found.complete = scanned == len(items)
+                break
         return found
 
     # -- writes (under the lock) ------------------------------------------------------------

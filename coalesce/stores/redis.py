@@ -68,7 +68,7 @@ from redis.crc import key_slot
 from coalesce.entry import Entry
 from coalesce.errors import ConfigurationError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, get_serializer
-from coalesce.stores.base import Fence, Store
+from coalesce.stores.base import Fence, KeyList, Store
 from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
 from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClient
 from coalesce.stores.redis_lease import Keys, LeaseMixin, Renewer
@@ -82,6 +82,7 @@ __all__ = ["RedisStore", "redact"]
 logger = logging.getLogger("coalesce.redis")
 
 _CHUNK = 256  # keys per DELETE script / ZREM in `delete_tag`
+SCAN_COUNT = 1000  # keys Redis looks at per SCAN call of `keys`
 
 
 class RedisStore(LeaseMixin, Store):
@@ -460,25 +461,52 @@ class RedisStore(LeaseMixin, Store):
 
     # -- listing, stats, lifecycle ---------------------------------------------------------------
 
-    def keys(self, pattern: str = "*", *, limit: int = 1000) -> list[str]:
-        """Up to `limit` full keys matching `pattern`: SCAN MATCH inside our namespace only."""
-        found: list[str] = []
-        if limit <= 0:
-            return found
-        client = self._conn.sync()
+    def get_strict(self, key: str) -> Entry | None:
+        """`get` from Redis itself (not the near cache); unreadable bytes raise
+        `SerializationError` instead of counting as a miss."""
+        data: Any = self._conn.call(self._conn.sync().get, self._layout.entry(key))
+        return None if data is None else decode_entry(data, self.serializer, context=key)
+
+    def keys(
+        self, pattern: str = "*", *, limit: int = 1000, max_scanned: int | None = None
+    ) -> KeyList:
+        """Up to `limit` full keys matching `pattern`: SCAN MATCH inside our namespace only,
+        `SCAN_COUNT` keys per call and about `max_scanned` keys in all (every node of a
+        cluster in turn)."""
         match = self._layout.match(pattern)
+        calls = None if max_scanned is None else max(1, -(-max_scanned // SCAN_COUNT))
 
-        def scan() -> None:
-            for raw in client.scan_iter(match=match, count=max(100, min(limit, 1000))):
-                name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
-                key = self._layout.key_of_entry(name)
-                if key is not None:
-                    found.append(key)
-                    if len(found) >= limit:
-                        return
+        def scan() -> KeyList:
+            found, scans = KeyList(), 0
+            nodes = self._conn.node_clients()
+            for number, client in enumerate(nodes, 1):
+                cursor: Any = 0
+                while True:
+                    if calls is not None and scans >= calls:
+                        found.complete = False
+                        return found
+                    cursor, names = client.scan(cursor, match=match, count=SCAN_COUNT)
+                    scans += 1
+                    for index, raw in enumerate(names, 1):
+                        name = (
+                            raw.decode("utf-8", "surrogateescape")
+                            if isinstance(raw, bytes)
+                            else raw
+                        )
+                        key = self._layout.key_of_entry(name)
+                        if key is None:
+                            continue
+                        found.append(key)
+                        if len(found) >= limit:
+                            found.complete = (
+                                int(cursor) == 0 and number == len(nodes) and index == len(names)
+                            )
+                            return found
+                    if int(cursor) == 0:
+                        break
+            return found
 
-        self._conn.call(scan)
-        return found
+        return self._conn.call(scan)
 
     def stats(self) -> dict[str, Any]:
         """Breaker state, counters, listener and near-cache state (cheap, approximate)."""

@@ -160,6 +160,15 @@ class RedisConnection:
                     raise self.failed(exc) from exc
             return self._sync_client
 
+    def node_clients(self) -> list[redis.Redis]:
+        """One sync client per primary node (the sync client itself on one server): a SCAN
+        must visit every node of a cluster."""
+        client = self.sync()
+        if isinstance(client, redis.cluster.RedisCluster):
+            primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+            return [client.get_redis_connection(node) for node in primaries]
+        return [client]
+
     def _options(self, retry: Any) -> dict[str, Any]:
         options: dict[str, Any] = {
             "socket_timeout": self.socket_timeout,
