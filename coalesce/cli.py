@@ -24,6 +24,9 @@ A KEY or TAG is given as the application's author writes it (`user:a b`) or as i
 
 `keys` and `stats` bound their work, not only their results: at most `--max-scans` SCAN
 calls of `SCAN_COUNT` keys each, then they say that the listing was cut short.
+
+The commands and the argument parser live here; how the output is worded in `cli_output`,
+how Redis and an application are reached (and their failures named) in `cli_remote`.
 """
 
 from __future__ import annotations
@@ -33,96 +36,54 @@ import contextlib
 import functools
 import json
 import os
-import pprint
-import reprlib
 import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import SplitResult, unquote, urlsplit
+from typing import Any, NoReturn
+from urllib.parse import unquote
 
-from coalesce import Cache, CoalesceError, SerializationError, __version__
+from coalesce import CoalesceError, __version__
+from coalesce.cli_output import (
+    LARGE_VALUE,
+    PREVIEW_CHARS,
+    human_ms,
+    human_seconds,
+    one_line,
+    preview,
+    render_routes,
+)
+from coalesce.cli_remote import (
+    EXIT_MISSING,
+    EXIT_OK,
+    EXIT_USAGE,
+    SCAN_COUNT,
+    CliError,
+    RedisTarget,
+    app_failure,
+    app_token,
+    app_url,
+    check_scheme,
+    describe_redis_error,
+    http_call,
+    open_target,
+    parse_url,
+    redis_cause,
+    resolve_url,
+    strict_entry,
+)
 from coalesce.keys import escape, is_safe_key
 from coalesce.urls import redact
-
-if TYPE_CHECKING:
-    import redis
-
-EXIT_OK = 0
-EXIT_MISSING = 1  # `get`: no such key
-EXIT_USAGE = 2  # bad input, unreachable or misconfigured store
 
 DEFAULT_NAMESPACE = "coalesce"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_ADMIN_PREFIX = "/coalesce"
 DEFAULT_METRICS_PATH = "/coalesce/metrics"
-PREVIEW_CHARS = 600
-LARGE_VALUE = 100_000  # encoded bytes above which the preview stops pretty-printing
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-SCAN_COUNT = 1000  # keys Redis looks at per SCAN call (`keys`, `stats`)
 DEFAULT_MAX_SCANS = 1000  # SCAN calls before `keys` / `stats` stop: a bound on the work
 
 
-class CliError(Exception):
-    """A problem the user can fix: printed as one line on stderr, then exit `code`."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 # ---------------------------------------------------------------------------------------
-# small helpers
-
-
-def one_line(text: str) -> str:
-    """Collapse whitespace so that any message prints as exactly one line."""
-    return " ".join(str(text).split())
-
-
-def human_seconds(seconds: float) -> str:
-    """`0.42 s`, `42.0 s`, `3 min 20 s`, `2 h 5 min`, `3 d 4 h`: short and exact enough."""
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
-
-
-def human_ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
-
-
-def preview(value: Any, limit: int = PREVIEW_CHARS, *, large: bool = False) -> str:
-    """A readable rendering of a cached value, cut to `limit` characters.
-
-    Small values are pretty-printed; a `large` one (megabytes of rows) goes through
-    `reprlib`, which stops early instead of formatting everything to show the first lines.
-    """
-    if isinstance(value, (str, bytes)):
-        if len(value) <= limit:
-            return repr(value)
-        unit = "characters" if isinstance(value, str) else "bytes"
-        return f"{value[:limit]!r}... ({len(value) - limit:,} more {unit})"
-    if large:
-        shortener = reprlib.Repr()
-        shortener.maxlevel = 4
-        shortener.maxdict = shortener.maxlist = shortener.maxtuple = shortener.maxset = 40
-        shortener.maxstring = shortener.maxother = 200
-        text = shortener.repr(value)
-        return text if len(text) <= limit else f"{text[:limit]}... (cut)"
-    text = pprint.pformat(value, width=96, compact=True, sort_dicts=False)
-    if len(text) > limit:
-        text = f"{text[:limit]}... ({len(text) - limit:,} more characters)"
-    return text
+# key forms
 
 
 def _validate_key(key: str, what: str = "key") -> str:
@@ -178,281 +139,6 @@ def _check_length(key: str, what: str = "key") -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# reaching Redis
-
-
-def resolve_url(args: argparse.Namespace) -> str:
-    url: str = args.url or os.environ.get("COALESCE_URL") or "memory://"
-    return url
-
-
-def _memory_problem(command: str) -> CliError:
-    return CliError(
-        f"`coalesce {command}` cannot reach a memory:// cache: it lives inside the "
-        "application's process. Use --app http://HOST:PORT --token TOKEN (the app's "
-        "coalesce.fastapi admin router), or point --url / COALESCE_URL at Redis"
-    )
-
-
-def parse_url(url: str, what: str = "cache URL (--url / COALESCE_URL)") -> SplitResult:
-    """`urlsplit(url)` and its port, or a `CliError` naming the problem (never the password)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        shown = redact(url)
-        where = f"invalid {what}" if shown.startswith("<") else f"invalid {what} {shown!r}"
-        hint = ""
-        if "IPv6" in str(exc):
-            hint = " (an IPv6 host goes in brackets, with its port after them: [::1]:6379)"
-        elif "port" in str(exc).lower():
-            hint = " (the port is a number from 0 to 65535, e.g. HOST:6379)"
-        raise CliError(f"{where}: {one_line(str(exc))}{hint}") from None
-    return parts
-
-
-def _check_scheme(url: str, command: str) -> None:
-    parts = parse_url(url)
-    scheme = parts.scheme
-    if scheme == "memory":
-        raise _memory_problem(command)
-    if scheme not in REDIS_SCHEMES:
-        shown = scheme or "(none)"
-        raise CliError(
-            f"unknown cache URL scheme {shown!r} in {redact(url)!r}: use redis://, rediss:// "
-            "or unix:// (memory:// caches are reached with --app)"
-        )
-    if scheme == "unix" and not parts.path:
-        raise CliError(
-            f"invalid cache URL {redact(url)!r}: unix:// needs the socket's path, "
-            "e.g. unix:///run/redis/redis.sock?db=0"
-        )
-
-
-def describe_redis_error(exc: BaseException, url: str) -> str:
-    """One line naming what went wrong with Redis at `url`, and what to check."""
-    import redis.exceptions as rex
-
-    shown = redact(url)
-    message = one_line(str(exc)) or type(exc).__name__
-    text = message.upper()
-    if "NOAUTH" in text or "ALREADY AUTHENTICATED" in text:
-        return (
-            f"Redis at {shown} requires a password: put it in the URL, "
-            "redis://:PASSWORD@HOST:PORT/DB (or redis://USER:PASSWORD@... with ACL users)"
-        )
-    if isinstance(exc, rex.AuthenticationError) or any(
-        word in text for word in ("WRONGPASS", "INVALID PASSWORD", "INVALID USERNAME")
-    ):
-        return (
-            f"authentication failed at {shown}: {message} "
-            "(check the user name and password in --url / COALESCE_URL)"
-        )
-    if isinstance(exc, rex.TimeoutError):
-        return f"Redis at {shown} did not answer in time: {message}"
-    if isinstance(exc, (rex.ConnectionError, OSError)):
-        return f"cannot connect to Redis at {shown}: {message}"
-    return f"Redis at {shown} failed: {message}"
-
-
-def _redis_cause(exc: BaseException) -> BaseException | None:
-    """The redis-py or OS error behind `exc` (itself, its cause or its context), if any."""
-    import redis.exceptions as rex
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (rex.RedisError, OSError)):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
-
-
-class RedisTarget:
-    """A Redis-backed `Cache` for one command, plus a plain client for server facts.
-
-    The plain client (with connect and read timeouts) answers PING and INFO first, so an
-    unreachable host or a wrong password is reported in one clear line, within the timeout,
-    before the cache is used at all. The cache fails closed (`on_backend_error="raise"`):
-    a command line must report a broken store, not quietly compute around it.
-    """
-
-    def __init__(self, url: str, namespace: str, timeout: float) -> None:
-        self.url = url
-        self.namespace = namespace
-        self.timeout = timeout
-        self._client: redis.Redis | None = None
-        self._cache: Cache | None = None
-
-    @property
-    def client(self) -> redis.Redis:
-        if self._client is None:
-            import redis as redis_module
-
-            try:
-                self._client = redis_module.Redis.from_url(
-                    self.url,
-                    socket_connect_timeout=self.timeout,
-                    socket_timeout=self.timeout,
-                )
-            except (ValueError, TypeError) as exc:
-                raise CliError(
-                    f"invalid Redis URL {redact(self.url)!r}: {one_line(str(exc))}"
-                ) from None
-        return self._client
-
-    @property
-    def cache(self) -> Cache:
-        if self._cache is None:
-            try:
-                self._cache = Cache(self.url, namespace=self.namespace, on_backend_error="raise")
-            except (ValueError, TypeError) as exc:
-                raise CliError(
-                    f"invalid Redis URL {redact(self.url)!r}: {one_line(str(exc))}"
-                ) from None
-        return self._cache
-
-    def keys(self, pattern: str, limit: int, max_scans: int) -> tuple[list[str], bool]:
-        """Up to `limit` keys (without namespace) matching the glob `pattern`, looking at
-        no more than `max_scans` x `SCAN_COUNT` Redis keys; and whether the listing finished.
-
-        `Cache.keys` with `max_scanned`: a pattern matching nothing cannot walk the whole
-        database.
-        """
-        found = self.guard(
-            functools.partial(
-                self.cache.keys, pattern, limit=limit, max_scanned=max_scans * SCAN_COUNT
-            )
-        )
-        return list(found), found.complete
-
-    def ping(self) -> float:
-        """Seconds one PING took; raises `CliError` naming the problem."""
-        client = self.client  # built (and redis-py imported) outside the measured time
-        started = time.perf_counter()
-        self.guard(client.ping)
-        return time.perf_counter() - started
-
-    def info(self, section: str | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self.guard(
-            lambda: self.client.info(section) if section else self.client.info()
-        )
-        return result
-
-    def guard(self, call: Callable[[], Any]) -> Any:
-        """Run `call`, turning Redis and OS failures into one-line `CliError`s."""
-        import redis.exceptions as rex
-
-        try:
-            return call()
-        except CliError:
-            raise
-        except (rex.RedisError, OSError, CoalesceError) as exc:
-            cause = _redis_cause(exc)
-            if cause is None:
-                raise CliError(one_line(str(exc)) or type(exc).__name__) from exc
-            raise CliError(describe_redis_error(cause, self.url)) from exc
-
-    def close(self) -> None:
-        for closer in (
-            self._cache.close if self._cache is not None else None,
-            self._client.close if self._client is not None else None,
-        ):
-            if closer is not None:
-                with contextlib.suppress(Exception):  # closing must not hide the result
-                    closer()
-
-
-def open_target(args: argparse.Namespace, command: str) -> RedisTarget:
-    url = resolve_url(args)
-    _check_scheme(url, command)
-    target = RedisTarget(url, args.namespace, args.timeout)
-    target.ping()
-    return target
-
-
-# ---------------------------------------------------------------------------------------
-# reaching an application (--app)
-
-
-def http_call(
-    method: str, url: str, *, token: str | None, body: Any, timeout: float
-) -> tuple[int, Any]:
-    """One HTTP request with httpx if installed, else urllib; returns (status, JSON or text)."""
-    headers = {"Accept": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None if body is None else json.dumps(body).encode()
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    try:
-        import httpx
-    except ImportError:
-        return _urllib_call(method, url, headers=headers, data=data, timeout=timeout)
-    try:
-        response = httpx.request(method, url, headers=headers, content=data, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise CliError(
-            f"cannot reach the application at {url}: {one_line(str(exc)) or type(exc).__name__}"
-        ) from exc
-    return response.status_code, _decode_body(response.content)
-
-
-def _urllib_call(
-    method: str, url: str, *, headers: dict[str, str], data: bytes | None, timeout: float
-) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return int(response.status), _decode_body(response.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), _decode_body(exc.read())
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach the application at {url}: {one_line(str(reason))}") from exc
-
-
-def _decode_body(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", "replace")
-
-
-def _app_url(args: argparse.Namespace, path: str) -> str:
-    base: str = args.app
-    parts = parse_url(base, "--app URL")
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise CliError(f"--app must be an http:// or https:// URL, not {base!r}")
-    return base.rstrip("/") + "/" + path.lstrip("/")
-
-
-def _app_token(args: argparse.Namespace) -> str:
-    token: str | None = args.token or os.environ.get("COALESCE_TOKEN")
-    if not token:
-        raise CliError("--app needs the admin router's token: --token TOKEN or COALESCE_TOKEN")
-    return token
-
-
-def _app_failure(status: int, body: Any, url: str) -> CliError:
-    detail = body.get("detail") if isinstance(body, dict) else body
-    detail = one_line(str(detail))[:200] if detail else ""
-    suffix = f": {detail}" if detail else ""
-    if status in (401, 403):
-        return CliError(f"the application at {url} refused the token (HTTP {status}){suffix}")
-    if status in (404, 405):
-        return CliError(
-            f"no coalesce admin router at {url} (HTTP {status}): mount "
-            "coalesce.fastapi.admin_router(cache, token=...) or pass --admin-prefix"
-        )
-    return CliError(f"the application at {url} answered HTTP {status}{suffix}")
-
-
-# ---------------------------------------------------------------------------------------
 # commands
 
 
@@ -501,13 +187,13 @@ def _invalidate_over_http(args: argparse.Namespace, keys: list[str], tags: list[
     `POST {prefix}/invalidate` with `{"keys": [...]}` answers `{"removed": {key: bool}}`;
     with `{"tag": "..."}` it answers `{"tag": ..., "removed": count}`.
     """
-    token = _app_token(args)
-    url = _app_url(args, args.admin_prefix.rstrip("/") + "/invalidate")
+    token = app_token(args)
+    url = app_url(args, args.admin_prefix.rstrip("/") + "/invalidate")
 
     def post(body: dict[str, Any]) -> Any:
         status, answer = http_call("POST", url, token=token, body=body, timeout=args.timeout)
         if not 200 <= status < 300:
-            raise _app_failure(status, answer, url)
+            raise app_failure(status, answer, url)
         removed = answer.get("removed") if isinstance(answer, dict) else None
         if isinstance(removed, dict if "keys" in body else int):
             return removed
@@ -620,18 +306,6 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def strict_entry(target: RedisTarget, key: str) -> Any:
-    """The entry under `key`, or None; a `CliError` (exit 2) if one exists that cannot be
-    decoded (`Cache.get_entry(strict=True)`: by default an unreadable entry counts as none)."""
-    try:
-        return target.cache.get_entry(key, strict=True)
-    except SerializationError as exc:
-        raise CliError(
-            f"an entry exists for key {key!r} in namespace {target.namespace!r} but could not "
-            f"be decoded: {one_line(str(exc))}"
-        ) from None
-
-
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.app:
         raise CliError(
@@ -714,7 +388,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _stats_over_http(args: argparse.Namespace) -> int:
-    url = _app_url(args, args.metrics_path)
+    url = app_url(args, args.metrics_path)
     token = args.token or os.environ.get("COALESCE_TOKEN")
     status, answer = http_call("GET", url, token=token, body=None, timeout=args.timeout)
     if status == 404:
@@ -723,53 +397,13 @@ def _stats_over_http(args: argparse.Namespace) -> int:
             "or pass --metrics-path"
         )
     if not 200 <= status < 300:
-        raise _app_failure(status, answer, url)
+        raise app_failure(status, answer, url)
     routes = answer.get("routes") if isinstance(answer, dict) else None
     if args.json or not isinstance(routes, dict):
         print(answer.rstrip() if isinstance(answer, str) else json.dumps(answer, indent=2))
         return EXIT_OK
     print(render_routes(routes) if routes else f"no cached routes have served requests yet ({url})")
     return EXIT_OK
-
-
-_ROUTE_COLUMNS = (
-    ("hits", "hits"),
-    ("misses", "misses"),
-    ("stale", "stale"),
-    ("coalesced", "coalesced"),
-    ("computations", "computations"),
-    ("errors", "errors"),
-    ("hit_ratio", "hit ratio"),
-    ("p50_ms", "p50 ms"),
-    ("p99_ms", "p99 ms"),
-)
-
-
-def render_routes(routes: dict[str, dict[str, Any]]) -> str:
-    """The app's per-route metrics (`metrics_router()` JSON) as an aligned table."""
-
-    def cell(field: str, value: Any) -> str:
-        if field == "hit_ratio" and isinstance(value, (int, float)):
-            return f"{value:.1%}"
-        if isinstance(value, float):
-            return f"{value:,.2f}"
-        if isinstance(value, int):
-            return f"{value:,}"
-        return "-" if value is None else str(value)
-
-    rows = [
-        [route, *(cell(field, metrics.get(field)) for field, _ in _ROUTE_COLUMNS)]
-        for route, metrics in sorted(routes.items())
-    ]
-    header = ["route", *(title for _, title in _ROUTE_COLUMNS)]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            text.ljust(widths[i]) if i == 0 else text.rjust(widths[i]) for i, text in enumerate(row)
-        ).rstrip()
-        for row in [header, *rows]
-    ]
-    return "\n".join(lines)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -779,7 +413,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             "`coalesce stats --app URL`"
         )
     url = resolve_url(args)
-    _check_scheme(url, "check")
+    check_scheme(url, "check")
     target = RedisTarget(url, args.namespace, args.timeout)
     try:
         connect = target.ping()
@@ -990,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:
-        cause = _redis_cause(exc)
+        cause = redis_cause(exc)
         url = getattr(args, "url", None) or os.environ.get("COALESCE_URL") or ""
         if cause is not None and not isinstance(cause, BrokenPipeError):
             _fail(describe_redis_error(cause, url))

@@ -211,7 +211,7 @@ class Phase:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    from coalesce.cli import CliError
+    from coalesce.cli_remote import CliError
 
     for name, low, high in (
         ("requests", 1, 1_000_000),
@@ -228,7 +228,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _import_pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend, or a one-line error saying what to do."""
-    from coalesce.cli import CliError
+    from coalesce.cli_remote import CliError
 
     try:
         matplotlib = importlib.import_module("matplotlib")
@@ -239,7 +239,7 @@ def _import_pyplot() -> Any:
 
 
 def _import_web_stack() -> None:
-    from coalesce.cli import CliError
+    from coalesce.cli_remote import CliError
 
     for module in ("fastapi", "uvicorn", "httpx"):
         try:
@@ -250,7 +250,7 @@ def _import_web_stack() -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run both phases against a fresh app and print the table; return the exit code."""
-    from coalesce.cli import RedisTarget, resolve_url
+    from coalesce.cli_remote import RedisTarget, resolve_url
     from coalesce.demo_load import request_plan
     from coalesce.demo_server import ServerProcess
     from coalesce.urls import redact
@@ -383,7 +383,7 @@ def summary(before: Phase, after: Phase) -> str:
 
 def write_plot(pyplot: Any, path: str, before: Phase, after: Phase) -> None:
     """Two panels: latency percentiles, and database queries, before and after."""
-    from coalesce.cli import CliError
+    from coalesce.cli_remote import CliError
 
     figure, (latency, queries) = pyplot.subplots(1, 2, figsize=(10, 4))
     percentiles = (50, 90, 99)

@@ -22,7 +22,8 @@ import pytest
 from redis_servers import RedisServer, free_port
 
 from coalesce import Cache
-from coalesce.cli import human_seconds, one_line, preview, redact
+from coalesce.cli_output import human_seconds, one_line, preview
+from coalesce.urls import redact
 
 TOKEN = "test-admin-token-5f1c"
 

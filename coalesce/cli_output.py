@@ -1,0 +1,105 @@
+"""How the command line prints: one-line messages, durations, value previews, route tables.
+
+Pure functions of their arguments (no I/O), so the command line's output can be tested
+without a store.
+"""
+
+from __future__ import annotations
+
+import pprint
+import reprlib
+from typing import Any
+
+PREVIEW_CHARS = 600
+
+
+LARGE_VALUE = 100_000  # encoded bytes above which the preview stops pretty-printing
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace so that any message prints as exactly one line."""
+    return " ".join(str(text).split())
+
+
+def human_seconds(seconds: float) -> str:
+    """`0.42 s`, `42.0 s`, `3 min 20 s`, `2 h 5 min`, `3 d 4 h`: short and exact enough."""
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def human_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS, *, large: bool = False) -> str:
+    """A readable rendering of a cached value, cut to `limit` characters.
+
+    Small values are pretty-printed; a `large` one (megabytes of rows) goes through
+    `reprlib`, which stops early instead of formatting everything to show the first lines.
+    """
+    if isinstance(value, (str, bytes)):
+        if len(value) <= limit:
+            return repr(value)
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value) - limit:,} more {unit})"
+    if large:
+        shortener = reprlib.Repr()
+        shortener.maxlevel = 4
+        shortener.maxdict = shortener.maxlist = shortener.maxtuple = shortener.maxset = 40
+        shortener.maxstring = shortener.maxother = 200
+        text = shortener.repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... (cut)"
+    text = pprint.pformat(value, width=96, compact=True, sort_dicts=False)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+    return text
+
+
+_ROUTE_COLUMNS = (
+    ("hits", "hits"),
+    ("misses", "misses"),
+    ("stale", "stale"),
+    ("coalesced", "coalesced"),
+    ("computations", "computations"),
+    ("errors", "errors"),
+    ("hit_ratio", "hit ratio"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+)
+
+
+def render_routes(routes: dict[str, dict[str, Any]]) -> str:
+    """The app's per-route metrics (`metrics_router()` JSON) as an aligned table."""
+
+    def cell(field: str, value: Any) -> str:
+        if field == "hit_ratio" and isinstance(value, (int, float)):
+            return f"{value:.1%}"
+        if isinstance(value, float):
+            return f"{value:,.2f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return "-" if value is None else str(value)
+
+    rows = [
+        [route, *(cell(field, metrics.get(field)) for field, _ in _ROUTE_COLUMNS)]
+        for route, metrics in sorted(routes.items())
+    ]
+    header = ["route", *(title for _, title in _ROUTE_COLUMNS)]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            text.ljust(widths[i]) if i == 0 else text.rjust(widths[i]) for i, text in enumerate(row)
+        ).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
