@@ -12,10 +12,11 @@ contract (after Go's `singleflight`):
   `BaseException`s. When the leader is *abandoned* (a thread's leader interrupted by
   `KeyboardInterrupt`/`SystemExit`, or an asyncio computation cancelled while others still
   wait), the remaining waiters do not inherit that exception: one of them starts over.
-* asyncio only: the computation runs in its own task and callers await it through
+* asyncio only: the computation runs in its own task and callers await its outcome through
   `asyncio.shield`, so cancelling a caller (or `asyncio.wait_for` timing it out) affects
-  that caller alone. The computation is cancelled only when no caller waits any more.
-  Callers on several event loops of one process share one computation too.
+  that caller alone. The computation is cancelled only when no caller waits any more; a
+  caller that arrived meanwhile starts over. Callers on several event loops of one process
+  share one computation too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -133,34 +133,52 @@ class ThreadFlights(Generic[T]):
         return key in self._flights
 
 
-class _AsyncFlight:
-    """One computation in flight, running on the event loop of the caller that started it."""
+class _Cancelled(Exception):
+    """The shared computation was cancelled (not the caller awaiting it): start over."""
 
-    __slots__ = ("fence", "loop", "outcome", "task", "waiters")
+
+class _AsyncFlight:
+    """One computation in flight, running on the event loop of the caller that started it.
+
+    Callers never await the task itself: its outcome is copied, when it ends, into `result`
+    (for callers on the task's loop) and `outcome` (for callers on other loops), with a
+    cancelled computation turned into `_Cancelled`. So a `CancelledError` a caller receives
+    is always its own, and telling the two apart needs no `Task.cancelling()` (3.11+).
+    """
+
+    __slots__ = ("fence", "loop", "outcome", "result", "task", "waiters")
 
     def __init__(
         self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop, fence: Fence
     ) -> None:
-        self.task = task  # the shared computation; never awaited directly, only shielded
-        self.loop = loop  # the task's loop: only it may touch `task`
+        self.task = task  # the shared computation; cancelled only when nobody waits
+        self.loop = loop  # the task's loop: only it may touch `task` and `result`
         self.fence = fence
-        # the task's outcome, copied when it ends, for callers on other loops (threads)
+        self.result: asyncio.Future[Any] = loop.create_future()
         self.outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.waiters = 0  # callers awaiting the outcome; guarded by `AsyncFlights._lock`
 
     def done(self) -> bool:
         return self.outcome.done()
 
-    def cancelled(self) -> bool:
-        """Whether the computation ended cancelled. The task is asked too: the outcome is
-        copied by the task's done-callback, which a caller on the task's loop may wake up
-        before (seen on CPython 3.12)."""
-        return self.outcome.cancelled() or self.task.cancelled()
+    def settle(self, task: asyncio.Task[Any]) -> None:
+        """Copy the ended task's outcome for the callers (the task's done-callback)."""
+        error = _Cancelled() if task.cancelled() else task.exception()
+        if error is None:
+            self.result.set_result(task.result())
+            self.outcome.set_result(task.result())
+            return
+        self.result.set_exception(error)
+        self.result.exception()  # retrieved: nobody may be left to await it
+        self.outcome.set_exception(error)
 
     async def wait(self, loop: asyncio.AbstractEventLoop) -> Any:
-        """The outcome, awaited from `loop`; cancelling the caller leaves it running."""
+        """The outcome, awaited from `loop`; cancelling the caller leaves it running.
+
+        Raises `_Cancelled` when the computation was cancelled.
+        """
         if loop is self.loop:
-            return await asyncio.shield(self.task)
+            return await asyncio.shield(self.result)
         return await asyncio.shield(asyncio.wrap_future(self.outcome))
 
     def cancel(self) -> None:
@@ -170,23 +188,6 @@ class _AsyncFlight:
         else:
             with contextlib.suppress(RuntimeError):  # its loop is closed: it is over anyway
                 self.loop.call_soon_threadsafe(self.task.cancel)
-
-
-def _copy_outcome(task: asyncio.Task[Any], outcome: concurrent.futures.Future[Any]) -> None:
-    if task.cancelled():
-        outcome.cancel()
-    elif task.exception() is not None:
-        outcome.set_exception(task.exception())
-    else:
-        outcome.set_result(task.result())
-
-
-def _caller_cancelled() -> bool:
-    """True when the current task itself was asked to cancel (3.11+ can tell for sure)."""
-    task = asyncio.current_task()
-    if task is None or sys.version_info < (3, 11):
-        return True
-    return task.cancelling() > 0
 
 
 class AsyncFlights:
@@ -228,13 +229,8 @@ class AsyncFlights:
                 flight.waiters += 1
             try:
                 value = await flight.wait(loop)
-            except asyncio.CancelledError:
-                if flight.cancelled() and not _caller_cancelled():
-                    with self._lock:  # its done-callback may not have removed it yet
-                        if self._flights.get(key) is flight:
-                            del self._flights[key]
-                    continue  # the computation was cancelled, not us: start over
-                raise
+            except _Cancelled:
+                continue  # the computation was cancelled, not this caller: start over
             except BaseException:
                 if shared:
                     on_shared()
@@ -266,7 +262,7 @@ class AsyncFlights:
             with self._lock:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
-            _copy_outcome(task, flight.outcome)  # also marks the task's exception retrieved
+            flight.settle(task)  # also marks the task's exception retrieved
 
         flight.task.add_done_callback(finish)
         return flight

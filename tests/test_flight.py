@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -486,6 +487,7 @@ async def test_wait_for_timeout_of_the_leader_while_others_wait(cache: Cache) ->
     assert calls == 1
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
 async def test_asyncio_timeout_context_of_one_caller_affects_only_it(cache: Cache) -> None:
     started, release = asyncio.Event(), asyncio.Event()
 
