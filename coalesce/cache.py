@@ -35,6 +35,7 @@ from coalesce.serialization import Serializer, get_serializer
 from coalesce.stores.base import KeyList, Store
 from coalesce.stores.memory import MemoryStore
 from coalesce.urls import redact
+from coalesce.values import Frozen
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -366,14 +367,32 @@ class Cache:
         return await self.store.adelete_tag(full)
 
     def get_entry(self, key: str, *, strict: bool = False) -> Entry | None:
-        """The entry stored under `key` (without namespace), fresh or stale, for inspection.
+        """The entry stored under `key` (without namespace), fresh or stale, for inspection:
+        a copy with the value as a caller would receive it and the tags without namespace.
 
         An entry that cannot be decoded (written by another serializer or program) counts as
         missing, as it does for the decorators; with `strict=True` it raises
         `SerializationError` saying why, and a Redis store reads Redis, not its near cache.
         """
         full = self._full(key)
-        return self.store.get_strict(full) if strict else self.store.get(full)
+        entry = self.store.get_strict(full) if strict else self.store.get(full)
+        return None if entry is None else self._inspectable(entry)
+
+    def _inspectable(self, entry: Entry) -> Entry:
+        """A copy of a stored entry for a reader: its own copy of the value (not the store's
+        frozen form) and tags without the namespace, as the decorators name them."""
+        value = entry.value.thaw() if isinstance(entry.value, Frozen) else entry.value
+        prefix = self.prefix
+        tags = tuple(tag[len(prefix) :] if tag.startswith(prefix) else tag for tag in entry.tags)
+        return Entry(
+            value,
+            created=entry.created,
+            ttl=entry.ttl,
+            stale_ttl=entry.stale_ttl,
+            compute_time=entry.compute_time,
+            tags=tags,
+            error=entry.error,
+        )
 
     def keys(
         self, pattern: str = "*", *, limit: int = 1000, max_scanned: int | None = None

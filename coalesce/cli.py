@@ -15,7 +15,8 @@ Errors the user can fix (an unknown URL scheme, an unparsable URL, an unreachabl
 wrong password, an empty key, a tag nothing carries, an entry written with another
 serializer) print one line on stderr and exit with code 2, never a traceback: an operator
 reading it during an incident needs the problem, not our stack. `get` of a missing key exits
-with 1, so scripts can tell "absent" from "broken".
+with 1, so scripts can tell "absent" from "broken"; an unexpected exception (a bug of ours)
+exits with 3 (`COALESCE_DEBUG=1` shows its traceback).
 
 A KEY or TAG is given as the application's author writes it (`user:a b`) or as it is stored
 (`user:a%20b`, as `coalesce keys` lists it): one that is not safe as it is
@@ -54,6 +55,7 @@ from coalesce.cli_output import (
     render_routes,
 )
 from coalesce.cli_remote import (
+    EXIT_BUG,
     EXIT_MISSING,
     EXIT_OK,
     EXIT_USAGE,
@@ -132,7 +134,7 @@ def _check_length(key: str, what: str = "key") -> str:
     if len(key_forms(key)[0]) > 250:
         raise CliError(
             f"{what} {key[:40]!r}... is longer than 250 characters once escaped: coalesce "
-            "stores such keys shortened (their first 200 characters, then # and a SHA-256); "
+            "stores such keys shortened (their first 200 characters, then %# and a SHA-256); "
             "give that stored form, as `coalesce keys` lists it"
         )
     return key
@@ -261,8 +263,7 @@ def cmd_get(args: argparse.Namespace) -> int:
             print(f"no entry for key {shown} in namespace {args.namespace!r}", file=sys.stderr)
             return EXIT_MISSING
         now = time.time()
-        value = entry.value
-        thawed = value.thaw() if callable(getattr(value, "thaw", None)) else value
+        thawed = entry.value
         encoded = -1
         try:
             encoded = len(cache.serializer.dumps(thawed))
@@ -279,8 +280,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         ttl = "none" if entry.ttl is None else human_seconds(entry.ttl)
         if entry.stale_ttl:
             ttl += f" (+ {human_seconds(entry.stale_ttl)} stale)"
-        prefix = cache.prefix
-        tags = [tag[len(prefix) :] if tag.startswith(prefix) else tag for tag in entry.tags]
+        tags = entry.tags
         print(f"key        {key}{form_note(given, key, forms, True)}")
         print(f"status     {status}")
         print(f"age        {human_seconds(entry.age(now))}")
@@ -433,7 +433,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         entry, read = _timed_value(target, lambda: cache.get_entry(probe_key))
         if entry is None:
             raise CliError(f"the probe key {probe_key!r} was written but cannot be read back")
-        value = entry.value.thaw() if callable(getattr(entry.value, "thaw", None)) else entry.value
+        value = entry.value
         if value != expected:
             raise CliError(f"the probe key read back {value!r}, expected {expected!r}")
         removed, delete = _timed_value(target, lambda: cache.invalidate(probe_key))
@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coalesce",
         description="Inspect and clear coalesce cache entries, and run the demo.",
         epilog="Start with `coalesce demo`. Exit codes: 0 done, 1 no such key (get), "
-        "2 bad input or unreachable store.",
+        "2 bad input or unreachable store, 3 a bug of ours (COALESCE_DEBUG=1 for a traceback).",
     )
     parser.add_argument("--version", action="version", version=f"coalesce {__version__}")
     _connection_options(parser, top=True)
@@ -632,4 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(str(exc) or type(exc).__name__)
         if os.environ.get("COALESCE_DEBUG"):
             raise
-        _fail(f"unexpected {type(exc).__name__}: {exc} (set COALESCE_DEBUG=1 for a traceback)", 1)
+        _fail(
+            f"unexpected {type(exc).__name__}: {exc} (set COALESCE_DEBUG=1 for a traceback)",
+            EXIT_BUG,
+        )

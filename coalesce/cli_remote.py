@@ -32,6 +32,7 @@ EXIT_MISSING = 1  # `get`: no such key
 
 
 EXIT_USAGE = 2  # bad input, unreachable or misconfigured store
+EXIT_BUG = 3  # an unexpected exception: a bug of ours, not the user's
 
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")

@@ -252,6 +252,16 @@ class Job:
         self.response: Response | None = None  # its rendered response, once there is one
 
 
+def _raw(fn: Callable[..., Any], template: str) -> Callable[..., str]:
+    """Render `template` over a handler's arguments as it is, unescaped.
+
+    The core checks the template against the handler's parameters first (an unknown name
+    raises `KeyTemplateError` when decorating).
+    """
+    coalesce.coalesced(key=template)(fn)
+    return template.format
+
+
 class CachedRoute:
     """Everything decided about one decorated handler when it is decorated."""
 
@@ -294,17 +304,14 @@ class CachedRoute:
         self.shared = shared
         self.registry = REGISTRY if registry is None else registry
         self.vary = tuple(name.strip().lower() for name in vary)
-        # Templates are compiled by the core: the `.key` of a `coalesced` never called.
-        self.template: Callable[..., str] | None = (
-            None if key is None else coalesce.coalesced(key=key)(fn).key
-        )
+        # Key and tag templates render the raw text: the core escapes it once, as it stores
+        # it (`normal`, and the tags of `inner`), so `coalesce get 'feed:a b'` finds it.
+        self.template: Callable[..., str] | None = None if key is None else _raw(fn, key)
         # Whether the key tells users apart by itself (a template reading a dependency
         # result such as `{user.id}`, a cookie or a credential header parameter); else a
         # request with credentials needs each of them in `vary` (or `shared=True`).
         self.key_has_user = key is not None and template_carries_identity(self.signature, key)
-        self.tag_makers: list[Callable[..., str]] = [
-            coalesce.coalesced(key=tag)(fn).key for tag in tags
-        ]
+        self.tag_makers: list[Callable[..., str]] = [_raw(fn, tag) for tag in tags]
         uncovered = () if shared else [h for h in CREDENTIAL_HEADERS if h not in self.vary]
         vary_header = ", ".join(n.title() for n in (*self.vary, *uncovered))
         self.responder = Responder(

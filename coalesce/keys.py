@@ -15,10 +15,13 @@ Rules (documented in the README):
   every bound argument (`name=<type tag><value>`), which keeps `1` and `"1"` apart and escapes
   the separators inside strings, so distinct arguments never give the same key. `self` and
   `cls` are left out, and so is every parameter named in `exclude`.
-* Keys are printable, without whitespace, and at most 250 characters. A substituted value
-  containing whitespace, control characters, non-ASCII text or `%` is percent-encoded
-  (UTF-8, as in URLs); a key longer than 250 characters keeps its first 200 characters and
-  ends with `#` and 40 hex digits of its SHA-256, so it stays distinct and readable.
+* Keys are printable, without whitespace, and at most 250 characters. When a substituted
+  value contains whitespace, control characters, `%` or braces, the values of that key are
+  percent-encoded (UTF-8, as in URLs; printable non-ASCII text alone stays as it is). A
+  value whose text holds a memory address (`<Foo object at 0x...>`) raises
+  `KeyBuildError`: it would never repeat. A key longer than 250 characters keeps its first
+  200 characters and ends with `%#` and 40 hex digits of its SHA-256, so it stays distinct
+  and readable.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def is_safe_key(key: str) -> bool:
 
 
 def escape(text: str) -> str:
-    """Percent-encode whitespace, control characters, non-ASCII text and `%` itself."""
+    """Percent-encode whitespace, control characters, non-ASCII text, braces and `%`."""
     return quote(text, safe=_TEMPLATE_SAFE, errors="surrogatepass")
 
 
@@ -342,7 +345,14 @@ def _template_plan(fn: Callable[..., Any], template: str) -> KeyPlan:
         for literal, field in parts:
             out.append(literal)
             if field is not None:
-                out.append(escape(field.format(**values)))
+                text = field.format(**values)
+                if " at 0x" in text:  # only reached with a space: default reprs have them
+                    raise KeyBuildError(
+                        f"key template {template!r}: {field} gives {text[:80]!r}, which holds "
+                        "a memory address and would never repeat; name a stable attribute "
+                        "(like {user.id}) or give the class a __str__"
+                    )
+                out.append(escape(text))
         # `quote` never writes "%-": an empty key cannot collide with an escaped one
         return shorten("".join(out)) or "%-"
 

@@ -491,18 +491,22 @@ def test_invalidate_tag() -> None:
 def test_get_entry_exposes_value_and_metadata() -> None:
     cache = Cache()
 
-    @cache.cached(ttl=42, key="e")
-    def f() -> dict[str, int]:
+    @cache.cached(ttl=42, key="e", tags=["group:{n}"])
+    def f(n: int) -> dict[str, list[int]]:
         time.sleep(0.02)
-        return {"a": 1}
+        return {"a": [n]}
 
     before = time.time()
-    f()
+    f(3)
     entry = cache.get_entry("e")
     assert entry is not None
     assert entry.ttl == 42
     assert before - 1 <= entry.created <= time.time() + 1
     assert entry.compute_time >= 0.015
+    assert entry.value == {"a": [3]} and type(entry.value) is dict  # a plain value
+    entry.value["a"].append(4)  # the reader's own copy
+    assert f(3) == {"a": [3]}
+    assert entry.tags == ("group:3",)  # as the decorator names them, without namespace
     assert cache.get_entry("missing") is None
 
 

@@ -688,3 +688,24 @@ def test_preview_is_readable_and_bounded() -> None:
     assert preview({"a": 1}) == "{'a': 1}"
     long = preview(list(range(10_000)), limit=50)
     assert long.startswith("[0, 1, 2") and "more characters)" in long
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_code_3(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from coalesce import cli
+
+    def broken(args: Any) -> int:
+        raise ZeroDivisionError("a bug of ours")
+
+    monkeypatch.setattr(cli, "cmd_keys", broken)
+    monkeypatch.delenv("COALESCE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["keys", "--url", "redis://127.0.0.1:1/0"])
+    assert exited.value.code == 3  # not 1 ("no such key"), not 2 (the user's input)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ZeroDivisionError: a bug of ours" in err[0]
+    assert "COALESCE_DEBUG=1" in err[0]
+    monkeypatch.setenv("COALESCE_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["keys", "--url", "redis://127.0.0.1:1/0"])

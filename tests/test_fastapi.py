@@ -280,6 +280,26 @@ async def test_escaped_keys_are_stored_read_and_invalidated_under_one_name(
     assert second.headers["x-cache"] == "HIT"
 
 
+async def test_template_keys_and_tags_are_escaped_once_as_the_core_does(cache: Cache) -> None:
+    """`key="feed:{name}"` with `a b` is stored as `feed:a%20b`, the form `coalesce keys`
+    lists and `coalesce get 'feed:a b'` looks up; its tag likewise."""
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/feed")
+    @cached(ttl=60, cache=cache, key="feed:{name}", tags=["user:{name}"])
+    async def feed(name: str) -> dict[str, int]:
+        return {"n": calls.bump()}
+
+    async with client(app) as c:
+        assert (await c.get("/feed", params={"name": "a b%"})).json() == {"n": 1}
+        assert cache.keys() == ["feed:a%20b%25"] == [feed.key(name="a b%")]
+        entry = cache.get_entry("feed:a%20b%25")
+        assert entry is not None and "user:a%20b%25" in entry.tags
+        assert cache.invalidate_tag("user:a%20b%25") == 1
+        assert (await c.get("/feed", params={"name": "a b%"})).json() == {"n": 2}
+
+
 async def test_vary_headers_are_part_of_the_key(cache: Cache, registry: MetricsRegistry) -> None:
     app = FastAPI()
 

@@ -717,3 +717,26 @@ def test_reprs_with_memory_addresses_are_refused_in_default_keys() -> None:
     make = key_function(apply, None)
     with pytest.raises(KeyBuildError, match="function"):
         make(lambda v: v + 1, 1)
+
+
+def test_reprs_with_memory_addresses_are_refused_in_templates_too() -> None:
+    class Plain:
+        pass
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __str__(self) -> str:
+            return self.name
+
+    def load(obj: Any) -> int:
+        return 1
+
+    make = key_function(load, "x:{obj}")
+    with pytest.raises(KeyBuildError, match="memory address"):
+        make(Plain())
+    with pytest.raises(KeyBuildError, match="memory address"):
+        make(lambda: 1)
+    assert make(Named("a b")) == "x:a%20b"  # a stable text form is fine
+    assert key_function(load, "x:{obj.name}")(Named("é")) == "x:é"  # printable non-ASCII kept
