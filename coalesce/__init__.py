@@ -14,6 +14,7 @@ from coalesce.errors import (
     KeyBuildError,
     KeyTemplateError,
     LeaderFailedError,
+    ReentrantCallError,
     SerializationError,
 )
 from coalesce.serialization import MsgpackSerializer, PickleSerializer, Serializer
@@ -35,6 +36,7 @@ __all__ = [
     "LeaderFailedError",
     "MsgpackSerializer",
     "PickleSerializer",
+    "ReentrantCallError",
     "SerializationError",
     "Serializer",
     "Stats",

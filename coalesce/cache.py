@@ -18,7 +18,6 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
-from urllib.parse import urlsplit
 
 from coalesce.decorators import (
     CachedFunction,
@@ -34,7 +33,7 @@ from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.serialization import Serializer, get_serializer
 from coalesce.stores.base import KeyList, Store
 from coalesce.stores.memory import MemoryStore
-from coalesce.urls import redact
+from coalesce.urls import redact, scheme_of
 from coalesce.values import Frozen
 
 if TYPE_CHECKING:
@@ -54,7 +53,7 @@ def _disabled_by_environment() -> bool:
 
 
 def _make_store(url: str, maxsize: int, options: dict[str, Any]) -> Store:
-    scheme = urlsplit(url).scheme
+    scheme = scheme_of(url)
     if scheme == "memory":
         if options:
             raise ConfigurationError(
@@ -107,7 +106,7 @@ class Cache:
                 f"on_backend_error must be 'compute' or 'raise', not {on_backend_error!r}"
             )
         default_ttl = check_seconds("default_ttl", default_ttl) or 0.0
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or not 0 < maxsize < 1 << 40:
             raise ConfigurationError(f"maxsize must be a positive integer, not {maxsize!r}")
         if client is not None:
             store_options["client"] = client
@@ -121,9 +120,9 @@ class Cache:
         self.enabled = (enabled is not False) and not _disabled_by_environment()
         self.serializer = get_serializer(serializer)
         self.on_backend_error: BackendErrorMode = on_backend_error
-        if "namespace" not in store_options and urlsplit(url).scheme != "memory":
+        if "namespace" not in store_options and scheme_of(url) != "memory":
             store_options["namespace"] = namespace
-        if urlsplit(url).scheme != "memory":
+        if scheme_of(url) != "memory":
             store_options.setdefault("serializer", self.serializer)
         self.store = _make_store(url, maxsize, store_options)
         self.flights: ThreadFlights[Entry] = ThreadFlights()
@@ -284,6 +283,14 @@ class Cache:
     def _full(self, key: str) -> str:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"a key must be a non-empty string, not {key!r}")
+        if not key.isascii():
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigurationError(
+                    f"key {key!r} is not valid text (a lone surrogate); keys of such values "
+                    "are stored escaped: use fn.key(...) to get one"
+                ) from None
         return self.prefix + key
 
     def after_fork(self) -> None:
@@ -407,7 +414,7 @@ class Cache:
         for name, bound in (("limit", limit), ("max_scanned", max_scanned)):
             if bound is not None and (type(bound) is not int or bound < 1):
                 raise ConfigurationError(f"{name} must be a positive integer, not {bound!r}")
-        full = self.store.keys(self.prefix + pattern, limit=limit, max_scanned=max_scanned)
+        full = self.store.keys(self._full(pattern), limit=limit, max_scanned=max_scanned)
         return KeyList((key[len(self.prefix) :] for key in full), full.complete)
 
     # -- stats and lifecycle ----------------------------------------------------------------

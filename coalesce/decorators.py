@@ -136,8 +136,23 @@ class Policy:
 
     def error_entry(self, cache: Cache, exc: Exception, started: float) -> Entry:
         assert self.cache_errors is not None
-        spec = [type(exc).__module__, type(exc).__qualname__, str(exc)]
+        spec = [_text(type(exc).__module__), _text(type(exc).__qualname__), _message(exc)]
         return Entry(spec, _now(), self.cache_errors, 0.0, _perf() - started, (), error=True)
+
+
+def _message(exc: Exception) -> str:
+    """The text an exception is rebuilt from: its one string argument as it is (`str` of a
+    `KeyError` would quote it again), else `str(exc)`."""
+    args = exc.args
+    return _text(args[0] if len(args) == 1 and isinstance(args[0], str) else str(exc))
+
+
+def _text(text: str) -> str:
+    """`text` as valid UTF-8 (a lone surrogate would make the entry unstorable)."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+MAX_SECONDS = 315_360_000  # 10 years: a longer time (or inf) is a mistake, and overflows stores
 
 
 def check_seconds(
@@ -145,10 +160,15 @@ def check_seconds(
 ) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigurationError(f"{name} must be positive, not {value!r}")
+    if value > MAX_SECONDS:
+        hint = "; ttl=None keeps entries without expiry" if allow_none else ""
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_SECONDS:,} seconds (10 years), not {value!r}{hint}"
+        )
     return float(value)
 
 

@@ -49,3 +49,15 @@ class LeaderFailedError(CoalesceError):
         super().__init__(
             f"the computation of {key!r} failed in another process: {exc_type}: {message}"
         )
+
+
+class ReentrantCallError(CoalesceError, RuntimeError):
+    """A computation asked for its own key: waiting for itself would never end."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"{key!r} was requested while this same call was computing it (the function "
+            "calls itself, or another function sharing its key, with the same key): "
+            "waiting for itself would never end; give the inner call a key of its own"
+        )

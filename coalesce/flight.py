@@ -8,6 +8,8 @@ contract (after Go's `singleflight`):
   returns `(value, shared)` where `shared` is True for those followers.
 * When the computation raises an `Exception`, every waiter gets that exception and the key
   is free at once: the next call starts a new computation.
+* A computation that asks for its own key (directly or through another function sharing
+  the key) gets `ReentrantCallError` at once instead of waiting for itself forever.
 * A waiter never hangs: the flight is completed on every exit of the leader, including
   `BaseException`s. When the leader is *abandoned* (a thread's leader interrupted by
   `KeyboardInterrupt`/`SystemExit`, or an asyncio computation cancelled while others still
@@ -30,6 +32,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+from coalesce.errors import ReentrantCallError
 from coalesce.stores.base import Fence
 
 T = TypeVar("T")
@@ -57,9 +60,10 @@ def _nothing() -> None:
 class _ThreadFlight(Generic[T]):
     """One computation in flight among threads."""
 
-    __slots__ = ("abandoned", "done", "error", "fence", "value")
+    __slots__ = ("abandoned", "done", "error", "fence", "thread", "value")
 
     def __init__(self) -> None:
+        self.thread = threading.get_ident()  # the leader's thread, which creates the flight
         self.done = threading.Event()  # set once by the leader, after value/error are written
         self.value: T | None = None  # written by the leader before `done` is set
         self.error: BaseException | None = None  # likewise
@@ -96,6 +100,8 @@ class ThreadFlights(Generic[T]):
                     flight = self._flights[key] = _ThreadFlight()
             if leader:
                 return self._lead(key, flight, compute), False
+            if flight.thread == threading.get_ident():
+                raise ReentrantCallError(key)
             flight.done.wait()
             if flight.abandoned:
                 continue
@@ -226,6 +232,8 @@ class AsyncFlights:
                 shared = flight is not None
                 if flight is None:
                     flight = self._start(key, loop, compute)
+                elif flight.task is asyncio.current_task():
+                    raise ReentrantCallError(key)
                 flight.waiters += 1
             try:
                 value = await flight.wait(loop)

@@ -429,7 +429,20 @@ def decode_entry(data: bytes, serializer: Serializer, *, context: str = "") -> E
         value = serializer.loads(payload, context=context)
     else:
         value = _loads_value(serializer, payload, context)
+    if error and not _is_failure_spec(value):
+        what = f"the cache entry of {context}" if context else "a cache entry"
+        raise SerializationError(
+            f"cannot decode {what}: a cached failure must be [module, qualname, message]"
+        )
     return Entry(value, created, ttl, stale_ttl, compute_time, tuple(tags), error)
+
+
+def _is_failure_spec(value: Any) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 3
+        and all(isinstance(part, str) for part in value)
+    )
 
 
 # --- configuration -------------------------------------------------------------------------

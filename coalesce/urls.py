@@ -1,24 +1,53 @@
-"""Cache URLs in messages and logs: never with their password."""
+"""Cache URLs in messages and logs: never with their password.
+
+`redact` does not parse the URL with `urllib`: a password holding `/`, `?` or `#` (common in
+generated secrets) makes `urlsplit` cut the URL in the wrong place and show part of it as
+the host or port. Instead everything between `scheme://` and the last `@` is user info, and
+only its user name (before the first `:`) is kept; `password`-like query values are masked.
+Masking too much is harmless; showing a secret is not.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+import re
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(.*)", re.DOTALL)
+_PASSWORD_PARAM = re.compile(r"([?&;][^=&;#]*password[^=&;#]*=)[^&;#]*", re.IGNORECASE)
 
 
 def redact(url: str) -> str:
-    """`url` without its password (in the user info or a `password=` query parameter)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None and "password" not in parts.query:
-            return url
-        netloc = parts.netloc
-        if parts.password is not None:
-            host = netloc.rpartition("@")[2]
-            netloc = f"{parts.username or ''}:***@{host}"
-        query = parts.query
-        if "password" in query:
-            pairs = [(k, "***" if k == "password" else v) for k, v in parse_qsl(query)]
-            query = urlencode(pairs, safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparsable url>"
+    """`url` without its password (user info, or a `password=`-like query parameter)."""
+    text = str(url)
+    match = _SCHEME.fullmatch(text)
+    if match is None:
+        return "<unparsable url>" if "@" in text or "password" in text.lower() else text
+    scheme, rest = match.groups()
+    if "@" in rest:
+        userinfo, _, after = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{after}" if colon else f"***@{after}"
+    return scheme + _PASSWORD_PARAM.sub(r"\1***", rest)
+
+
+def credentials(url: str) -> str:
+    """The user info of `url` (between `scheme://` and the last `@`), or "" without one:
+    text that must not appear in a message about this URL."""
+    match = _SCHEME.fullmatch(str(url))
+    if match is None or "@" not in match.group(2):
+        return ""
+    return match.group(2).rpartition("@")[0]
+
+
+def scheme_of(url: str) -> str:
+    """The scheme of `url` in lower case ("" without one), without parsing the rest."""
+    head, sep, _ = str(url).partition("://")
+    return head.lower() if sep else ""
+
+
+def path_of(url: str) -> str:
+    """The path of a `scheme://[userinfo@]host[:port]/path?query` URL, without parsing the
+    user info (a password may hold `/`)."""
+    _, _, rest = str(url).partition("://")
+    hostpath = rest.rpartition("@")[2].split("?", 1)[0].split("#", 1)[0]
+    slash = hostpath.find("/")
+    return hostpath[slash:] if slash >= 0 else ""

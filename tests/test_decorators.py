@@ -420,6 +420,17 @@ def test_cache_errors_builtin_exception_type_kept(cache: Cache) -> None:
     assert len(calls) == 1
 
 
+def test_cache_errors_rebuild_the_exception_from_its_own_argument(cache: Cache) -> None:
+    @cache.cached(ttl=60, cache_errors=30, key="k:{name}")
+    def lookup(name: str) -> int:
+        raise KeyError(name)
+
+    for _ in range(2):
+        with pytest.raises(KeyError) as info:
+            lookup("x")
+        assert info.value.args == ("x",)  # not "'x'", as str(KeyError("x")) would give
+
+
 async def test_async_cache_errors(cache: Cache) -> None:
     calls = []
 

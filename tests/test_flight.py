@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from coalesce import Cache
+from coalesce import Cache, ReentrantCallError
 
 BOUND = 10.0  # seconds: upper bound for anything that must happen "soon"
 GRACE = 0.1  # seconds: lets callers that already counted a miss reach the flight's wait
@@ -1380,3 +1380,43 @@ def test_a_forked_child_does_not_wait_for_its_parents_flights() -> None:
         assert time.monotonic() < deadline, "the child hung"
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_computation_asking_for_its_own_key_fails_at_once_instead_of_hanging(
+    cache: Cache,
+) -> None:
+    @cache.cached(ttl=60, key="r:{x}")
+    def recurse(x: int, depth: int = 0) -> int:
+        return recurse(x, depth + 1) if depth < 1 else x  # depth is not in the key
+
+    @cache.cached(ttl=60, key="shared:{x}")
+    def outer(x: int) -> int:
+        return inner(x)
+
+    @cache.cached(ttl=60, key="shared:{x}")
+    def inner(x: int) -> int:
+        return x
+
+    @cache.cached(ttl=60, key="fib:{n}")
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)  # other keys: fine
+
+    started = time.monotonic()
+    with pytest.raises(ReentrantCallError, match="r:1"):
+        recurse(1)
+    with pytest.raises(ReentrantCallError, match="shared:2"):
+        outer(2)
+    assert time.monotonic() - started < BOUND
+    assert fib(30) == 832040
+    assert recurse(1, 1) == 1  # not poisoned: the key is free again
+
+
+async def test_an_async_computation_asking_for_its_own_key_fails_at_once(cache: Cache) -> None:
+    @cache.cached(ttl=60, key="r:{x}")
+    async def recurse(x: int, depth: int = 0) -> int:
+        return await recurse(x, depth + 1) if depth < 1 else x
+
+    with pytest.raises(ReentrantCallError):
+        await asyncio.wait_for(recurse(1), BOUND)
+    followers = [asyncio.create_task(recurse(2, 1)) for _ in range(5)]
+    assert await asyncio.wait_for(asyncio.gather(*followers), BOUND) == [2] * 5

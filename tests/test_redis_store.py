@@ -8,6 +8,7 @@ here quickly; `test_redis_processes.py` does the same with real OS processes.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -25,7 +26,13 @@ from redis_servers import RedisServer
 
 from coalesce.cache import Cache
 from coalesce.entry import Entry
-from coalesce.errors import BackendError, LeaderFailedError, SerializationError
+from coalesce.errors import (
+    BackendError,
+    ConfigurationError,
+    LeaderFailedError,
+    ReentrantCallError,
+    SerializationError,
+)
 from coalesce.serialization import MsgpackSerializer, encode_entry
 from coalesce.stores.redis import RedisStore, redact
 from coalesce.stores.redis_scripts import CLAIM, PUSH_MAX, STORE, KeyLayout, pushed_entry
@@ -1296,3 +1303,80 @@ def test_forked_child_starts_its_store_afresh(caches: Callable[..., Cache], tmp_
     assert cfg() == "child"
     assert asyncio.run(acfg()) == "child-async"
     assert store._listener.ready.is_set()
+
+
+def test_a_computation_asking_for_its_own_key_on_redis_fails_at_once(
+    caches: Callable[..., Cache],
+) -> None:
+    cache = caches()
+
+    @cache.cached(ttl=30, key="r:{x}")
+    def recurse(x: int, depth: int = 0) -> int:
+        return recurse(x, depth + 1) if depth < 1 else x
+
+    started = time.monotonic()
+    with pytest.raises(ReentrantCallError):
+        recurse(1)
+    assert time.monotonic() - started < 1.0  # not a lease wait
+    assert recurse(1, 1) == 1  # the lease was handed back
+
+
+async def test_a_lone_surrogate_in_a_key_value_is_stored_escaped(
+    caches: Callable[..., Cache],
+) -> None:
+    cache = caches()
+    calls: list[str] = []
+    odd = json.loads('"a\\ud800"')  # valid JSON, not valid UTF-8 once decoded
+
+    @cache.cached(ttl=30, key="user:{name}")
+    def user(name: str) -> str:
+        calls.append(name)
+        return "ok"
+
+    @cache.cached(ttl=30, key="auser:{name}")
+    async def auser(name: str) -> str:
+        calls.append(name)
+        return "ok"
+
+    assert user(odd) == user(odd) == "ok"
+    assert await auser(odd) == await auser(odd) == "ok"
+    assert len(calls) == 2  # computed once each, then hits
+    assert sorted(cache.keys("*")) == ["auser:a%ED%A0%80", "user:a%ED%A0%80"]
+    with pytest.raises(ConfigurationError, match="lone surrogate"):
+        cache.invalidate(f"user:{odd}")
+    assert cache.invalidate(user.key(odd))
+
+
+@pytest.mark.parametrize("spec", [[1], 5, [None, None, None], ["a", "b"]])
+def test_a_malformed_cached_failure_is_a_miss(
+    caches: Callable[..., Cache], raw: redis.Redis, unique_namespace: str, spec: Any
+) -> None:
+    cache = caches()
+    raw.set(
+        f"{unique_namespace}:{{e:0}}",
+        encode_entry(Entry(spec, ttl=30, error=True), MsgpackSerializer()),
+    )
+
+    @cache.cached(ttl=30, key="e:{n}", cache_errors=30)
+    def e(n: int) -> int:
+        return n + 1
+
+    assert e(0) == 1  # replaced, not raised from a broken record
+    assert cache.store.stats()["corrupt"] >= 1
+
+
+def test_a_cached_failure_with_undecodable_text_reaches_every_caller(
+    caches: Callable[..., Cache],
+) -> None:
+    cache = caches()
+    odd = json.loads('"bad \\ud800"')
+
+    @cache.cached(ttl=30, key="f", cache_errors=30)
+    def f() -> int:
+        raise ValueError(odd)
+
+    with pytest.raises(ValueError) as first:
+        f()
+    assert first.value.args == (odd,)  # the caller that ran it: its own exception
+    with pytest.raises(ValueError, match="bad"):  # the others: rebuilt from Redis
+        f()

@@ -61,8 +61,10 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
+import redis
+import redis.asyncio
+import redis.cluster
 from redis.crc import key_slot
 
 from coalesce.entry import Entry
@@ -75,12 +77,13 @@ from coalesce.stores.redis_lease import Keys, LeaseMixin, Renewer
 from coalesce.stores.redis_listener import Listener
 from coalesce.stores.redis_near import NearCache
 from coalesce.stores.redis_scripts import DELETE, TAG, TAKE_TAG, KeyLayout
-from coalesce.urls import redact
+from coalesce.urls import redact, scheme_of
 
 __all__ = ["RedisStore", "redact"]
 
 logger = logging.getLogger("coalesce.redis")
 
+_MAX_SECONDS = 10_000_000  # about four months: any time option beyond is a mistake
 _CHUNK = 256  # keys per DELETE script / ZREM in `delete_tag`
 SCAN_COUNT = 1000  # keys Redis looks at per SCAN call of `keys`
 
@@ -120,7 +123,7 @@ class RedisStore(LeaseMixin, Store):
         breaker_max_cooldown: float = 10.0,
         log_interval: float = 30.0,
     ) -> None:
-        scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+        scheme = scheme_of(url) if isinstance(url, str) else ""
         if scheme not in ("redis", "rediss", "unix"):
             raise ConfigurationError(f"not a Redis URL: {redact(str(url))!r}")
         for name, value in (
@@ -134,15 +137,31 @@ class RedisStore(LeaseMixin, Store):
             ("breaker_max_cooldown", breaker_max_cooldown),
             ("log_interval", log_interval),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value <= _MAX_SECONDS
+            ):
+                raise ConfigurationError(
+                    f"{name} must be a positive number of seconds (at most {_MAX_SECONDS:,}), "
+                    f"not {value!r}"
+                )
         for name, count in (
             ("max_connections", max_connections),
             ("local_maxsize", local_maxsize),
             ("breaker_threshold", breaker_threshold),
         ):
-            if count is not None and (type(count) is not int or count < 1):
+            if count is not None and (type(count) is not int or not 0 < count < 1 << 31):
                 raise ConfigurationError(f"{name} must be a positive integer, not {count!r}")
+        for name, given, kinds in (
+            ("client", client, (redis.Redis, redis.cluster.RedisCluster)),
+            ("async_client", async_client, (redis.asyncio.Redis, redis.asyncio.RedisCluster)),
+        ):
+            if given is not None and not isinstance(given, kinds):
+                expected = " or ".join(f"{k.__module__}.{k.__qualname__}" for k in kinds)
+                raise ConfigurationError(
+                    f"{name} must be a redis-py client ({expected}), not {type(given).__name__}"
+                )
         self.namespace = namespace
         self.serializer = get_serializer(serializer)
         self.lease_ms = max(1, int(lease_ttl * 1000))
@@ -305,6 +324,8 @@ class RedisStore(LeaseMixin, Store):
 
     def get(self, key: str) -> Entry | None:
         """One `GET` (shared by the threads reading the same key at the same moment)."""
+        if not key.isascii() and not _encodable(key):
+            return None  # a raw key the core stores escaped: the caller asks for that next
         near = self._near
         if near is None:
             return self._decode(key, self._conn.get(self._layout.entry(key)))
@@ -318,6 +339,8 @@ class RedisStore(LeaseMixin, Store):
 
     async def aget(self, key: str) -> Entry | None:
         """One `GET` (shared by the tasks of this loop reading the same key at once)."""
+        if not key.isascii() and not _encodable(key):
+            return None
         near = self._near
         if near is None:
             return self._decode(key, await self._conn.aget(self._layout.entry(key)))
@@ -538,6 +561,15 @@ class RedisStore(LeaseMixin, Store):
         """Close this loop's asyncio client (if the store created it), then the rest."""
         await self._conn.aclose()
         self.close()
+
+
+def _encodable(key: str) -> bool:
+    """Whether `key` can be sent to Redis (UTF-8): not so with a lone surrogate."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: Every store of this process, for `_after_fork_in_child`.

@@ -44,7 +44,7 @@ from redis.retry import Retry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
 from coalesce.stores.redis_scripts import Script
-from coalesce.urls import redact
+from coalesce.urls import credentials, path_of, redact, scheme_of
 
 T = TypeVar("T")
 SyncClient = redis.Redis | redis.cluster.RedisCluster
@@ -104,6 +104,7 @@ class RedisConnection:
                     "the Redis client given to coalesce must use decode_responses=False: "
                     "entries are bytes"
                 )
+        check_url(url)
         self.url = url
         self.where = redact(url)
         self.cluster = (
@@ -392,6 +393,34 @@ class RedisConnection:
         if state is not None and state.owned:
             with contextlib.suppress(Exception):
                 await state.client.aclose()
+
+
+def check_url(url: str) -> None:
+    """Raise `ConfigurationError` unless redis-py can connect with `url` (port, database,
+    query options), naming the problem but never any part of the password."""
+    try:
+        options = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        detail = str(exc)
+        secret = credentials(url)
+        if secret and any(len(part) > 1 and part in detail for part in _parts(secret)):
+            detail = (
+                "it cannot be parsed; characters such as / ? # @ in a user name or password "
+                "must be percent-encoded (%2F %3F %23 %40)"
+            )
+        raise ConfigurationError(f"invalid Redis URL {redact(url)!r}: {detail}") from None
+    path = "" if scheme_of(url) == "unix" else path_of(url)
+    if path.strip("/") and not path.strip("/").isdigit():
+        raise ConfigurationError(
+            f"invalid Redis URL {redact(url)!r}: the database after the host must be a "
+            f"number, like /0, not {path!r}"
+        )
+    if "db" in options and not 0 <= int(options["db"]) < 1 << 31:
+        raise ConfigurationError(f"invalid Redis URL {redact(url)!r}: db out of range")
+
+
+def _parts(secret: str) -> list[str]:
+    return [secret, *secret.replace("/", ":").replace("?", ":").replace("#", ":").split(":")]
 
 
 def _decodes_responses(client: Any) -> bool:
