@@ -420,6 +420,13 @@ def test_cache_errors_builtin_exception_type_kept(cache: Cache) -> None:
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("option", ["ttl", "stale_ttl", "cache_errors"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, -1])
+def test_times_must_be_finite_and_sane(cache: Cache, option: str, value: float) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        cache.cached(**{option: value})(lambda: 1)
+
+
 def test_cache_errors_rebuild_the_exception_from_its_own_argument(cache: Cache) -> None:
     @cache.cached(ttl=60, cache_errors=30, key="k:{name}")
     def lookup(name: str) -> int:

@@ -98,6 +98,48 @@ def test_redact_hides_passwords() -> None:
     assert redact("redis://:secret@h:1/0") == "redis://:***@h:1/0"
     assert "secret" not in redact("unix:///tmp/r.sock?db=0&password=secret")
     assert redact("redis://h:1/0") == "redis://h:1/0"
+    # generated secrets hold / ? # +: urllib would take part of them for the port or path
+    for secret in ("Zm9v/YmFy+", "a#b?c", "p@ss/w?rd#x"):
+        shown = redact(f"redis://user:{secret}@h:1/0")
+        assert shown == "redis://user:***@h:1/0"
+        assert not any(part in shown for part in ("Zm9v", "YmFy", "a#b", "ss/w", "rd#x"))
+    assert redact("redis://token@h/0") == "redis://***@h/0"
+    assert "pw" not in redact("rediss://h/0?ssl_certfile=/c.pem&ssl_password=pw")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://:Zm9v/YmFy+@127.0.0.1:6390/0", "percent-encoded"),
+        ("redis://h:99999/0", "Port out of range"),
+        ("redis://h:abc/0", "Port"),
+        ("redis://h/x", "database"),
+        ("redis://h/0?socket_timeout=zz", "socket_timeout"),
+        ("redis://:s3cret@[::1", "IPv6"),
+    ],
+)
+def test_a_bad_redis_url_is_refused_when_the_cache_is_built(url: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid Redis URL") as info:
+        Cache(url)
+    assert problem in str(info.value)
+    assert not any(secret in str(info.value) for secret in ("Zm9v", "YmFy", "s3cret"))
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"socket_timeout": float("nan")}, "socket_timeout"),
+        ({"lease_ttl": float("inf")}, "lease_ttl"),
+        ({"wait_check": 1e300}, "wait_check"),
+        ({"client": "redis://h"}, "client must be a redis-py client"),
+        ({"async_client": redis.Redis()}, "async_client must be a redis-py client"),
+    ],
+)
+def test_bad_redis_options_are_refused_when_the_cache_is_built(
+    options: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=problem):
+        Cache("redis://127.0.0.1:1/0", **options)
 
 
 def test_password_in_url_and_error_messages_without_it(unique_namespace: str) -> None:
