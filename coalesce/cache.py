@@ -27,7 +27,7 @@ from coalesce.decorators import (
     make_decorator,
     run_sync_refresh,
 )
-from coalesce.entry import Entry
+from coalesce.entry import STORE_FAILED, Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.serialization import Serializer, get_serializer
@@ -228,12 +228,13 @@ class Cache:
     # -- reads on the call path -----------------------------------------------------------
 
     def read(self, key: str) -> Entry | None:
-        """The stored entry of a full key; a failing store reads as a miss (or raises)."""
+        """The stored entry of a full key; a failing store reads as `STORE_FAILED`, an
+        expired entry (or raises when failing closed)."""
         try:
             return self.store.get(key)
         except BackendError as exc:
             self.backend_failed(None, exc)
-            return None
+            return STORE_FAILED
 
     async def aread(self, key: str) -> Entry | None:
         if not self.store.shared:
@@ -242,7 +243,7 @@ class Cache:
             return await self.store.aget(key)
         except BackendError as exc:
             self.backend_failed(None, exc)
-            return None
+            return STORE_FAILED
 
     def backend_failed(self, policy: Policy | None, exc: BackendError) -> None:
         """Count and (at most every 30 s) log a store failure; re-raise if failing closed."""

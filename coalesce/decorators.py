@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
-from coalesce.entry import Entry
+from coalesce.entry import STORE_FAILED, Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.keys import KeyFunction, plan_key, signature_source, template_key_function
 from coalesce.stats import Stats
@@ -299,7 +299,7 @@ def _slow(
                     cache.refresh_in_background(lambda: _miss(cache, policy, key, args, kwargs))
                 return _result(entry)
         stats.misses += 1
-    return _result(_miss(cache, policy, key, args, kwargs))
+    return _result(_miss(cache, policy, key, args, kwargs, entry is STORE_FAILED))
 
 
 async def _aslow(
@@ -322,14 +322,20 @@ async def _aslow(
                     cache.arefresh_in_background(_amiss(cache, policy, key, args, kwargs))
                 return _result(entry)
         stats.misses += 1
-    return _result(await _amiss(cache, policy, key, args, kwargs))
+    return _result(await _amiss(cache, policy, key, args, kwargs, entry is STORE_FAILED))
 
 
-def _miss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
+def _miss(
+    cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any, failed: bool = False
+) -> Entry:
+    """Compute `key` once in this process (and across processes on a shared store).
+
+    `failed`: the store just failed this call's read; its leader computes without it.
+    """
     raised: list[Exception] = []
     entry, _ = cache.flights.run(
         key,
-        lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised),
+        lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised, failed),
         policy.count_shared,
     )
     if raised and entry.error:
@@ -345,16 +351,21 @@ def _lead(
     args: Any,
     kwargs: Any,
     raised: list[Exception],
+    failed: bool = False,
 ) -> Entry:
     """The leader of this process: check again, then compute once (across processes).
 
     A failure cached with `cache_errors` goes into `raised`, so that the leader's own caller
-    gets the original exception and the others its rebuilt form.
+    gets the original exception and the others its rebuilt form. After a failed read
+    (`failed`, or this one) it computes without the store.
     """
-    if policy.store:
+    if policy.store and not failed:
         entry = cache.read(key)
         if entry is not None and entry.fresh_until > _now():
             return _shareable(cache, policy, entry)
+        failed = entry is STORE_FAILED
+    if failed:
+        policy.stats.backend_errors += 1
     tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
 
@@ -373,7 +384,7 @@ def _lead(
         computed.append(policy.make_entry(cache, value, started, tags))
         return computed[0]
 
-    if not policy.store:
+    if not policy.store or failed:
         return compute()
     with cache.computing(key, tags):
         try:
@@ -407,11 +418,13 @@ def _count_computation(policy: Policy, started: float, *, failed: bool = False) 
 # the miss path, async: the same steps, awaiting
 
 
-async def _amiss(cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any) -> Entry:
+async def _amiss(
+    cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any, failed: bool = False
+) -> Entry:
     raised: list[Exception] = []
     entry, _ = await cache.aflights.run(
         key,
-        lambda fence: _alead(cache, policy, key, fence, args, kwargs, raised),
+        lambda fence: _alead(cache, policy, key, fence, args, kwargs, raised, failed),
         policy.count_shared,
     )
     if raised and entry.error:
@@ -427,12 +440,16 @@ async def _alead(
     args: Any,
     kwargs: Any,
     raised: list[Exception],
+    failed: bool = False,
 ) -> Entry:
     """The leader of this process on this loop: check again, then compute once."""
-    if policy.store:
+    if policy.store and not failed:
         entry = await cache.aread(key)
         if entry is not None and entry.fresh_until > _now():
             return _shareable(cache, policy, entry)
+        failed = entry is STORE_FAILED
+    if failed:
+        policy.stats.backend_errors += 1
     tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
 
@@ -451,7 +468,7 @@ async def _alead(
         computed.append(policy.make_entry(cache, value, started, tags))
         return computed[0]
 
-    if not policy.store:
+    if not policy.store or failed:
         return await compute()
     with cache.computing(key, tags):
         try:

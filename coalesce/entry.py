@@ -69,3 +69,9 @@ class Entry:
         if self.ttl is None:
             return None
         return max(0.0, self.stale_until - now)
+
+
+#: What `Cache.read` returns when the store failed: an entry that is always expired (so every
+#: reader treats it as a miss), telling the rest of the call not to try the store again: one
+#: wait for a hung Redis per call, not one per step.
+STORE_FAILED = Entry(None, created=0.0, ttl=0.0)

@@ -1422,3 +1422,60 @@ def test_a_cached_failure_with_undecodable_text_reaches_every_caller(
     assert first.value.args == (odd,)  # the caller that ran it: its own exception
     with pytest.raises(ValueError, match="bad"):  # the others: rebuilt from Redis
         f()
+
+
+def test_a_hung_redis_costs_one_socket_timeout_per_step_then_the_breaker_opens(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """A Redis that stops answering (SIGSTOP) is not retried after a timeout: each call
+    waits at most about `socket_timeout` per step, then computes; soon the breaker opens
+    and calls stop waiting at all. Nothing hangs; nothing fails."""
+    cache = Cache(
+        fresh_redis.url, namespace=unique_namespace, socket_timeout=0.5, breaker_threshold=3
+    )
+
+    @cache.cached(ttl=30, key="n:{i}")
+    def n(i: int) -> int:
+        return i * 2
+
+    assert n(1) == 2 and n(1) == 2  # connected and cached
+    pid = fresh_redis.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        slowest = 0.0
+        for i in range(8):
+            started = time.monotonic()
+            assert n(i) == i * 2
+            slowest = max(slowest, time.monotonic() - started)
+        # each call: one GET that times out, then it computes directly; a retry after the
+        # timeout would make it 2 x 0.5 s
+        assert slowest < 0.9, slowest
+        assert cache.store.breaker.state == "open"  # type: ignore[attr-defined]
+        started = time.monotonic()
+        assert n(100) == 200
+        assert time.monotonic() - started < 0.1  # failing fast
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    cache.close()
+
+
+def test_foreign_types_under_our_keys_are_misses_even_failing_closed(
+    caches: Callable[..., Cache], raw: redis.Redis, unique_namespace: str
+) -> None:
+    cache = caches(on_backend_error="raise")
+    raw.hset(f"{unique_namespace}:{{u:1}}", "field", "a hash, not an entry")
+    raw.rpush(f"{unique_namespace}:tag:{{team:1}}", "a list, not a tag set")
+    calls: list[int] = []
+
+    @cache.cached(ttl=30, key="u:{i}", tags=["team:1"])
+    def u(i: int) -> int:
+        calls.append(i)
+        return i
+
+    assert u(1) == 1 and u(1) == 1  # replaced on the first call, then a hit
+    assert calls == [1]
+    assert cache.invalidate_tag("team:1") == 1  # the tag set replaced the list
+    raw.set(f"{unique_namespace}:tag:{{team:2}}", "a string")
+    assert cache.invalidate_tag("team:2") == 0  # not an error, ever again
+    assert raw.exists(f"{unique_namespace}:tag:{{team:2}}") == 0

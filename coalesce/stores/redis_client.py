@@ -38,7 +38,15 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
+from redis.exceptions import (
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.retry import Retry
 
 from coalesce.errors import BackendError, ConfigurationError
@@ -174,20 +182,24 @@ class RedisConnection:
         options: dict[str, Any] = {
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.socket_connect_timeout,
-            "retry": retry,  # one quick retry: a pooled socket may be stale after a restart
+            # one quick retry after a connection error (a pooled socket may be stale after a
+            # restart), none after a timeout: a hung Redis costs one socket_timeout per step
+            "retry": retry,
         }
         if self.max_connections is not None:
             options["max_connections"] = self.max_connections
         return options
 
     def _make_sync(self) -> SyncClient:
-        options = self._options(Retry(NoBackoff(), 1))
+        options = self._options(Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
         if self.cluster:
             return redis.cluster.RedisCluster.from_url(self.url, **options)
         return redis.Redis.from_url(self.url, **options)
 
     def _make_async(self) -> AsyncClient:
-        options = self._options(AsyncRetry(NoBackoff(), 1))
+        options = self._options(
+            AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        )
         if self.cluster:
             return redis.asyncio.cluster.RedisCluster.from_url(self.url, **options)
         return redis.asyncio.Redis.from_url(self.url, **options)
@@ -328,7 +340,7 @@ class RedisConnection:
         read = self._reads.setdefault(redis_key, mine)
         if read is mine:
             try:
-                mine.data = self.call(self.sync().get, redis_key)
+                mine.data = self.call(self._get, redis_key)
             except BaseException as exc:
                 mine.error = exc
                 raise
@@ -337,13 +349,25 @@ class RedisConnection:
                 mine.lock.release()
             return mine.data
         if not read.lock.acquire(timeout=self.socket_timeout * 4 + 1.0):
-            return self.call(self.sync().get, redis_key)  # bounded: read for ourselves
+            return self.call(self._get, redis_key)  # bounded: read for ourselves
         read.lock.release()
         if read.error is None:
             return read.data
         if isinstance(read.error, BackendError):
             raise read.error
         return self.get(redis_key)  # the leader was interrupted: read again
+
+    def _get(self, redis_key: str) -> Any:
+        try:
+            return self.sync().get(redis_key)
+        except ResponseError as exc:
+            return _foreign(exc)
+
+    async def _aget(self, client: AsyncClient, redis_key: str) -> Any:
+        try:
+            return await client.get(redis_key)
+        except ResponseError as exc:
+            return _foreign(exc)
 
     async def aget(self, redis_key: str) -> Any:
         """`GET redis_key`, one command for all the tasks of this loop asking at once."""
@@ -361,7 +385,7 @@ class RedisConnection:
         future: asyncio.Future[Any] = state.loop.create_future()
         state.reads[redis_key] = future
         try:
-            data = await self.acall(state.client.get, redis_key)
+            data = await self.acall(self._aget, state.client, redis_key)
         except BaseException as exc:
             future.set_exception(_Retry() if isinstance(exc, asyncio.CancelledError) else exc)
             future.exception()  # mark it retrieved: there may be no followers
@@ -393,6 +417,18 @@ class RedisConnection:
         if state is not None and state.owned:
             with contextlib.suppress(Exception):
                 await state.client.aclose()
+
+
+#: What a read returns for a key holding another type (a hash, a list...): bytes that are no
+#: entry, so the store treats them as any foreign value (a miss, replaced by the next store).
+WRONG_TYPE = b"\x00wrong type"
+
+
+def _foreign(exc: ResponseError) -> bytes:
+    """`WRONG_TYPE` for a WRONGTYPE reply; other errors stay errors."""
+    if str(exc).startswith("WRONGTYPE"):
+        return WRONG_TYPE
+    raise exc
 
 
 def check_url(url: str) -> None:

@@ -83,6 +83,7 @@ local function score_of(text)
   return tonumber(text)
 end
 local function add_tag(tagkey, member, score, now, raise_only)
+  if redis.call('TYPE', tagkey)['ok'] ~= 'zset' then redis.call('DEL', tagkey) end
   local current = raise_only and redis.call('ZSCORE', tagkey, member)
   if not current or score_of(current) < score_of(score) then
     redis.call('ZADD', tagkey, score, member)
@@ -183,11 +184,15 @@ return 1
 
 #: KEYS: one tag set. Returns its members and scores (flat) and deletes it, in one step: a
 #: computation that records itself after this lands in a new set, seen by the next
-#: `delete_tag`, and none is removed from the set while its lease may still be running.
+#: `delete_tag`, and none is removed from the set while its lease may still be running. A
+#: foreign value of another type under the tag's name is deleted (as `add_tag` does).
 TAKE_TAG = Script.of(
     "take_tag",
     """
-local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local members = {}
+if redis.call('TYPE', KEYS[1])['ok'] == 'zset' then
+  members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+end
 redis.call('DEL', KEYS[1])
 return members
 """,
