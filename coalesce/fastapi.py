@@ -50,7 +50,16 @@ HTTP semantics (pure logic in `coalesce.http`):
   4xx only with `cache_4xx=True` (also for `raise HTTPException(404)`, re-raised on hits so
   your exception handlers render it); concurrent requests still share a 5xx/4xx result;
 * a client's `Cache-Control: no-cache` is ignored unless `honor_client_no_cache=True`
-  (otherwise anyone could stampede the database with one header).
+  (otherwise anyone could stampede the database with one header); when the store cannot
+  drop the entry, such a request runs uncached (`BYPASS`, logged once per route), or
+  raises `BackendError` with `on_backend_error="raise"`;
+* `max-age`, `Age` and `stale-while-revalidate` never exceed 2^31 (RFC 9111 1.2.2).
+
+Arguments are checked when decorating (`ConfigurationError` naming the argument): finite
+`ttl` / `stale_ttl`, lists (not strings) of `vary` names and `tags`, `vary` names that are
+HTTP header names (RFC 9110 tokens), real booleans, a `Cache` and a `MetricsRegistry`. A
+request whose key or tags cannot be rendered (`"{user.nope}"`) runs uncached (`BYPASS`,
+one warning per route).
 
 Visibility: per-route counters (hits, misses, stale, coalesced, bypassed, 304s,
 computations, errors) and compute latency p50/p99 over the last 1024 computations, in a

@@ -39,7 +39,7 @@ import math
 import time
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import fastapi.routing
 from fastapi import HTTPException, Request
@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import coalesce
 from coalesce import Cache, CoalesceError, ConfigurationError, LeaderFailedError, get_cache
+from coalesce.errors import BackendError
 from coalesce.fastapi_keys import (
     REQUIRED,
     analyse,
@@ -69,12 +70,15 @@ from coalesce.http import (
     STALE,
     cache_status,
     client_wants_fresh,
+    is_token,
 )
 
 logger = logging.getLogger("coalesce.fastapi")
 
 _COUNTER = {HIT: "hits", MISS: "misses", STALE: "stale", COALESCED: "coalesced"}
 _CREDENTIALS = {name.encode(): name for name in CREDENTIAL_HEADERS}
+# What rendering a request's key or tags may raise: the request then runs uncached.
+_UNRENDERABLE = (CoalesceError, TypeError, ValueError, AttributeError, LookupError)
 
 
 # FastAPI runs a route included with `include_router` as a context made for that inclusion
@@ -262,6 +266,60 @@ def _raw(fn: Callable[..., Any], template: str) -> Callable[..., str]:
     return template.format
 
 
+def _refuse(message: str) -> NoReturn:
+    raise ConfigurationError(message)
+
+
+def _seconds(name: str, value: Any, *, zero: bool) -> float:
+    """`value` as a finite number of seconds (positive, or non-negative with `zero`).
+
+    Checked when decorating: every response's `Cache-Control` is computed from it, so an
+    infinite or NaN value would otherwise fail requests, not the decoration.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _refuse(f"{name} must be a number of seconds, not {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        sign = "non-negative" if zero else "positive"
+        _refuse(f"{name} must be a {sign} finite number of seconds, not {value!r}")
+    return seconds
+
+
+def _flag(name: str, value: Any) -> bool:
+    """`value` if it is a bool: a string such as `"false"` would read as true."""
+    if not isinstance(value, bool):
+        _refuse(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def _texts(name: str, value: Any, what: str) -> tuple[str, ...]:
+    """`value` as a tuple of strings: a list or tuple of them, never one string (which would
+    be read character by character)."""
+    if (
+        isinstance(value, (str, bytes, bytearray))
+        or not isinstance(value, Sequence)
+        or not all(isinstance(item, str) for item in value)
+    ):
+        _refuse(f"{name} must be a list of {what}, not {value!r}")
+    return tuple(value)
+
+
+def _header_names(value: Any) -> tuple[str, ...]:
+    """The `vary` header names, lower-case; each must be an RFC 9110 token, as it is sent
+    in the `Vary` header of every response."""
+    names = tuple(n.strip().lower() for n in _texts("vary", value, "header names"))
+    for name in names:
+        if not is_token(name):
+            _refuse(
+                f"vary: {name!r} is not an HTTP header name (an RFC 9110 token: ASCII "
+                "letters, digits and !#$%&'*+-.^_`|~)"
+            )
+    return names
+
+
 class CachedRoute:
     """Everything decided about one decorated handler when it is decorated."""
 
@@ -281,16 +339,25 @@ class CachedRoute:
         honor_client_no_cache: bool,
         registry: MetricsRegistry | None,
     ) -> None:
+        if not callable(fn):
+            _refuse(f"@{'cached' if store else 'coalesced'} decorates a handler, not {fn!r}")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise ConfigurationError(
                 f"{fn.__qualname__} streams its response (a generator): it cannot be cached"
             )
-        if ttl is not None and (isinstance(ttl, bool) or not ttl > 0):
-            raise ConfigurationError(f"ttl must be a positive number of seconds, not {ttl!r}")
-        if isinstance(vary, str):
-            raise ConfigurationError(f"vary must be a list of header names, not {vary!r}")
+        ttl = None if ttl is None else _seconds("ttl", ttl, zero=False)
+        stale_ttl = _seconds("stale_ttl", stale_ttl, zero=True)
+        if key is not None and not isinstance(key, str):
+            _refuse(f"key must be a template string such as 'item:{{item_id}}', not {key!r}")
+        vary = _header_names(vary)
+        tags = _texts("tags", tags, "tag templates such as ['item:{item_id}']")
+        shared = _flag("shared", shared)
+        cache_4xx = _flag("cache_4xx", cache_4xx)
+        honor_client_no_cache = _flag("honor_client_no_cache", honor_client_no_cache)
         if cache is not None and not isinstance(cache, Cache):
             raise ConfigurationError(f"cache must be a coalesce.Cache, not {cache!r}")
+        if registry is not None and not isinstance(registry, MetricsRegistry):
+            _refuse(f"registry must be a coalesce.fastapi.MetricsRegistry, not {registry!r}")
         self.fn = fn
         self.name = f"{fn.__module__}.{fn.__qualname__}"
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -303,7 +370,7 @@ class CachedRoute:
         self.honor_no_cache = honor_client_no_cache
         self.shared = shared
         self.registry = REGISTRY if registry is None else registry
-        self.vary = tuple(name.strip().lower() for name in vary)
+        self.vary = vary
         # Key and tag templates render the raw text: the core escapes it once, as it stores
         # it (`normal`, and the tags of `inner`), so `coalesce get 'feed:a b'` finds it.
         self.template: Callable[..., str] | None = None if key is None else _raw(fn, key)
@@ -314,9 +381,7 @@ class CachedRoute:
         self.tag_makers: list[Callable[..., str]] = [_raw(fn, tag) for tag in tags]
         uncovered = () if shared else [h for h in CREDENTIAL_HEADERS if h not in self.vary]
         vary_header = ", ".join(n.title() for n in (*self.vary, *uncovered))
-        self.responder = Responder(
-            vary_header=vary_header.encode("latin-1"), stale_ttl=float(stale_ttl)
-        )
+        self.responder = Responder(vary_header=vary_header.encode("latin-1"), stale_ttl=stale_ttl)
         self.paths: set[str] = set()  # the path templates this handler has served
         # `HitShortcut`: the decorated endpoint FastAPI calls (set by `coalesce.fastapi`),
         # the ids of the routes already looked at, and whether this route could use one (a
@@ -330,7 +395,7 @@ class CachedRoute:
             and (key is None or all(n in identity for n in self.signature.parameters))
         )
         self._normal: dict[str, str] = {}  # key -> the core's form of it (see `normal`)
-        self.key_failed = False  # logged once that a request's key could not be built
+        self.warned: set[str] = set()  # the degradations already logged for this route
 
         async def compute(key: str, tags: tuple[str, ...], job: Job) -> dict[str, Any]:
             return await self.run(job)
@@ -409,6 +474,12 @@ class CachedRoute:
         sub.headers["x-cache"] = BYPASS
         return await self.call(kwargs)
 
+    def warn_once(self, kind: str, message: str, *args: Any) -> None:
+        """Log a degradation of this route the first time it happens, not per request."""
+        if kind not in self.warned:
+            self.warned.add(kind)
+            logger.warning(message, *args)
+
     async def serve(self, request: Request, sub: Response, kwargs: dict[str, Any]) -> Any:
         scope = request.scope
         cache = self.cache or get_cache()
@@ -435,12 +506,10 @@ class CachedRoute:
             base = self.base_key(path, ident)
             raw_key = base + encode_vary(self.vary, request.headers) if self.vary else base
             key = self.normal(raw_key)
-        except (CoalesceError, TypeError, ValueError, AttributeError, LookupError) as exc:
+        except _UNRENDERABLE as exc:
             # No stable key for this request (an argument without a text form, a template
             # field missing): run it as if undecorated rather than fail or share wrongly.
-            if not self.key_failed:
-                self.key_failed = True
-                logger.warning("coalesce: no cache key for %s (%s); not caching it", path, exc)
+            self.warn_once("key", "coalesce: no cache key for %s (%s); not caching it", path, exc)
             return await self.bypass(kwargs, sub, metrics)
         headers = request.headers
         shared_store = cache.store.shared
@@ -448,7 +517,20 @@ class CachedRoute:
             if self.honor_no_cache and client_wants_fresh(
                 headers.get("cache-control"), headers.get("pragma")
             ):
-                await cache.ainvalidate(key)
+                try:
+                    await cache.ainvalidate(key)
+                except BackendError as exc:
+                    # The entry may still be there: computing through the cache could serve
+                    # it. Fail as the cache's other reads do (raise when failing closed),
+                    # else answer with a fresh, uncached computation.
+                    cache.backend_failed(None, exc)
+                    self.warn_once(
+                        "no-cache",
+                        "coalesce: cannot drop %s for a no-cache request (%s); running it uncached",
+                        path,
+                        exc,
+                    )
+                    return await self.bypass(kwargs, sub, metrics)
             else:  # the hot path: one read, no flight, no handler
                 shortcut = getattr(route, "app", None)
                 if type(shortcut) is HitShortcut and shortcut.route is self and not private:
@@ -462,9 +544,17 @@ class CachedRoute:
                 ):
                     metrics.hits += 1
                     return self.respond(entry.value, HIT, request, metrics, private, shared_store)
+        try:
+            tags = (
+                self.route_tag(),
+                self.request_tag(ident),
+                *[m(**kwargs) for m in self.tag_makers],
+            )
+        except _UNRENDERABLE as exc:  # as for the key: run it uncached, never fail it
+            self.warn_once("tags", "coalesce: no cache tags for %s (%s); not caching it", path, exc)
+            return await self.bypass(kwargs, sub, metrics)
         started = time.time()
         job = Job(key, kwargs, request, sub, metrics, path)
-        tags = (self.route_tag(), self.request_tag(ident), *(m(**kwargs) for m in self.tag_makers))
         try:
             # The raw key: the core escapes it once, into `key` (`normal`); passing `key`
             # would escape its `%` again and store where reads and invalidations never look.

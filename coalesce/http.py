@@ -12,13 +12,15 @@ follow RFC 9110 (conditional requests) and RFC 9111 / RFC 5861 (caching):
   `*` matches any current representation. Unparseable members match nothing.
 * `Cache-Control: max-age` is the *remaining* freshness in whole seconds (never negative),
   `Age` the whole seconds since the entry was computed; a response cached per user is
-  `private`, a shared one `public`.
+  `private`, a shared one `public`. Every delta-seconds value sent is at most
+  `MAX_DELTA_SECONDS` (2^31, RFC 9111 1.2.2), whatever the TTL.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import string
 from collections.abc import Iterable, Sequence
 
 #: The `X-Cache` values: how a response was produced.
@@ -53,6 +55,30 @@ SENSITIVE_HEADERS = frozenset(
 
 #: Request headers that identify a user: a request carrying one is never served a shared entry.
 CREDENTIAL_HEADERS = ("authorization", "cookie")
+
+#: The largest delta-seconds sent (`max-age`, `Age`, `stale-while-revalidate`): RFC 9111
+#: 1.2.2 has caches read any greater value as this one.
+MAX_DELTA_SECONDS = 2**31
+
+_TCHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
+
+
+def is_token(text: str) -> bool:
+    """Whether `text` is an RFC 9110 token (5.6.2), as a header field name must be."""
+    return bool(text) and all(c in _TCHARS for c in text)
+
+
+def delta_seconds(seconds: float) -> int:
+    """`seconds` as a delta-seconds value: rounded up, within 0..`MAX_DELTA_SECONDS`.
+
+    NaN and negative values give 0, anything at or past the bound (infinity included) the
+    bound, so no TTL can overflow a header.
+    """
+    if not seconds > 0:
+        return 0
+    if seconds >= MAX_DELTA_SECONDS:
+        return MAX_DELTA_SECONDS
+    return math.ceil(seconds)
 
 
 def etag_for(body: bytes) -> str:
@@ -128,16 +154,20 @@ def client_wants_fresh(cache_control: str | None, pragma: str | None = None) -> 
 
 def age_seconds(created: float, now: float) -> int:
     """The `Age` header value: whole seconds since the entry was computed, never negative."""
-    return max(0, int(now - created))
+    age = now - created
+    if not age > 0:
+        return 0
+    return MAX_DELTA_SECONDS if age >= MAX_DELTA_SECONDS else int(age)
 
 
 def max_age_seconds(created: float, ttl: float, now: float) -> int:
     """Remaining freshness in whole seconds (`max-age`): rounded up, never negative.
 
     Rounded up so that a response computed a moment ago says `max-age=<ttl>`, not
-    `<ttl - 1>`; it overstates the remaining time by less than a second.
+    `<ttl - 1>`; it overstates the remaining time by less than a second. At most
+    `MAX_DELTA_SECONDS`.
     """
-    return max(0, math.ceil(created + ttl - now))
+    return delta_seconds(created + ttl - now)
 
 
 def cache_control_value(
@@ -146,7 +176,7 @@ def cache_control_value(
     """The `Cache-Control` of a cached response."""
     value = f"{'private' if private else 'public'}, max-age={max_age}"
     if stale_while_revalidate > 0:
-        value += f", stale-while-revalidate={math.ceil(stale_while_revalidate)}"
+        value += f", stale-while-revalidate={delta_seconds(stale_while_revalidate)}"
     return value
 
 

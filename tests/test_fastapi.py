@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,7 @@ from pydantic import BaseModel, field_validator
 
 from coalesce import Cache, ConfigurationError
 from coalesce.fastapi import MetricsRegistry, admin_router, cached, coalesced, metrics_router
+from coalesce.http import age_seconds, cache_control_value, max_age_seconds
 from coalesce.keys import escape, is_safe_key
 
 TOKEN = "s3cret-token-for-tests-0123456789"
@@ -1177,6 +1179,142 @@ async def test_a_request_without_a_key_runs_uncached(
     assert (a.json(), b.json()) == ({"n": 1}, {"n": 2})
     assert b.headers["x-cache"] == "BYPASS"
     assert sum("no cache key" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_request_without_its_tags_runs_uncached_like_one_without_a_key(
+    cache: Cache, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = FastAPI()
+    calls = Counter()
+    registry = MetricsRegistry()
+
+    @app.get("/tagged/{item_id}")
+    @cached(ttl=30, cache=cache, tags=["t:{item_id.x}"], registry=registry)
+    async def tagged(item_id: int) -> dict[str, int]:
+        return {"n": calls.bump()}
+
+    with caplog.at_level(logging.WARNING, logger="coalesce.fastapi"):
+        async with client(app) as c:
+            a, b = await c.get("/tagged/1"), await c.get("/tagged/1")
+    assert (a.status_code, b.status_code) == (200, 200)
+    assert (a.json(), b.json()) == ({"n": 1}, {"n": 2})
+    assert a.headers["x-cache"] == b.headers["x-cache"] == "BYPASS"
+    assert cache.keys() == []
+    assert registry.route("/tagged/{item_id}").bypassed == 2
+    assert sum("no cache tags" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("ttl", float("inf")),
+        ("ttl", float("nan")),
+        ("ttl", -1),
+        ("ttl", 10**400),
+        ("stale_ttl", float("inf")),
+        ("stale_ttl", float("nan")),
+        ("stale_ttl", -1.0),
+    ],
+)
+def test_infinite_nan_or_negative_seconds_are_refused_when_decorating(
+    option: str, value: float
+) -> None:
+    async def handler() -> None: ...
+
+    options: dict[str, Any] = {"ttl": 30, option: value}
+    with pytest.raises(ConfigurationError, match=f"^{option} must be"):
+        cached(**options)(handler)
+
+
+async def test_ttl_none_and_the_longest_ttls_give_bounded_headers(cache: Cache) -> None:
+    ten_years = 315_360_000
+    default, _, _ = simple_app(Cache(default_ttl=45), ttl=None)
+    longest, _, _ = simple_app(cache, ttl=ten_years, stale_ttl=ten_years)
+    async with client(default) as c:
+        by_default = await c.get("/data")
+    async with client(longest) as c:
+        miss, hit = await c.get("/data"), await c.get("/data")
+    assert by_default.headers["cache-control"] == "public, max-age=45"
+    control = f"public, max-age={ten_years}, stale-while-revalidate={ten_years}"
+    assert miss.headers["cache-control"] == control
+    assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+    # Whatever the entry says, delta-seconds stay within RFC 9111's 2^31 (1.2.2).
+    assert max_age_seconds(0.0, 1e308, 0.0) == max_age_seconds(0.0, math.inf, 0.0) == 2**31
+    assert max_age_seconds(0.0, math.nan, 0.0) == 0
+    assert age_seconds(-math.inf, 0.0) == 2**31
+    assert cache_control_value(2**31, stale_while_revalidate=1e308).endswith("=2147483648")
+
+
+async def test_bad_argument_types_are_refused_when_decorating_not_per_request() -> None:
+    app = FastAPI()
+
+    async def handler(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    refused: list[tuple[str, Any]] = [
+        ("registry", lambda: cached(ttl=1, registry=1)),
+        ("registry", lambda: coalesced(registry="routes")),
+        ("vary", lambda: cached(ttl=1, vary="accept-language")),
+        ("vary", lambda: coalesced(vary="accept-language")),
+        ("vary", lambda: cached(ttl=1, vary=[b"accept"])),
+        ("vary", lambda: cached(ttl=1, vary={"accept", "accept-language"})),
+        ("tags", lambda: cached(ttl=1, tags="item:{item_id}")),
+        ("tags", lambda: cached(ttl=1, tags=[1])),
+        ("key", lambda: cached(ttl=1, key=1)),
+        ("ttl", lambda: cached(ttl="60")),
+        ("stale_ttl", lambda: cached(ttl=1, stale_ttl="5")),
+        ("stale_ttl", lambda: cached(ttl=1, stale_ttl=True)),
+        ("shared", lambda: cached(ttl=1, shared="false")),
+        ("shared", lambda: coalesced(shared="false")),
+        ("cache_4xx", lambda: cached(ttl=1, cache_4xx="yes")),
+        ("honor_client_no_cache", lambda: cached(ttl=1, honor_client_no_cache="true")),
+        ("cache", lambda: coalesced(cache="memory://")),
+    ]
+    for option, decorator in refused:
+        with pytest.raises(ConfigurationError, match=f"^{option} must be"):
+            decorator()(handler)
+    with pytest.raises(ConfigurationError, match="decorates a handler"):
+        cached(ttl=1)("not a handler")
+    with pytest.raises(ConfigurationError, match="decorates a handler"):
+        coalesced("items")
+
+    @app.get("/items/{item_id}")  # the same arguments, well typed, serve requests
+    @cached(ttl=1, vary=("accept-language",), tags=("item:{item_id}",), registry=MetricsRegistry())
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    async with client(app) as c:
+        response = await c.get("/items/3")
+    assert response.status_code == 200 and response.headers["x-cache"] == "MISS"
+
+
+@pytest.mark.parametrize("name", ["x-ü", "x y", "x:y", "", " ", "x\ny", "(x)", 'x"'])
+def test_vary_names_must_be_http_tokens(name: str) -> None:
+    async def handler() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"vary: .* is not an HTTP header name"):
+        cached(ttl=1, vary=["accept", name])(handler)
+    with pytest.raises(ConfigurationError, match="vary"):
+        coalesced(vary=[name])(handler)
+
+
+async def test_valid_vary_names_are_sent_as_one_ascii_vary_header(cache: Cache) -> None:
+    app = FastAPI()
+
+    @app.get("/v")
+    @cached(
+        ttl=5,
+        cache=cache,
+        vary=[" X-Tenant ", "accept-language", "x-a!#$%&'*+.^_`|~1"],
+        shared=True,
+        registry=MetricsRegistry(),
+    )
+    async def v() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with client(app) as c:
+        response = await c.get("/v", headers={"x-tenant": "t1"})
+    assert response.headers["vary"] == "X-Tenant, Accept-Language, X-A!#$%&'*+.^_`|~1"
 
 
 # ---------------------------------------------------------------------------------------

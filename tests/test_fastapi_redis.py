@@ -7,6 +7,8 @@ on 127.0.0.1, started by the test-suite).
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 
 from coalesce import Cache
+from coalesce.errors import BackendError
 from coalesce.fastapi import MetricsRegistry, cached
 
 
@@ -89,3 +92,64 @@ async def test_invalidation_on_redis_reaches_every_process(sites: tuple[Site, Si
         assert await two.item.invalidate(item_id=3)  # this process served nothing yet
         again = await b.get("/items/3", headers={"accept-language": "fr"})
     assert again.headers["x-cache"] == "MISS"
+
+
+def unreachable_redis() -> str:
+    """A Redis URL on a free loopback port where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+async def test_client_no_cache_with_redis_down_is_computed_not_a_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = Cache(unreachable_redis())  # fails open: a failing store reads as a miss
+    calls = 0
+    app = FastAPI()
+
+    @app.get("/fresh")
+    @cached(ttl=5, cache=cache, honor_client_no_cache=True, registry=MetricsRegistry())
+    async def fresh() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        return {"n": calls}
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        with pytest.raises(BackendError):
+            await cache.ainvalidate("anything")
+        with caplog.at_level(logging.WARNING, logger="coalesce.fastapi"):
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                plain = await c.get("/fresh")
+                reloads = [await c.get("/fresh", headers={"cache-control": "no-cache"})]
+                reloads.append(await c.get("/fresh", headers={"pragma": "no-cache"}))
+    finally:
+        await cache.aclose()
+        cache.close()
+    assert plain.status_code == 200 and plain.headers["x-cache"] == "MISS"
+    assert [(r.status_code, r.headers["x-cache"]) for r in reloads] == [(200, "BYPASS")] * 2
+    assert [r.json() for r in reloads] == [{"n": 2}, {"n": 3}]
+    warnings = [r for r in caplog.records if r.name == "coalesce.fastapi"]
+    assert len(warnings) == 1 and "no-cache" in warnings[0].getMessage()
+
+
+async def test_client_no_cache_with_redis_down_fails_closed_when_asked() -> None:
+    cache = Cache(unreachable_redis(), on_backend_error="raise")
+    app = FastAPI()
+
+    @app.get("/fresh")
+    @cached(ttl=5, cache=cache, honor_client_no_cache=True, registry=MetricsRegistry())
+    async def fresh() -> dict[str, int]:
+        return {"n": 1}
+
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            with pytest.raises(BackendError):
+                await c.get("/fresh", headers={"cache-control": "no-cache"})
+    finally:
+        await cache.aclose()
+        cache.close()
