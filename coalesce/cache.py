@@ -99,8 +99,12 @@ class Cache:
             raise ConfigurationError(
                 f"namespace must be a non-empty printable string, not {namespace!r}"
             )
-        if " " in namespace or ":" in namespace:
-            raise ConfigurationError(f"namespace may not contain spaces or ':': {namespace!r}")
+        if any(c in namespace for c in " :{}*?[]%"):
+            raise ConfigurationError(
+                f"namespace may not contain spaces or any of : {{ }} * ? [ ] %: {namespace!r}"
+            )
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ConfigurationError(f"enabled must be True or False, not {enabled!r}")
         if on_backend_error not in ("compute", "raise"):
             raise ConfigurationError(
                 f"on_backend_error must be 'compute' or 'raise', not {on_backend_error!r}"

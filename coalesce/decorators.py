@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 from coalesce.entry import STORE_FAILED, Entry
 from coalesce.errors import BackendError, ConfigurationError
-from coalesce.keys import KeyFunction, plan_key, signature_source, template_key_function
+from coalesce.keys import (
+    KeyFunction,
+    callable_name,
+    plan_key,
+    signature_source,
+    template_key_function,
+)
 from coalesce.stats import Stats
 from coalesce.stores.base import Fence
 from coalesce.values import Frozen, freeze, freeze_entry
@@ -91,8 +97,10 @@ class Policy:
         copy: bool,
         store: bool,
     ) -> None:
+        if not isinstance(copy, bool):
+            raise ConfigurationError(f"copy must be True or False, not {copy!r}")
         self.fn = fn
-        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self.name = f"{getattr(fn, '__module__', None)}.{callable_name(fn)}"
         self.key_template = key
         self.plan = plan_key(fn, key, exclude)
         self.make_key: KeyFunction = self.plan.make
@@ -533,6 +541,11 @@ def make_decorator(
     copy: bool = True,
 ) -> Any:
     """Shared by `Cache.cached`, `Cache.coalesced` and the module-level decorators."""
+
+    for name, given in (("exclude", exclude), ("tags", tags)):
+        if isinstance(given, (str, bytes)) or not all(isinstance(x, str) for x in given):
+            what = "parameter names" if name == "exclude" else "tag templates"
+            raise ConfigurationError(f"{name} must be a list of {what}, not {given!r}")
 
     def decorator(func: F) -> F:
         if not callable(func):

@@ -221,6 +221,12 @@ def signature_source(fn: Callable[..., Any]) -> tuple[str, dict[str, Any], str, 
     return params, defaults, args, "{" + ", ".join(keywords) + "}"
 
 
+def callable_name(fn: Callable[..., Any]) -> str:
+    """`fn`'s qualified name; a `functools.partial` or a callable object has none of its own."""
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__qualname__
+
+
 def _compile(
     fn: Callable[..., Any], body: str, namespace: dict[str, Any], suffix: str
 ) -> KeyFunction:
@@ -228,10 +234,11 @@ def _compile(
     params, defaults = _signature_source(sig)
     namespace = {**namespace, **defaults}
     source = f"def __coalesce_key({params}):\n    {body}\n"
-    exec(compile(source, f"<coalesce key of {fn.__qualname__}>", "exec"), namespace)
+    name = callable_name(fn)
+    exec(compile(source, f"<coalesce key of {name}>", "exec"), namespace)
     key_fn: KeyFunction = namespace["__coalesce_key"]
-    key_fn.__name__ = fn.__name__
-    key_fn.__qualname__ = f"{fn.__qualname__}{suffix}"
+    key_fn.__name__ = name.rpartition(".")[2]
+    key_fn.__qualname__ = f"{name}{suffix}"
     return key_fn
 
 
@@ -262,12 +269,18 @@ class KeyPlan:
 
 def _default_plan(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyPlan:
     """`<module>.<qualname>:` plus the canonical encoding of the arguments."""
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        raise KeyTemplateError(
+            f"{fn!r} is not a plain function (a functools.partial or a callable object): "
+            "its name does not tell its bound arguments or state apart, so it needs a key "
+            "template: key='...'"
+        )
     sig = inspect.signature(fn)
     excluded = set(exclude)
     unknown = excluded - set(sig.parameters)
     if unknown:
         raise KeyTemplateError(
-            f"exclude names {sorted(unknown)} which {fn.__qualname__}() has no parameter for"
+            f"exclude names {sorted(unknown)} which {callable_name(fn)}() has no parameter for"
         )
     excluded |= _skipped_first(fn)
     prefix = f"{fn.__module__}.{fn.__qualname__}:"
@@ -306,10 +319,25 @@ def _parse_template(template: str, fn: Callable[..., Any]) -> list[tuple[str, st
     except ValueError as exc:
         raise KeyTemplateError(f"key template {template!r} is not valid: {exc}") from None
     for literal, field, spec, conversion in parsed:
+        if literal and len(literal) > MAX_KEY_LENGTH:
+            raise KeyTemplateError(
+                f"key template {template[:60]!r}...: its literal text is longer than "
+                f"{MAX_KEY_LENGTH} characters, the longest key"
+            )
         if literal and not is_safe_key(literal):
             raise KeyTemplateError(
                 f"key template {template!r}: its literal text must be printable, without "
-                "whitespace or '%'"
+                "whitespace, '%' or braces"
+            )
+        if conversion not in (None, "r", "s", "a"):
+            raise KeyTemplateError(
+                f"key template {template!r}: !{conversion} is not a conversion (use !r, !s "
+                "or !a)"
+            )
+        if spec and ("{" in spec or "}" in spec):
+            raise KeyTemplateError(
+                f"key template {template!r}: a format spec cannot hold another field "
+                f"({spec!r}); keys are built from the arguments only"
             )
         if field is None:
             parts.append((literal, None))
@@ -321,7 +349,7 @@ def _parse_template(template: str, fn: Callable[..., Any]) -> list[tuple[str, st
             )
         if root not in params:
             raise KeyTemplateError(
-                f"key template {template!r} names {{{root}}}, but {fn.__qualname__}() has "
+                f"key template {template!r} names {{{root}}}, but {callable_name(fn)}() has "
                 f"no such parameter (it has: {', '.join(sorted(params)) or 'none'})"
             )
         whole = "{" + field + (f"!{conversion}" if conversion else "")

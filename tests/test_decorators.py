@@ -959,3 +959,35 @@ def test_bad_arguments_raise_for_module_level_decorator_too() -> None:
         @cached(ttl=0)
         def f() -> int:
             return 1
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"tags": "user:{x}"}, "tags must be a list of tag templates"),
+        ({"exclude": "x"}, "exclude must be a list of parameter names"),
+        ({"copy": "no"}, "copy must be True or False"),
+    ],
+)
+def test_decorator_options_of_the_wrong_shape_are_named(
+    cache: Cache, options: dict[str, Any], problem: str
+) -> None:
+    def f(x: int) -> int:
+        return x
+
+    with pytest.raises(ConfigurationError, match=problem):
+        cache.cached(ttl=5, **options)(f)
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"enabled": "no"}, "enabled must be True or False"),
+        ({"namespace": "a{b}"}, "namespace may not contain"),
+        ({"namespace": "a*"}, "namespace may not contain"),
+        ({"maxsize": 10**20}, "maxsize must be a positive integer"),
+    ],
+)
+def test_cache_options_of_the_wrong_shape_are_named(options: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem):
+        Cache(**options)

@@ -740,3 +740,40 @@ def test_reprs_with_memory_addresses_are_refused_in_templates_too() -> None:
         make(lambda: 1)
     assert make(Named("a b")) == "x:a%20b"  # a stable text form is fine
     assert key_function(load, "x:{obj.name}")(Named("é")) == "x:é"  # printable non-ASCII kept
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("u:{user_id!x}", "not a conversion"),
+        ("u:{user_id:{flag}}", "cannot hold another field"),
+        ("x" * 300 + "{user_id}", "longer than 250"),
+        ("u {user_id}", "printable, without whitespace"),
+    ],
+)
+def test_template_mistakes_are_named_when_decorating(template: str, problem: str) -> None:
+    def load(user_id: int, flag: int = 1) -> int:
+        return user_id
+
+    with pytest.raises(KeyTemplateError, match=problem):
+        key_function(load, template)
+
+
+def test_partials_and_callable_objects_need_a_template() -> None:
+    import functools
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    class Doubler:
+        def __call__(self, x: int) -> int:
+            return 2 * x
+
+    cache = Cache()
+    for fn in (functools.partial(add, 1), Doubler()):
+        with pytest.raises(KeyTemplateError, match="needs a key template"):
+            cache.cached(ttl=5)(fn)
+    plus_one = cache.cached(ttl=5, key="plus1:{b}")(functools.partial(add, 1))
+    assert plus_one(2) == plus_one(2) == 3 and plus_one.stats()["hits"] == 1
+    double = cache.cached(ttl=5, key="double:{x}")(Doubler())
+    assert double(4) == 8
