@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -65,8 +66,10 @@ from coalesce.cli_remote import (
     app_failure,
     app_token,
     app_url,
+    check_namespace,
     check_scheme,
     describe_redis_error,
+    hide_credentials,
     http_call,
     open_target,
     parse_url,
@@ -82,6 +85,9 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_ADMIN_PREFIX = "/coalesce"
 DEFAULT_METRICS_PATH = "/coalesce/metrics"
 DEFAULT_MAX_SCANS = 1000  # SCAN calls before `keys` / `stats` stop: a bound on the work
+MAX_TIMEOUT = 3600.0  # seconds: more is a typo (or inf), and would look like a hang
+MAX_COUNT = 10_000_000  # --limit, --max-chars: more keys or characters than a shell can use
+MAX_SCANS = 1_000_000  # --max-scans: a billion keys looked at
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,6 +144,43 @@ def _check_length(key: str, what: str = "key") -> str:
             "give that stored form, as `coalesce keys` lists it"
         )
     return key
+
+
+def _check_pattern(pattern: str) -> str:
+    """`pattern` if it is a complete Redis glob, else a `CliError` saying how to write it.
+
+    The namespace layout wraps keys in braces (`ns:{user:42}`), so the glob is matched as
+    `ns:{PATTERN}`: a `[` never closed, or a trailing lone backslash, would swallow the closing
+    brace and match other keys than the user typed (`user:[` matched the key `user:`).
+    Refused rather than escaped: `[abc]` is a character class, so a literal `[` is written
+    `\\[` in every pattern, and a forgotten `]` (`user:[0-9*`) gets said, not searched for.
+    """
+    if not pattern:
+        raise CliError("empty pattern: use * for every key of the namespace")
+    index, end = 0, len(pattern)
+    while index < end:
+        char = pattern[index]
+        if char == "\\":
+            if index + 1 == end:
+                raise CliError(
+                    f"invalid pattern {pattern!r}: it ends with a lone backslash, which "
+                    "escapes nothing; write \\\\ for a literal backslash"
+                )
+            index += 2
+        elif char == "[":
+            close = index + 1
+            while close < end and pattern[close] != "]":
+                close += 2 if pattern[close] == "\\" else 1
+            if close >= end:
+                raise CliError(
+                    f"invalid pattern {pattern!r}: '[' starts a character class ([abc] "
+                    "matches a, b or c) that no ']' closes; write \\[ for a literal '[', "
+                    "e.g. 'user:\\[*'"
+                )
+            index = close + 1
+        else:
+            index += 1
+    return pattern
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +242,9 @@ def _invalidate_over_http(args: argparse.Namespace, keys: list[str], tags: list[
         removed = answer.get("removed") if isinstance(answer, dict) else None
         if isinstance(removed, dict if "keys" in body else int):
             return removed
-        raise CliError(f"unexpected answer from {url}: {one_line(json.dumps(answer))[:200]}")
+        raise CliError(
+            f"unexpected answer from {redact(url)}: {one_line(json.dumps(answer))[:200]}"
+        )
 
     if keys:  # each key's likeliest stored form; the other one for those that did not exist
         forms = {key: key_forms(key) for key in keys}
@@ -236,8 +281,6 @@ def _invalidate_over_http(args: argparse.Namespace, keys: list[str], tags: list[
 
 def cmd_get(args: argparse.Namespace) -> int:
     given = _check_length(_validate_key(args.key))
-    if args.max_chars < 1:
-        raise CliError(f"--max-chars must be at least 1, not {args.max_chars}")
     if args.app:
         raise CliError(
             "`coalesce get` reads Redis directly (--url); over --app only "
@@ -312,13 +355,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             "`coalesce keys` scans Redis directly (--url); over --app only "
             "invalidate and stats are available"
         )
-    if args.limit < 1:
-        raise CliError(f"--limit must be at least 1, not {args.limit}")
-    pattern: str = args.pattern
-    if not pattern:
-        raise CliError("empty pattern: use * for every key of the namespace")
-    if args.max_scans < 1:
-        raise CliError(f"--max-scans must be at least 1, not {args.max_scans}")
+    pattern = _check_pattern(args.pattern)
     target = open_target(args, "keys")
     try:
         found, complete = target.keys(pattern, args.limit, args.max_scans)
@@ -348,10 +385,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     if args.app:
         return _stats_over_http(args)
-    if args.limit < 1:
-        raise CliError(f"--limit must be at least 1, not {args.limit}")
-    if args.max_scans < 1:
-        raise CliError(f"--max-scans must be at least 1, not {args.max_scans}")
     target = open_target(args, "stats")
     try:
         keys, complete = target.keys("*", args.limit, args.max_scans)
@@ -393,8 +426,8 @@ def _stats_over_http(args: argparse.Namespace) -> int:
     status, answer = http_call("GET", url, token=token, body=None, timeout=args.timeout)
     if status == 404:
         raise CliError(
-            f"no coalesce metrics at {url} (HTTP 404): mount coalesce.fastapi.metrics_router() "
-            "or pass --metrics-path"
+            f"no coalesce metrics at {redact(url)} (HTTP 404): mount "
+            "coalesce.fastapi.metrics_router() or pass --metrics-path"
         )
     if not 200 <= status < 300:
         raise app_failure(status, answer, url)
@@ -402,7 +435,8 @@ def _stats_over_http(args: argparse.Namespace) -> int:
     if args.json or not isinstance(routes, dict):
         print(answer.rstrip() if isinstance(answer, str) else json.dumps(answer, indent=2))
         return EXIT_OK
-    print(render_routes(routes) if routes else f"no cached routes have served requests yet ({url})")
+    idle = f"no cached routes have served requests yet ({redact(url)})"
+    print(render_routes(routes) if routes else idle)
     return EXIT_OK
 
 
@@ -414,6 +448,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
     url = resolve_url(args)
     check_scheme(url, "check")
+    check_namespace(args.namespace)
     target = RedisTarget(url, args.namespace, args.timeout)
     try:
         connect = target.ping()
@@ -468,11 +503,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from coalesce.demo import run_demo
 
     parse_url(resolve_url(args))  # a malformed URL: one line, exit 2, before any load
+    check_namespace(args.namespace)
     return run_demo(args)
 
 
 # ---------------------------------------------------------------------------------------
 # the parser
+
+
+def _seconds(high: float) -> Callable[[str], float]:
+    """An argparse `type`: a finite number of seconds above 0 and at most `high`."""
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= high:  # False for nan; inf and 1e300 are above `high`
+            raise argparse.ArgumentTypeError(
+                f"must be a number of seconds above 0 and at most {high:,g}, not {text!r}"
+            )
+        return value
+
+    return seconds
+
+
+def _count(high: int) -> Callable[[str], int]:
+    """An argparse `type`: a whole number from 1 to `high`."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid int value: {text!r} (a whole number from 1 to {high:,})"
+            ) from None
+        if not 1 <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number from 1 to {high:,}, not {text!r}"
+            )
+        return value
+
+    return count
 
 
 def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -521,7 +593,7 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds(MAX_TIMEOUT),
         default=default(DEFAULT_TIMEOUT),
         help=f"seconds to wait for Redis or the app (default: {DEFAULT_TIMEOUT:g})",
     )
@@ -530,7 +602,7 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 def _max_scans_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-scans",
-        type=int,
+        type=_count(MAX_SCANS),
         default=DEFAULT_MAX_SCANS,
         metavar="N",
         help=f"stop after N SCAN calls of {SCAN_COUNT:,} keys each, matching or not "
@@ -574,18 +646,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("get", "show one entry: age, TTL, size, tags and a preview", cmd_get)
     sub.add_argument("key", metavar="KEY", help="key without the namespace")
     sub.add_argument(
-        "--max-chars", type=int, default=PREVIEW_CHARS, help="length of the value preview"
+        "--max-chars",
+        type=_count(MAX_COUNT),
+        default=PREVIEW_CHARS,
+        help="length of the value preview",
     )
 
     sub = command("keys", "list keys of the namespace (bounded SCAN)", cmd_keys)
     sub.add_argument("pattern", nargs="?", default="*", metavar="PATTERN", help="glob, e.g. user:*")
-    sub.add_argument("--limit", type=int, default=1000, help="stop after this many keys")
+    sub.add_argument(
+        "--limit", type=_count(MAX_COUNT), default=1000, help="stop after this many keys"
+    )
     _max_scans_option(sub)
 
     sub = command(
         "stats", "keys in the namespace and Redis server facts, or the app's metrics", cmd_stats
     )
-    sub.add_argument("--limit", type=int, default=10_000, help="stop counting keys here")
+    sub.add_argument(
+        "--limit", type=_count(MAX_COUNT), default=10_000, help="stop counting keys here"
+    )
     _max_scans_option(sub)
     sub.add_argument("--json", action="store_true", help="with --app: the metrics as JSON")
 
@@ -610,11 +689,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    urls = (
+        getattr(args, "url", None),
+        os.environ.get("COALESCE_URL"),
+        getattr(args, "app", None),
+    )
     try:
         code: int = args.run(args)
         return code
     except CliError as exc:
-        _fail(str(exc), exc.code)
+        _fail(hide_credentials(str(exc), *urls), exc.code)
     except KeyboardInterrupt:
         print("coalesce: interrupted", file=sys.stderr)
         return 130
@@ -627,12 +711,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cause = redis_cause(exc)
         url = getattr(args, "url", None) or os.environ.get("COALESCE_URL") or ""
         if cause is not None and not isinstance(cause, BrokenPipeError):
-            _fail(describe_redis_error(cause, url))
+            _fail(hide_credentials(describe_redis_error(cause, url), *urls))
         if isinstance(exc, CoalesceError):
-            _fail(str(exc) or type(exc).__name__)
+            _fail(hide_credentials(str(exc), *urls) or type(exc).__name__)
         if os.environ.get("COALESCE_DEBUG"):
             raise
         _fail(
-            f"unexpected {type(exc).__name__}: {exc} (set COALESCE_DEBUG=1 for a traceback)",
+            f"unexpected {type(exc).__name__}: {hide_credentials(str(exc), *urls)} "
+            "(set COALESCE_DEBUG=1 for a traceback)",
             EXIT_BUG,
         )

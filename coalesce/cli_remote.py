@@ -16,9 +16,9 @@ import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
-from coalesce import Cache, CoalesceError, SerializationError
+from coalesce import Cache, CoalesceError, ConfigurationError, SerializationError
 from coalesce.cli_output import one_line
 from coalesce.urls import redact
 
@@ -62,8 +62,60 @@ def memory_problem(command: str) -> CliError:
     )
 
 
+def _userinfo_split_wrongly(url: str) -> str:
+    """The characters among `/ ? #` that make `urlsplit` end `url`'s user info too early.
+
+    In `redis://:Zm9v/YmFy@host:6379/0` the password's `/` ends the host part for every URL
+    parser (redis-py's too): the password would be taken as host and port, and error messages
+    would quote pieces of it. Such a URL has an `@` after the point where the parser's host
+    part ends; an `@` in a query value (`?client_name=a@b`) or in a unix socket's path is not
+    one, unless the URL does not parse or names no host. Returns "" for a URL without the
+    problem.
+    """
+    _, sep, rest = url.partition("://")
+    if not sep:
+        return ""
+    ends = [index for index in (rest.find(ch) for ch in "/?#") if index >= 0]
+    end = min(ends, default=len(rest))
+    netloc, remainder = rest[:end], rest[end:]
+    if not netloc or "@" not in remainder:
+        return ""
+    head = remainder[: remainder.index("@")]
+    host = netloc.rpartition("@")[2]
+    if "=" in head and host and not host.startswith(":"):  # '@' in a query value, maybe
+        try:
+            urlsplit(url).port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            pass
+        else:
+            return ""
+    userinfo = rest[: rest.rindex("@")]
+    return "".join(ch for ch in "/?#" if ch in userinfo)
+
+
+_PERCENT = {"/": "%2F", "?": "%3F", "#": "%23", "[": "%5B", "]": "%5D"}
+
+
+def _percent_hint(chars: str) -> str:
+    listed = ", ".join(f"{_PERCENT[ch]} for {ch!r}" for ch in chars)
+    return (
+        f"special characters in the password (or user name) must be percent-encoded: {listed} "
+        "(urllib.parse.quote(password, safe=''))"
+    )
+
+
 def parse_url(url: str, what: str = "cache URL (--url / COALESCE_URL)") -> SplitResult:
-    """`urlsplit(url)` and its port, or a `CliError` naming the problem (never the password)."""
+    """`urlsplit(url)` and its port, or a `CliError` naming the problem (never the password).
+
+    A password holding `/`, `?` or `#` is refused before parsing: the parser would take part
+    of it as the host or port and quote it in its error, so neither the URL (beyond its host)
+    nor the parser's message is shown then.
+    """
+    wrong = _userinfo_split_wrongly(url)
+    if wrong:
+        scheme = url.partition("://")[0]
+        shown = f"{scheme}://***@{url.rpartition('@')[2]}"
+        raise CliError(f"invalid {what} {shown!r}: it cannot be parsed: {_percent_hint(wrong)}")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -71,12 +123,42 @@ def parse_url(url: str, what: str = "cache URL (--url / COALESCE_URL)") -> Split
         shown = redact(url)
         where = f"invalid {what}" if shown.startswith("<") else f"invalid {what} {shown!r}"
         hint = ""
-        if "IPv6" in str(exc):
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        brackets = "".join(ch for ch in "[]" if ch in userinfo)
+        if brackets:
+            hint = f" ({_percent_hint(brackets)})"
+        elif "IPv6" in str(exc):
             hint = " (an IPv6 host goes in brackets, with its port after them: [::1]:6379)"
         elif "port" in str(exc).lower():
             hint = " (the port is a number from 0 to 65535, e.g. HOST:6379)"
-        raise CliError(f"{where}: {one_line(str(exc))}{hint}") from None
+        detail = hide_credentials(one_line(str(exc)), url)
+        raise CliError(f"{where}: {detail}{hint}") from None
     return parts
+
+
+def hide_credentials(text: str, *urls: str | None) -> str:
+    """`text` with every password (and user info) of `urls` masked: for messages that quote
+    an exception, whose text may carry pieces of the URL it was about."""
+    secrets: set[str] = set()
+    for url in urls:
+        if not url:
+            continue
+        rest = url.partition("://")[2]
+        userinfo = rest.rpartition("@")[0]
+        if userinfo:
+            secrets.add(userinfo)
+            secrets.add(userinfo.partition(":")[2])
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(url)
+            secrets.add(parts.password or "")
+            for key, value in parse_qsl(parts.query):
+                if "password" in key.lower():
+                    secrets.add(value)
+    for secret in sorted(secrets, key=len, reverse=True):
+        for form in {secret, unquote(secret)}:
+            if len(form) >= 3:  # a shorter one would mask ordinary words, revealing little
+                text = text.replace(form, "***")
+    return text
 
 
 def check_scheme(url: str, command: str) -> None:
@@ -102,7 +184,7 @@ def describe_redis_error(exc: BaseException, url: str) -> str:
     import redis.exceptions as rex
 
     shown = redact(url)
-    message = one_line(str(exc)) or type(exc).__name__
+    message = hide_credentials(one_line(str(exc)), url) or type(exc).__name__
     text = message.upper()
     if "NOAUTH" in text or "ALREADY AUTHENTICATED" in text:
         return (
@@ -166,7 +248,8 @@ class RedisTarget:
                 )
             except (ValueError, TypeError) as exc:
                 raise CliError(
-                    f"invalid Redis URL {redact(self.url)!r}: {one_line(str(exc))}"
+                    f"invalid Redis URL {redact(self.url)!r}: "
+                    + hide_credentials(one_line(str(exc)), self.url)
                 ) from None
         return self._client
 
@@ -175,9 +258,12 @@ class RedisTarget:
         if self._cache is None:
             try:
                 self._cache = Cache(self.url, namespace=self.namespace, on_backend_error="raise")
+            except ConfigurationError as exc:  # names its problem: the namespace, the URL...
+                raise CliError(hide_credentials(one_line(str(exc)), self.url)) from None
             except (ValueError, TypeError) as exc:
                 raise CliError(
-                    f"invalid Redis URL {redact(self.url)!r}: {one_line(str(exc))}"
+                    f"invalid Redis URL {redact(self.url)!r}: "
+                    + hide_credentials(one_line(str(exc)), self.url)
                 ) from None
         return self._cache
 
@@ -219,7 +305,8 @@ class RedisTarget:
         except (rex.RedisError, OSError, CoalesceError) as exc:
             cause = redis_cause(exc)
             if cause is None:
-                raise CliError(one_line(str(exc)) or type(exc).__name__) from exc
+                message = hide_credentials(one_line(str(exc)), self.url)
+                raise CliError(message or type(exc).__name__) from exc
             raise CliError(describe_redis_error(cause, self.url)) from exc
 
     def close(self) -> None:
@@ -232,9 +319,27 @@ class RedisTarget:
                     closer()
 
 
+def check_namespace(namespace: str) -> None:
+    """A `CliError` naming the problem if `Cache(namespace=...)` refuses `namespace`.
+
+    Asked of `Cache` itself (in memory, nothing is reached), so the rule is the library's;
+    asked before Redis is reached, so the message names the namespace, not the URL.
+    """
+    if not namespace:
+        raise CliError(
+            "empty --namespace: give the namespace the application's Cache uses "
+            "(the prefix of its keys; default: coalesce)"
+        )
+    try:
+        Cache("memory://", namespace=namespace).close()
+    except ConfigurationError as exc:
+        raise CliError(f"invalid --namespace {namespace!r}: {one_line(str(exc))}") from None
+
+
 def open_target(args: argparse.Namespace, command: str) -> RedisTarget:
     url = resolve_url(args)
     check_scheme(url, command)
+    check_namespace(args.namespace)
     target = RedisTarget(url, args.namespace, args.timeout)
     target.ping()
     return target
@@ -257,9 +362,8 @@ def http_call(
     try:
         response = httpx.request(method, url, headers=headers, content=data, timeout=timeout)
     except httpx.HTTPError as exc:
-        raise CliError(
-            f"cannot reach the application at {url}: {one_line(str(exc)) or type(exc).__name__}"
-        ) from exc
+        detail = hide_credentials(one_line(str(exc)), url) or type(exc).__name__
+        raise CliError(f"cannot reach the application at {redact(url)}: {detail}") from exc
     return response.status_code, _decode_body(response.content)
 
 
@@ -275,9 +379,9 @@ def _urllib_call(
             return int(response.status), _decode_body(response.read())
     except urllib.error.HTTPError as exc:
         return int(exc.code), _decode_body(exc.read())
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach the application at {url}: {one_line(str(reason))}") from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # http.client.InvalidURL too
+        reason = hide_credentials(one_line(str(getattr(exc, "reason", exc))), url)
+        raise CliError(f"cannot reach the application at {redact(url)}: {reason}") from exc
 
 
 def _decode_body(raw: bytes) -> Any:
@@ -291,7 +395,7 @@ def app_url(args: argparse.Namespace, path: str) -> str:
     base: str = args.app
     parts = parse_url(base, "--app URL")
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise CliError(f"--app must be an http:// or https:// URL, not {base!r}")
+        raise CliError(f"--app must be an http:// or https:// URL, not {redact(base)!r}")
     return base.rstrip("/") + "/" + path.lstrip("/")
 
 
@@ -304,7 +408,8 @@ def app_token(args: argparse.Namespace) -> str:
 
 def app_failure(status: int, body: Any, url: str) -> CliError:
     detail = body.get("detail") if isinstance(body, dict) else body
-    detail = one_line(str(detail))[:200] if detail else ""
+    detail = hide_credentials(one_line(str(detail))[:200], url) if detail else ""
+    url = redact(url)
     suffix = f": {detail}" if detail else ""
     if status in (401, 403):
         return CliError(f"the application at {url} refused the token (HTTP {status}){suffix}")

@@ -331,8 +331,7 @@ def _parse_template(template: str, fn: Callable[..., Any]) -> list[tuple[str, st
             )
         if conversion not in (None, "r", "s", "a"):
             raise KeyTemplateError(
-                f"key template {template!r}: !{conversion} is not a conversion (use !r, !s "
-                "or !a)"
+                f"key template {template!r}: !{conversion} is not a conversion (use !r, !s or !a)"
             )
         if spec and ("{" in spec or "}" in spec):
             raise KeyTemplateError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -493,6 +494,152 @@ def test_memory_cache_points_to_app() -> None:
     assert_one_line_error(result, "memory://", "--app")
     result = run_cli("keys", "--url", "memory://")
     assert_one_line_error(result, "inside the application")
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        *(("keys", "--timeout", value) for value in ("-1", "nan", "inf", "1e300", "0", "3601")),
+        ("check", "--timeout", "nan"),
+        *(("keys", "--limit", value) for value in ("nan", "inf", "1e300", "99999999999999999999")),
+        ("stats", "--limit", "10000001"),
+        *(("keys", "--max-scans", value) for value in ("nan", "-3", "99999999999999999999")),
+        *(("get", "--max-chars", value) for value in ("inf", "0", "99999999999999999999")),
+    ],
+)
+def test_a_number_out_of_range_is_one_line_naming_its_option(
+    command: str, option: str, value: str
+) -> None:
+    """nan, inf, huge or non-positive: refused before anything is reached (the port is closed,
+    so a value let through shows up as "cannot connect" instead of naming the option)."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    args = ["k"] if command in ("get", "invalidate") else []
+    line = assert_one_line_error(run_cli(command, *args, option, value, "--url", url), option)
+    assert "unexpected" not in line and "cannot connect" not in line
+
+
+def test_a_timeout_is_refused_before_the_app_is_reached() -> None:
+    app = f"http://127.0.0.1:{free_port()}"
+    result = run_cli("invalidate", "k", "--app", app, "--token", TOKEN, "--timeout", "inf")
+    line = assert_one_line_error(result, "--timeout")
+    assert "cannot reach" not in line
+
+
+@pytest.mark.parametrize(
+    ("namespace", "needles"),
+    [
+        ("", ("empty --namespace",)),
+        ("a b", ("--namespace", "spaces")),
+        ("a:b", ("'a:b'", "may not contain")),
+    ],
+)
+def test_an_invalid_namespace_is_named_not_the_url(
+    redis_server: RedisServer, namespace: str, needles: tuple[str, ...]
+) -> None:
+    for command in ("keys", "get", "invalidate", "stats", "check", "demo"):
+        args = ["k"] if command in ("get", "invalidate") else []
+        result = run_cli(command, *args, "--url", redis_server.url, "--namespace", namespace)
+        line = assert_one_line_error(result, *needles)
+        assert "url" not in line.lower(), line
+
+
+def test_keys_refuses_an_unclosed_bracket_and_explains_glob_syntax(
+    redis_server: RedisServer, unique_namespace: str, cache: Cache
+) -> None:
+    """The namespace wraps keys in braces (ns:{user:1}): an unclosed `[` swallowed the closing
+    brace, and `coalesce keys 'user:['` listed the key `user:`."""
+
+    @cache.cached(ttl=60, key="user:{name}")
+    def load(name: str) -> str:
+        return name
+
+    load("")
+    load("[1]")
+    assert sorted(cache.keys()) == ["user:", "user:[1]"]
+    args = redis_args(redis_server, unique_namespace)
+
+    line = assert_one_line_error(run_cli("keys", "user:[", *args), "'['", "character class")
+    assert "\\[" in line  # how to write a literal bracket
+    assert_one_line_error(run_cli("keys", "[a-z", *args), "no ']' closes")
+    assert_one_line_error(run_cli("keys", "user:\\", *args), "lone backslash")
+
+    assert run_cli("keys", "user:\\[*", *args).stdout.split() == ["user:[1]"]
+    assert run_cli("keys", "user:[[]*", *args).stdout.split() == ["user:[1]"]
+    assert run_cli("keys", "user:*", *args).stdout.split() == ["user:", "user:[1]"]
+
+
+@pytest.mark.parametrize(
+    ("password", "code"),
+    [("Zm9v/YmFy+", "%2F"), ("ab#cd/ef", "%23"), ("qx?cd=ef", "%3F"), ("9876/xyz", "%2F")],
+)
+def test_a_password_with_unencoded_specials_is_named_and_never_quoted(
+    password: str, code: str
+) -> None:
+    """`/`, `?` or `#` end the host part for every URL parser: the password was taken as host
+    and port, and quoted ("Port could not be cast to integer value as 'Zm9v'"), or another
+    port was dialled ("9876/xyz": localhost:9876)."""
+    port = free_port()
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    fragments = [part for part in re.split(r"[/?#=+]", password) if len(part) >= 2]
+    runs = [
+        run_cli(command, *(["k"] if command in ("get", "invalidate") else []), "--url", url)
+        for command in ("keys", "get", "invalidate", "stats", "check", "demo")
+    ]
+    runs.append(run_cli("keys", env=clean_env(COALESCE_URL=url)))
+    for result in runs:
+        line = assert_one_line_error(result, "cannot be parsed", "percent-encoded", code)
+        rest = line.replace(f"127.0.0.1:{port}", "")
+        for fragment in fragments:
+            assert fragment not in rest, line
+
+
+def test_an_app_url_password_is_never_printed(app_server: tuple[Cache, str]) -> None:
+    _cache, url = app_server
+    secret = "app-s3cret-pw"
+    with_password = url.replace("http://", f"http://ops:{secret}@")
+    closed = f"http://ops:{secret}@127.0.0.1:{free_port()}"
+    results = [
+        run_cli("invalidate", "k", "--app", closed, "--token", TOKEN),  # cannot reach
+        run_cli("stats", "--app", closed),
+        run_cli("stats", "--app", closed.replace("http:", "ftp:")),  # not http(s)
+        run_cli("invalidate", "k", "--app", with_password, "--token", "wrong"),  # 401
+        run_cli(
+            "invalidate", "k", "--app", with_password, "--token", TOKEN, "--admin-prefix", "/no"
+        ),  # 404
+        run_cli("stats", "--app", with_password, "--metrics-path", "/nope"),  # no metrics
+    ]
+    without_httpx = (
+        "import sys; sys.modules['httpx'] = None\n"
+        "from coalesce.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    results.append(
+        subprocess.run(
+            [sys.executable, "-c", without_httpx, "invalidate", "k", "--app", closed],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(COALESCE_TOKEN=TOKEN),
+        )
+    )
+    for result in results:
+        line = assert_one_line_error(result)
+        assert secret not in line and "s3cret" not in line, line
+        assert "127.0.0.1" in line, line
+
+
+def test_redis_errors_never_quote_the_password() -> None:
+    """The message of a redis-py error is quoted, minus any password of the URL."""
+    import redis.exceptions as rex
+
+    from coalesce.cli_remote import describe_redis_error
+
+    url = "redis://ops:pa55word-x@127.0.0.1:1/0"
+    line = describe_redis_error(rex.ConnectionError("Error with ops:pa55word-x"), url)
+    assert "pa55word" not in line and "cannot connect" in line
+    encoded = "redis://:p%2Fss-word@127.0.0.1:1/0"
+    line = describe_redis_error(rex.AuthenticationError("bad p/ss-word"), encoded)
+    assert "ss-word" not in line and "authentication failed" in line
 
 
 def test_usage_errors_are_one_line_too() -> None:
