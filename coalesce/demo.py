@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import os
 import random
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -226,6 +227,15 @@ def _check_options(args: argparse.Namespace) -> None:
         raise CliError("--ttl must be in (0, 86400] and --time-limit in (0, 3600] seconds")
 
 
+def _check_writable(path: str) -> None:
+    """A `CliError` now, not after the whole load, if the chart could not be written there."""
+    from coalesce.cli_remote import CliError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise CliError(f"--plot {path!r}: the folder {folder!r} does not exist or is not writable")
+
+
 def _import_pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend, or a one-line error saying what to do."""
     from coalesce.cli_remote import CliError
@@ -258,6 +268,8 @@ def run_demo(args: argparse.Namespace) -> int:
     _check_options(args)
     _import_web_stack()
     pyplot = _import_pyplot() if args.plot else None
+    if args.plot:
+        _check_writable(args.plot)
     url = resolve_url(args)
     if not url.startswith("memory:"):
         Cache(url, namespace=args.namespace)  # an unknown scheme fails here, in one line

@@ -110,6 +110,12 @@ def test_demo_plot_writes_a_png(tmp_path: Path) -> None:
     assert f"chart written to {chart}" in result.stdout
 
 
+def test_demo_refuses_a_chart_it_could_not_write_before_any_load(tmp_path: Path) -> None:
+    result = run_cli("demo", *SMALL, "--plot", str(tmp_path / "missing" / "out.png"))
+    assert_one_line_error(result, "--plot", "does not exist")
+    assert result.stdout == ""  # refused before any load was sent
+
+
 def test_demo_rejects_bad_options_and_urls() -> None:
     assert_one_line_error(run_cli("demo", "--requests", "0"), "--requests")
     assert_one_line_error(run_cli("demo", "--concurrency", "-1"), "--concurrency")
