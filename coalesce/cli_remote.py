@@ -247,10 +247,7 @@ class RedisTarget:
                     socket_timeout=self.timeout,
                 )
             except (ValueError, TypeError) as exc:
-                raise CliError(
-                    f"invalid Redis URL {redact(self.url)!r}: "
-                    + hide_credentials(one_line(str(exc)), self.url)
-                ) from None
+                raise self.invalid_url(exc) from None
         return self._client
 
     @property
@@ -261,11 +258,13 @@ class RedisTarget:
             except ConfigurationError as exc:  # names its problem: the namespace, the URL...
                 raise CliError(hide_credentials(one_line(str(exc)), self.url)) from None
             except (ValueError, TypeError) as exc:
-                raise CliError(
-                    f"invalid Redis URL {redact(self.url)!r}: "
-                    + hide_credentials(one_line(str(exc)), self.url)
-                ) from None
+                raise self.invalid_url(exc) from None
         return self._cache
+
+    def invalid_url(self, exc: Exception) -> CliError:
+        """The URL could not be used: say why, without any part of its password."""
+        detail = hide_credentials(one_line(str(exc)), self.url)
+        return CliError(f"invalid Redis URL {redact(self.url)!r}: {detail}")
 
     def keys(self, pattern: str, limit: int, max_scans: int) -> tuple[list[str], bool]:
         """Up to `limit` keys (without namespace) matching the glob `pattern`, looking at

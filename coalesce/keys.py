@@ -149,7 +149,13 @@ def canonical(value: Any) -> str:
     """
     encode = _CANON_BY_TYPE.get(type(value))
     if encode is not None:
-        return encode(value)
+        try:
+            return encode(value)
+        except RecursionError:  # a container holding itself, or nested thousands deep
+            raise KeyBuildError(
+                f"cannot build a cache key from a {type(value).__qualname__} nested too deep "
+                "(or holding itself); give the decorator a key template"
+            ) from None
     if isinstance(value, enum.Enum):
         return f"e{_canon_type_name(value)}.{_quote(value.name)}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -777,3 +777,22 @@ def test_partials_and_callable_objects_need_a_template() -> None:
     assert plus_one(2) == plus_one(2) == 3 and plus_one.stats()["hits"] == 1
     double = cache.cached(ttl=5, key="double:{x}")(Doubler())
     assert double(4) == 8
+
+
+def test_self_referencing_or_very_deep_arguments_are_key_build_errors() -> None:
+    def load(items: Any) -> int:
+        return 1
+
+    make = key_function(load, None)
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(KeyBuildError, match="nested too deep"):
+        make(loop)
+    deep: list[Any] = []
+    tip = deep
+    for _ in range(5000):
+        tip.append([])
+        tip = tip[0]
+    with pytest.raises(KeyBuildError, match="nested too deep"):
+        make(deep)
+    assert make([1, [2, [3]]]) == make([1, [2, [3]]])
