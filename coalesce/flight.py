@@ -148,8 +148,10 @@ class _AsyncFlight:
 
     Callers never await the task itself: its outcome is copied, when it ends, into `result`
     (for callers on the task's loop) and `outcome` (for callers on other loops), with a
-    cancelled computation turned into `_Cancelled`. So a `CancelledError` a caller receives
-    is always its own, and telling the two apart needs no `Task.cancelling()` (3.11+).
+    cancelled computation (or one interrupted by `KeyboardInterrupt` / `SystemExit`, which
+    escape the event loop itself) turned into `_Cancelled`: its callers start over. So a
+    `CancelledError` a caller receives is always its own, and telling the two apart needs no
+    `Task.cancelling()` (3.11+).
     """
 
     __slots__ = ("fence", "loop", "outcome", "result", "task", "waiters")
@@ -170,6 +172,8 @@ class _AsyncFlight:
     def settle(self, task: asyncio.Task[Any]) -> None:
         """Copy the ended task's outcome for the callers (the task's done-callback)."""
         error = _Cancelled() if task.cancelled() else task.exception()
+        if error is not None and not isinstance(error, Exception):
+            error = _Cancelled()  # KeyboardInterrupt, SystemExit: abandoned, not a failure
         if error is None:
             self.result.set_result(task.result())
             self.outcome.set_result(task.result())

@@ -810,6 +810,40 @@ def test_base_exception_in_async_computation_does_not_hang_the_loop(
     assert asyncio.run(asyncio.wait_for(f(), BOUND)) == "ok"
 
 
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_waiters_of_an_interrupted_async_computation_start_over(
+    cache: Cache, exc_type: type[BaseException]
+) -> None:
+    """The interrupt escapes the event loop (asyncio lets it); the callers, which did not
+    raise it, start over and get a value instead of inheriting it."""
+    calls = 0
+
+    @cache.cached(ttl=60)
+    async def f() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.02)
+        if calls == 1:
+            raise exc_type()
+        return "ok"
+
+    loop = asyncio.new_event_loop()
+    try:
+        tasks = [loop.create_task(f()) for _ in range(10)]
+        escaped = 0
+        for _ in range(5):
+            try:
+                loop.run_until_complete(asyncio.wait(tasks, timeout=BOUND))
+                break
+            except exc_type:
+                escaped += 1  # the loop's runner sees it; the loop goes on afterwards
+        assert escaped == 1
+        assert [t.result() for t in tasks] == ["ok"] * 10
+        assert calls == 2
+    finally:
+        loop.close()
+
+
 # ---------------------------------------------------------------------------------------
 # 5. different keys, the event loop, several threads and loops
 
