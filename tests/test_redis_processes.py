@@ -44,7 +44,12 @@ from coalesce.errors import LeaderFailedError
 
 url, ns, mode, workdir, procs, callers, barrier = sys.argv[1:8]
 procs, callers, barrier = int(procs), int(callers), float(barrier)
-cache = Cache(url, namespace=ns, lease_ttl=float(os.environ.get("LEASE_TTL", "2")))
+cache = Cache(
+    url,
+    namespace=ns,
+    lease_ttl=float(os.environ.get("LEASE_TTL", "2")),
+    wait_check=float(os.environ.get("WAIT_CHECK", "1")),
+)
 
 def path(name):
     return os.path.join(workdir, name)
@@ -221,7 +226,8 @@ def _only_namespace(url: str, ns: str) -> None:
 def test_four_processes_times_25_callers_compute_once(
     redis_url: str, unique_namespace: str, tmp_path: Path, mode: str, spawn: Any
 ) -> None:
-    procs = spawn(redis_url, unique_namespace, mode)
+    # waiters re-check Redis only every 30 s: answering within the lease proves the push
+    procs = spawn(redis_url, unique_namespace, mode, env={"WAIT_CHECK": "30"})
     _start_together(tmp_path, procs)
     outputs = [_collect(p) for p in procs]
     results = [r for out in outputs for r in out["results"]]
@@ -235,6 +241,8 @@ def test_four_processes_times_25_callers_compute_once(
     assert sum(out["stats"]["waits"] for out in outputs) == 3  # the other processes waited
     if mode == "large":  # never pushed: every waiting process read it from Redis
         assert sum(out["stats"]["pushed"] for out in outputs) == 0
+    else:  # the wake-up carried the entry to every waiting process
+        assert sum(out["stats"]["pushed"] for out in outputs) == 3
     # woken by the leader's store, not by a lease running out: every caller had its answer
     # before the 2 s lease could have expired twice (a generous bound for a loaded machine)
     assert max(r[2] for r in results) - _finished(tmp_path) < 2 * LEASE_TTL
@@ -275,7 +283,7 @@ def test_sigkill_of_the_leader_hands_over_to_exactly_one_waiter(
 def test_leader_raising_fails_waiters_in_other_processes_promptly(
     redis_url: str, unique_namespace: str, tmp_path: Path, spawn: Any
 ) -> None:
-    procs = spawn(redis_url, unique_namespace, "raise")
+    procs = spawn(redis_url, unique_namespace, "raise", env={"WAIT_CHECK": "30"})
     _start_together(tmp_path, procs)
     outputs = [_collect(p) for p in procs]
     assert len(_executions(tmp_path)) == 1  # nobody retried after the leader failed

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import redis
-from redis_servers import RedisServer
+from redis_servers import RedisServer, free_port
 
 from coalesce.cache import Cache
 from coalesce.entry import Entry
@@ -274,12 +274,20 @@ async def test_cancelled_first_reader_does_not_break_the_others(
     assert first.cancelled() or (first.result() is not None)
 
 
-def test_threads_share_one_get(caches: Callable[..., Cache], unique_namespace: str) -> None:
-    store = caches().store
+def test_threads_share_one_get(fresh_redis: RedisServer, unique_namespace: str) -> None:
+    """Threads reading one key at the same moment send one GET and each get its own copy.
+
+    `CLIENT PAUSE` holds the first GET in Redis while the other threads arrive, so they
+    overlap for sure; `INFO commandstats` counts the GETs that reached Redis.
+    """
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    store = cache.store
     assert isinstance(store, RedisStore)
     key = unique_namespace + ":t"
     store.set(key, Entry({"a": 1}, ttl=30))
-    barrier = threading.Barrier(8)
+    admin = fresh_redis.client()
+    admin.config_resetstat()
+    barrier = threading.Barrier(9)
     out: list[Any] = []
 
     def read() -> None:
@@ -290,10 +298,15 @@ def test_threads_share_one_get(caches: Callable[..., Cache], unique_namespace: s
     threads = [threading.Thread(target=read) for _ in range(8)]
     for t in threads:
         t.start()
+    admin.execute_command("CLIENT", "PAUSE", 300, "ALL")
+    barrier.wait()
     for t in threads:
-        t.join(5)
+        t.join(10)
     assert out == [{"a": 1}] * 8
     assert len({id(v) for v in out}) == 8
+    assert admin.info("commandstats")["cmdstat_get"]["calls"] == 1
+    admin.close()
+    cache.close()
 
 
 # -- corrupt and foreign values -------------------------------------------------------------
@@ -1479,3 +1492,23 @@ def test_foreign_types_under_our_keys_are_misses_even_failing_closed(
     raw.set(f"{unique_namespace}:tag:{{team:2}}", "a string")
     assert cache.invalidate_tag("team:2") == 0  # not an error, ever again
     assert raw.exists(f"{unique_namespace}:tag:{{team:2}}") == 0
+
+
+@pytest.mark.parametrize("mode", ["compute", "raise"])
+async def test_invalidation_with_redis_down_raises_whatever_the_mode(
+    unique_namespace: str, mode: str
+) -> None:
+    """A delete that did not happen must not look like one: invalidations raise
+    `BackendError` even when calls fail open (they compute directly)."""
+    cache = Cache(
+        f"redis://127.0.0.1:{free_port()}/0", namespace=unique_namespace, on_backend_error=mode
+    )
+    with pytest.raises(BackendError):
+        cache.invalidate("k")
+    with pytest.raises(BackendError):
+        cache.invalidate_tag("t")
+    with pytest.raises(BackendError):
+        await cache.ainvalidate("k")
+    with pytest.raises(BackendError):
+        await cache.ainvalidate_tag("t")
+    await cache.aclose()
