@@ -736,14 +736,17 @@ async def test_async_leader_cancelled_hands_over(caches: Callable[..., Cache]) -
 
 
 def test_lease_is_renewed_while_computing(caches: Callable[..., Cache], raw: redis.Redis) -> None:
-    a, b = caches(lease_ttl=0.3), caches(lease_ttl=0.3)
+    """A computation outliving its lease several times keeps it (renewed every third of
+    it): the lease never lapses, and a caller elsewhere waits instead of taking over."""
+    a, b = caches(lease_ttl=1.0), caches(lease_ttl=1.0)
     calls: list[str] = []
+    started_event, release = threading.Event(), threading.Event()
 
     @a.cached(ttl=30, key="long")
     def fa() -> str:
         calls.append("a")
         started_event.set()
-        time.sleep(1.0)  # three lease lifetimes
+        assert release.wait(20)
         return "a"
 
     @b.cached(ttl=30, key="long")
@@ -751,14 +754,23 @@ def test_lease_is_renewed_while_computing(caches: Callable[..., Cache], raw: red
         calls.append("b")
         return "b"
 
-    started_event = threading.Event()
     t = threading.Thread(target=fa)
     t.start()
-    assert started_event.wait(5)
-    assert fb() == "a"  # no takeover: the lease never ran out
-    t.join(5)
-    assert calls == ["a"]
-    assert raw.exists(f"{a.namespace}:{{long}}:lease") == 0  # released
+    assert started_event.wait(10)
+    lease = f"{a.namespace}:{{long}}:lease"
+    began = time.monotonic()
+    while time.monotonic() - began < 2.5:  # two and a half lease lifetimes
+        assert raw.pttl(lease) > 0, "the lease lapsed while its computation ran"
+        time.sleep(0.05)
+    waiter: list[str] = []
+    w = threading.Thread(target=lambda: waiter.append(fb()))
+    w.start()
+    _wait_until(lambda: b.store.stats()["waits"] >= 1)  # type: ignore[attr-defined]
+    release.set()
+    t.join(10)
+    w.join(10)
+    assert waiter == ["a"] and calls == ["a"]  # no takeover: the lease never ran out
+    assert raw.exists(lease) == 0  # released
 
 
 # -- invalidation ---------------------------------------------------------------------------
@@ -935,7 +947,7 @@ def test_strict_get_entry_tells_unreadable_from_missing(
 # -- near cache ------------------------------------------------------------------------------
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> float:
+def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
     started = time.monotonic()
     while not predicate():
         assert time.monotonic() - started < timeout, "condition not reached in time"
@@ -1010,8 +1022,8 @@ def test_near_cache_flushed_when_the_listener_connection_drops(
     assert store._near is not None and len(store._near) == 1
     client = fresh_redis.client()
     client.client_kill_filter(_type="pubsub")
-    _wait_until(lambda: len(store._near or ()) == 0, timeout=1.0)
-    _wait_until(lambda: store.stats()["listener"]["subscribed"], timeout=2.0)  # resubscribed
+    _wait_until(lambda: len(store._near or ()) == 0)
+    _wait_until(lambda: store.stats()["listener"]["subscribed"])  # resubscribed
     assert store.stats()["listener"]["resets"] >= 1
     client.close()
     cache.close()
