@@ -386,7 +386,7 @@ async def test_async_exceptions_are_not_cached(cache: Cache) -> None:
 def test_cache_errors_caches_the_exception_then_expires(cache: Cache) -> None:
     calls = []
 
-    @cache.cached(ttl=60, cache_errors=0.3)
+    @cache.cached(ttl=60, cache_errors=1.0)
     def f(x: int) -> int:
         calls.append(x)
         raise AppError(f"bad {x}")
@@ -398,7 +398,7 @@ def test_cache_errors_caches_the_exception_then_expires(cache: Cache) -> None:
     with pytest.raises(AppError, match="bad 1"):
         f(1)
     assert calls == [1]
-    time.sleep(0.35)
+    time.sleep(1.05)
     with pytest.raises(AppError, match="bad 1"):
         f(1)
     assert calls == [1, 1]
@@ -441,7 +441,7 @@ def test_cache_errors_rebuild_the_exception_from_its_own_argument(cache: Cache) 
 async def test_async_cache_errors(cache: Cache) -> None:
     calls = []
 
-    @cache.cached(ttl=60, cache_errors=0.3)
+    @cache.cached(ttl=60, cache_errors=1.0)
     async def f() -> int:
         calls.append(1)
         raise AppError("down")
@@ -451,7 +451,7 @@ async def test_async_cache_errors(cache: Cache) -> None:
     with pytest.raises(AppError, match="down"):
         await f()
     assert len(calls) == 1
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(1.05)
     with pytest.raises(AppError):
         await f()
     assert len(calls) == 2
@@ -494,14 +494,14 @@ def test_cache_errors_entry_removed_by_invalidate(cache: Cache) -> None:
 def test_ttl_expiry_recomputes(cache: Cache) -> None:
     calls = []
 
-    @cache.cached(ttl=0.2)
+    @cache.cached(ttl=1.0)
     def f() -> int:
         calls.append(1)
         return len(calls)
 
     assert f() == 1
     assert f() == 1
-    time.sleep(0.25)
+    time.sleep(1.05)
     assert f() == 2
     assert f() == 2
     assert len(calls) == 2
@@ -510,14 +510,14 @@ def test_ttl_expiry_recomputes(cache: Cache) -> None:
 async def test_async_ttl_expiry_recomputes(cache: Cache) -> None:
     calls = []
 
-    @cache.cached(ttl=0.2)
+    @cache.cached(ttl=1.0)
     async def f() -> int:
         calls.append(1)
         return len(calls)
 
     assert await f() == 1
     assert await f() == 1
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(1.05)
     assert await f() == 2
     assert len(calls) == 2
 

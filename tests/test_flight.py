@@ -189,7 +189,7 @@ def test_coalesced_decorator_threads_share_and_store_nothing(cache: Cache) -> No
         nonlocal calls
         with lock:
             calls += 1
-        time.sleep(0.2)
+        time.sleep(1.0)  # long enough for all 30 threads to arrive, even on a loaded machine
         return {"n": calls}
 
     threads, outcomes = start_threads(30, fetch)
@@ -477,7 +477,7 @@ async def test_wait_for_timeout_of_the_leader_while_others_wait(cache: Cache) ->
         await release.wait()
         return "ok"
 
-    leader = asyncio.create_task(asyncio.wait_for(f(), 0.1))
+    leader = asyncio.create_task(asyncio.wait_for(f(), 1.0))  # followers join well before
     await asyncio.wait_for(started.wait(), BOUND)
     followers = [asyncio.create_task(f()) for _ in range(5)]
     with pytest.raises(asyncio.TimeoutError):

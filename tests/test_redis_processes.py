@@ -323,7 +323,9 @@ cache = Cache(url, namespace=ns)
 def load():
     version = Path(workdir, "version").read_text()
     Path(workdir, "started").write_text("1")
-    time.sleep(0.8)  # the test invalidates meanwhile
+    deadline = time.time() + 30
+    while not Path(workdir, "invalidated").exists() and time.time() < deadline:
+        time.sleep(0.005)  # until the test has invalidated the key
     return version
 
 print(json.dumps({"value": load(), "stats": cache.store.stats()}))
@@ -356,6 +358,7 @@ def test_invalidate_from_another_process_while_computing_fences_the_stale_result
     try:
         (tmp_path / "version").write_text("v2")
         cache.invalidate("doc")
+        (tmp_path / "invalidated").write_text("1")
         out = _collect(proc)
         assert out["value"] == "v1"  # its own caller gets what it computed ...
         assert out["stats"]["fenced"] == 1  # ... but it was not stored
