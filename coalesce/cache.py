@@ -139,7 +139,9 @@ class Cache:
         self._last_logged = 0.0
         self.backend_errors = 0
         self.local = not self.store.shared  # reads cannot fail nor block: no wrapper needed
-        self._tags_in_flight: dict[str, set[str]] = {}  # full tag -> full keys computing
+        # full tag -> full key -> how many computations of it carry the tag right now (two
+        # may overlap: one fenced by a key invalidation, and its successor)
+        self._tags_in_flight: dict[str, dict[str, int]] = {}
         if self.store.shared:
             self.store.on_invalidated = self._fence
             self.store.on_invalidated_tag = self._fence_tag
@@ -319,15 +321,18 @@ class Cache:
             return
         with self._lock:
             for tag in tags:
-                self._tags_in_flight.setdefault(tag, set()).add(key)
+                counts = self._tags_in_flight.setdefault(tag, {})
+                counts[key] = counts.get(key, 0) + 1
         try:
             yield
         finally:
             with self._lock:
                 for tag in tags:
                     keys = self._tags_in_flight.get(tag)
-                    if keys is not None:
-                        keys.discard(key)
+                    if keys is not None and key in keys:
+                        keys[key] -= 1
+                        if not keys[key]:
+                            del keys[key]
                         if not keys:
                             del self._tags_in_flight[tag]
 

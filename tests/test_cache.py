@@ -779,3 +779,41 @@ def test_a_failing_store_is_logged_once_per_interval_and_counted(
     assert cache.backend_errors >= 5
     assert f.stats()["backend_errors"] >= 5
     cache.close()
+
+
+def test_a_tag_invalidation_fences_a_computation_overlapping_a_fenced_one() -> None:
+    """Computation A of a key is fenced by a key invalidation; B starts; A ends. A later tag
+    invalidation must still fence B (A's end must not unmark B as carrying the tag)."""
+    cache = Cache()
+    db = {"v": 0}
+    gates: list[threading.Event] = []
+
+    @cache.cached(ttl=60, key="item:{i}", tags=["grp"])
+    def load(i: int) -> int:
+        v = db["v"]
+        if len(gates) < 2:  # the first two computations wait for the test
+            gate = threading.Event()
+            gates.append(gate)
+            assert gate.wait(10)
+        return v
+
+    def wait_for_gates(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(gates) < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    a = threading.Thread(target=load, args=(1,))
+    a.start()
+    wait_for_gates(1)
+    cache.invalidate("item:1")  # fences A
+    b = threading.Thread(target=load, args=(1,))
+    b.start()
+    wait_for_gates(2)  # B has read v=0
+    gates[0].set()
+    a.join(10)
+    db["v"] = 1
+    cache.invalidate_tag("grp")  # must fence B
+    gates[1].set()
+    b.join(10)
+    assert load(1) == 1
