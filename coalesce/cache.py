@@ -346,14 +346,18 @@ class Cache:
     def invalidate(self, key: str) -> bool:
         """Delete `key` (without namespace); return whether an entry existed.
 
-        Computations of the key in flight are fenced first, so none of them can store its
-        result afterwards: the next caller computes afresh.
+        Computations of the key in flight are fenced before the deletion and again after it
+        (one begun in between may have read the old entry), so none of them can store its
+        result or be joined afterwards: the next caller computes afresh.
         """
         full = self._full(key)
         if not self.enabled:
             return False  # the rollback switch: nothing is read or written
         self._fence(full)
-        return self.store.delete(full)
+        try:
+            return self.store.delete(full)
+        finally:
+            self._fence(full)  # a flight begun meanwhile may have read the old entry
 
     async def ainvalidate(self, key: str) -> bool:
         """`invalidate` for async code."""
@@ -361,7 +365,10 @@ class Cache:
         if not self.enabled:
             return False
         self._fence(full)
-        return await self.store.adelete(full)
+        try:
+            return await self.store.adelete(full)
+        finally:
+            self._fence(full)
 
     def invalidate_tag(self, tag: str) -> int:
         """Delete every entry carrying `tag`; return how many there were.
@@ -373,7 +380,10 @@ class Cache:
         if not self.enabled:
             return 0
         self._fence_tag(full)
-        return self.store.delete_tag(full)
+        try:
+            return self.store.delete_tag(full)
+        finally:
+            self._fence_tag(full)
 
     async def ainvalidate_tag(self, tag: str) -> int:
         """`invalidate_tag` for async code."""
@@ -381,7 +391,10 @@ class Cache:
         if not self.enabled:
             return 0
         self._fence_tag(full)
-        return await self.store.adelete_tag(full)
+        try:
+            return await self.store.adelete_tag(full)
+        finally:
+            self._fence_tag(full)
 
     def get_entry(self, key: str, *, strict: bool = False) -> Entry | None:
         """The entry stored under `key` (without namespace), fresh or stale, for inspection:

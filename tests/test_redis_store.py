@@ -1524,3 +1524,41 @@ async def test_invalidation_with_redis_down_raises_whatever_the_mode(
     with pytest.raises(BackendError):
         await cache.ainvalidate_tag("t")
     await cache.aclose()
+
+
+def test_a_read_begun_before_a_deletion_is_not_joined_after_it(
+    caches: Callable[..., Cache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Threads share one GET of a key; a thread that starts reading after `invalidate`
+    returned must not join a GET that was answered before the deletion."""
+    cache = caches()
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    key = cache.prefix + "k"
+    store.set(key, Entry("old", ttl=30))
+    conn = store._conn
+    answered, release = threading.Event(), threading.Event()
+    original = conn._get
+
+    def slow_get(redis_key: str) -> Any:
+        data = original(redis_key)  # the old entry, read before the deletion
+        if not answered.is_set():
+            answered.set()
+            assert release.wait(10)
+        return data
+
+    monkeypatch.setattr(conn, "_get", slow_get)
+    early: list[Any] = []
+    reader = threading.Thread(target=lambda: early.append(store.get(key)))
+    reader.start()
+    assert answered.wait(10)
+    assert cache.invalidate("k")
+    late: list[Any] = []
+    after = threading.Thread(target=lambda: late.append(store.get(key)))
+    after.start()
+    time.sleep(0.3)  # time to join the pending read, if it (wrongly) would
+    release.set()
+    after.join(10)
+    reader.join(10)
+    assert late == [None]  # its own GET, after the deletion
+    assert early and early[0] is not None and early[0].value == "old"  # began before: fine

@@ -256,6 +256,7 @@ class RedisStore(LeaseMixin, Store):
     # -- the near cache's hooks (listener thread) ------------------------------------------------
 
     def _invalidated(self, message: bytes) -> None:
+        self._conn.epoch += 1  # a read begun before a remote deletion is not to be joined
         if self._near is not None:
             self._near.on_invalidate(message)
         text = message.decode("utf-8", "surrogateescape")
@@ -317,6 +318,9 @@ class RedisStore(LeaseMixin, Store):
             self._near.after_fork()
 
     def _forget(self, key: str | None = None, tag: str | None = None) -> None:
+        """Drop local copies after (and before) a deletion: the near cache's, and any read
+        begun before it, which a later reader must not join (`RedisConnection.get`)."""
+        self._conn.epoch += 1
         if self._near is not None:
             self._near.forget(key, tag)
 

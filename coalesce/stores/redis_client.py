@@ -17,8 +17,9 @@ Concurrency contract:
 * `_sync_client` and `_loops` are created lazily under `_lock`; `_last_loop` caches the last
   loop's state for the hot path (a stale cache only costs one lookup under the lock).
 * `_reads` (pending sync reads): a reader inserts its `_Read` with `dict.setdefault`
-  (atomic in CPython); only that reader, the read's leader, removes it, after writing
-  `data`/`error` and before releasing `_Read.lock`, which the followers wait on.
+  (atomic in CPython), or replaces one begun before the last deletion (`epoch`); only the
+  read's leader removes it, if still there, after writing `data`/`error` and before
+  releasing `_Read.lock`, which the followers wait on.
 * `LoopState.reads` is only touched on its own loop's thread. The leader of an async read
   resolves its future with the bytes, its error, or `_Retry` when it was cancelled, so that
   the followers (awaiting it through `asyncio.shield`) read again instead of failing.
@@ -65,9 +66,10 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 class _Read:
     """One `GET` in flight, shared by the threads that want the same key (see the contract)."""
 
-    __slots__ = ("data", "error", "lock")
+    __slots__ = ("data", "epoch", "error", "lock")
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch  # `RedisConnection.epoch` when the read began
         self.lock = threading.Lock()
         self.lock.acquire()  # released by the read's leader once data/error are written
         self.data: Any = None
@@ -87,7 +89,7 @@ class LoopState:
         self.loop = loop
         self.client = client
         self.owned = owned  # created by us, so closed by us
-        self.reads: dict[str, asyncio.Future[Any]] = {}
+        self.reads: dict[str, tuple[asyncio.Future[Any], int]] = {}  # key -> (read, epoch)
 
 
 class RedisConnection:
@@ -133,6 +135,10 @@ class RedisConnection:
         self._loops: dict[asyncio.AbstractEventLoop, LoopState] = {}
         self._last_loop: LoopState | None = None
         self._reads: dict[str, _Read] = {}
+        #: Bumped by the store after every deletion (its own, or one broadcast by another
+        #: process): a read begun under an older epoch may return the deleted entry, so it is
+        #: not joined by readers that began after the deletion.
+        self.epoch = 0
         self._closed = False
 
     def after_fork(self) -> None:
@@ -336,8 +342,10 @@ class RedisConnection:
 
     def get(self, redis_key: str) -> Any:
         """`GET redis_key`, one command for all the threads asking at the same moment."""
-        mine = _Read()
+        mine = _Read(self.epoch)
         read = self._reads.setdefault(redis_key, mine)
+        if read is not mine and read.epoch != mine.epoch:
+            read = self._reads[redis_key] = mine  # begun before a deletion: not to be joined
         if read is mine:
             try:
                 mine.data = self.call(self._get, redis_key)
@@ -345,7 +353,8 @@ class RedisConnection:
                 mine.error = exc
                 raise
             finally:
-                del self._reads[redis_key]
+                if self._reads.get(redis_key) is mine:
+                    del self._reads[redis_key]
                 mine.lock.release()
             return mine.data
         if not read.lock.acquire(timeout=self.socket_timeout * 4 + 1.0):
@@ -374,16 +383,16 @@ class RedisConnection:
         state = self.loop_state()
         while True:
             pending = state.reads.get(redis_key)
-            if pending is None:
+            if pending is None or pending[1] != self.epoch:  # none, or begun before a deletion
                 return await self._aread(state, redis_key)
             try:
-                return await asyncio.shield(pending)  # a cancelled follower leaves it intact
+                return await asyncio.shield(pending[0])  # a cancelled follower leaves it intact
             except _Retry:
                 continue  # the leader was cancelled: read again (maybe as the leader)
 
     async def _aread(self, state: LoopState, redis_key: str) -> Any:
         future: asyncio.Future[Any] = state.loop.create_future()
-        state.reads[redis_key] = future
+        entry = state.reads[redis_key] = (future, self.epoch)
         try:
             data = await self.acall(self._aget, state.client, redis_key)
         except BaseException as exc:
@@ -393,7 +402,7 @@ class RedisConnection:
         else:
             future.set_result(data)
         finally:
-            if state.reads.get(redis_key) is future:
+            if state.reads.get(redis_key) is entry:
                 del state.reads[redis_key]
         return data
 
