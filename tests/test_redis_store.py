@@ -1562,3 +1562,38 @@ def test_a_read_begun_before_a_deletion_is_not_joined_after_it(
     reader.join(10)
     assert late == [None]  # its own GET, after the deletion
     assert early and early[0] is not None and early[0].value == "old"  # began before: fine
+
+
+def test_an_invalidation_cannot_land_between_the_near_caches_check_and_write(
+    caches: Callable[..., Cache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = caches(local_maxsize=10)
+
+    @cache.cached(ttl=30, key="warm")
+    def warm() -> int:
+        return 1
+
+    warm()
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    _wait_until(lambda: store.stats()["listener"]["subscribed"])
+    near = store._near
+    assert near is not None
+    key = cache.prefix + "k"
+    writing = threading.Event()
+    original = near.memory.set
+
+    def slow_set(k: str, entry: Entry, **kwargs: Any) -> bool:
+        writing.set()
+        time.sleep(0.2)  # an invalidation arriving now must wait for this write
+        return original(k, entry, **kwargs)
+
+    monkeypatch.setattr(near.memory, "set", slow_set)
+    writer = threading.Thread(
+        target=near.remember, args=(key, Entry("old", ttl=30), store._listener.generation)
+    )
+    writer.start()
+    assert writing.wait(10)
+    near.on_invalidate(b"k:" + key.encode())  # from the listener thread, in real life
+    writer.join(10)
+    assert near.get(key) is None  # the drop came after the write, not before it

@@ -16,11 +16,14 @@
 Values are kept frozen (see `coalesce.values`), so every caller still gets a private copy.
 
 Concurrency contract: `MemoryStore` has its own lock for writes and lock-free reads;
-`generation` belongs to the listener (see `redis_listener`).
+`generation` belongs to the listener (see `redis_listener`). `_lock` makes `remember`'s
+generation check and write one step against every drop: else an invalidation (bump, then
+delete) could land between the check and the write, and the old entry stay for `ttl`.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 from coalesce.entry import Entry
@@ -42,6 +45,8 @@ class NearCache:
         self.listener = listener
         self.serializer = serializer
         self.hits = 0
+        self._lock = threading.Lock()  # the generation check and write of `remember`, the
+        # drops of `forget` / `on_invalidate` / `clear`: one cannot land between the others
 
     def __len__(self) -> int:
         return len(self.memory)
@@ -75,31 +80,36 @@ class NearCache:
             entry.tags,
             entry.error,
         )
-        if self.listener.generation == generation:
-            self.memory.set(key, copy)
+        with self._lock:
+            if self.listener.generation == generation:
+                self.memory.set(key, copy)
 
     def forget(self, key: str | None = None, tag: str | None = None) -> None:
         """Drop local copies of a key or a tag (this process invalidates them)."""
         self.listener.bump()
-        if key is not None:
-            self.memory.delete(key)
-        if tag is not None:
-            self.memory.delete_tag(tag)
+        with self._lock:
+            if key is not None:
+                self.memory.delete(key)
+            if tag is not None:
+                self.memory.delete_tag(tag)
 
     def on_invalidate(self, message: bytes) -> None:
         """An invalidation from any process, on the listener thread: "k:<key>" / "t:<tag>"."""
         text = message.decode("utf-8", "surrogateescape")
-        if text.startswith("k:"):
-            self.memory.delete(text[2:])
-        elif text.startswith("t:"):
-            self.memory.delete_tag(text[2:])
-        else:
-            self.memory.clear()
+        with self._lock:
+            if text.startswith("k:"):
+                self.memory.delete(text[2:])
+            elif text.startswith("t:"):
+                self.memory.delete_tag(text[2:])
+            else:
+                self.memory.clear()
 
     def clear(self) -> None:
-        self.memory.clear()
+        with self._lock:
+            self.memory.clear()
 
     def after_fork(self) -> None:
         """In a forked child: drop every copy (invalidations sent while no listener runs here
         are lost) without touching the old store's lock, which another thread may have held."""
         self.memory = MemoryStore(maxsize=self.maxsize)
+        self._lock = threading.Lock()
