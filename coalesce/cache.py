@@ -145,6 +145,7 @@ class Cache:
         if self.store.shared:
             self.store.on_invalidated = self._fence
             self.store.on_invalidated_tag = self._fence_tag
+            self.store.on_missed_invalidations = self._fence_all
         if self.local:
             self.read = self.store.get  # type: ignore[method-assign]
 
@@ -335,6 +336,11 @@ class Cache:
                             del keys[key]
                         if not keys:
                             del self._tags_in_flight[tag]
+
+    def _fence_all(self) -> None:
+        """Fence every computation in flight: invalidations may have been missed."""
+        self.flights.invalidate_all()
+        self.aflights.invalidate_all()
 
     def _fence_tag(self, full_tag: str) -> None:
         """Fence this process's computations in flight that carry `full_tag`."""

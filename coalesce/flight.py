@@ -134,6 +134,13 @@ class ThreadFlights(Generic[T]):
         if flight is not None:
             flight.fence.valid = False
 
+    def invalidate_all(self) -> None:
+        """Fence every computation in flight (invalidations may have been missed)."""
+        with self._lock:
+            flights, self._flights = list(self._flights.values()), {}
+        for flight in flights:
+            flight.fence.valid = False
+
     def running(self, key: str) -> bool:
         """Whether a computation of `key` is in flight."""
         return key in self._flights
@@ -284,6 +291,13 @@ class AsyncFlights:
         with self._lock:
             flight = self._flights.pop(key, None)
         if flight is not None:
+            flight.fence.valid = False
+
+    def invalidate_all(self) -> None:
+        """Fence every computation in flight (invalidations may have been missed)."""
+        with self._lock:
+            flights, self._flights = list(self._flights.values()), {}
+        for flight in flights:
             flight.fence.valid = False
 
     def running(self, key: str) -> bool:

@@ -1597,3 +1597,47 @@ def test_an_invalidation_cannot_land_between_the_near_caches_check_and_write(
     near.on_invalidate(b"k:" + key.encode())  # from the listener thread, in real life
     writer.join(10)
     assert near.get(key) is None  # the drop came after the write, not before it
+
+
+def test_a_dropped_subscription_fences_the_computations_in_flight(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """Invalidations broadcast while the pub/sub connection is down are lost, so when it
+    drops (and again when it is back) every computation in flight is fenced: a caller
+    arriving afterwards starts afresh instead of joining one that may be stale."""
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    started, release = threading.Event(), threading.Event()
+    versions = iter(range(1, 100))
+
+    @cache.cached(ttl=30, key="v")
+    def version() -> int:
+        value = next(versions)
+        started.set()
+        assert release.wait(20)
+        return value
+
+    first: list[int] = []
+    leader = threading.Thread(target=lambda: first.append(version()))
+    leader.start()
+    assert started.wait(10)
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    _wait_until(lambda: store.stats()["listener"]["subscribed"])
+    assert cache.flights.running(cache.prefix + "v")
+    admin = fresh_redis.client()
+    admin.client_kill_filter(_type="pubsub")
+    _wait_until(lambda: store.stats()["listener"]["resets"] >= 1)
+    _wait_until(lambda: not cache.flights.running(cache.prefix + "v"))  # fenced
+    # an invalidation whose broadcast was lost: the entry's lease deleted behind our back
+    admin.delete(f"{unique_namespace}:{{v}}:lease")
+    started.clear()
+    later: list[int] = []
+    follower = threading.Thread(target=lambda: later.append(version()))
+    follower.start()
+    assert started.wait(10)  # a new computation, not the fenced one
+    release.set()
+    leader.join(10)
+    follower.join(10)
+    assert first == [1] and later == [2]
+    admin.close()
+    cache.close()

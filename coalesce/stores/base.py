@@ -57,6 +57,10 @@ class Store(ABC):
     #: The same for every tag invalidation (the full tag name).
     on_invalidated_tag: Callable[[str], None] | None = None
 
+    #: Called when invalidations broadcast by other processes may have been missed (a shared
+    #: store's subscription dropped or came back): the cache fences all its computations.
+    on_missed_invalidations: Callable[[], None] | None = None
+
     @abstractmethod
     def get(self, key: str) -> Entry | None:
         """The entry under `key`, or None.

@@ -209,6 +209,9 @@ class RedisStore(LeaseMixin, Store):
         #: Called the same way with the full tag name of every tag invalidation (echoes of
         #: this store's own `delete_tag` skipped likewise).
         self.on_invalidated_tag: Callable[[str], None] | None = None
+        #: Called (on the listener thread) when invalidations may have been missed: when the
+        #: pub/sub connection drops and again once it is subscribed anew.
+        self.on_missed_invalidations: Callable[[], None] | None = None
         self._echoes: dict[str, int] = {}  # "k:<key>" / "t:<tag>" -> broadcasts on their way
         self._echoes_lock = threading.Lock()
         _STORES.add(self)
@@ -295,10 +298,19 @@ class RedisStore(LeaseMixin, Store):
             return True
 
     def _listener_reset(self) -> None:
+        """Invalidations may have been missed (the pub/sub connection dropped, or is back):
+        drop local copies and have the cache fence its computations in flight."""
         with self._echoes_lock:
             self._echoes.clear()  # echoes still on their way are lost with the connection
+        self._conn.epoch += 1
         if self._near is not None:
             self._near.clear()
+        hook = self.on_missed_invalidations
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # a broken hook must not stop the listener
+                logger.exception("coalesce: the on_missed_invalidations hook failed")
 
     def _after_fork(self) -> None:
         """In a forked child (see `_after_fork_in_child`): the listener and renewer threads

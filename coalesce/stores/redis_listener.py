@@ -13,9 +13,10 @@ subscription per wait. So each store keeps one listener thread with one pub/sub 
   cache, handed to `on_invalidate`.
 
 `ready` is set while both subscriptions are confirmed. When the connection drops, `ready` is
-cleared, `on_reset` runs (the store flushes its near cache: invalidations may be lost while
-nobody listens), every waiter is woken to check Redis again, and the thread reconnects with
-a growing pause (up to 2 s). Waiters never depend on a message alone: they check Redis again
+cleared, `on_reset` runs (the store flushes its near cache and fences its computations in
+flight: invalidations may be lost while nobody listens; it runs again once re-subscribed),
+every waiter is woken to check Redis again, and the thread reconnects with a growing pause
+(up to 2 s). Waiters never depend on a message alone: they check Redis again
 after registering and at least once a second, so a lost message only costs time.
 
 Why a thread, also for async waiters: a reader per event loop (redis.asyncio pub/sub, the
@@ -250,6 +251,8 @@ class Listener:
                 if confirmed == 2:
                     self.ready.set()
                     self._wake_all()  # anything published before now: check again
+                    if self.resets:  # invalidations sent while we were away are lost
+                        self._on_reset()
 
     def _dispatch(self, channel: bytes | str, data: bytes | None) -> None:
         name = channel.decode("utf-8", "surrogateescape") if isinstance(channel, bytes) else channel
