@@ -301,9 +301,11 @@ def test_a_broken_tag_hook_does_not_stop_the_listener(redis_caches: Caches) -> N
     _until(lambda: heard == [a.prefix + "k"], "the key invalidation after the broken hook")
 
 
-def test_delete_tag_puts_members_back_when_it_fails(
+def test_a_tag_invalidation_failing_half_way_leaves_its_members_to_the_next(
     redis_caches: Caches, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Deleting the entries fails after the tag set was taken: the members wait in the
+    tag's taking set, and the next `delete_tag` deletes them (none is lost)."""
     from coalesce.errors import BackendError
     from coalesce.stores import redis_scripts
 
@@ -312,7 +314,6 @@ def test_delete_tag_puts_members_back_when_it_fails(
     tag = a.prefix + "t"
     for i in range(3):
         store.set(f"{a.prefix}k{i}", _entry(i, (tag,)))
-    before = raw.zrange(store._layout.tag(tag), 0, -1, withscores=True)
     real = store._conn.script
 
     def failing(script: Any, keys: Any, args: Any) -> Any:
@@ -324,8 +325,30 @@ def test_delete_tag_puts_members_back_when_it_fails(
     with pytest.raises(BackendError):
         store.delete_tag(tag)
     monkeypatch.undo()
-    assert raw.zrange(store._layout.tag(tag), 0, -1, withscores=True) == before
+    taking = store._layout.taking(store._layout.tag(tag))
+    assert raw.zcard(taking) == 3 and raw.pttl(taking) > 0
     assert store.delete_tag(tag) == 3
+    assert raw.exists(taking) == 0
+    assert all(store.get(f"{a.prefix}k{i}") is None for i in range(3))
+
+
+def test_a_tag_taken_whose_reply_was_lost_is_deleted_by_the_next_invalidation(
+    redis_caches: Caches, raw: redis.Redis
+) -> None:
+    """`TAKE_TAG` ran but its caller never saw the reply (a timeout): a retried
+    `invalidate_tag` still deletes every entry the tag carried."""
+    from coalesce.stores.redis_scripts import TAKE_TAG
+
+    a = redis_caches()
+    store = _store(a)
+    tag = a.prefix + "t"
+    for i in range(3):
+        store.set(f"{a.prefix}k{i}", _entry(i, (tag,)))
+    tag_key = store._layout.tag(tag)
+    store._conn.script(TAKE_TAG, [tag_key, store._layout.taking(tag_key)], [])  # reply lost
+    store.set(f"{a.prefix}k3", _entry(3, (tag,)))  # tagged afterwards: in a new tag set
+    assert a.invalidate_tag("t") == 4
+    assert all(store.get(f"{a.prefix}k{i}") is None for i in range(4))
 
 
 # -- through @cache.cached ---------------------------------------------------------------------

@@ -57,7 +57,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -76,7 +75,7 @@ from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClien
 from coalesce.stores.redis_lease import Keys, LeaseMixin, Renewer
 from coalesce.stores.redis_listener import Listener
 from coalesce.stores.redis_near import NearCache
-from coalesce.stores.redis_scripts import DELETE, TAG, TAKE_TAG, KeyLayout
+from coalesce.stores.redis_scripts import DELETE, TAKE_TAG, KeyLayout
 from coalesce.urls import redact, scheme_of
 
 __all__ = ["RedisStore", "redact"]
@@ -416,8 +415,7 @@ class RedisStore(LeaseMixin, Store):
 
     def _tag_batches(self, taken: list[Any]) -> list[tuple[list[str], list[Any]]]:
         """From `TAKE_TAG`'s flat (member, score) reply: per batch, the KEYS of `DELETE` (entry
-        and lease of each member, one slot per batch) and the (member, score) pairs it covers
-        (put back into the tag set if the batch fails)."""
+        and lease of each member, one slot per batch) and the (member, score) pairs it covers."""
         groups: dict[int, tuple[list[str], list[Any]]] = {}
         for member, score in zip(taken[0::2], taken[1::2], strict=True):
             name = (
@@ -434,20 +432,14 @@ class RedisStore(LeaseMixin, Store):
             for i in range(0, len(keys), 2 * _CHUNK)
         ]
 
-    def _untake_args(self, batches: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """ARGV of `TAG` putting back the members of `batches` (raising scores only)."""
-        args: list[Any] = ["1", int(time.time() * 1000)]
-        for _, pairs in batches:
-            args.extend(pairs)
-        return args
-
     def delete_tag(self, tag: str) -> int:
         """Delete every entry recorded in the tag's set, and the leases of its computations in
         flight (fencing them); tell every process. Reads the set, never SCANs.
 
-        The set is taken (read and deleted) in one step first: a computation that takes its
-        lease after that is recorded in a new set, for the next `delete_tag`. If deleting a
-        batch fails, the members not deleted yet are put back (best effort) before raising.
+        The set is taken (moved to its "taking" set, see `TAKE_TAG`) in one step first: a
+        computation that takes its lease after that is recorded in a new set, for the next
+        `delete_tag`. Members leave the taking set once their entries are deleted, so a call
+        that fails half-way leaves the rest to the next `delete_tag`.
         """
         self._forget(tag=tag)
         tag_key = self._layout.tag(tag)
@@ -456,15 +448,13 @@ class RedisStore(LeaseMixin, Store):
         if echo:
             self._expect_echo(message, 1)
         try:
-            batches = self._tag_batches(self._conn.script(TAKE_TAG, [tag_key], []))
-            deleted = 0
-            for done, (keys, _) in enumerate(batches):
-                try:
-                    deleted += int(self._conn.script(DELETE, keys, ["", ""]))
-                except BaseException:
-                    self._conn.quietly(TAG, [tag_key], self._untake_args(batches[done:]))
-                    raise
+            taking = self._layout.taking(tag_key)
+            batches = self._tag_batches(self._conn.script(TAKE_TAG, [tag_key, taking], []))
             client = self._conn.sync()
+            deleted = 0
+            for keys, pairs in batches:
+                deleted += int(self._conn.script(DELETE, keys, ["", ""]))
+                self._conn.call(client.zrem, taking, *pairs[0::2])
             self._conn.call(client.publish, self._layout.invalidate_channel, message)
         except BaseException:
             if echo:
@@ -481,15 +471,14 @@ class RedisStore(LeaseMixin, Store):
         if echo:
             self._expect_echo(message, 1)
         try:
-            batches = self._tag_batches(await self._conn.ascript(TAKE_TAG, [tag_key], []))
-            deleted = 0
-            for done, (keys, _) in enumerate(batches):
-                try:
-                    deleted += int(await self._conn.ascript(DELETE, keys, ["", ""]))
-                except BaseException:
-                    await self._conn.aquietly(TAG, [tag_key], self._untake_args(batches[done:]))
-                    raise
+            taking = self._layout.taking(tag_key)
+            taken = await self._conn.ascript(TAKE_TAG, [tag_key, taking], [])
+            batches = self._tag_batches(taken)
             client = self._conn.loop_state().client
+            deleted = 0
+            for keys, pairs in batches:
+                deleted += int(await self._conn.ascript(DELETE, keys, ["", ""]))
+                await self._conn.acall(client.zrem, taking, *pairs[0::2])
             await self._conn.acall(client.publish, self._layout.invalidate_channel, message)
         except BaseException:
             if echo:

@@ -182,18 +182,32 @@ return 1
 """,
 )
 
-#: KEYS: one tag set. Returns its members and scores (flat) and deletes it, in one step: a
-#: computation that records itself after this lands in a new set, seen by the next
-#: `delete_tag`, and none is removed from the set while its lease may still be running. A
-#: foreign value of another type under the tag's name is deleted (as `add_tag` does).
+#: KEYS: one tag set, its "taking" set (same slot). Moves the tag set's members (and scores)
+#: into the taking set and returns all of the taking set's, in one step: a computation that
+#: records itself after this lands in a new tag set, seen by the next `delete_tag`, and none
+#: is removed from the tag set while its lease may still be running. Members stay in the
+#: taking set until `delete_tag` has deleted their entries (it removes them batch by batch),
+#: so an invalidation that fails half-way (a timeout after this ran) leaves them to the next
+#: one instead of losing them. The taking set expires with its last member. A foreign value
+#: of another type under either name is deleted (as `add_tag` does).
 TAKE_TAG = Script.of(
     "take_tag",
     """
-local members = {}
-if redis.call('TYPE', KEYS[1])['ok'] == 'zset' then
-  members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for _, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', key) end
 end
-redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], 'AGGREGATE', 'MAX')
+  redis.call('DEL', KEYS[1])
+end
+local members = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+local last = members[#members]
+if last == 'inf' then
+  redis.call('PERSIST', KEYS[2])
+elseif last then
+  redis.call('PEXPIREAT', KEYS[2], math.ceil(tonumber(last)))
+end
 return members
 """,
 )
@@ -285,6 +299,11 @@ class KeyLayout:
 
     def tag(self, tag: str) -> str:
         return f"{self.tag_prefix}{self.rest(tag)}}}"
+
+    @staticmethod
+    def taking(tag_key: str) -> str:
+        """The set of a tag's members being deleted (see `TAKE_TAG`), on the tag's slot."""
+        return tag_key + ":taking"
 
     @staticmethod
     def lease(entry_key: str) -> str:
