@@ -20,7 +20,7 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from coalesce import Cache, CoalesceError, ConfigurationError, SerializationError
 from coalesce.cli_output import one_line
-from coalesce.urls import redact
+from coalesce.urls import credentials, redact
 
 if TYPE_CHECKING:
     import redis
@@ -89,8 +89,7 @@ def _userinfo_split_wrongly(url: str) -> str:
             pass
         else:
             return ""
-    userinfo = rest[: rest.rindex("@")]
-    return "".join(ch for ch in "/?#" if ch in userinfo)
+    return "".join(ch for ch in "/?#" if ch in credentials(url))
 
 
 _PERCENT = {"/": "%2F", "?": "%3F", "#": "%23", "[": "%5B", "]": "%5D"}
@@ -123,8 +122,7 @@ def parse_url(url: str, what: str = "cache URL (--url / COALESCE_URL)") -> Split
         shown = redact(url)
         where = f"invalid {what}" if shown.startswith("<") else f"invalid {what} {shown!r}"
         hint = ""
-        userinfo = url.partition("://")[2].rpartition("@")[0]
-        brackets = "".join(ch for ch in "[]" if ch in userinfo)
+        brackets = "".join(ch for ch in "[]" if ch in credentials(url))
         if brackets:
             hint = f" ({_percent_hint(brackets)})"
         elif "IPv6" in str(exc):
@@ -143,8 +141,7 @@ def hide_credentials(text: str, *urls: str | None) -> str:
     for url in urls:
         if not url:
             continue
-        rest = url.partition("://")[2]
-        userinfo = rest.rpartition("@")[0]
+        userinfo = credentials(url)
         if userinfo:
             secrets.add(userinfo)
             secrets.add(userinfo.partition(":")[2])

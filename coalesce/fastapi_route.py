@@ -49,6 +49,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import coalesce
 from coalesce import Cache, CoalesceError, ConfigurationError, LeaderFailedError, get_cache
+from coalesce.decorators import check_seconds
 from coalesce.errors import BackendError
 from coalesce.fastapi_keys import (
     REQUIRED,
@@ -270,24 +271,6 @@ def _refuse(message: str) -> NoReturn:
     raise ConfigurationError(message)
 
 
-def _seconds(name: str, value: Any, *, zero: bool) -> float:
-    """`value` as a finite number of seconds (positive, or non-negative with `zero`).
-
-    Checked when decorating: every response's `Cache-Control` is computed from it, so an
-    infinite or NaN value would otherwise fail requests, not the decoration.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _refuse(f"{name} must be a number of seconds, not {value!r}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        seconds = math.inf
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
-        sign = "non-negative" if zero else "positive"
-        _refuse(f"{name} must be a {sign} finite number of seconds, not {value!r}")
-    return seconds
-
-
 def _flag(name: str, value: Any) -> bool:
     """`value` if it is a bool: a string such as `"false"` would read as true."""
     if not isinstance(value, bool):
@@ -345,8 +328,9 @@ class CachedRoute:
             raise ConfigurationError(
                 f"{fn.__qualname__} streams its response (a generator): it cannot be cached"
             )
-        ttl = None if ttl is None else _seconds("ttl", ttl, zero=False)
-        stale_ttl = _seconds("stale_ttl", stale_ttl, zero=True)
+        # checked now (the core's rule): every response's Cache-Control is computed from them
+        ttl = check_seconds("ttl", ttl, allow_none=True)
+        stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
         if key is not None and not isinstance(key, str):
             _refuse(f"key must be a template string such as 'item:{{item_id}}', not {key!r}")
         vary = _header_names(vary)

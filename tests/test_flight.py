@@ -1303,24 +1303,30 @@ def test_stress_threads_with_invalidations_stay_consistent(cache: Cache) -> None
     def config() -> dict[str, int]:
         with lock:
             v = version["v"]
-        time.sleep(0.002)
+        time.sleep(random.random() * 0.004)  # an older computation may end after a newer one
         return {"v": v}
 
     stop = time.monotonic() + 1.0
     errors: list[str] = []
 
+    invalidated = [0]  # the newest version whose invalidation has returned
+
     def writer() -> None:
         while time.monotonic() < stop:
             with lock:
                 version["v"] += 1
+                written = version["v"]
             cache.invalidate("cfg")
-            time.sleep(0.005)
+            invalidated[0] = written
+            time.sleep(0.001)  # shorter than a computation: invalidations land mid-flight
 
     def reader() -> None:
         while time.monotonic() < stop:
+            floor = invalidated[0]  # a call starting now must not see anything older
             r = config()
-            if set(r) != {"v"}:
-                errors.append(repr(r))
+            if set(r) != {"v"} or r["v"] < floor:
+                errors.append(f"{r!r} after version {floor} was invalidated")
+            time.sleep(0.0002)  # let the writer run (hits alone would starve it of the GIL)
 
     threads = [threading.Thread(target=writer, daemon=True)]
     threads += [threading.Thread(target=reader, daemon=True) for _ in range(8)]

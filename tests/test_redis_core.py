@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from coalesce.cache import Cache
 from coalesce.entry import Entry
 
@@ -63,15 +65,19 @@ async def test_entry_found_by_the_leaders_recheck_is_copied_for_followers(
     assert results[1] == {"n": 1, "items": [1]}
 
 
+@pytest.mark.parametrize("by", ["key", "tag"])
 async def test_remote_invalidation_fences_the_local_flight(
-    redis_caches: Callable[..., Cache],
+    redis_caches: Callable[..., Cache], by: str
 ) -> None:
+    """Another process's invalidation (of the key, or of a tag the entry will carry)
+    reaches this process while it computes: its in-process flight is fenced at once, so a
+    caller arriving afterwards starts a new computation instead of joining the stale one."""
     here, elsewhere = redis_caches(), redis_caches()
     started = asyncio.Event()
     release = asyncio.Event()
     versions = iter(range(1, 100))
 
-    @here.cached(ttl=60, key="v")
+    @here.cached(ttl=60, key="v", tags=["grp"])
     async def version() -> int:
         value = next(versions)
         started.set()
@@ -79,16 +85,21 @@ async def test_remote_invalidation_fences_the_local_flight(
         return value
 
     first = asyncio.ensure_future(version())
-    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(started.wait(), 10)
+    listener = here.store._listener  # type: ignore[attr-defined]
+    assert await asyncio.to_thread(listener.ready.wait, 10)
     # another process invalidates while our computation (value 1) is in flight
-    await elsewhere.ainvalidate("v")
-    deadline = asyncio.get_running_loop().time() + 2
+    if by == "key":
+        await elsewhere.ainvalidate("v")
+    else:
+        await elsewhere.ainvalidate_tag("grp")
+    deadline = asyncio.get_running_loop().time() + 10
     while here.aflights.running(here.prefix + "v"):
         assert asyncio.get_running_loop().time() < deadline, "the broadcast never fenced us"
         await asyncio.sleep(0.005)
     started.clear()
     later = asyncio.ensure_future(version())  # arrives after the invalidation
-    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(started.wait(), 10)
     release.set()
     assert await first == 1
     assert await later == 2

@@ -46,17 +46,9 @@ def raw(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def caches(redis_url: str, unique_namespace: str) -> Iterator[Callable[..., Cache]]:
-    made: list[Cache] = []
-
-    def make(**options: Any) -> Cache:
-        cache = Cache(redis_url, namespace=unique_namespace, **options)
-        made.append(cache)
-        return cache
-
-    yield make
-    for cache in made:
-        cache.close()
+def caches(redis_caches: Callable[..., Cache]) -> Callable[..., Cache]:
+    """`Cache(redis_url, namespace=unique_namespace, **options)`s, closed afterwards."""
+    return redis_caches
 
 
 def only_namespace(client: redis.Redis, ns: str) -> None:
