@@ -1633,3 +1633,27 @@ def test_a_dropped_subscription_fences_the_computations_in_flight(
     assert first == [1] and later == [2]
     admin.close()
     cache.close()
+
+
+async def test_a_glitch_inside_redis_py_is_a_store_failure_but_our_bugs_are_not(
+    caches: Callable[..., Cache],
+) -> None:
+    """An exception other than a `RedisError` raised inside redis-py (seen: its asyncio
+    cluster client writing to a connection another task had closed) degrades like any
+    store failure; the same exception raised by our own code is not hidden."""
+    store = caches().store
+    assert isinstance(store, RedisStore)
+    conn = store._conn
+    client_side: dict[str, Any] = {"__name__": "redis.asyncio.connection"}
+    exec("def glitch():\n    raise AttributeError('writelines')\n", client_side)
+    exec("async def aglitch():\n    raise AttributeError('writelines')\n", client_side)
+
+    def our_bug() -> None:
+        raise AttributeError("ours")
+
+    with pytest.raises(BackendError, match="AttributeError: writelines"):
+        conn.call(client_side["glitch"])
+    with pytest.raises(BackendError, match="AttributeError: writelines"):
+        await conn.acall(client_side["aglitch"])
+    with pytest.raises(AttributeError, match="ours"):
+        conn.call(our_bug)

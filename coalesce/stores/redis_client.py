@@ -265,6 +265,10 @@ class RedisConnection:
             result = fn(*args)
         except REDIS_ERRORS as exc:
             raise self.failed(exc) from exc
+        except Exception as exc:
+            if not _raised_in_redis_py(exc):
+                raise  # ours: a bug to see, not an outage to hide
+            raise self.failed(exc) from exc
         self.breaker.success()
         return result
 
@@ -275,6 +279,10 @@ class RedisConnection:
         try:
             result = await fn(*args)
         except REDIS_ERRORS as exc:
+            raise self.failed(exc) from exc
+        except Exception as exc:
+            if not _raised_in_redis_py(exc):
+                raise  # ours: a bug to see, not an outage to hide
             raise self.failed(exc) from exc
         self.breaker.success()
         return result
@@ -438,6 +446,17 @@ def _foreign(exc: ResponseError) -> bytes:
     if str(exc).startswith("WRONGTYPE"):
         return WRONG_TYPE
     raise exc
+
+
+def _raised_in_redis_py(exc: BaseException) -> bool:
+    """Whether `exc` (not a `RedisError`) was raised inside redis-py itself: a client glitch
+    (seen: redis-py's asyncio cluster using a connection another task had just closed) is a
+    store failure like any other, and must degrade the same way."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module == "redis" or module.startswith("redis.")
 
 
 def check_url(url: str) -> None:
