@@ -14,14 +14,24 @@ Endpoint (what `coalesce invalidate KEY --app URL --token TOKEN` calls):
   `Cache.invalidate` takes them);
 * `{"tag": "t"}` -> 200 `{"tag": "t", "removed": 3}` (how many entries carried the tag).
 
-Errors: 401 `{"detail": ...}` with `WWW-Authenticate: Bearer` for a missing or wrong token;
-400 for a body that is not such JSON (at most 1000 non-empty string keys); 503 when the
-store fails.
+Errors, each `{"detail": ...}` naming the problem:
+
+* 401 with `WWW-Authenticate: Bearer` for a missing or wrong token, checked before a byte of
+  the body is read;
+* 413 for a body over `MAX_BODY_BYTES` (64 KiB): refused from `Content-Length` alone when it
+  announces more, otherwise (a chunked body) as soon as the bytes read exceed it; the body
+  is read in chunks, never more than the limit plus one chunk;
+* 400 for a malformed `Content-Length`, a body that is not UTF-8, not JSON, nested deeper
+  than `MAX_DEPTH` (32) arrays/objects (checked before parsing, without recursion), not
+  exactly one of the two shapes above (no other members), or more than `MAX_KEYS` (1000)
+  keys (split longer lists over several requests);
+* 503 when the store fails.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -31,7 +41,9 @@ from coalesce.cache import Cache
 from coalesce.errors import BackendError, CoalesceError, ConfigurationError
 from coalesce.fastapi_metrics import bearer_matches
 
-MAX_KEYS = 1000
+MAX_KEYS = 1000  # keys per request
+MAX_BODY_BYTES = 64 * 1024  # request body, in bytes
+MAX_DEPTH = 32  # nesting of arrays and objects in the body (a valid one has 2)
 
 
 def admin_router(
@@ -66,9 +78,9 @@ def admin_router(
                 headers={"WWW-Authenticate": "Bearer"},
             )
         try:
-            body = json.loads(await request.body())
-        except ValueError:
-            return _bad_request('the body must be JSON: {"keys": [...]} or {"tag": "..."}')
+            body = _parse(await _read_body(request))
+        except _Refused as refused:
+            return JSONResponse({"detail": refused.detail}, status_code=refused.status)
         problem = _check_body(body)
         if problem:
             return _bad_request(problem)
@@ -92,14 +104,84 @@ def admin_router(
     return router
 
 
+class _Refused(Exception):
+    """A request body we do not accept: the status and `detail` to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+TOO_LARGE = f"the body must be at most {MAX_BODY_BYTES} bytes (split a longer list of keys)"
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, read in chunks and never more than `MAX_BODY_BYTES` plus one chunk.
+
+    Raises `_Refused` 413 when it is longer (at once when `Content-Length` says so), 400 when
+    `Content-Length` is not a number.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isascii() or not declared.isdigit():
+            raise _Refused(400, "the Content-Length header must be a whole number of bytes")
+        if int(declared) > MAX_BODY_BYTES:
+            raise _Refused(413, TOO_LARGE)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _Refused(413, TOO_LARGE)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes) -> Any:
+    """The JSON value of `raw`; raises `_Refused` 400 saying why it is not acceptable JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Refused(400, "the body must be UTF-8 encoded JSON") from None
+    if _depth(text) > MAX_DEPTH:
+        raise _Refused(400, f"the body nests arrays/objects deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: belt and braces after _depth
+        raise _Refused(400, 'the body must be JSON: {"keys": [...]} or {"tag": "..."}') from None
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)  # a JSON string (maybe unterminated)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON `text`, without recursion (brackets inside
+    strings do not count). Malformed text gets some number: `json.loads` refuses it later."""
+    depth = deepest = 0
+    for char in _NOT_BRACKET.sub("", _STRING.sub("", text)):
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 def _check_body(body: Any) -> str | None:
     """What is wrong with an invalidation request body, or None."""
     if not isinstance(body, dict) or len({"keys", "tag"} & body.keys()) != 1:
         return 'the body must have exactly one of "keys" (a list) or "tag" (a string)'
+    if len(body) != 1:
+        others = sorted(set(body) - {"keys", "tag"})
+        return f'unknown member(s) {", ".join(map(json.dumps, others))}: send only "keys" or "tag"'
     if "keys" in body:
         keys = body["keys"]
-        if not isinstance(keys, list) or not keys or len(keys) > MAX_KEYS:
-            return f'"keys" must be a list of 1 to {MAX_KEYS} keys'
+        if not isinstance(keys, list) or not keys:
+            return '"keys" must be a non-empty list of keys'
+        if len(keys) > MAX_KEYS:
+            return f"too many keys: {len(keys)} given, at most {MAX_KEYS} per request"
         if not all(isinstance(key, str) and key for key in keys):
             return '"keys" must hold non-empty strings'
         return None
