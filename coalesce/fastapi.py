@@ -112,14 +112,16 @@ Modules: `fastapi_route` (one decorated route: the request path), `fastapi_rende
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from coalesce import Cache, get_cache
+from coalesce import Cache, ConfigurationError, get_cache
 from coalesce.fastapi_admin import admin_router
 from coalesce.fastapi_keys import base_type, is_class
 from coalesce.fastapi_metrics import REGISTRY, MetricsRegistry, RouteMetrics, metrics_router
@@ -137,6 +139,9 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# References to a handler being decorated: the decorator's frame and its caller's (more
+# when it is already the endpoint of a route: the route, its dependant, FastAPI's records).
+_UNREGISTERED_REFERENCES = 4
 _REQUEST = "coalesce_request_"  # the parameters we add to the signature FastAPI sees
 _RESPONSE = "coalesce_response_"
 
@@ -182,24 +187,27 @@ def _decorate(route: CachedRoute) -> Callable[..., Any]:
     route.endpoint = wrapper
     wrapper.__signature__ = sig.replace(parameters=[*head, *added, *tail])
 
-    async def invalidate(*, path: str | None = None, **params: Any) -> bool:
-        """Delete the entries (every `vary` variant) of a request with these parameters."""
-        return await route.invalidate(path, params)
+    async def invalidate(
+        *, path: str | None = None, origin: str | None = None, **params: Any
+    ) -> bool:
+        """Delete the entries (every `vary` variant, host and dependency input) of a request
+        with these parameters."""
+        return await route.invalidate(path, origin, params)
 
     async def invalidate_all() -> int:
         """Delete every entry of this route; return how many there were."""
         cache = route.cache or get_cache()
         return await cache.ainvalidate_tag(route.normal(route.route_tag()))
 
-    def key(*, path: str | None = None, **params: Any) -> str:
-        """The key (without namespace and `vary` part) of a request with these parameters.
+    def key(*, path: str | None = None, origin: str | None = None, **params: Any) -> str:
+        """The key (without namespace, `vary` part and dependency inputs) of a request with
+        these parameters.
 
-        `path` defaults to the one path template this handler served, if only one.
+        `path` and `origin` (`"https://shop.example"`) default to the one path template and
+        the one origin this handler served, if only one.
         """
         ident = route.ident(route.given_values(params, f"{route.name}.key"))
-        if path is None and len(route.paths) == 1:
-            path = next(iter(route.paths))
-        return route.normal(route.base_key(path, ident))
+        return route.normal(route.base_key(origin, path, ident))
 
     def stats() -> dict[str, Any]:
         """This handler's metrics, per path template it served."""
@@ -210,6 +218,26 @@ def _decorate(route: CachedRoute) -> Callable[..., Any]:
     wrapper.key = key
     wrapper.stats = stats
     return cast(Callable[..., Any], wrapper)
+
+
+def _refuse_if_routed(fn: Callable[..., Any], decorator: str) -> None:
+    """Refuse `@cached` placed above `@app.get(...)`: FastAPI registered the handler itself
+    and would never call the cached one.
+
+    A function still being decorated is referred to by a couple of frames; FastAPI's route
+    adds several references. Only then are its referrers looked through (a full scan of
+    the heap: not for every decoration).
+    """
+    if sys.getrefcount(fn) <= _UNREGISTERED_REFERENCES:
+        return
+    for referrer in gc.get_referrers(fn):
+        routed = isinstance(referrer, dict) and referrer.get("endpoint") is fn
+        if routed and "dependant" in referrer:
+            raise ConfigurationError(
+                f"@{decorator} is above @app.get(...) on {fn.__qualname__}: FastAPI registered "
+                "the undecorated handler, so nothing would be cached. Put it under the route "
+                "decorator:\n    @app.get(...)\n    @" + decorator + "(...)\n    def handler(...)"
+            )
 
 
 def cached(
@@ -236,6 +264,7 @@ def cached(
     seconds = ttl
 
     def decorator(fn: F) -> F:
+        _refuse_if_routed(fn, "cached")
         route = CachedRoute(
             fn,
             store=True,
@@ -271,6 +300,7 @@ def coalesced(
     """
 
     def decorator(func: F) -> F:
+        _refuse_if_routed(func, "coalesced")
         route = CachedRoute(
             func,
             store=False,

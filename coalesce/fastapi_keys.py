@@ -35,6 +35,7 @@ import enum
 import hashlib
 import inspect
 import json
+import re
 import string
 import types
 import typing
@@ -44,8 +45,11 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import BackgroundTasks, params
+from fastapi.dependencies.utils import request_params_to_args
 from fastapi.encoders import jsonable_encoder
 from fastapi.security import SecurityScopes
+from fastapi.security.api_key import APIKeyBase
+from fastapi.security.base import SecurityBase
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from starlette.requests import HTTPConnection
@@ -61,6 +65,19 @@ _NOT_IDENTITY_NAMES = frozenset(
     {"Request", "WebSocket", "HTTPConnection", "Response", "BackgroundTasks", "SecurityScopes"}
 )
 REQUIRED = object()
+# Parameter names whose values are secrets (`secret_name`): whole words, and stems.
+_SECRET_WORDS = frozenset({"key", "sig", "auth", "pwd", "sid", "jwt", "otp"})
+_SECRET_STEMS = (
+    "token",
+    "secret",
+    "passw",
+    "signature",
+    "session",
+    "apikey",
+    "credential",
+    "cookie",
+)
+_WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -125,20 +142,62 @@ def analyse(sig: inspect.Signature) -> list[IdentityParam]:
             continue
         if isinstance(base, str) and base.rpartition(".")[2] in _NOT_IDENTITY_NAMES:
             continue  # an annotation that could not be evaluated: go by the class name
-        sensitive = False
+        sensitive = secret_name(param.name)
         for marker in markers:
             if isinstance(marker, params.Cookie):
                 sensitive = True
             elif isinstance(marker, params.Header):
-                header = (marker.alias or param.name.replace("_", "-")).lower()
-                sensitive = sensitive or header in SENSITIVE_HEADERS
+                sensitive = sensitive or secret_header(header_name(param.name, marker))
+            elif isinstance(marker, params.Param) and isinstance(marker.alias, str):
+                sensitive = sensitive or secret_name(marker.alias)
         found.append(IdentityParam(param.name, sensitive, _default_of(param)))
     return sorted(found, key=lambda p: p.name)
 
 
+def header_name(name: str, marker: Any) -> str:
+    """The request header a `Header()` parameter reads, lower-case."""
+    alias = getattr(marker, "alias", None)
+    if isinstance(alias, str):
+        return alias.lower()
+    if getattr(marker, "convert_underscores", True):
+        return name.replace("_", "-").lower()
+    return name.lower()
+
+
+def header_params(sig: inspect.Signature) -> dict[str, str]:
+    """The handler's `Header()` parameters: parameter name -> request header name."""
+    found: dict[str, str] = {}
+    for param in sig.parameters.values():
+        for marker in _markers(param):
+            if isinstance(marker, params.Header):
+                found[param.name] = header_name(param.name, marker)
+    return found
+
+
+def secret_name(name: str) -> bool:
+    """Whether a parameter's name says its value is a secret: one of its words is `key`,
+    `sig`, `auth`, `pwd`, `sid`, `jwt` or `otp`, or it holds `token`, `secret`, `passw`,
+    `signature`, `session`, `apikey`, `credential` or `cookie` (`api_token`, `X-Api-Key`,
+    `sessionid`, `signature`; not `keyword` nor `monkey`)."""
+    lowered = name.lower()
+    if any(part in _SECRET_WORDS for part in _WORD_SPLIT.split(lowered)):
+        return True
+    return any(stem in lowered for stem in _SECRET_STEMS)
+
+
+def secret_header(name: str) -> bool:
+    """Whether a request header's values are secrets (hashed in keys): `Authorization`,
+    `Cookie`, `Proxy-Authorization`, or a name that says so (`X-API-Key`, `X-Auth-Token`)."""
+    return name in SENSITIVE_HEADERS or secret_name(name)
+
+
 def secret(text: str) -> str:
     """How a secret value appears in a key: `#` + 32 hex digits of its SHA-256."""
-    return "#" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return secret_bytes(text.encode("utf-8", "surrogatepass"))
+
+
+def secret_bytes(data: bytes) -> str:
+    return "#" + hashlib.sha256(data).hexdigest()[:32]
 
 
 def encode_value(value: Any) -> str:
@@ -159,26 +218,30 @@ def encode_value(value: Any) -> str:
     return quote(data, safe=_SAFE)
 
 
+def _encode_param(label: str, value: Any, sensitive: bool, parts: list[str]) -> None:
+    """Append `label=value` (a list: once per item; None: nothing) to `parts`."""
+    if value is None:
+        return
+    if type(value) is int and not sensitive:  # the common case: an id
+        parts.append(f"{label}={value}")
+        return
+    items: Iterable[Any]
+    if isinstance(value, (list, tuple)):
+        items = value
+    elif isinstance(value, (set, frozenset)):
+        items = sorted(value, key=encode_value)
+    else:
+        items = (value,)
+    for item in items:
+        text = encode_value(item)
+        parts.append(f"{label}={secret(text) if sensitive else text}")
+
+
 def encode_params(identity: Sequence[IdentityParam], values: Mapping[str, Any]) -> str:
     """The query-string part of a key: `a=1&b=x&b=y`, names in order, None left out."""
     parts: list[str] = []
     for param in identity:
-        value = values.get(param.name)
-        if value is None:
-            continue
-        if type(value) is int and not param.sensitive:  # the common case: an id
-            parts.append(f"{param.name}={value}")
-            continue
-        items: Iterable[Any]
-        if isinstance(value, (list, tuple)):
-            items = value
-        elif isinstance(value, (set, frozenset)):
-            items = sorted(value, key=encode_value)
-        else:
-            items = (value,)
-        for item in items:
-            text = encode_value(item)
-            parts.append(f"{param.name}={secret(text) if param.sensitive else text}")
+        _encode_param(param.name, values.get(param.name), param.sensitive, parts)
     return "&".join(parts)
 
 
@@ -198,11 +261,20 @@ def encode_vary(names: Sequence[str], headers: Mapping[str, str]) -> str:
             value = headers.get(name)
         if value is None:
             parts.append(f"|{name}")
-        elif name in SENSITIVE_HEADERS:
+        elif secret_header(name):
             parts.append(f"|{name}={secret(value)}")
         else:
             parts.append(f"|{name}={quote(value, safe=_SAFE)}")
     return "".join(parts)
+
+
+def encode_origin(scheme: str, host: str | None) -> str:
+    """`scheme://host` of a request's target URI (RFC 9110 7.1), host lower-case and escaped:
+    the `Host` header is the client's to choose."""
+    text = (host or "").lower()
+    if not (text.isascii() and text.replace(".", "").replace(":", "").replace("-", "").isalnum()):
+        text = quote(text, safe="")
+    return f"{scheme}://{text}"
 
 
 def bind_identity(
@@ -246,17 +318,34 @@ def template_fields(template: str) -> set[str]:
     return names
 
 
-def carries_identity(param: inspect.Parameter) -> bool:
-    """Whether a handler parameter's value tells users apart: a dependency result (the
-    current user...), a cookie parameter, or a credential header parameter."""
+def carries_identity(param: inspect.Parameter, seen: set[int] | None = None) -> bool:
+    """Whether a handler parameter's value tells users apart: a cookie parameter, a
+    credential header parameter, or the result of a dependency that reads a credential
+    (`reads_credential`: the current user...). `Depends(common_parameters)` does not."""
     for marker in _markers(param):
-        if isinstance(marker, (params.Depends, params.Cookie)):
+        if isinstance(marker, params.Cookie):
             return True
-        if isinstance(marker, params.Header):
-            header = (marker.alias or param.name.replace("_", "-")).lower()
-            if header in SENSITIVE_HEADERS:
-                return True
+        if isinstance(marker, params.Header) and secret_header(header_name(param.name, marker)):
+            return True
+        if isinstance(marker, params.Depends):
+            dependency = marker.dependency or base_type(param.annotation)
+            return reads_credential(dependency, set() if seen is None else seen)
     return False
+
+
+def reads_credential(dependency: Any, seen: set[int]) -> bool:
+    """Whether a dependency, or one of its own dependencies at any depth, reads a credential:
+    it is a `fastapi.security` scheme, or takes a cookie or credential header parameter."""
+    if isinstance(dependency, SecurityBase):
+        return True
+    if id(dependency) in seen or not callable(dependency):
+        return False
+    seen.add(id(dependency))
+    try:
+        sig = resolved_signature(dependency)
+    except (TypeError, ValueError):  # a callable without a signature FastAPI could read
+        return False
+    return any(carries_identity(param, seen) for param in sig.parameters.values())
 
 
 def template_carries_identity(sig: inspect.Signature, template: str) -> bool:
@@ -270,3 +359,123 @@ def template_carries_identity(sig: inspect.Signature, template: str) -> bool:
         name in parameters and carries_identity(parameters[name])
         for name in template_fields(template)
     )
+
+
+# -- the route's whole dependency tree (known per served route, at its first request) ------
+
+
+@dataclass(frozen=True)
+class TreeInput:
+    """A request input that a dependency of the route reads and the handler does not."""
+
+    location: str  # "path", "query", "header" or "cookie"
+    field: Any  # FastAPI's ModelField: validated by FastAPI's own rules for the key
+    label: str  # its name in keys: `query.skip`, `header.x-tenant`
+    sensitive: bool  # hashed in keys
+
+
+@dataclass(frozen=True)
+class RouteInputs:
+    """What a served route's dependency tree reads beyond the handler's own parameters.
+
+    FastAPI solves the route's `Dependant` (route, router and app dependencies included);
+    its parameters are the route's OpenAPI inputs. The handler's own ones are its identity
+    parameters (`analyse`); the others enter default keys as `|query.skip=50`, `|body=#...`.
+    """
+
+    inputs: tuple[TreeInput, ...]
+    body: bool  # a dependency reads the body: the hash of its bytes is in the key
+    headers: tuple[str, ...]  # request headers in the default key (handler's and tree's)
+    credential_headers: tuple[str, ...]  # headers a security scheme reads, lower-case
+    credential_queries: tuple[str, ...]  # query parameters a security scheme reads
+    credential_cookies: bool  # a security scheme reads a cookie
+
+
+NO_INPUTS = RouteInputs((), False, (), (), (), False)
+
+
+def _field_header(field: Any) -> str:
+    return header_name(field.name, field.field_info).lower()
+
+
+def _field_params(dependant: Any) -> list[tuple[str, Any]]:
+    return [
+        *[("path", f) for f in dependant.path_params],
+        *[("query", f) for f in dependant.query_params],
+        *[("header", f) for f in dependant.header_params],
+        *[("cookie", f) for f in dependant.cookie_params],
+    ]
+
+
+def route_inputs(dependant: Any) -> RouteInputs:
+    """The inputs of a served route's whole dependency tree (`dependant`, FastAPI's), beyond
+    the parameters of its handler (the tree's root)."""
+    own = {(location, field.alias) for location, field in _field_params(dependant)}
+    headers = {_field_header(f) for f in dependant.header_params}
+    inputs: list[TreeInput] = []
+    body = False
+    credential_headers: set[str] = set()
+    credential_queries: set[str] = set()
+    credential_cookies = False
+    stack = list(dependant.dependencies)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.dependencies)
+        call = node.call
+        if isinstance(call, APIKeyBase):
+            where, name = call.model.in_.value, call.model.name
+            if where == "header":
+                credential_headers.add(name.lower())
+            elif where == "query":
+                credential_queries.add(name)
+            else:
+                credential_cookies = True
+        elif isinstance(call, SecurityBase):  # HTTP Basic/Bearer/Digest, OAuth2, OpenID
+            credential_headers.add("authorization")
+        body = body or bool(node.body_params)
+        for location, field in _field_params(node):
+            if (location, field.alias) in own:
+                continue
+            own.add((location, field.alias))
+            if location == "header":
+                name = _field_header(field)
+                headers.add(name)
+                label, sensitive = f"header.{name}", secret_header(name)
+            else:
+                label = f"{location}.{field.alias}"
+                sensitive = location == "cookie" or secret_name(field.alias)
+            inputs.append(TreeInput(location, field, label, sensitive))
+    return RouteInputs(
+        inputs=tuple(sorted(inputs, key=lambda i: i.label)),
+        body=body,
+        headers=tuple(sorted(headers)),
+        credential_headers=tuple(sorted(credential_headers)),
+        credential_queries=tuple(sorted(credential_queries)),
+        credential_cookies=credential_cookies,
+    )
+
+
+async def encode_inputs(inputs: RouteInputs, request: Any) -> str:
+    """The key part of the tree's inputs for one request: `|query.skip=50|body=#...`.
+
+    Values are validated by FastAPI's own rules (`request_params_to_args`), so `?skip=050`
+    and `?skip=50` share an entry as the dependency cannot tell them apart. Raises
+    `ValueError` for a value FastAPI would have refused (the request then runs uncached).
+    """
+    sources = {
+        "path": request.path_params,
+        "query": request.query_params,
+        "header": request.headers,
+        "cookie": request.cookies,
+    }
+    parts: list[str] = []
+    for item in inputs.inputs:
+        values, errors = request_params_to_args([item.field], sources[item.location])
+        if errors:
+            raise ValueError(f"{item.label} is not valid")
+        found: list[str] = []
+        _encode_param(item.label, values.get(item.field.name), item.sensitive, found)
+        parts.extend(found)
+    if inputs.body:
+        parts.append("body=" + secret_bytes(await request.body()))
+    return "".join("|" + part for part in parts)

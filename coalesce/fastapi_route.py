@@ -52,13 +52,23 @@ from coalesce import Cache, CoalesceError, ConfigurationError, LeaderFailedError
 from coalesce.decorators import check_seconds
 from coalesce.errors import BackendError
 from coalesce.fastapi_keys import (
+    NO_INPUTS,
     REQUIRED,
+    RouteInputs,
     analyse,
     bind_identity,
+    encode_inputs,
+    encode_origin,
     encode_params,
+    encode_value,
     encode_vary,
+    header_params,
     resolved_signature,
+    route_inputs,
+    secret,
+    secret_header,
     template_carries_identity,
+    template_fields,
 )
 from coalesce.fastapi_metrics import REGISTRY, MetricsRegistry, RouteMetrics
 from coalesce.fastapi_render import NotShared, Responder, entry_of, exception_entry, render
@@ -145,10 +155,11 @@ class HitShortcut:
     a cached exception, a disabled cache) goes to the wrapped app unchanged.
     """
 
-    __slots__ = ("app", "keys", "route", "vary")
+    __slots__ = ("app", "keys", "route", "vary", "view")
 
-    def __init__(self, route: CachedRoute, app: ASGIApp) -> None:
+    def __init__(self, route: CachedRoute, view: ServedRoute, app: ASGIApp) -> None:
         self.route = route
+        self.view = view
         self.app = app
         self.vary = frozenset(name.encode("latin-1") for name in route.vary)
         # raw identity -> (key, path template); at most 4096, then forgotten all at once.
@@ -159,6 +170,7 @@ class HitShortcut:
         that the route must not share."""
         lines: list[tuple[bytes, bytes]] = []
         if_none_match: bytes | None = None
+        host: bytes | None = None
         for name, value in scope["headers"]:
             if name in self.vary:
                 lines.append((name, value))
@@ -166,7 +178,16 @@ class HitShortcut:
                 return None
             if name == b"if-none-match" and if_none_match is None:
                 if_none_match = value
-        raw = (scope.get("root_path", ""), scope["path"], scope.get("query_string", b""), *lines)
+            elif name == b"host" and host is None:
+                host = value
+        raw = (
+            scope.get("scheme"),
+            host,
+            scope.get("root_path", ""),
+            scope["path"],
+            scope.get("query_string", b""),
+            *lines,
+        )
         return raw, if_none_match
 
     def remember(self, scope: Scope, key: str, path: str) -> None:
@@ -206,11 +227,11 @@ class HitShortcut:
             return False
         metrics = route.registry.route(path)
         metrics.hits += 1
-        code, body, headers = route.responder.parts(
+        code, body, headers = self.view.responder.parts(
             entry.value,
             HIT,
             cached=True,
-            private=False,
+            private=self.view.per_user,
             stale=False,
             if_none_match_header=None if etags is None else etags.decode("latin-1"),
             head=scope["method"] == "HEAD",
@@ -223,14 +244,62 @@ class HitShortcut:
         return True
 
 
-def _credentials(raw_headers: Any) -> list[str]:
-    """The credential headers (`authorization`, `cookie`) a request carries: one pass."""
-    found: list[str] = []
-    for name, _ in raw_headers:
-        credential = _CREDENTIALS.get(name)
-        if credential is not None and credential not in found:
-            found.append(credential)
-    return found
+class ServedRoute:
+    """What is known of one route (or inclusion of a router) serving the handler, decided at
+    its first request from FastAPI's dependency tree of it (`route_inputs`): the inputs its
+    dependencies read, the credentials its security schemes read, the `Vary` header, and
+    whether every response from it is for one user only (`private`).
+
+    Built by `CachedRoute.view` and never changed after; read by any request of the route.
+    """
+
+    __slots__ = (
+        "credential_headers",
+        "credential_queries",
+        "inputs",
+        "per_user",
+        "responder",
+        "vary",
+    )
+
+    def __init__(self, owner: CachedRoute, inputs: RouteInputs) -> None:
+        self.inputs = inputs
+        names = [*CREDENTIAL_HEADERS, *inputs.credential_headers]
+        self.credential_headers = {name.encode("latin-1"): name for name in names}
+        self.credential_queries = inputs.credential_queries
+        # Every request header in the key is named in Vary (RFC 9110 12.5.5), and so is
+        # every credential header unless the route is shared: a downstream cache must not
+        # answer a request with another one's response.
+        keyed = owner.template_headers if owner.template is not None else inputs.headers
+        credentials = () if owner.shared else names
+        vary = list(dict.fromkeys((*owner.vary, *keyed, *credentials)))
+        sensitive_key = owner.template is None and (
+            any(p.sensitive for p in owner.identity) or any(i.sensitive for i in inputs.inputs)
+        )
+        # An entry that depends on a credential or a user's identity is for that user only.
+        self.per_user = (
+            owner.key_has_user or sensitive_key or any(secret_header(v) for v in owner.vary)
+        )
+        self.vary = ", ".join(n.title() for n in vary)
+        self.responder = Responder(
+            vary_header=self.vary.encode("latin-1"),
+            stale_ttl=owner.stale_ttl,
+        )
+
+    def credentials(self, request: Request) -> list[str]:
+        """The credentials a request carries: credential headers (`authorization`, `cookie`,
+        those of the route's security schemes) and `?name` for a security scheme's query
+        parameter."""
+        found: list[str] = []
+        known = self.credential_headers
+        for name, _ in request.scope["headers"]:
+            credential = known.get(name)
+            if credential is not None and credential not in found:
+                found.append(credential)
+        if self.credential_queries:
+            query = request.query_params
+            found.extend(f"?{name}" for name in self.credential_queries if name in query)
+        return found
 
 
 class Job:
@@ -261,9 +330,23 @@ def _raw(fn: Callable[..., Any], template: str) -> Callable[..., str]:
     """Render `template` over a handler's arguments as it is, unescaped.
 
     The core checks the template against the handler's parameters first (an unknown name
-    raises `KeyTemplateError` when decorating).
+    raises `KeyTemplateError` when decorating), on a stand-in with the handler's parameter
+    names only: the core refuses FastAPI's parameter markers, meant for this edge.
     """
-    coalesce.coalesced(key=template)(fn)
+
+    def stand_in(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    sig = resolved_signature(fn)
+    plain = [
+        p.replace(annotation=p.empty, default=None if p.default is not p.empty else p.empty)
+        for p in sig.parameters.values()
+    ]
+    stand_in.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=plain, return_annotation=sig.empty
+    )
+    stand_in.__module__, stand_in.__qualname__ = fn.__module__, fn.__qualname__
+    coalesce.coalesced(key=template)(stand_in)
     return template.format
 
 
@@ -362,11 +445,23 @@ class CachedRoute:
         # result such as `{user.id}`, a cookie or a credential header parameter); else a
         # request with credentials needs each of them in `vary` (or `shared=True`).
         self.key_has_user = key is not None and template_carries_identity(self.signature, key)
+        fields = set() if key is None else template_fields(key)
+        # The request headers a template reads (for Vary), and the secrets it reads (hashed
+        # as they enter the key, as in default keys).
+        self.template_headers = tuple(
+            sorted(h for n, h in header_params(self.signature).items() if n in fields)
+        )
+        self.template_secrets = frozenset(
+            p.name for p in self.identity if p.sensitive and p.name in fields
+        )
         self.tag_makers: list[Callable[..., str]] = [_raw(fn, tag) for tag in tags]
-        uncovered = () if shared else [h for h in CREDENTIAL_HEADERS if h not in self.vary]
-        vary_header = ", ".join(n.title() for n in (*self.vary, *uncovered))
-        self.responder = Responder(vary_header=vary_header.encode("latin-1"), stale_ttl=stale_ttl)
+        self.stale_ttl = stale_ttl
+        # id(route) -> (route, what is known of it): written by a route's first requests
+        # (the same object may be built twice by concurrent ones; either is right).
+        self.views: dict[int, tuple[Any, ServedRoute]] = {}
+        self.tree_inputs = False  # whether some route's dependencies add inputs to keys
         self.paths: set[str] = set()  # the path templates this handler has served
+        self.origins: set[str] = set()  # the `scheme://host` it served (at most 64 kept)
         # `HitShortcut`: the decorated endpoint FastAPI calls (set by `coalesce.fastapi`),
         # the ids of the routes already looked at, and whether this route could use one (a
         # key template may read anything the handler takes: only path and query values).
@@ -400,20 +495,54 @@ class CachedRoute:
     def ident(self, values: dict[str, Any]) -> str:
         """What identifies a request within the route: the template's key or the params."""
         if self.template is not None:
+            if self.template_secrets:
+                values = dict(values)
+                for name in self.template_secrets:
+                    if values.get(name) is not None:
+                        values[name] = secret(encode_value(values[name]))
             return self.template(**values)
         return encode_params(self.identity, values)
 
-    def base_key(self, path: str | None, ident: str) -> str:
-        """The key without its `vary` part."""
+    def base_key(self, origin: str | None, path: str | None, ident: str) -> str:
+        """The key without its `vary` part and its dependencies' inputs.
+
+        A template's key is followed by `@` and the handler's name: two routes with one
+        template never answer each other (an HTML page and a JSON document of one user).
+        A default key starts with the request's scheme and host (RFC 9111 2: caches key on
+        the target URI), then the path template and the parameters.
+        """
         if self.template is not None:
-            return ident
+            return f"{ident}@{self.name}"
         if path is None:
-            raise ConfigurationError(
-                f"{self.name}: which path? pass path='/...' (this process served none yet)"
-            )
+            path = self._only("path", self.paths, "'/items/{item_id}'")
+        if origin is None:
+            origin = self._only("origin", self.origins, "'https://shop.example'")
         # `<item_id>` for `{item_id}`: braces would be escaped (they cut Redis Cluster hash
         # tags short), and the key should stay readable in `coalesce keys`
-        return f"{path.replace('{', '<').replace('}', '>')}?{ident}"
+        return f"{origin}{path.replace('{', '<').replace('}', '>')}?{ident}"
+
+    def _only(self, what: str, seen: set[str], example: str) -> str:
+        if len(seen) == 1:
+            return next(iter(seen))
+        raise ConfigurationError(
+            f"{self.name}: which {what}? pass {what}={example} (this process served "
+            f"{'none' if not seen else ', '.join(sorted(seen))})"
+        )
+
+    def view(self, api_route: Any) -> ServedRoute:
+        """What is known of a route serving this handler (`ServedRoute`), built once."""
+        known = self.views.get(id(api_route))
+        if known is not None and known[0] is api_route:
+            return known[1]
+        dependant = getattr(api_route, "dependant", None)
+        inputs = NO_INPUTS if dependant is None else route_inputs(dependant)
+        view = ServedRoute(self, inputs)
+        if inputs.inputs or inputs.body:
+            self.tree_inputs = True
+        if len(self.views) >= 1024:
+            self.views.clear()
+        self.views[id(api_route)] = (api_route, view)
+        return view
 
     def given_values(self, given: dict[str, Any], where: str) -> dict[str, Any]:
         """Arguments for `.key()` / `.invalidate()`: FastAPI's defaults filled in."""
@@ -472,10 +601,15 @@ class CachedRoute:
         route = served_route(scope)
         path = scope.get("root_path", "") + (getattr(route, "path_format", None) or scope["path"])
         metrics = self.registry.route(path)
-        credentials = _credentials(scope["headers"])
-        private = False
+        view = self.view(route)
+        credentials = view.credentials(request)
+        private = view.per_user
         if credentials and not self.shared:
             if not self.key_has_user and not all(h in self.vary for h in credentials):
+                # Its response depends on the credentials: downstream caches must keep it
+                # to this user too, unless the handler says otherwise.
+                sub.headers["cache-control"] = "private"
+                sub.headers["vary"] = view.vary
                 return await self.bypass(kwargs, sub, metrics)
             private = True  # the key holds the user's identity: for this user only
         if path not in self.paths:
@@ -484,11 +618,19 @@ class CachedRoute:
             if len(self.routes_seen) >= 1024:
                 self.routes_seen.clear()
             self.routes_seen.add(id(route))
-            self.install_shortcut(route)
+            self.install_shortcut(route, view)
         try:
             ident = self.ident(kwargs)
-            base = self.base_key(path, ident)
+            if self.template is None:
+                origin = encode_origin(scope.get("scheme", "http"), request.headers.get("host"))
+                if origin not in self.origins and len(self.origins) < 64:
+                    self.origins.add(origin)
+                base = self.base_key(origin, path, ident)
+            else:
+                base = self.base_key(None, None, ident)
             raw_key = base + encode_vary(self.vary, request.headers) if self.vary else base
+            if self.template is None and view.inputs is not NO_INPUTS:
+                raw_key += await encode_inputs(view.inputs, request)
             key = self.normal(raw_key)
         except _UNRENDERABLE as exc:
             # No stable key for this request (an argument without a text form, a template
@@ -527,7 +669,9 @@ class CachedRoute:
                     and entry.fresh_until > time.time()
                 ):
                     metrics.hits += 1
-                    return self.respond(entry.value, HIT, request, metrics, private, shared_store)
+                    return self.respond(
+                        view, entry.value, HIT, request, metrics, private, shared_store
+                    )
         try:
             tags = (
                 self.route_tag(),
@@ -551,7 +695,9 @@ class CachedRoute:
             if exc.rendered is None:
                 return await self.bypass(kwargs, sub, metrics)
             metrics.coalesced += 1
-            return self.respond(exc.rendered, COALESCED, request, metrics, private, True, False)
+            return self.respond(
+                view, exc.rendered, COALESCED, request, metrics, private, True, False
+            )
         except LeaderFailedError:  # another process failed computing it: try here
             return await self.bypass(kwargs, sub, metrics)
         status = cache_status(
@@ -563,13 +709,14 @@ class CachedRoute:
         )
         counter = _COUNTER[status]
         setattr(metrics, counter, getattr(metrics, counter) + 1)
-        response = self.respond(value, status, request, metrics, private, shared_store)
+        response = self.respond(view, value, status, request, metrics, private, shared_store)
         if job.response is not None:
             response.background = job.response.background
         return response
 
     def respond(
         self,
+        view: ServedRoute,
         value: dict[str, Any],
         status: str,
         request: Request,
@@ -578,7 +725,7 @@ class CachedRoute:
         fresh_dict: bool,
         cached: bool | None = None,
     ) -> Response:
-        response = self.responder.respond(
+        response = view.responder.respond(
             value,
             status,
             cached=self.store if cached is None else cached,
@@ -592,7 +739,7 @@ class CachedRoute:
             metrics.not_modified += 1
         return response
 
-    def install_shortcut(self, api_route: Any) -> None:
+    def install_shortcut(self, api_route: Any, view: ServedRoute) -> None:
         """Put a `HitShortcut` in front of `api_route`'s app, if it may have one."""
         if (
             self.shortcut_ok
@@ -601,7 +748,7 @@ class CachedRoute:
             and type(api_route.app) is not HitShortcut
             and shortcut_allowed(api_route)
         ):
-            api_route.app = HitShortcut(self, api_route.app)
+            api_route.app = HitShortcut(self, view, api_route.app)
 
     # -- computing -------------------------------------------------------------------------
 
@@ -650,16 +797,20 @@ class CachedRoute:
 
     # -- invalidation ----------------------------------------------------------------------
 
-    async def invalidate(self, path: str | None, given: dict[str, Any]) -> bool:
+    async def invalidate(self, path: str | None, origin: str | None, given: dict[str, Any]) -> bool:
         """Delete every entry of one request (all `vary` variants, every path served)."""
         cache = self.cache or get_cache()
         ident = self.ident(self.given_values(given, f"{self.name}.invalidate"))
         removed = await cache.ainvalidate_tag(self.normal(self.request_tag(ident))) > 0
-        if not self.vary:  # exact keys can be named: also fence computations in flight
+        if not self.vary and not self.tree_inputs:  # exact keys: fence computations too
             if self.template is not None:
-                bases = [ident]
+                bases = [self.base_key(None, None, ident)]
             else:
-                bases = [self.base_key(p, ident) for p in ([path] if path else self.paths)]
+                bases = [
+                    self.base_key(o, p, ident)
+                    for p in ([path] if path else self.paths)
+                    for o in ([origin] if origin else self.origins)
+                ]
             for base in bases:
                 removed = await cache.ainvalidate(self.normal(base)) or removed
         return removed

@@ -42,9 +42,19 @@ from coalesce.keys import escape, is_safe_key
 TOKEN = "s3cret-token-for-tests-0123456789"
 
 
+ORIGIN = "http://test"  # the scheme and host of `client`'s requests: default keys start so
+
+
 def stored(key: str) -> str:
-    """A key as the core stores it: as it is when safe, else escaped (`coalesce.keys`)."""
+    """A default key as the core stores it (`/items/...` requested from `client`): as it is
+    when safe, else escaped (`coalesce.keys`)."""
+    key = ORIGIN + key
     return key if is_safe_key(key) else escape(key)
+
+
+def of(key: str, handler: Any) -> str:
+    """A template route's stored key: the template's key, `@` and the handler's name."""
+    return f"{key}@{handler.__module__}.{handler.__qualname__}"
 
 
 def client(app: FastAPI) -> httpx.AsyncClient:
@@ -295,8 +305,8 @@ async def test_template_keys_and_tags_are_escaped_once_as_the_core_does(cache: C
 
     async with client(app) as c:
         assert (await c.get("/feed", params={"name": "a b%"})).json() == {"n": 1}
-        assert cache.keys() == ["feed:a%20b%25"] == [feed.key(name="a b%")]
-        entry = cache.get_entry("feed:a%20b%25")
+        assert cache.keys() == [of("feed:a%20b%25", feed)] == [feed.key(name="a b%")]
+        entry = cache.get_entry(of("feed:a%20b%25", feed))
         assert entry is not None and "user:a%20b%25" in entry.tags
         assert cache.invalidate_tag("user:a%20b%25") == 1
         assert (await c.get("/feed", params={"name": "a b%"})).json() == {"n": 2}
@@ -362,9 +372,11 @@ async def test_two_users_never_see_each_others_response(cache: Cache) -> None:
     assert anon.json() == anon2.json() == {"user": "anon"}
     assert [r.headers["x-cache"] for r in (alice, bob, alice2, bob2)] == ["BYPASS"] * 4
     assert (anon.headers["x-cache"], anon2.headers["x-cache"]) == ("MISS", "HIT")
-    assert "cache-control" not in alice.headers
+    # a bypassed response depends on the credentials: private downstream, and varied
+    assert alice.headers["cache-control"] == "private"
+    assert alice.headers["vary"] == "Authorization, Cookie"
     assert calls.n == 5
-    assert cache.keys() == ["/me?"]  # only the anonymous response was stored
+    assert cache.keys() == [stored("/me?")]  # only the anonymous response was stored
 
 
 async def test_cookies_bypass_the_shared_entry_too(cache: Cache) -> None:
@@ -398,7 +410,7 @@ async def test_vary_on_authorization_caches_per_user_privately(cache: Cache) -> 
     keys = cache.keys()
     assert all("alice" not in k and "bob" not in k for k in keys)  # tokens only as hashes
     digest = hashlib.sha256(b"Bearer alice").hexdigest()[:32]
-    assert f"/me?|authorization=#{digest}" in keys
+    assert stored(f"/me?|authorization=#{digest}") in keys
 
 
 async def test_shared_true_serves_everyone_the_same_entry(cache: Cache) -> None:
@@ -435,10 +447,10 @@ async def test_key_template_is_the_users_identity(cache: Cache) -> None:
     assert (one.json(), two.json(), one2.json()) == ({"for": 1}, {"for": 2}, {"for": 1})
     assert one2.headers["x-cache"] == "HIT"
     assert one2.headers["cache-control"].startswith("private")
-    assert sorted(cache.keys()) == ["feed:1", "feed:2"]
-    assert feed.key(user=User(id=7)) == "feed:7"
+    assert sorted(cache.keys()) == [of("feed:1", feed), of("feed:2", feed)]
+    assert feed.key(user=User(id=7)) == of("feed:7", feed)
     assert await feed.invalidate(user=User(id=1))
-    assert sorted(cache.keys()) == ["feed:2"]
+    assert sorted(cache.keys()) == [of("feed:2", feed)]
 
 
 async def test_a_template_without_the_users_identity_bypasses_credentials(cache: Cache) -> None:
@@ -468,7 +480,7 @@ async def test_a_template_without_the_users_identity_bypasses_credentials(cache:
     assert [r.headers["x-cache"] for r in (alice, bob, carol, bob2)] == ["BYPASS"] * 4
     assert (anon.headers["x-cache"], anon2.headers["x-cache"]) == ("MISS", "HIT")
     assert calls.n == 5
-    assert cache.keys() == ["item:1"]  # only the anonymous response was stored
+    assert cache.keys() == [of("item:1", item)]  # only the anonymous response was stored
 
 
 async def test_a_template_reading_a_dependency_result_keeps_users_apart(cache: Cache) -> None:
@@ -496,7 +508,7 @@ async def test_a_template_reading_a_dependency_result_keeps_users_apart(cache: C
     ]
     assert alice2.headers["cache-control"].startswith("private, max-age=")
     assert calls.n == 2
-    assert sorted(cache.keys()) == ["item:1:1", "item:1:2"]
+    assert sorted(cache.keys()) == [of("item:1:1", item), of("item:1:2", item)]
 
 
 async def test_templates_over_credential_parameters_or_vary_count_as_identity(
@@ -1031,7 +1043,7 @@ async def test_one_structured_log_line_per_computation(
     records = [r for r in caplog.records if r.name == "coalesce.fastapi"]
     assert len(records) == 1
     record: Any = records[0]
-    assert record.route == "/data" and record.key == "/data?"
+    assert record.route == "/data" and record.key == stored("/data?")
     assert record.cache_status == "MISS" and record.status_code == 200
     assert record.duration_ms >= 0
 
@@ -1066,7 +1078,8 @@ async def test_admin_router_invalidates_keys_and_tags(cache: Cache) -> None:
         basic = await c.post(
             "/coalesce/invalidate", json={"keys": ["item:1"]}, headers={"authorization": TOKEN}
         )
-        keys = await c.post("/coalesce/invalidate", json={"keys": ["item:1", "nope"]}, headers=auth)
+        one = of("item:1", item)
+        keys = await c.post("/coalesce/invalidate", json={"keys": [one, "nope"]}, headers=auth)
         tag = await c.post("/coalesce/invalidate", json={"tag": "items"}, headers=auth)
         bad = [
             await c.post("/coalesce/invalidate", content=body, headers=auth)
@@ -1074,7 +1087,7 @@ async def test_admin_router_invalidates_keys_and_tags(cache: Cache) -> None:
         ]
     assert missing.status_code == wrong.status_code == basic.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
-    assert keys.json() == {"removed": {"item:1": True, "nope": False}, "count": 1}
+    assert keys.json() == {"removed": {one: True, "nope": False}, "count": 1}
     assert tag.json() == {"tag": "items", "removed": 2}
     assert cache.keys() == []
     assert [r.status_code for r in bad] == [400] * 5
@@ -1103,7 +1116,7 @@ async def test_the_default_cache_is_used_when_none_is_given() -> None:
             first, second = await c.get("/default"), await c.get("/default")
         assert second.headers["x-cache"] == "HIT" and second.json() == {"n": 1}
         assert first.headers["cache-control"] == "public, max-age=120"
-        assert mine.keys() == ["/default?"]
+        assert mine.keys() == [stored("/default?")]
         assert route.stats()["/default"]["hits"] == 1
     finally:
         coalesce.configure(previous)

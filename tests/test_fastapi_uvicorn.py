@@ -175,12 +175,16 @@ async def test_the_cli_invalidates_through_the_admin_router(server: tuple[App, s
             await client.get(f"/users/{n}")
         assert (await client.get("/users/1")).headers["x-cache"] == "HIT"
 
+        # a template route's key: the template's key, `@`, the handler's name
+        one = "user:1@test_fastapi_uvicorn.App.__init__.<locals>.user"
+        nine = one.replace("user:1", "user:9")
+        assert target.cache.keys() == sorted([one, one.replace("1", "2"), one.replace("1", "3")])
         done = await asyncio.to_thread(
-            run_cli, "invalidate", "user:1", "user:9", "--app", base, "--token", TOKEN
+            run_cli, "invalidate", one, nine, "--app", base, "--token", TOKEN
         )
         assert done.returncode == 0, done.stderr
-        assert "removed        user:1" in done.stdout
-        assert "did not exist  user:9" in done.stdout
+        assert f"removed        {one}" in done.stdout
+        assert f"did not exist  {nine}" in done.stdout
         again = await client.get("/users/1")
         assert again.headers["x-cache"] == "MISS" and again.json()["version"] == 4
 
