@@ -10,6 +10,9 @@ every server here is started on a free port of 127.0.0.1 and stopped at the end.
 * ``fresh_redis`` (function): a dedicated :class:`RedisServer` the test may stop, kill or
   restart.
 * ``redis_cluster`` (session): a 3-master :class:`RedisCluster`, started on first use.
+* ``uvicorn_process`` / ``nginx_proxy`` (module): start a ``python -m uvicorn module:app``
+  process, and a real nginx with ``proxy_cache`` in front of a URL (``nginx_server``); both
+  on free loopback ports, stopped (and checked to have exited) after the module.
 
 A server that cannot be started fails the requesting test with the reason and the
 server's log; it is never skipped.
@@ -23,12 +26,13 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nginx_server import NginxServer, ServerProcess, ServerStartError, UvicornProcess
 from redis_servers import RedisCluster, RedisServer, RedisStartError
 
 
@@ -119,3 +123,48 @@ def redis_cluster() -> Iterator[RedisCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+Server = TypeVar("Server", bound=ServerProcess)
+
+
+def _server_factory(what: str, make: Callable[..., Server]) -> Iterator[Callable[..., Server]]:
+    """Yield `start(*args)`: `make(*args).start()`, failing the test (never skipping it) when
+    the server cannot start; every server made is closed afterwards."""
+    made: list[Server] = []
+
+    def start(*args: Any) -> Server:
+        server = make(*args)
+        made.append(server)
+        try:
+            server.start()
+        except (ServerStartError, OSError) as exc:
+            _fail_to_start(what, exc)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in made:
+            server.close()
+
+
+@pytest.fixture(scope="module")
+def uvicorn_process() -> Iterator[Callable[[str, Path], UvicornProcess]]:
+    """Start `python -m uvicorn <module:app>` (imported from a directory) on a free port.
+
+    ``uvicorn_process("nginx_app:app", tests_dir).url`` is its ``http://127.0.0.1:PORT``;
+    every process started is stopped (and checked to have exited) after the module.
+    """
+    yield from _server_factory("uvicorn", UvicornProcess)
+
+
+@pytest.fixture(scope="module")
+def nginx_proxy() -> Iterator[Callable[[str], NginxServer]]:
+    """Start a real nginx with `proxy_cache` in front of an upstream URL, on a free port.
+
+    ``nginx_proxy(upstream).url`` is its ``http://127.0.0.1:PORT``; its configuration, logs
+    and cache live in a temporary directory; every nginx started is stopped (and checked to
+    have exited) after the module.
+    """
+    yield from _server_factory("nginx", NginxServer)
