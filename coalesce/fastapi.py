@@ -24,19 +24,31 @@ What is cached is the *rendered* response: status, body bytes and headers (minus
 msgpack-friendly dict, so a hit skips the handler, response validation and serialization,
 in memory or on Redis.
 
-Keys (see `coalesce.fastapi_keys`): the route's path template plus its path, query,
-header, cookie and body parameters, sorted; `Request`, `Response`, `BackgroundTasks`,
-`SecurityScopes` and `Depends(...)`/`Security(...)` values are left out. `vary=[...]`
-adds request headers. `key="item:{item_id}"` replaces the default with a template over the
-handler's parameters (dependency results included: `"feed:{user.id}"`).
+Keys (see `coalesce.fastapi_keys`): two requests share an entry only when the handler
+cannot tell them apart. A default key is the request's `scheme://host`, the route's path
+template, the handler's path, query, header, cookie and body parameters (sorted), the
+inputs that its dependencies at any depth declare (route, router and app dependencies
+included: the inputs of the route's OpenAPI operation), and the `vary` headers:
+`https://shop.example/items/<item_id>?item_id=3|query.skip=50|header.x-tenant=acme`.
+`Request`, `Response`, `BackgroundTasks`, `SecurityScopes` and `Depends(...)` values are
+not inputs (what a dependency reads from them is invisible: name such headers in `vary`).
+`key="item:{item_id}"` replaces the default with a template over the handler's parameters
+(dependency results included: `"feed:{user.id}"`), stored as `item:3@<module>.<handler>`
+so that two routes with one template never answer each other. Secrets (cookies,
+credential headers, parameters named like token, key, secret, password, signature,
+session) enter keys and logs only as a hash.
 
-Safe by default: a request carrying `Authorization` or `Cookie` is neither served from nor
-stored into an entry unless each such header is in `vary`, the key is a template that reads
-the user's identity (a dependency result such as `"feed:{user.id}"`, a cookie parameter or
-a credential header parameter; `"item:{item_id}"` does not), or the route says
-`shared=True`. Such requests run the handler as if undecorated (`X-Cache: BYPASS`).
-Responses that set a cookie or say `Cache-Control: private`/`no-store` are never stored
-nor handed to another request.
+Safe by default: a request carrying a credential (`Authorization`, `Cookie`, or the
+header, query parameter or cookie that a `fastapi.security` scheme anywhere in the route's
+dependency tree reads) is neither served from nor stored into an entry unless each such
+header is in `vary`, the key is a template that reads the user's identity (the result of a
+dependency that reads a credential, such as `"feed:{user.id}"`; a cookie or credential
+header parameter; `"item:{item_id}"` does not), or the route says `shared=True`. Such
+requests run the handler as if undecorated (`X-Cache: BYPASS`, `Cache-Control: private`
+unless the handler sets its own). Every request header in the key is named in `Vary`, and
+so are the credential headers unless `shared=True`; an entry that depends on a credential
+or on the user's identity is sent `private`. Responses that set a cookie or say
+`Cache-Control: private`/`no-store` are never stored nor handed to another request.
 
 HTTP semantics (pure logic in `coalesce.http`):
 

@@ -1,30 +1,35 @@
-"""Which parameters of a route handler identify a request, and the cache keys built from them.
+"""Which inputs of a route identify a request, and the cache keys built from them.
 
 FastAPI passes a handler its path, query, header, cookie and body parameters (the request's
 identity) along with things that are not: `Request`, `Response`, `BackgroundTasks`,
 `SecurityScopes` and every `Depends(...)` / `Security(...)` value (a database session, the
-current user object...). `analyse` sorts them once, at decoration time.
+current user object...). `analyse` sorts them once, at decoration time. The inputs that
+the route's dependencies declare at any depth are known from FastAPI's own dependency tree
+of the route at its first request (`route_inputs`), and so are the credentials its
+`fastapi.security` schemes read.
 
-The default key of a request is the route's path template (with `<name>` for `{name}`, as
-braces are not allowed in keys) followed by its identity parameters in name order,
-query-string style, then the `vary` request headers:
+The default key of a request is its `scheme://host` (RFC 9111 2: a cache keys on the target
+URI), the route's path template (with `<name>` for `{name}`, as braces are not allowed in
+keys) and the handler's identity parameters in name order, query-string style, then the
+`vary` request headers, then the dependencies' inputs:
 
-    /items/<item_id>?item_id=3&q=red|accept-language=en
+    https://shop.example/items/<item_id>?item_id=3&q=red|accept-language=en|query.skip=50
 
 * `None` leaves a parameter out; a list repeats it (`tag=a&tag=b`, in order; sets sorted);
   booleans are `true`/`false`; enums give their value; other objects (pydantic models,
   dates...) their JSON with sorted keys. `&`, `=`, `|`, `%`, `?` and whitespace inside
   values are percent-encoded, so distinct requests never share a key.
-* Values that are secrets (cookie parameters, `Authorization`-like headers, in parameters or
-  in `vary`) enter the key only as `#` + 32 hex digits of their SHA-256: keys show up in
-  logs, `coalesce keys` and metrics, tokens must not.
+* Values that are secrets (cookie parameters, `Authorization`-like headers, parameters
+  named like a token, key, secret, password, signature or session: `secret_name`) enter
+  the key only as `#` + 32 hex digits of their SHA-256: keys show up in logs,
+  `coalesce keys` and metrics, tokens must not.
 * A missing `vary` header is written without `=`, an empty one with it: they differ.
 
 A `key=` template replaces the default key. It carries the user's identity (so a request
-with `Authorization` or `Cookie` may be cached under it, for that user only) only when it
-reads a dependency result (`"feed:{user.id}"` with `user = Depends(current_user)`), a cookie
-parameter or a credential header parameter (`Authorization`, `X-API-Key`...):
-`template_carries_identity`.
+with credentials may be cached under it, for that user only) only when it reads the result
+of a dependency that reads a credential (`"feed:{user.id}"` with `user =
+Depends(current_user)` and `current_user` taking a security scheme, an `Authorization`
+header...), a cookie parameter or a credential header parameter: `template_carries_identity`.
 
 The core then makes the key safe (escapes what is left, bounds its length with a hash).
 """
