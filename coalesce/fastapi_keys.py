@@ -61,7 +61,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from coalesce.errors import ConfigurationError
-from coalesce.http import SENSITIVE_HEADERS
+from coalesce.http import CREDENTIAL_HEADERS, SENSITIVE_HEADERS
 
 # Printable ASCII that may stay as it is in a key value; everything else is %-encoded.
 _SAFE = "!\"#$'()*+,-./:;<>@[\\]^_`{}~"
@@ -83,6 +83,7 @@ _SECRET_STEMS = (
     "cookie",
 )
 _WORD_SPLIT = re.compile(r"[^a-z0-9]+")
+_CREDENTIAL_HEADER_NAMES: dict[bytes, str | None] = {}  # see `credential_header`
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,21 @@ def secret_name(name: str) -> bool:
     if any(part in _SECRET_WORDS for part in _WORD_SPLIT.split(lowered)):
         return True
     return any(stem in lowered for stem in _SECRET_STEMS)
+
+
+def credential_header(name: bytes) -> str | None:
+    """The name of a raw request header if it carries a credential, else None: the
+    `CREDENTIAL_HEADERS` (`authorization`, `cookie`) and any header `secret_header` names
+    (`x-api-key`, `x-auth-token`...), which an authentication middleware may read without
+    the route declaring it. Remembered per name (at most 4096 names, then forgotten)."""
+    if name in _CREDENTIAL_HEADER_NAMES:
+        return _CREDENTIAL_HEADER_NAMES[name]
+    text = name.decode("latin-1").lower()
+    known = text if text in CREDENTIAL_HEADERS or secret_header(text) else None
+    if len(_CREDENTIAL_HEADER_NAMES) >= 4096:
+        _CREDENTIAL_HEADER_NAMES.clear()
+    _CREDENTIAL_HEADER_NAMES[name] = known
+    return known
 
 
 def secret_header(name: str) -> bool:

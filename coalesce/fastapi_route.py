@@ -57,6 +57,7 @@ from coalesce.fastapi_keys import (
     RouteInputs,
     analyse,
     bind_identity,
+    credential_header,
     encode_inputs,
     encode_origin,
     encode_params,
@@ -87,7 +88,6 @@ from coalesce.http import (
 logger = logging.getLogger("coalesce.fastapi")
 
 _COUNTER = {HIT: "hits", MISS: "misses", STALE: "stale", COALESCED: "coalesced"}
-_CREDENTIALS = {name.encode(): name for name in CREDENTIAL_HEADERS}
 # What rendering a request's key or tags may raise: the request then runs uncached.
 _UNRENDERABLE = (CoalesceError, TypeError, ValueError, AttributeError, LookupError)
 
@@ -174,7 +174,7 @@ class HitShortcut:
         for name, value in scope["headers"]:
             if name in self.vary:
                 lines.append((name, value))
-            if name in _CREDENTIALS and not self.route.shared:
+            if not self.route.shared and credential_header(name) is not None:
                 return None
             if name == b"if-none-match" and if_none_match is None:
                 if_none_match = value
@@ -257,6 +257,7 @@ class ServedRoute:
         "credential_headers",
         "credential_queries",
         "inputs",
+        "keyed",
         "per_user",
         "responder",
         "vary",
@@ -271,6 +272,9 @@ class ServedRoute:
         # every credential header unless the route is shared: a downstream cache must not
         # answer a request with another one's response.
         keyed = owner.template_headers if owner.template is not None else inputs.headers
+        # The headers whose values are in the key: a credential among them keeps the
+        # entry to its holder.
+        self.keyed = frozenset((*owner.vary, *keyed))
         credentials = () if owner.shared else names
         vary = list(dict.fromkeys((*owner.vary, *keyed, *credentials)))
         sensitive_key = owner.template is None and (
@@ -293,7 +297,7 @@ class ServedRoute:
         found: list[str] = []
         known = self.credential_headers
         for name, _ in request.scope["headers"]:
-            credential = known.get(name)
+            credential = known.get(name) or credential_header(name)
             if credential is not None and credential not in found:
                 found.append(credential)
         if self.credential_queries:
@@ -605,7 +609,7 @@ class CachedRoute:
         credentials = view.credentials(request)
         private = view.per_user
         if credentials and not self.shared:
-            if not self.key_has_user and not all(h in self.vary for h in credentials):
+            if not self.key_has_user and not all(h in view.keyed for h in credentials):
                 # Its response depends on the credentials: downstream caches must keep it
                 # to this user too, unless the handler says otherwise.
                 sub.headers["cache-control"] = "private"

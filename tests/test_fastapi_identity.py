@@ -479,3 +479,27 @@ async def test_secret_query_values_are_hashed_in_keys_and_logs(
     assert "SECRET" not in text
     assert len(cache.keys()) == 3
     assert "api_token=#" in text and "signed:#" in text
+
+
+async def test_a_credential_header_read_by_a_middleware_is_a_credential(cache: Cache) -> None:
+    """An authentication middleware reads `X-Auth-Token` without the route declaring it:
+    a header named like a credential is one, so such requests bypass."""
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Any:
+        request.state.user = TOKENS.get(request.headers.get("x-auth-token", ""), "anon")
+        return await call_next(request)
+
+    @app.get("/whoami")
+    @cached(ttl=60, cache=cache, registry=MetricsRegistry())
+    async def whoami(request: Request) -> dict[str, str]:
+        return {"me": request.state.user}
+
+    async with client(app) as c:
+        alice = await c.get("/whoami", headers={"x-auth-token": "tok-alice"})
+        bob = await c.get("/whoami", headers={"x-auth-token": "tok-bob"})
+        anon = await c.get("/whoami")
+    assert [r.json()["me"] for r in (alice, bob, anon)] == ["alice", "bob", "anon"]
+    assert [r.headers["x-cache"] for r in (alice, bob, anon)] == ["BYPASS", "BYPASS", "MISS"]
+    assert alice.headers["cache-control"] == "private"
