@@ -633,7 +633,7 @@ class CachedRoute:
             else:
                 base = self.base_key(None, None, ident)
             raw_key = base + encode_vary(self.vary, request.headers) if self.vary else base
-            if self.template is None and view.inputs is not NO_INPUTS:
+            if self.template is None and (view.inputs.inputs or view.inputs.body):
                 raw_key += await encode_inputs(view.inputs, request)
             key = self.normal(raw_key)
         except _UNRENDERABLE as exc:
