@@ -8,7 +8,8 @@ Redis as well as in memory)
 
 or, for a cached `HTTPException` (`cache_4xx=True`), `"detail"` instead of a body: it is
 raised again on hits so that the application's exception handlers render it as usual.
-Headers that are per response, per hop or per user are not kept (`http.UNSTORED_HEADERS`).
+Headers that are per response, per hop or per user are not kept (`http.UNSTORED_HEADERS`);
+the handler's own `Cache-Control` is, and is sent as written (`http.cache_control_for`).
 
 `render` turns a handler's return value into the `Response` FastAPI itself would have sent:
 the route's `response_model` validation and serialization, its `response_class` and
@@ -32,20 +33,21 @@ from coalesce.http import (
     COALESCED,
     HIT,
     MISS,
+    NOT_MODIFIED_HEADERS,
     STALE,
     UNSTORED_HEADERS,
-    age_seconds,
-    cache_control_value,
-    cache_directives,
+    cache_control_for,
     etag_for,
     if_none_match,
-    max_age_seconds,
+    personal,
+    response_age,
     storable,
 )
 
 _DUMP_JSON = "dump_json" in inspect.signature(serialize_response).parameters
 RawHeaders = list[tuple[bytes, bytes]]
 _X_CACHE = {s: (b"x-cache", s.encode()) for s in (HIT, MISS, STALE, COALESCED)}
+_NOT_MODIFIED = frozenset(name.encode() for name in NOT_MODIFIED_HEADERS)
 
 
 class RawResponse(Response):
@@ -61,14 +63,27 @@ class RawResponse(Response):
 class NotShared(Exception):
     """A computed response that must not be stored, and maybe not shared either.
 
-    The request that ran the handler answers with its own response; the others answer with
-    `rendered` when sharing it is safe (a 5xx, an un-opted 4xx, `no-store`), else run the
-    handler themselves (`rendered` is None: a cookie was set, `private`, or a stream).
+    The request that ran the handler answers with its own response (`own_response`); the
+    others answer with `rendered` when sharing it is safe (a 5xx, an un-opted 4xx), else run
+    the handler themselves (`rendered` is None: a cookie was set, `no-store` or `private`
+    said, or a stream).
     """
 
     def __init__(self, rendered: dict[str, Any] | None) -> None:
         super().__init__("response not stored")
         self.rendered = rendered
+
+
+def own_response(response: Response, *, private: bool) -> Response:
+    """The response of the request that ran the handler, when it is not stored: as the
+    handler made it, with `X-Cache: MISS`; per user (`private`), its Cache-Control as
+    `http.cache_control_for` makes it (never `public` nor `s-maxage`, at least `private`)."""
+    response.headers["x-cache"] = MISS
+    if private:
+        written = response.headers.getlist("cache-control")
+        control = cache_control_for(", ".join(written) if written else None, private=True, ttl=None)
+        response.headers["cache-control"] = control or "private"
+    return response
 
 
 async def render(raw: Any, route: Any, sub: Response) -> Response:
@@ -117,38 +132,47 @@ async def render(raw: Any, route: Any, sub: Response) -> Response:
 def entry_of(
     response: Response, *, ttl: float | None, store: bool, cache_4xx: bool
 ) -> dict[str, Any]:
-    """The entry of a rendered response; raises `NotShared` when it may not be kept."""
+    """The entry of a rendered response; raises `NotShared` when it may not be kept.
+
+    A `personal` response (a cookie set, `no-store`, `private`) is handed to no other
+    request: `NotShared(None)`. One that is not stored for its status (5xx; 4xx unless
+    `cache_4xx`; anything on a route that does not store) may still be shared by the requests
+    of its flight: `NotShared(rendered)`.
+    """
     body = getattr(response, "body", None)
     if not isinstance(body, bytes):  # a streaming response: nothing to keep or share
         raise NotShared(None)
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
+    # names lower-cased (as Starlette writes them; a handler may append others to raw_headers)
+    headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in response.raw_headers]
+    if personal(headers):
+        raise NotShared(None)
     rendered = {
         "v": 1,
         "status": response.status_code,
-        "headers": [[k, v] for k, v in headers if k.lower() not in UNSTORED_HEADERS],
+        "headers": [[k, v] for k, v in headers if k not in UNSTORED_HEADERS],
         "body": body,
         "etag": etag_for(body),
         "created": time.time(),
         "ttl": ttl,
     }
-    if not storable(response.status_code, headers, cache_4xx=True):
-        per_user = any(
-            k.lower() == "set-cookie"
-            or (k.lower() == "cache-control" and "private" in cache_directives(v))
-            for k, v in headers
-        )
-        raise NotShared(None if per_user else rendered)
-    if store and not storable(response.status_code, headers, cache_4xx=cache_4xx):
+    if not storable(response.status_code, headers, cache_4xx=cache_4xx or not store):
         raise NotShared(rendered)
     return rendered
 
 
 def exception_entry(exc: HTTPException, *, ttl: float | None) -> dict[str, Any]:
-    """The entry of a raised 4xx `HTTPException` (kept only with `cache_4xx=True`)."""
+    """The entry of a raised 4xx `HTTPException` (kept only with `cache_4xx=True`).
+
+    One whose headers make it `personal` is raised again (`exc`): not stored, as without
+    `cache_4xx`.
+    """
+    headers = [[k, v] for k, v in (exc.headers or {}).items()]
+    if personal((k, v) for k, v in headers):
+        raise exc
     return {
         "v": 1,
         "status": exc.status_code,
-        "headers": [[k, v] for k, v in (exc.headers or {}).items()],
+        "headers": headers,
         "detail": jsonable_encoder(exc.detail),
         "etag": "",
         "created": time.time(),
@@ -156,20 +180,51 @@ def exception_entry(exc: HTTPException, *, ttl: float | None) -> dict[str, Any]:
     }
 
 
-class Encoded:
-    """An entry's parts encoded once: its stored headers (with Content-Length) and ETag, and
-    the complete headers of its latest public `HIT` response with the `Age` and `max-age`
-    they carry (they change at most once a second)."""
+def _split(headers: list[list[str]]) -> tuple[list[list[str]], str | None, bool]:
+    """An entry's headers but Cache-Control, the handler's Cache-Control (several lines
+    joined; None when it wrote none) and whether it wrote an `Expires`."""
+    rest: list[list[str]] = []
+    control: str | None = None
+    expires = False
+    for pair in headers:
+        name = pair[0].lower()
+        if name == "cache-control":
+            control = pair[1] if control is None else f"{control}, {pair[1]}"
+        else:
+            expires = expires or name == "expires"
+            rest.append(pair)
+    return rest, control, expires
 
-    __slots__ = ("etag", "hit", "hit_ages", "raw", "value")
+
+class Encoded:
+    """An entry's parts encoded once: its stored headers but Cache-Control (with
+    Content-Length), the handler's Cache-Control and `Expires` (see
+    `http.cache_control_for`), its ETag, and the complete headers of its latest public `HIT`
+    response with the `Age` they carry (it changes at most once a second)."""
+
+    __slots__ = ("control", "etag", "expires", "hit", "hit_age", "raw", "value")
 
     def __init__(self, value: dict[str, Any]) -> None:
         self.value = value
-        self.raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in value["headers"]]
-        self.raw.append((b"content-length", str(len(value["body"])).encode()))
+        # One pass: a shared store's hit encodes its entry every time. Names are lower-case
+        # (`entry_of`).
+        raw: RawHeaders = []
+        control: str | None = None
+        expires = False
+        for k, v in value["headers"]:
+            if k == "cache-control":
+                control = v if control is None else f"{control}, {v}"
+                continue
+            if k == "expires":
+                expires = True
+            raw.append((k.encode("latin-1"), v.encode("latin-1")))
+        raw.append((b"content-length", str(len(value["body"])).encode()))
+        self.raw = raw
+        self.control = control
+        self.expires = expires
         self.etag = value["etag"].encode()
         self.hit: RawHeaders = []
-        self.hit_ages = (-1, -1)
+        self.hit_age = -1
 
 
 class Responder:
@@ -184,18 +239,10 @@ class Responder:
         self.vary_header = vary_header
         self.stale_ttl = stale_ttl
         self.memo_size = memo_size
-        # `Cache-Control` with a `%d` for max-age, built once (see `cache_control_value`).
-        self._control_public = (
-            cache_control_value(0, stale_while_revalidate=stale_ttl)
-            .replace("max-age=0", "max-age=%d")
-            .encode()
-        )
-        self._control_private = (
-            cache_control_value(0, private=True, stale_while_revalidate=stale_ttl)
-            .replace("max-age=0", "max-age=%d")
-            .encode()
-        )
         self._memo: dict[int, Encoded] = {}
+        # (handler's Cache-Control, its Expires, private, ttl) -> the Cache-Control sent
+        # (b"" for none): a handful per route, each built once.
+        self._controls: dict[tuple[str | None, bool, bool, float | None], bytes] = {}
 
     def _encoded(self, value: dict[str, Any], remember: bool) -> Encoded:
         memo = self._memo.get(id(value))
@@ -208,16 +255,29 @@ class Responder:
             self._memo[id(value)] = encoded
         return encoded
 
-    def _caching_headers(
-        self, status: str, private: bool, ages: tuple[int, int] | None
-    ) -> RawHeaders:
-        """`X-Cache`, then (`ages`: Age and max-age, for cached routes) `Cache-Control` and
-        `Age`, then `Vary`."""
+    def _control(
+        self, handler: str | None, expires: bool, private: bool, ttl: float | None
+    ) -> bytes:
+        """The `Cache-Control` sent (b"" for none): `http.cache_control_for`, remembered."""
+        key = (handler, expires, private, ttl)
+        control = self._controls.get(key)
+        if control is None:
+            text = cache_control_for(
+                handler, private=private, ttl=ttl, stale_ttl=self.stale_ttl, expires=expires
+            )
+            control = b"" if text is None else text.encode("latin-1")
+            if len(self._controls) >= self.memo_size:
+                self._controls.clear()
+            self._controls[key] = control
+        return control
+
+    def _caching_headers(self, status: str, control: bytes, age: int | None) -> RawHeaders:
+        """`X-Cache`, then `Cache-Control` (unless empty), `Age` (for cached routes), `Vary`."""
         extra: RawHeaders = [_X_CACHE.get(status) or (b"x-cache", status.encode())]
-        if ages is not None:
-            control = self._control_private if private else self._control_public
-            extra.append((b"cache-control", control % ages[1]))
-            extra.append((b"age", b"%d" % ages[0]))
+        if control:
+            extra.append((b"cache-control", control))
+        if age is not None:
+            extra.append((b"age", b"%d" % age))
         if self.vary_header:
             extra.append((b"vary", self.vary_header))
         return extra
@@ -237,34 +297,39 @@ class Responder:
         """The status, body and raw headers of the response for an entry: its stored parts
         plus this response's caching headers.
 
-        `cached`: add Cache-Control and Age (False for `coalesced` routes, which keep
-        nothing). Raises the entry's `HTTPException` for a cached exception.
+        `cached`: add `Age` and the cache's own Cache-Control (False for `coalesced` routes,
+        which keep nothing: only the handler's, if it wrote one). `Age` is the entry's
+        (`http.response_age`: past the TTL, at least the max-age sent, so `stale` needs no
+        more than the entry's times). A 304 carries the same Cache-Control, Age, ETag and
+        Vary, and the entry's `Expires` and `Content-Location` (RFC 9110 15.4.5). Raises the
+        entry's `HTTPException` for a cached exception.
         """
-        ages: tuple[int, int] | None = None
-        if cached:
-            now = time.time()
-            created, ttl = value["created"], value["ttl"]
-            max_age = 0 if stale or ttl is None else max_age_seconds(created, ttl, now)
-            ages = (age_seconds(created, now), max_age)
+        ttl: float | None = value["ttl"] if cached else None
+        age = response_age(value["created"], ttl, time.time()) if cached else None
         if "detail" in value:  # a cached HTTPException: the app's handlers render it
-            headers = {k: v for k, v in value["headers"]}
-            extra = self._caching_headers(status, private, ages)
+            rest, handler, expires = _split(value["headers"])
+            control = self._control(handler, expires, private, ttl)
+            headers = {k: v for k, v in rest}
+            extra = self._caching_headers(status, control, age)
             headers.update((k.decode(), v.decode()) for k, v in extra)
             raise HTTPException(value["status"], detail=value["detail"], headers=headers)
         encoded = self._encoded(value, remember)
         code: int = value["status"]
         body = b"" if head else value["body"]
-        if status == HIT and ages is not None and not private and if_none_match_header is None:
+        if status == HIT and age is not None and not private and if_none_match_header is None:
             # The common hit: the same headers as the previous one within the same second.
-            if encoded.hit_ages != ages:
-                extra = self._caching_headers(HIT, False, ages)
+            if encoded.hit_age != age:
+                control = self._control(encoded.control, encoded.expires, False, ttl)
+                extra = self._caching_headers(HIT, control, age)
                 encoded.hit = [*encoded.raw, *extra, (b"etag", encoded.etag)]
-                encoded.hit_ages = ages
+                encoded.hit_age = age
             return code, body, list(encoded.hit)  # a copy: middleware may add to it
-        extra = self._caching_headers(status, private, ages)
+        control = self._control(encoded.control, encoded.expires, private, ttl)
+        extra = self._caching_headers(status, control, age)
         extra.append((b"etag", encoded.etag))
         if 200 <= code < 300 and if_none_match(if_none_match_header, value["etag"]):
-            return 304, b"", extra
+            repeated = [(k, v) for k, v in encoded.raw if k in _NOT_MODIFIED]
+            return 304, b"", [*repeated, *extra]
         return code, body, encoded.raw + extra
 
     def respond(

@@ -10,16 +10,22 @@ follow RFC 9110 (conditional requests) and RFC 9111 / RFC 5861 (caching):
   worker still gets its 304.
 * `If-None-Match` uses the *weak* comparison (RFC 9110 13.1.2): `W/"x"` matches `"x"`.
   `*` matches any current representation. Unparseable members match nothing.
-* `Cache-Control: max-age` is the *remaining* freshness in whole seconds (never negative),
-  `Age` the whole seconds since the entry was computed; a response cached per user is
-  `private`, a shared one `public`. Every delta-seconds value sent is at most
-  `MAX_DELTA_SECONDS` (2^31, RFC 9111 1.2.2), whatever the TTL.
+* `Cache-Control: max-age` is the entry's TTL, the same on every response from it, and `Age`
+  the whole seconds since the entry was computed: a downstream cache adds `Age` to its own
+  clock (RFC 9111 4.2.3), so its freshness lifetime ends when the entry's does. A response
+  cached per user is `private`, a shared one `public`. Every delta-seconds value sent is at
+  most `MAX_DELTA_SECONDS` (2^31, RFC 9111 1.2.2), whatever the TTL.
+* The handler's own `Cache-Control` wins downstream (`cache_control_for`): kept in the entry
+  and sent as written, except that a per-user response never says `public`, `s-maxage` or
+  `proxy-revalidate`. A response that sets a cookie or says `no-store` / `private` belongs to
+  its own request (`personal`): never stored, never handed to another request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 import string
 from collections.abc import Iterable, Sequence
 
@@ -31,11 +37,11 @@ COALESCED = "COALESCED"  # received the result another request was computing at 
 BYPASS = "BYPASS"  # not cacheable (credentials without identity in the key, method, no-cache)
 
 #: Response headers never stored in an entry: recomputed per response, per hop, or per user.
-#: (A handler's own `Vary` is kept: it is sent next to the one the cache adds.)
+#: (A handler's own `Vary` is kept: it is sent next to the one the cache adds; so are its
+#: `Cache-Control`, which wins over ours, and `Expires`: see `cache_control_for`.)
 UNSTORED_HEADERS = frozenset(
     {
         "age",
-        "cache-control",
         "connection",
         "content-length",
         "date",
@@ -59,6 +65,14 @@ CREDENTIAL_HEADERS = ("authorization", "cookie")
 #: The largest delta-seconds sent (`max-age`, `Age`, `stale-while-revalidate`): RFC 9111
 #: 1.2.2 has caches read any greater value as this one.
 MAX_DELTA_SECONDS = 2**31
+
+#: Cache-Control directives addressed to shared caches only (RFC 9111 5.2.2.8 to 5.2.2.10):
+#: a per-user response does not carry them (`private_cache_control`).
+SHARED_CACHE_DIRECTIVES = frozenset({"public", "s-maxage", "proxy-revalidate"})
+
+#: Response headers a 304 repeats from the response it stands for (RFC 9110 15.4.5), besides
+#: the Cache-Control, Age, ETag and Vary that the cache adds itself.
+NOT_MODIFIED_HEADERS = frozenset({"content-location", "expires", "vary"})
 
 _TCHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
 
@@ -127,13 +141,24 @@ def if_none_match(header: str | None, etag: str) -> bool:
     return opaque in tags
 
 
+# One member of a comma-separated list: a comma inside a quoted string does not end it
+# (`no-cache="Set-Cookie, X-Token"` is one directive, RFC 9111 5.2.2.4).
+_MEMBER = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
+
+
+def list_members(header: str) -> list[str]:
+    """The members of a comma-separated header value (RFC 9110 5.6.1), stripped, empty ones
+    dropped; commas inside quoted strings do not separate."""
+    return [m for m in (raw.strip() for raw in _MEMBER.findall(header)) if m]
+
+
 def cache_directives(header: str | None) -> dict[str, str | None]:
     """The directives of a `Cache-Control` value, lower-cased: `{"max-age": "0", ...}`."""
     directives: dict[str, str | None] = {}
     if not header:
         return directives
-    for part in header.split(","):
-        name, sep, value = part.strip().partition("=")
+    for part in list_members(header):
+        name, sep, value = part.partition("=")
         name = name.strip().lower()
         if name:
             directives[name] = value.strip().strip('"') if sep else None
@@ -160,12 +185,24 @@ def age_seconds(created: float, now: float) -> int:
     return MAX_DELTA_SECONDS if age >= MAX_DELTA_SECONDS else int(age)
 
 
-def max_age_seconds(created: float, ttl: float, now: float) -> int:
-    """Remaining freshness in whole seconds (`max-age`): rounded up, never negative.
+def response_age(created: float, ttl: float | None, now: float) -> int:
+    """The `Age` sent with a response from an entry (RFC 9111 5.1).
 
-    Rounded up so that a response computed a moment ago says `max-age=<ttl>`, not
-    `<ttl - 1>`; it overstates the remaining time by less than a second. At most
-    `MAX_DELTA_SECONDS`.
+    `age_seconds`; but once the entry is past its `ttl`, at least `delta_seconds(ttl)` (the
+    `max-age` sent), so that an entry served stale is stale downstream too: rounding
+    `max-age` up and `Age` down would leave it fresh there for up to a second.
+    """
+    age = age_seconds(created, now)
+    if ttl is not None and now >= created + ttl:
+        return max(age, delta_seconds(ttl))
+    return age
+
+
+def max_age_seconds(created: float, ttl: float, now: float) -> int:
+    """What is left of an entry's freshness in whole seconds: rounded up, never negative.
+
+    Not what `max-age` says (that is the whole TTL, next to `Age`: see `cache_control_for`).
+    At most `MAX_DELTA_SECONDS`.
     """
     return delta_seconds(created + ttl - now)
 
@@ -173,11 +210,62 @@ def max_age_seconds(created: float, ttl: float, now: float) -> int:
 def cache_control_value(
     max_age: int, *, private: bool = False, stale_while_revalidate: float = 0.0
 ) -> str:
-    """The `Cache-Control` of a cached response."""
+    """The `Cache-Control` the cache writes itself (the handler did not write one)."""
     value = f"{'private' if private else 'public'}, max-age={max_age}"
     if stale_while_revalidate > 0:
         value += f", stale-while-revalidate={delta_seconds(stale_while_revalidate)}"
     return value
+
+
+def private_cache_control(header: str) -> str:
+    """A handler's `Cache-Control` made fit for a per-user response.
+
+    `public`, `s-maxage` and `proxy-revalidate` (`SHARED_CACHE_DIRECTIVES`, RFC 9111 5.2.2.8
+    to 5.2.2.10) are removed, and `private` (5.2.2.7) put first unless it is there already;
+    every other directive stays as written, in its order: `public, max-age=60, s-maxage=600,
+    must-revalidate` becomes `private, max-age=60, must-revalidate`.
+    """
+    kept: list[str] = []
+    has_private = False
+    for member in list_members(header):
+        name = member.partition("=")[0].strip().lower()
+        if name in SHARED_CACHE_DIRECTIVES:
+            continue
+        has_private = has_private or name == "private"
+        kept.append(member)
+    return ", ".join(kept if has_private else ["private", *kept])
+
+
+def cache_control_for(
+    handler: str | None,
+    *,
+    private: bool,
+    ttl: float | None,
+    stale_ttl: float = 0.0,
+    expires: bool = False,
+) -> str | None:
+    """The `Cache-Control` of a response produced from an entry (None: send none).
+
+    * The handler wrote one (`handler`): it wins, sent as written, on every response of the
+      entry: its directives are addressed to every cache downstream (RFC 9111 5.2.2), and
+      coalesce's own store follows its TTL, not them (a `no-cache` or `max-age=0` from the
+      handler is still stored: downstream revalidates, coalesce serves). A per-user response
+      (`private`) goes through `private_cache_control`.
+    * Else the handler wrote an `Expires` (`expires`): that is its freshness (a `max-age`
+      would override it, RFC 9111 5.3); only `private` is said, for a per-user response.
+    * Else a route that keeps nothing (`ttl` None): nothing, or `private` per user.
+    * Else the cache's own: `public` (per user `private`), `max-age=<ttl>` and with a
+      `stale_ttl`, `stale-while-revalidate=<stale_ttl>` (RFC 5861 3). The same on every
+      response of the entry: its age is told by `Age`, which a downstream cache adds to its
+      own clock (RFC 9111 4.2.3), so that cache's freshness ends when the entry's does.
+    """
+    if handler is not None:
+        return private_cache_control(handler) if private else handler
+    if expires or ttl is None:
+        return "private" if private else None
+    return cache_control_value(
+        delta_seconds(ttl), private=private, stale_while_revalidate=stale_ttl
+    )
 
 
 def cache_status(
@@ -198,26 +286,37 @@ def cache_status(
     return HIT
 
 
+def personal(headers: Iterable[tuple[str, str]]) -> bool:
+    """Whether a response belongs to the request it was computed for, and to no other.
+
+    It sets a cookie, or its `Cache-Control` says `no-store` (RFC 9111 5.2.2.5) or
+    `private` (5.2.2.7, also with field names: the whole response is kept to its request).
+    Such a response is never stored, nor handed to the other requests of its flight (they
+    compute for themselves).
+    """
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "set-cookie":
+            return True
+        if lowered == "cache-control":
+            directives = cache_directives(value)
+            if "no-store" in directives or "private" in directives:
+                return True
+    return False
+
+
 def storable(status: int, headers: Iterable[tuple[str, str]], *, cache_4xx: bool = False) -> bool:
     """Whether a rendered response may be stored and served to other requests.
 
     5xx never (a failure must not outlive itself); 4xx only with `cache_4xx=True` (a 404 for
     an id that is created a second later would otherwise stick); 1xx, 206 and 304 never; a
-    response that sets a cookie or says `no-store` / `private` never.
+    `personal` response never. (`no-cache` is stored: see `cache_control_for`.)
     """
     if status >= 500 or status < 200 or status in (206, 304):
         return False
     if 400 <= status < 500 and not cache_4xx:
         return False
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == "set-cookie":
-            return False
-        if lowered == "cache-control":
-            directives = cache_directives(value)
-            if "no-store" in directives or "private" in directives:
-                return False
-    return True
+    return not personal(headers)
 
 
 def quantile(ordered: Sequence[float], q: float) -> float:

@@ -10,18 +10,24 @@ from coalesce.http import (
     BYPASS,
     COALESCED,
     HIT,
+    MAX_DELTA_SECONDS,
     MISS,
     STALE,
     age_seconds,
+    cache_control_for,
     cache_control_value,
     cache_directives,
     cache_status,
     client_wants_fresh,
     etag_for,
     if_none_match,
+    list_members,
     max_age_seconds,
     parse_etags,
+    personal,
+    private_cache_control,
     quantile,
+    response_age,
     storable,
 )
 
@@ -92,6 +98,26 @@ def test_cache_directives() -> None:
         "private": None,
     }
     assert cache_directives('max-age="10"') == {"max-age": "10"}
+    # a comma inside a quoted argument does not end the directive (RFC 9111 5.2.2.4)
+    assert cache_directives('no-cache="Set-Cookie, X-Token", max-age=5') == {
+        "no-cache": "Set-Cookie, X-Token",
+        "max-age": "5",
+    }
+
+
+@pytest.mark.parametrize(
+    ("header", "members"),
+    [
+        ("", []),
+        ("a", ["a"]),
+        (" a , b ,, ", ["a", "b"]),
+        ('a="x, y", b', ['a="x, y"', "b"]),
+        ('a="x\\", y", b', ['a="x\\", y"', "b"]),  # an escaped quote stays inside
+        ('a="unterminated, b', ['a="unterminated, b']),
+    ],
+)
+def test_list_members(header: str, members: list[str]) -> None:
+    assert list_members(header) == members
 
 
 @pytest.mark.parametrize(
@@ -120,6 +146,112 @@ def test_age_and_max_age_are_whole_non_negative_seconds() -> None:
     assert max_age_seconds(100.0, 60.0, 101.5) == 59
     assert max_age_seconds(100.0, 60.0, 160.0) == 0
     assert max_age_seconds(100.0, 60.0, 161.0) == 0
+
+
+def test_response_age_is_the_entrys_age_and_stale_downstream_once_stale_here() -> None:
+    assert response_age(100.0, 8.0, 105.0) == 5  # at age 5 of ttl 8: Age 5 (max-age=8)
+    assert response_age(100.0, 8.0, 107.99) == 7
+    assert response_age(100.0, 8.0, 108.0) == 8  # stale here: Age >= max-age, stale there
+    assert response_age(100.0, 8.0, 130.5) == 30
+    # a fractional TTL: max-age=1 is sent, so a stale entry is at least 1 s old
+    assert response_age(100.0, 0.3, 100.5) == 1
+    assert response_age(100.0, 0.3, 100.2) == 0
+    assert response_age(100.0, None, 150.0) == 50  # a route that keeps nothing
+    assert response_age(100.0, 8.0, 90.0) == 0  # a clock behind the writer's
+    assert response_age(0.0, 1e308, 1e10) == MAX_DELTA_SECONDS
+
+
+def test_a_downstream_cache_keeps_a_response_exactly_as_long_as_the_entry() -> None:
+    """RFC 9111 4.2: downstream, a response is fresh while its freshness lifetime
+    (`max-age`) exceeds its current age (`Age` plus the time it has held it, 4.2.3). So
+    `max-age - Age` must be what is left of the entry's TTL (to the second), at any age."""
+    created, ttl = 1000.0, 8.0
+    control = cache_control_for(None, private=False, ttl=ttl)
+    assert control == "public, max-age=8"
+    max_age = int(cache_directives(control)["max-age"] or 0)
+    for elapsed in (0.0, 0.5, 3.0, 5.0, 7.2, 7.99):
+        left_downstream = max_age - response_age(created, ttl, created + elapsed)
+        assert 0 <= left_downstream - (ttl - elapsed) < 1
+    for elapsed in (8.0, 8.5, 20.0):  # served stale: stale downstream too
+        assert max_age - response_age(created, ttl, created + elapsed) <= 0
+
+
+@pytest.mark.parametrize(
+    ("handler", "private", "expected"),
+    [
+        # no Cache-Control from the handler: ours, max-age the whole TTL
+        (None, False, "public, max-age=60, stale-while-revalidate=30"),
+        (None, True, "private, max-age=60, stale-while-revalidate=30"),
+        # the handler's wins, as written
+        ("no-cache", False, "no-cache"),
+        ("No-Cache, Max-Age=0", False, "No-Cache, Max-Age=0"),
+        ("public, max-age=5, s-maxage=600", False, "public, max-age=5, s-maxage=600"),
+        ("max-age=600, must-revalidate", False, "max-age=600, must-revalidate"),
+        # per user: never public, s-maxage or proxy-revalidate; always private
+        ("no-cache", True, "private, no-cache"),
+        (
+            "public, max-age=60, s-maxage=600, proxy-revalidate, must-revalidate",
+            True,
+            "private, max-age=60, must-revalidate",
+        ),
+        ("Public, S-MaxAge=600", True, "private"),
+        ("private, max-age=5", True, "private, max-age=5"),
+        ('private="X-Token", public', True, 'private="X-Token"'),
+        ('no-cache="Set-Cookie, X-Token", public', True, 'private, no-cache="Set-Cookie, X-Token"'),
+        ("", True, "private"),
+    ],
+)
+def test_cache_control_for(handler: str | None, private: bool, expected: str) -> None:
+    assert cache_control_for(handler, private=private, ttl=60.0, stale_ttl=30.0) == expected
+
+
+def test_cache_control_for_expires_and_routes_that_keep_nothing() -> None:
+    # the handler's Expires is its freshness: no max-age of ours to override it (5.3)
+    assert cache_control_for(None, private=False, ttl=60.0, expires=True) is None
+    assert cache_control_for(None, private=True, ttl=60.0, expires=True) == "private"
+    assert cache_control_for("max-age=5", private=False, ttl=60.0, expires=True) == "max-age=5"
+    # a coalesced route (ttl None) adds nothing of its own, but per user says private
+    assert cache_control_for(None, private=False, ttl=None) is None
+    assert cache_control_for(None, private=True, ttl=None) == "private"
+    assert cache_control_for("no-cache", private=False, ttl=None) == "no-cache"
+    assert cache_control_for("public", private=True, ttl=None) == "private"
+    # delta-seconds stay bounded (RFC 9111 1.2.2); a fractional TTL is rounded up
+    assert cache_control_for(None, private=False, ttl=1e308) == "public, max-age=2147483648"
+    assert cache_control_for(None, private=False, ttl=0.3) == "public, max-age=1"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("public, max-age=60", "private, max-age=60"),
+        ("max-age=60, public", "private, max-age=60"),
+        ("s-maxage=60", "private"),
+        ("no-store", "private, no-store"),
+        ("private", "private"),
+        ("max-age=60, PRIVATE", "max-age=60, PRIVATE"),
+    ],
+)
+def test_private_cache_control(header: str, expected: str) -> None:
+    assert private_cache_control(header) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([], False),
+        ([("content-type", "text/plain")], False),
+        ([("Set-Cookie", "a=b")], True),
+        ([("cache-control", "no-store")], True),
+        ([("Cache-Control", "max-age=5, Private")], True),
+        ([("cache-control", 'private="x-token"')], True),
+        ([("cache-control", "no-cache")], False),  # stored: revalidated downstream
+        ([("cache-control", 'no-cache="set-cookie, private"')], False),
+        ([("cache-control", "public, max-age=60")], False),
+        ([("pragma", "no-cache"), ("expires", "0")], False),
+    ],
+)
+def test_personal(headers: list[tuple[str, str]], expected: bool) -> None:
+    assert personal(headers) is expected
 
 
 def test_cache_control_value() -> None:
@@ -169,6 +301,9 @@ def test_cache_status(
         (200, [("Cache-Control", "no-store")], False, False),
         (200, [("cache-control", "private, max-age=10")], False, False),
         (200, [("cache-control", "public, max-age=10")], False, True),
+        (200, [("cache-control", "no-cache")], False, True),
+        (200, [("cache-control", "max-age=0, must-revalidate")], False, True),
+        (500, [("cache-control", "public, max-age=10")], True, False),
     ],
 )
 def test_storable(
