@@ -55,9 +55,11 @@ HTTP semantics (pure logic in `coalesce.http`):
 * `X-Cache: HIT | MISS | STALE | COALESCED | BYPASS`;
 * `ETag: "<32 hex of the body's SHA-256>"`, the same in every process; `If-None-Match`
   (lists, `*`, `W/` weak comparison) is answered `304` with ETag, Cache-Control, Age, Vary;
-* `Cache-Control: public|private, max-age=<remaining seconds>` (plus
-  `stale-while-revalidate` with `stale_ttl`), `Age`, and `Vary` naming the `vary` headers
-  and, unless `shared=True`, `Authorization, Cookie`;
+* `Cache-Control: public|private, max-age=<ttl>` (plus `stale-while-revalidate` with
+  `stale_ttl`) and `Age: <the entry's age>`, or the handler's own Cache-Control as it wrote
+  it (per user: `public`, `s-maxage` and `proxy-revalidate` removed, `private` first);
+  `Vary` naming every request header in the key and, unless `shared=True`, the credential
+  headers;
 * only GET and HEAD are cached (other methods run as if undecorated); 5xx is never stored;
   4xx only with `cache_4xx=True` (also for `raise HTTPException(404)`, re-raised on hits so
   your exception handlers render it); concurrent requests still share a 5xx/4xx result;
@@ -102,11 +104,13 @@ Admin router (off unless mounted; `admin_router(cache, token=...)` raises
   - `{"keys": ["k1", "k2"]}` -> 200 `{"removed": {"k1": true, "k2": false}, "count": 1}`
     (keys without the namespace, as `Cache.invalidate` takes them);
   - `{"tag": "t"}` -> 200 `{"tag": "t", "removed": 3}` (entries that carried the tag);
-* 400 `{"detail": ...}` for any other body, 503 when the store fails.
+* the token is checked before the body is read; 413 above 64 KiB, 400 `{"detail": ...}`
+  for any other body (not UTF-8 JSON, deeper than 32, more than 1,000 keys, another
+  shape), 503 when the store fails.
 
-Notes: `max-age` is the *remaining* freshness and `Age` the entry's age, so a downstream
-cache that subtracts `Age` from `max-age` expires its copy early by `Age` seconds (never
-late). A stale entry (`stale_ttl`) is refreshed in the background with the arguments of the
+Notes: `max-age` minus `Age` is exactly what is left of the entry (a downstream cache adds
+`Age` to its own clock, RFC 9111 4.2.3), and a STALE response is stale downstream too.
+A stale entry (`stale_ttl`) is refreshed in the background with the arguments of the
 request that found it stale, after that request may have finished: use `stale_ttl` only on
 handlers whose dependencies outlive the request (not a session closed by a `yield`).
 Streaming responses (`StreamingResponse`, `FileResponse`) are never cached.

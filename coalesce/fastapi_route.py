@@ -72,7 +72,14 @@ from coalesce.fastapi_keys import (
     template_fields,
 )
 from coalesce.fastapi_metrics import REGISTRY, MetricsRegistry, RouteMetrics
-from coalesce.fastapi_render import NotShared, Responder, entry_of, exception_entry, render
+from coalesce.fastapi_render import (
+    NotShared,
+    Responder,
+    entry_of,
+    exception_entry,
+    own_response,
+    render,
+)
 from coalesce.http import (
     BYPASS,
     COALESCED,
@@ -694,8 +701,7 @@ class CachedRoute:
         except NotShared as exc:
             if job.response is not None:  # this request ran the handler: its own response
                 metrics.misses += 1
-                job.response.headers["x-cache"] = MISS
-                return job.response
+                return own_response(job.response, private=private)
             if exc.rendered is None:
                 return await self.bypass(kwargs, sub, metrics)
             metrics.coalesced += 1

@@ -384,10 +384,6 @@ def test_own_response_of_a_per_user_request_is_private() -> None:
     assert shared.headers["cache-control"] == "public"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CachedRoute.serve must answer its own unstored response with own_response()",
-)
 async def test_a_per_user_response_setting_a_cookie_is_private() -> None:
     cache = Cache()
     app = FastAPI()
