@@ -246,13 +246,30 @@ def _invalidate_over_http(args: argparse.Namespace, keys: list[str], tags: list[
             f"unexpected answer from {redact(url)}: {one_line(json.dumps(answer))[:200]}"
         )
 
+    def post_keys(names: list[str]) -> dict[str, Any]:
+        """`{"keys": names}` in requests the admin router accepts (at most 1,000 keys and
+        64 KiB each: `coalesce.fastapi_admin`), their answers merged."""
+        removed: dict[str, Any] = {}
+        batch: list[str] = []
+        size = 0
+        for name in names:
+            length = len(json.dumps(name)) + 2
+            if batch and (len(batch) >= 500 or size + length > 32 * 1024):
+                removed.update(post({"keys": batch}))
+                batch, size = [], 0
+            batch.append(name)
+            size += length
+        if batch:
+            removed.update(post({"keys": batch}))
+        return removed
+
     if keys:  # each key's likeliest stored form; the other one for those that did not exist
         forms = {key: key_forms(key) for key in keys}
-        removed = post({"keys": sorted({f[0] for f in forms.values()})})
+        removed = post_keys(sorted({f[0] for f in forms.values()}))
         used = {key: f[0] for key, f in forms.items()}
         retry = {key: f[1] for key, f in forms.items() if len(f) > 1 and not removed.get(f[0])}
         if retry:
-            again = post({"keys": sorted(set(retry.values()))})
+            again = post_keys(sorted(set(retry.values())))
             for key, other in retry.items():
                 if again.get(other):
                     used[key], removed[other] = other, True

@@ -732,6 +732,27 @@ def test_invalidate_over_the_apps_admin_router(app_server: tuple[Cache, str]) ->
     assert cache.get_entry("user:1") is None
 
 
+def test_invalidate_of_many_keys_over_the_app_is_split_into_accepted_requests(
+    app_server: tuple[Cache, str],
+) -> None:
+    """The admin router takes at most 1,000 keys and 64 KiB per request: 2,500 long keys
+    go in several requests, and every answer is reported."""
+    cache, url = app_server
+    load_user = _seed_memory(cache)
+    for user_id in (7, 2400):
+        load_user(user_id)
+    keys = [f"user:{n}" + "x" * 60 * (n > 2400) for n in range(2500)]
+    result = run_cli("invalidate", *keys, "--app", url, "--token", TOKEN)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2500
+    assert sorted(line.split()[-1] for line in lines if line.startswith("removed")) == [
+        "user:2400",
+        "user:7",
+    ]
+    assert cache.get_entry("user:7") is None and cache.get_entry("user:2400") is None
+
+
 def test_invalidate_tag_over_the_app_with_token_from_the_environment(
     app_server: tuple[Cache, str],
 ) -> None:
