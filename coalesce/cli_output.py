@@ -41,6 +41,19 @@ def human_ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
+class _Shortener(reprlib.Repr):
+    """`reprlib.Repr` that shows an int too long for `repr` (more than
+    `sys.get_int_max_str_digits()` digits, 4,300 by default) by its size and hex ends."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            digits = f"{abs(x):x}"
+            sign = "-" if x < 0 else ""
+            return f"{sign}0x{digits[:16]}...{digits[-16:]} (an int of {x.bit_length():,} bits)"
+
+
 def preview(value: Any, limit: int = PREVIEW_CHARS, *, large: bool = False) -> str:
     """A readable rendering of a cached value, cut to `limit` characters.
 
@@ -52,14 +65,18 @@ def preview(value: Any, limit: int = PREVIEW_CHARS, *, large: bool = False) -> s
             return repr(value)
         unit = "characters" if isinstance(value, str) else "bytes"
         return f"{value[:limit]!r}... ({len(value) - limit:,} more {unit})"
+    if not large:
+        try:
+            text = pprint.pformat(value, width=96, compact=True, sort_dicts=False)
+        except ValueError:  # an int of more than 4,300 digits, which `repr` refuses
+            large = True
     if large:
-        shortener = reprlib.Repr()
+        shortener = _Shortener()
         shortener.maxlevel = 4
         shortener.maxdict = shortener.maxlist = shortener.maxtuple = shortener.maxset = 40
         shortener.maxstring = shortener.maxother = 200
         text = shortener.repr(value)
         return text if len(text) <= limit else f"{text[:limit]}... (cut)"
-    text = pprint.pformat(value, width=96, compact=True, sort_dicts=False)
     if len(text) > limit:
         text = f"{text[:limit]}... ({len(text) - limit:,} more characters)"
     return text

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
@@ -99,15 +101,15 @@ class Policy:
     ) -> None:
         if not isinstance(copy, bool):
             raise ConfigurationError(f"copy must be True or False, not {copy!r}")
+        self.ttl = check_seconds("ttl", ttl, allow_none=True)
+        self.stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
+        self.cache_errors = check_seconds("cache_errors", cache_errors, allow_none=True)
         self.fn = fn
         self.name = f"{getattr(fn, '__module__', None)}.{callable_name(fn)}"
         self.key_template = key
         self.plan = plan_key(fn, key, exclude)
         self.make_key: KeyFunction = self.plan.make
         self.tag_keys: list[KeyFunction] = [template_key_function(fn, tag) for tag in tags]
-        self.ttl = check_seconds("ttl", ttl, allow_none=True)
-        self.stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
-        self.cache_errors = check_seconds("cache_errors", cache_errors, allow_none=True)
         self.copy = copy
         self.store = store  # False for `coalesced`: share calls, keep nothing
         self.stats = Stats(self.stats_name)
@@ -219,7 +221,10 @@ def __coalesce_wrapper({params}):
     __coalesce_cache = __coalesce_policy.cache or __coalesce_policy.bind()
     if not __coalesce_cache.enabled:
         return __coalesce_fn(*{args}, **{kwargs})
-    __coalesce_k = __coalesce_cache.prefix + {expr}
+    try:
+        __coalesce_k = __coalesce_cache.prefix + {expr}
+    except Exception:  # a huge int, a field that cannot render: the slow path says why
+        return __coalesce_slow(__coalesce_cache, __coalesce_policy, "", None, {args}, {kwargs})
     __coalesce_e = __coalesce_cache.read(__coalesce_k) if {guard} else None
     if (
         __coalesce_e is not None
@@ -241,7 +246,12 @@ async def __coalesce_wrapper({params}):
     __coalesce_cache = __coalesce_policy.cache or __coalesce_policy.bind()
     if not __coalesce_cache.enabled:
         return await __coalesce_fn(*{args}, **{kwargs})
-    __coalesce_k = __coalesce_cache.prefix + {expr}
+    try:
+        __coalesce_k = __coalesce_cache.prefix + {expr}
+    except Exception:  # a huge int, a field that cannot render: the slow path says why
+        return await __coalesce_slow(
+            __coalesce_cache, __coalesce_policy, "", None, {args}, {kwargs}
+        )
     if not {guard}:
         __coalesce_e = None
     elif __coalesce_cache.local:
@@ -527,6 +537,85 @@ def decorate(policy: Policy) -> Callable[..., Any]:
     return cast(Callable[..., Any], wrapper)
 
 
+# ---------------------------------------------------------------------------------------
+# FastAPI route handlers: refused by the core decorators
+#
+# A handler's parameters are filled by FastAPI (`Depends`, `Query`, `Header`...): the core
+# would key on a database session or a credential, and fail (or share) on every request.
+# `coalesce.fastapi.cached` keys on the request instead. Detected without importing fastapi:
+# a marker is an instance of a class defined under `fastapi.`.
+
+
+def _is_fastapi_marker(value: Any) -> bool:
+    return type(value).__module__.startswith("fastapi.")
+
+
+def _fastapi_parameter(fn: Callable[..., Any]) -> str | None:
+    """The first parameter of `fn` that FastAPI fills: a marker as its default or in its
+    `Annotated[...]` metadata."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    func = getattr(fn, "__func__", fn)
+    try:
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception:  # one name does not resolve: resolve the others one by one
+        hints = {}
+        for name, hint in dict(getattr(func, "__annotations__", None) or {}).items():
+            try:
+                hints[name] = (
+                    eval(hint, getattr(func, "__globals__", {})) if isinstance(hint, str) else hint
+                )
+            except Exception:
+                continue
+    for name, param in params.items():
+        hint = hints.get(name, param.annotation)
+        metadata = getattr(hint, "__metadata__", ()) if typing.get_origin(hint) else ()
+        if _is_fastapi_marker(param.default) or any(map(_is_fastapi_marker, metadata)):
+            return name
+    return None
+
+
+def _registered_route(fn: Callable[..., Any]) -> bool:
+    """Whether a FastAPI route already holds `fn` as its endpoint: the core decorator was
+    put above `@app.get(...)`, which registered the undecorated function."""
+    if "fastapi" not in sys.modules:  # no app can exist: skip the heap scan
+        return False
+    for holder in gc.get_referrers(fn):
+        state = holder
+        if not isinstance(holder, dict):
+            mro = type(holder).__mro__
+            if not any(cls.__module__.startswith("fastapi.") for cls in mro):
+                continue
+            state = getattr(holder, "__dict__", None)
+        # an APIRoute (its instance dict, or the object when its attributes are inline)
+        if isinstance(state, dict) and state.get("endpoint") is fn and "dependant" in state:
+            return True
+    return False
+
+
+def refuse_route_handler(fn: Callable[..., Any], store: bool) -> None:
+    """Raise `ConfigurationError` for a FastAPI route handler (see above)."""
+    edge = "coalesce.fastapi.cached" if store else "coalesce.fastapi.coalesced"
+    core = "cached" if store else "coalesced"
+    name = callable_name(fn)
+    parameter = _fastapi_parameter(fn)
+    if parameter is not None:
+        raise ConfigurationError(
+            f"{name}() is a FastAPI route handler (FastAPI fills its parameter "
+            f"{parameter!r}): the core @{core} would build keys from what FastAPI injects "
+            f"(a session, a credential) and fail on every request. Decorate route handlers "
+            f"with @{edge} (under @app.get(...)), which keys on the request"
+        )
+    if _registered_route(fn):
+        raise ConfigurationError(
+            f"{name}() is already a FastAPI route: @{core} is above @app.get(...), so "
+            f"FastAPI calls the undecorated function and nothing is cached. Put the "
+            f"decorator under @app.get(...), and use @{edge} for route handlers"
+        )
+
+
 def make_decorator(
     cache: Cache | None,
     fn: Callable[..., Any] | None,
@@ -554,6 +643,7 @@ def make_decorator(
             raise ConfigurationError(
                 "put @staticmethod/@classmethod above the coalesce decorator, not below it"
             )
+        refuse_route_handler(func, store)
         policy = Policy(
             func,
             cache=cache,

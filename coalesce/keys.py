@@ -10,11 +10,29 @@ Rules (documented in the README):
 
 * A template is Python format syntax over parameter names: `"user:{user_id}"`,
   `"{user.id}"`, `"{items[0]}"`, `"{day:%Y-%m-%d}"`. Naming an unknown parameter raises
-  `KeyTemplateError` when decorating. The template's literal text must itself be safe.
+  `KeyTemplateError` when decorating (every mistake in a template is one, never a
+  `SyntaxError`); a field that cannot be rendered at call time is a `KeyBuildError`. The
+  template's literal text must itself be safe.
 * Without a template the key is `<module>.<qualname>:` followed by a canonical encoding of
-  every bound argument (`name=<type tag><value>`), which keeps `1` and `"1"` apart and escapes
-  the separators inside strings, so distinct arguments never give the same key. `self` and
-  `cls` are left out, and so is every parameter named in `exclude`.
+  every bound argument (`name=<type tag><value>`), which keeps `1` and `"1"` (and `{1}` and
+  `frozenset({1})`) apart and escapes the separators inside strings, so distinct arguments
+  never give the same key. `self` and `cls` are left out, and so is every parameter named
+  in `exclude`.
+* A key is the same in every process (Redis shares entries between them): nothing in it
+  depends on `PYTHONHASHSEED` (sets are sorted; records are encoded field by field; a repr
+  that would list a set of strings is refused), on memory addresses, or on the process's
+  int-to-text limit (ints are written in decimal by `int_text` whatever their size, up to
+  `MAX_INT_DIGITS`). Aware datetimes and times keep their zone (`@z:Europe/Paris`, or a
+  fixed offset and its name): equal instants in two zones may print differently.
+* The function's name must identify it. A lambda's does not (`<lambda>`): its default key is
+  refused, naming the fix (`key=...`). A function defined inside another (`<locals>`) adds
+  its line and its closure's values (`make.<locals>.handler@12[n=i2]`), identical in every
+  process running the same code, rather than being refused: factories of cached functions
+  and test helpers are common, and their closures usually hold plain values. Closure
+  values with no stable text (a lock, a session) are treated like `self`; two live
+  functions of one definition differing only by them are refused when decorating (`claim`).
+  Detecting collisions per `Cache` instead would miss two `Cache` objects on one Redis, and
+  functions created in other processes or after the first one died.
 * Keys are printable, without whitespace, and at most 250 characters. When a substituted
   value contains whitespace, control characters, `%` or braces, the values of that key are
   percent-encoded (UTF-8, as in URLs; printable non-ASCII text alone stays as it is). A
@@ -30,11 +48,15 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import gc
 import hashlib
 import inspect
 import re
 import string
+import threading
 import uuid
+import weakref
+import zoneinfo
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote
@@ -56,7 +78,12 @@ _BUILTINS: dict[str, Any] = {"__coalesce_str": str, "__coalesce_type": type, "__
 
 # A format field that means the same in an f-string: attributes, integer indexes, a
 # conversion and a plain format spec.
-_FSTRING_FIELD = re.compile(r"^\{[A-Za-z_]\w*(\.[A-Za-z_]\w*|\[\d+\])*(![rsa])?(:[^{}\\'\"]*)?\}$")
+# (`[01]` is index 1 for `str.format` but a syntax error in an f-string: not matched.)
+_FSTRING_FIELD = re.compile(
+    r"^\{[A-Za-z_]\w*(\.[A-Za-z_]\w*|\[(0|[1-9][0-9]*)\])*(![rsa])?(:[\w .,<>=^+\-%#:/]*)?\}$",
+    re.ASCII,
+)
+_FORMATTER = string.Formatter()
 
 
 def is_safe_key(key: str) -> bool:
@@ -111,17 +138,76 @@ def _canon_type_name(value: Any) -> str:
     return _quote(f"{cls.__module__}.{cls.__qualname__}")
 
 
-def _canon_dataclass(value: Any) -> str:
-    fields = ",".join(
-        f"{f.name}={canonical(getattr(value, f.name))}" for f in dataclasses.fields(value)
-    )
-    return f"D{_canon_type_name(value)}({fields})"
+def _canon_fields(tag: str, value: Any, names: Iterable[str]) -> str:
+    fields = ",".join(f"{name}={canonical(getattr(value, name))}" for name in names)
+    return f"{tag}{_canon_type_name(value)}({fields})"
+
+
+# Ints of more decimal digits than this are refused: `str` refuses more than 4,300 by
+# default (`sys.set_int_max_str_digits`), and converting them through `Decimal` instead
+# takes quadratic time (40 ms at this bound).
+MAX_INT_DIGITS = 50_000
+_MAX_INT_BITS = int(MAX_INT_DIGITS * 3.3219)  # log2(10): fewer bits, fewer digits
+
+
+def int_text(value: int) -> str:
+    """The decimal digits of `value` whatever its size and whatever the process's limit on
+    int-to-text conversion, so that every process writes the same key."""
+    try:
+        return str(int(value))
+    except ValueError:  # more than sys.get_int_max_str_digits() digits
+        if value.bit_length() > _MAX_INT_BITS:
+            raise KeyBuildError(
+                f"cannot build a cache key from an int of {value.bit_length():,} bits "
+                f"(more than {MAX_INT_DIGITS:,} digits); give the decorator a key template "
+                "or leave the parameter out with exclude=(...)"
+            ) from None
+        return str(decimal.Decimal(value))
+
+
+def _canon_int(value: int) -> str:
+    return "i" + int_text(value)
+
+
+def _tz_text(tz: datetime.tzinfo | None) -> str:
+    """Which time zone a datetime or time carries: its offset alone would let
+    `Europe/Paris` and a fixed `+01:00` share a key, though a function may print them
+    differently (`%Z`, `.tzname()`, the next DST change)."""
+    if tz is None:
+        return ""
+    if type(tz) is zoneinfo.ZoneInfo and tz.key:
+        return "@z:" + tz.key
+    if type(tz) is datetime.timezone:
+        offset = tz.utcoffset(None)
+        return f"@o:{int(offset.total_seconds())}:{tz.tzname(None)}"
+    text = repr(tz)
+    if " at 0x" in text:
+        raise KeyBuildError(
+            f"cannot build a cache key from a datetime in the time zone {text}: it has no "
+            "stable name; use zoneinfo.ZoneInfo or datetime.timezone, or a key template"
+        )
+    return f"@r:{_canon_type_name(tz)}:{text}"
+
+
+def _canon_datetime(value: datetime.datetime) -> str:
+    fold = "|1" if value.fold else ""
+    return "x" + _quote(f"dt({value.isoformat()}{_tz_text(value.tzinfo)}{fold})")
+
+
+def _canon_time(value: datetime.time) -> str:
+    fold = "|1" if value.fold else ""
+    return "x" + _quote(f"tm({value.isoformat()}{_tz_text(value.tzinfo)}{fold})")
+
+
+def _canon_set(tag: str) -> Callable[[Any], str]:
+    # sorted by encoding: iteration order follows string hashes, which differ per process
+    return lambda v: tag + "(" + ",".join(sorted(canonical(x) for x in v)) + ")"
 
 
 _CANON_BY_TYPE: dict[type, Callable[[Any], str]] = {
     type(None): lambda v: "N",
     bool: lambda v: "T" if v else "F",
-    int: lambda v: f"i{v}",
+    int: _canon_int,
     float: lambda v: f"f{v!r}",
     str: _canon_str,
     bytes: lambda v: "b" + v.hex(),
@@ -130,39 +216,112 @@ _CANON_BY_TYPE: dict[type, Callable[[Any], str]] = {
     dict: lambda v: (
         "d(" + ",".join(sorted(f"{canonical(k)}={canonical(x)}" for k, x in v.items())) + ")"
     ),
-    set: lambda v: "S(" + ",".join(sorted(canonical(x) for x in v)) + ")",
-    frozenset: lambda v: "S(" + ",".join(sorted(canonical(x) for x in v)) + ")",
-    datetime.datetime: lambda v: "x" + _quote(f"dt({v.isoformat()})"),
+    set: _canon_set("S"),
+    frozenset: _canon_set("z"),  # f({1}) and f(frozenset({1})) may behave differently
+    datetime.datetime: _canon_datetime,
     datetime.date: lambda v: f"xd({v.isoformat()})",
-    datetime.time: lambda v: "x" + _quote(f"tm({v.isoformat()})"),
+    datetime.time: _canon_time,
     decimal.Decimal: lambda v: f"xD({v})",
     uuid.UUID: lambda v: f"xU({v})",
 }
 
 
+def _structured_fields(value: Any) -> tuple[str, list[str]] | None:
+    """The tag and field names of a record type encoded field by field (its repr would show
+    sets in hash order, which differs between processes)."""
+    cls = type(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return "D", [f.name for f in dataclasses.fields(value)]
+    if isinstance(value, tuple) and isinstance(getattr(cls, "_fields", None), tuple):
+        return "n", list(cls._fields)  # a namedtuple
+    model_fields = getattr(cls, "model_fields", None)  # a pydantic (v2) model
+    if isinstance(model_fields, dict) and hasattr(value, "model_dump"):
+        names = list(model_fields)
+        extra = getattr(value, "__pydantic_extra__", None)
+        return "P", names + sorted(extra) if extra else names
+    attrs = getattr(cls, "__attrs_attrs__", None)  # an attrs class
+    if isinstance(attrs, tuple):
+        return "A", [a.name for a in attrs]
+    return None
+
+
+_SCAN_LIMIT = 1000  # objects looked at before trusting a repr
+
+
+def _hash_ordered(value: Any, budget: list[int], depth: int = 0) -> bool:
+    """Whether `value` holds, anywhere `repr` or `str` would show it, a set of two or more
+    items that are not all ints: its printed order follows string hashes, which
+    `PYTHONHASHSEED` changes in every process."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > 30:
+        return False
+    if isinstance(value, (str, bytes, int, float, type(None))):
+        return False
+    if isinstance(value, (set, frozenset)):
+        if len(value) > 1 and not all(type(x) is int for x in value):
+            return True
+        return any(_hash_ordered(x, budget, depth + 1) for x in value)
+    if isinstance(value, dict):
+        return any(
+            _hash_ordered(k, budget, depth + 1) or _hash_ordered(v, budget, depth + 1)
+            for k, v in value.items()
+        )
+    if isinstance(value, (tuple, list)):
+        return any(_hash_ordered(x, budget, depth + 1) for x in value)
+    state = getattr(value, "__dict__", None)
+    if isinstance(state, dict):
+        return _hash_ordered(state, budget, depth + 1)
+    slots = [name for cls in type(value).__mro__ for name in getattr(cls, "__slots__", ())]
+    return any(
+        _hash_ordered(getattr(value, name, None), budget, depth + 1)
+        for name in slots
+        if isinstance(name, str)
+    )
+
+
+def hash_ordered(value: Any) -> bool:
+    """True when the text of `value` may list a set's items in another order in another
+    process (see `_hash_ordered`)."""
+    try:
+        return _hash_ordered(value, [_SCAN_LIMIT])
+    except RecursionError:
+        return False
+
+
 def canonical(value: Any) -> str:
-    """Encode one argument so that unequal arguments (or equal ones of other types) differ.
+    """Encode one argument so that unequal arguments (or equal ones of other types) differ,
+    identically in every process (Redis shares entries between them).
 
     Supported: None, bool, int, float, str, bytes, tuple, list, dict, set, frozenset,
-    datetime types, Decimal, UUID, enums, dataclasses, and objects with their own `__repr__`
-    (which is then trusted to identify the value). Anything else raises `KeyBuildError`.
+    datetime types (with their time zone), Decimal, UUID, enums, dataclasses, namedtuples,
+    pydantic models, attrs classes, and objects with their own `__repr__` (which is then
+    trusted to identify the value, unless it would show a set of strings, whose order
+    changes between processes). Anything else raises `KeyBuildError`.
     """
     encode = _CANON_BY_TYPE.get(type(value))
-    if encode is not None:
-        try:
+    try:
+        if encode is not None:
             return encode(value)
-        except RecursionError:  # a container holding itself, or nested thousands deep
-            raise KeyBuildError(
-                f"cannot build a cache key from a {type(value).__qualname__} nested too deep "
-                "(or holding itself); give the decorator a key template"
-            ) from None
-    if isinstance(value, enum.Enum):
-        return f"e{_canon_type_name(value)}.{_quote(value.name)}"
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _canon_dataclass(value)
+        if isinstance(value, enum.Enum):
+            return f"e{_canon_type_name(value)}.{_quote(value.name)}"
+        structured = _structured_fields(value)
+        if structured is not None:
+            return _canon_fields(structured[0], value, structured[1])
+    except RecursionError:  # a container holding itself, or nested thousands deep
+        raise KeyBuildError(
+            f"cannot build a cache key from a {type(value).__qualname__} nested too deep "
+            "(or holding itself); give the decorator a key template"
+        ) from None
     if getattr(type(value), "__repr__", None) is not object.__repr__:
         text = repr(value)
         if " at 0x" not in text:  # a memory address identifies nothing across calls
+            if hash_ordered(value):
+                raise KeyBuildError(
+                    f"cannot build a cache key from {text[:80]!r}: its text lists a set in "
+                    "an order that changes from one process to the next (PYTHONHASHSEED); "
+                    "give the decorator a key template naming stable fields, or make it a "
+                    "dataclass, a namedtuple or a pydantic model (encoded field by field)"
+                )
             return f"r{_canon_type_name(value)}({_quote(text)})"
     raise KeyBuildError(
         f"cannot build a cache key from an argument of type {type(value).__qualname__!r}: "
@@ -241,7 +400,12 @@ def _compile(
     namespace = {**namespace, **defaults}
     source = f"def __coalesce_key({params}):\n    {body}\n"
     name = callable_name(fn)
-    exec(compile(source, f"<coalesce key of {name}>", "exec"), namespace)
+    try:
+        code = compile(source, f"<coalesce key of {name}>", "exec")
+    except (SyntaxError, ValueError, UnicodeError) as exc:
+        # every mistake a template can hold is caught before, so this is one we missed
+        raise KeyTemplateError(f"cannot compile the key of {name}: {exc}") from None
+    exec(code, namespace)
     key_fn: KeyFunction = namespace["__coalesce_key"]
     key_fn.__name__ = name.rpartition(".")[2]
     key_fn.__qualname__ = f"{name}{suffix}"
@@ -273,6 +437,116 @@ class KeyPlan:
     guard_holds: Callable[[str], bool]
 
 
+_LAMBDA_REFUSED = (
+    "{name} is a lambda: lambdas have no name of their own (every lambda of a module is "
+    "'<lambda>'), so two of them would share cache entries; give it a key template "
+    "(key='...') or define it with def"
+)
+
+
+def _cell_is_self(value: Any, code: Any) -> bool:
+    """A closure cell pointing back at the decorated function itself (recursion)."""
+    return getattr(value, "__code__", None) is code or (
+        getattr(getattr(value, "__wrapped__", None), "__code__", None) is code
+    )
+
+
+def _identity(fn: Callable[..., Any]) -> tuple[str, list[int]]:
+    """The name a default key starts with, and the closure cells it could not include.
+
+    A module-level function is `<module>.<qualname>`. A function defined inside another
+    one (`<locals>` in its qualname) is not identified by that name: a factory makes
+    several of them from one definition (`make(2)`, `make(3)`), and a function may define
+    two functions of one name. Its name adds the line of its definition and the values of
+    its closure (`make.<locals>.handler@12[n=i2]`), which are the same in every process
+    running the same code. Closure values without a stable text form (a lock, an event, a
+    session) cannot be part of a key shared by processes: they are treated like `self`, and
+    returned so that `claim` refuses two live functions that differ only by them.
+    """
+    func = getattr(fn, "__func__", fn)
+    qualname = func.__qualname__
+    name = f"{func.__module__}.{qualname}"
+    if "<lambda>" in qualname:
+        raise KeyTemplateError(_LAMBDA_REFUSED.format(name=name))
+    if "<locals>" not in qualname:
+        return name, []
+    code = func.__code__
+    name += f"@{code.co_firstlineno}"
+    encoded: list[str] = []
+    opaque: list[int] = []
+    for index, (var, cell) in enumerate(zip(code.co_freevars, func.__closure__ or (), strict=True)):
+        try:
+            encoded.append(f"{_quote(var)}={canonical(cell.cell_contents)}")
+        except Exception:  # an empty cell (yet), or no stable text
+            opaque.append(index)
+    if encoded:
+        text = ",".join(encoded)
+        if len(text) > 64:
+            text = "#" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        name += f"[{text}]"
+    return name, opaque
+
+
+# The live functions decorated with a default key whose closure holds values that are
+# not part of the key, by key prefix, with the indexes of those cells (see `claim`).
+# Read and written under `_claims_lock`.
+_claims_lock = threading.Lock()
+_claims: dict[str, list[tuple[weakref.ref[Any], list[int]]]] = {}
+_EMPTY = object()
+
+
+def _contents(func: Any, index: int) -> Any:
+    try:
+        return func.__closure__[index].cell_contents
+    except ValueError:  # not assigned yet: the function itself, being decorated
+        return _EMPTY
+
+
+def _conflict(func: Any, prefix: str, opaque: list[int]) -> tuple[str, Any] | None:
+    """A cell of another live function claimed under `prefix` holding another value."""
+    code = func.__code__
+    for ref, _ in _claims.get(prefix, []):
+        other = ref()
+        if other is None or other is func:
+            continue
+        for index in opaque:
+            a, b = _contents(func, index), _contents(other, index)
+            if a is b or all(x is _EMPTY or _cell_is_self(x, code) for x in (a, b)):
+                continue
+            return code.co_freevars[index], b
+    return None
+
+
+def claim(fn: Callable[..., Any], prefix: str, opaque: list[int]) -> None:
+    """Refuse a second live function of one definition whose closure differs only by
+    values the key cannot show: both would read each other's entries.
+
+    Checked when decorating, within this process (another process running the same code
+    builds the same functions); a function that is gone no longer counts.
+    """
+    if not opaque:
+        return
+    func = getattr(fn, "__func__", fn)
+    with _claims_lock:
+        found = _conflict(func, prefix, opaque)
+    if found is not None:
+        gc.collect()  # the other one may be garbage not collected yet (a cycle)
+    with _claims_lock:
+        entries = [e for e in _claims.get(prefix, []) if e[0]() is not None]
+        _claims[prefix] = entries
+        found = None if found is None else _conflict(func, prefix, opaque)
+        if found is None:
+            entries.append((weakref.ref(func), opaque))
+            return
+    var, value = found
+    raise KeyTemplateError(
+        f"{prefix[:-1]} is decorated twice from one definition with two different values "
+        f"of {var!r} in its closure (a {type(value).__qualname__}), which has no stable "
+        "text form to put in a key: the two would share cache entries. Give it a key "
+        f"template naming what tells them apart (key='...'), or pass {var} as a parameter"
+    )
+
+
 def _default_plan(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyPlan:
     """`<module>.<qualname>:` plus the canonical encoding of the arguments."""
     if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
@@ -289,23 +563,34 @@ def _default_plan(fn: Callable[..., Any], exclude: Iterable[str] = ()) -> KeyPla
             f"exclude names {sorted(unknown)} which {callable_name(fn)}() has no parameter for"
         )
     excluded |= _skipped_first(fn)
-    prefix = f"{fn.__module__}.{fn.__qualname__}:"
+    name, opaque = _identity(fn)
+    prefix = name + ":"
+    names_ = [p.name for p in sig.parameters.values() if p.name not in excluded]
     pieces = [
         # ints are the most common argument: encode them inline, the rest by `canonical`
-        f"{param.name!r} + ('=i' + __coalesce_str({param.name}) "
-        f"if __coalesce_type({param.name}) is __coalesce_int "
-        f"else '=' + __coalesce_c({param.name}))"
-        for param in sig.parameters.values()
-        if param.name not in excluded
+        f"{n!r} + ('=i' + __coalesce_str({n}) "
+        f"if __coalesce_type({n}) is __coalesce_int "
+        f"else '=' + __coalesce_c({n}))"
+        for n in names_
     ]
     expr = "__coalesce_p + " + (" + ',' + ".join(pieces) if pieces else "''")
+    # `str` refuses ints of more than 4,300 digits (ValueError): then every int goes
+    # through `canonical`, which writes the same digits without that limit
+    slow = "__coalesce_p + " + (
+        " + ',' + ".join(f"{n!r} + '=' + __coalesce_c({n})" for n in names_) if names_ else "''"
+    )
     names = {
         "__coalesce_c": canonical,
         "__coalesce_p": prefix,
         "__coalesce_s": shorten,
         **_BUILTINS,
     }
-    make = _compile(fn, f"return __coalesce_s({expr})", names, ".key")
+    body = (
+        f"try:\n        return __coalesce_s({expr})\n"
+        f"    except ValueError:\n        return __coalesce_s({slow})"
+    )
+    make = _compile(fn, body, names, ".key")
+    claim(fn, prefix, opaque)
     return KeyPlan(make, expr, names, "True", lambda raw_key: True)
 
 
@@ -373,18 +658,49 @@ def _template_plan(fn: Callable[..., Any], template: str) -> KeyPlan:
     roots = sorted({_field_root(field[1:-1]) for _, field in parts if field})
     kwargs = ", ".join(f"{r}={r}" for r in roots)
 
+    def split(field: str) -> tuple[str, str, str | None]:
+        _, name, spec, conversion = next(iter(_FORMATTER.parse(field)))
+        return name or "", spec or "", conversion
+
+    fields = [(literal, None if field is None else split(field)) for literal, field in parts]
+
+    def render_field(field: tuple[str, str, str | None], values: dict[str, Any]) -> str:
+        name, spec, conversion = field
+        obj = _FORMATTER.get_field(name, (), values)[0]
+        if hash_ordered(obj):
+            raise KeyBuildError(
+                f"key template {template!r}: {{{name}}} shows a set, whose items print in an "
+                "order that changes from one process to the next (PYTHONHASHSEED); pass a "
+                "sorted tuple, or use the default key (which sorts sets)"
+            )
+        if type(obj) is int and not spec and conversion in (None, "s", "r"):
+            return int_text(obj)  # of any size: `str` refuses more than 4,300 digits
+        text: str = _FORMATTER.format_field(_FORMATTER.convert_field(obj, conversion), spec)
+        if " at 0x" in text:  # a default repr: it would never repeat
+            raise KeyBuildError(
+                f"key template {template!r}: {{{name}}} gives {text[:80]!r}, which holds "
+                "a memory address and would never repeat; name a stable attribute "
+                "(like {user.id}) or give the class a __str__"
+            )
+        return text
+
     def render_escaped(**values: Any) -> str:
+        """The key rendered field by field: for values that need escaping, and for every
+        failure of the fast path, which becomes a `KeyBuildError` naming the field."""
         out = []
-        for literal, field in parts:
+        for literal, field in fields:
             out.append(literal)
             if field is not None:
-                text = field.format(**values)
-                if " at 0x" in text:  # only reached with a space: default reprs have them
+                try:
+                    text = render_field(field, values)
+                except KeyBuildError:
+                    raise
+                except Exception as exc:
                     raise KeyBuildError(
-                        f"key template {template!r}: {field} gives {text[:80]!r}, which holds "
-                        "a memory address and would never repeat; name a stable attribute "
-                        "(like {user.id}) or give the class a __str__"
-                    )
+                        f"key template {template!r}: cannot render {{{field[0]}}} of "
+                        f"{type(values.get(_field_root(field[0]))).__qualname__!r}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
                 out.append(escape(text))
         # `quote` never writes "%-": an empty key cannot collide with an escaped one
         return shorten("".join(out)) or "%-"
@@ -394,7 +710,8 @@ def _template_plan(fn: Callable[..., Any], template: str) -> KeyPlan:
     else:
         expr = f"__coalesce_t.format({kwargs})"
     body = (
-        f"__coalesce_k = {expr}\n"
+        f"try:\n        __coalesce_k = {expr}\n"
+        f"    except Exception:\n        return __coalesce_e({kwargs})\n"
         f"    if __coalesce_ok(__coalesce_k):\n"
         "        return __coalesce_k\n"
         f"    return __coalesce_e({kwargs})"

@@ -270,7 +270,9 @@ def test_default_key_prefix_is_module_and_qualname(cache: Cache) -> None:
         return x
 
     key = f.key(1)
-    assert key.startswith(f"{f.__module__}.{f.__qualname__}:")
+    # defined inside a function: the line of its definition is part of its name
+    line = f.__wrapped__.__code__.co_firstlineno
+    assert key == f"{f.__module__}.{f.__qualname__}@{line}:x=i1"
     assert_safe(key)
 
 
