@@ -577,10 +577,17 @@ def _fastapi_parameter(fn: Callable[..., Any]) -> str | None:
     return None
 
 
+_UNROUTED_REFERENCES = 6  # see `_registered_route`; a routed function has 9 or more here
+
+
 def _registered_route(fn: Callable[..., Any]) -> bool:
     """Whether a FastAPI route already holds `fn` as its endpoint: the core decorator was
     put above `@app.get(...)`, which registered the undecorated function."""
     if "fastapi" not in sys.modules:  # no app can exist: skip the heap scan
+        return False
+    # A function being decorated is held by a few frames (this one, the decorator's, its
+    # caller's); a route holding it adds several references. Only then scan the heap.
+    if sys.getrefcount(fn) <= _UNROUTED_REFERENCES:
         return False
     for holder in gc.get_referrers(fn):
         state = holder

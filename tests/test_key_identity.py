@@ -501,3 +501,44 @@ def test_plain_functions_and_handlers_without_markers_are_unaffected(cache: Cach
     client = TestClient(app)
     assert [client.get("/square/3").json() for _ in range(2)] == [9, 9]
     assert calls == [3]
+
+
+def test_ordinary_decoration_does_not_scan_the_heap(
+    cache: Cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looking for a route that holds the function scans every object of the process: only
+    a function held by more than its decorating frames (a route's) is looked up so."""
+    from coalesce.fastapi import cached as route_cached
+
+    scanned: list[str] = []
+    real = gc.get_referrers
+
+    def counting(*objects: Any) -> list[Any]:
+        scanned.append(getattr(objects[0], "__name__", "?"))
+        return real(*objects)
+
+    monkeypatch.setattr(gc, "get_referrers", counting)
+    app = fastapi.FastAPI()
+
+    @cache.cached(ttl=30)
+    def plain(x: int) -> int:
+        return x
+
+    @coalesce.cached
+    def bare(x: int) -> int:
+        return x
+
+    @app.get("/fine/{n}")
+    @route_cached(ttl=30, cache=cache)
+    def fine(n: int) -> int:
+        return n
+
+    assert scanned == []
+    with pytest.raises(ConfigurationError):
+
+        @cache.cached(ttl=30)
+        @app.get("/late")
+        def late() -> int:
+            return 1
+
+    assert scanned == ["late"]
