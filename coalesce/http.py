@@ -198,15 +198,6 @@ def response_age(created: float, ttl: float | None, now: float) -> int:
     return age
 
 
-def max_age_seconds(created: float, ttl: float, now: float) -> int:
-    """What is left of an entry's freshness in whole seconds: rounded up, never negative.
-
-    Not what `max-age` says (that is the whole TTL, next to `Age`: see `cache_control_for`).
-    At most `MAX_DELTA_SECONDS`.
-    """
-    return delta_seconds(created + ttl - now)
-
-
 def cache_control_value(
     max_age: int, *, private: bool = False, stale_while_revalidate: float = 0.0
 ) -> str:
