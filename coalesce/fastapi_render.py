@@ -289,7 +289,6 @@ class Responder:
         *,
         cached: bool,
         private: bool,
-        stale: bool,
         if_none_match_header: str | None,
         head: bool,
         remember: bool = True,
@@ -299,8 +298,8 @@ class Responder:
 
         `cached`: add `Age` and the cache's own Cache-Control (False for `coalesced` routes,
         which keep nothing: only the handler's, if it wrote one). `Age` is the entry's
-        (`http.response_age`: past the TTL, at least the max-age sent, so `stale` needs no
-        more than the entry's times). A 304 carries the same Cache-Control, Age, ETag and
+        (`http.response_age`: past the TTL, at least the max-age sent, so a stale entry is
+        stale downstream too). A 304 carries the same Cache-Control, Age, ETag and
         Vary, and the entry's `Expires` and `Content-Location` (RFC 9110 15.4.5). Raises the
         entry's `HTTPException` for a cached exception.
         """
@@ -339,7 +338,6 @@ class Responder:
         *,
         cached: bool,
         private: bool,
-        stale: bool,
         if_none_match_header: str | None,
         head: bool,
         remember: bool = True,
@@ -351,7 +349,6 @@ class Responder:
                 status,
                 cached=cached,
                 private=private,
-                stale=stale,
                 if_none_match_header=if_none_match_header,
                 head=head,
                 remember=remember,
