@@ -17,6 +17,7 @@ from fastapi.security import (
     APIKeyCookie,
     APIKeyHeader,
     APIKeyQuery,
+    HTTPBasic,
     HTTPBearer,
     HTTPDigest,
     OAuth2AuthorizationCodeBearer,
@@ -85,6 +86,7 @@ def _schemes() -> list[tuple[str, Any, Callable[[str], dict[str, Any]]]]:
         ),
         ("HTTPBearer", HTTPBearer(), bearer),
         ("HTTPDigest", HTTPDigest(), lambda tok: {"headers": {"authorization": f"Digest {tok}"}}),
+        ("HTTPBasic", HTTPBasic(), lambda tok: {"auth": (tok, "pw")}),
         ("OAuth2PasswordBearer", OAuth2PasswordBearer(tokenUrl="token"), bearer),
         (
             "OAuth2AuthorizationCodeBearer",
@@ -97,7 +99,9 @@ def _schemes() -> list[tuple[str, Any, Callable[[str], dict[str, Any]]]]:
 
 def _token_of(credentials: Any) -> str:
     """The `tok-<user>` a scheme's result holds, whatever its shape."""
-    text = str(getattr(credentials, "credentials", credentials))
+    text = str(
+        getattr(credentials, "username", None) or getattr(credentials, "credentials", credentials)
+    )
     return text.removeprefix("Bearer ").removeprefix("Digest ").strip()
 
 
@@ -503,3 +507,38 @@ async def test_a_credential_header_read_by_a_middleware_is_a_credential(cache: C
     assert [r.json()["me"] for r in (alice, bob, anon)] == ["alice", "bob", "anon"]
     assert [r.headers["x-cache"] for r in (alice, bob, anon)] == ["BYPASS", "BYPASS", "MISS"]
     assert alice.headers["cache-control"] == "private"
+
+
+async def test_a_path_parameter_and_a_body_read_only_by_dependencies_are_in_the_key(
+    cache: Cache,
+) -> None:
+    app = FastAPI()
+
+    class Filter(BaseModel):
+        color: str
+
+    def tenant_of(tenant: str) -> str:  # the path's {tenant}, read by the dependency only
+        return tenant
+
+    def filter_of(body: Filter) -> str:  # a GET body, read by the dependency only
+        return body.color
+
+    @app.get("/t/{tenant}/items")
+    @cached(ttl=60, cache=cache, registry=MetricsRegistry())
+    async def items(
+        tenant: Annotated[str, Depends(tenant_of)], color: Annotated[str, Depends(filter_of)]
+    ) -> dict[str, str]:
+        return {"tenant": tenant, "color": color}
+
+    async with client(app) as c:
+        red = await c.request("GET", "/t/acme/items", json={"color": "red"})
+        blue = await c.request("GET", "/t/acme/items", json={"color": "blue"})
+        other = await c.request("GET", "/t/globex/items", json={"color": "red"})
+        red2 = await c.request("GET", "/t/acme/items", json={"color": "red"})
+    assert [r.json() for r in (red, blue, other)] == [
+        {"tenant": "acme", "color": "red"},
+        {"tenant": "acme", "color": "blue"},
+        {"tenant": "globex", "color": "red"},
+    ]
+    assert red2.headers["x-cache"] == "HIT"
+    assert len(cache.keys()) == 3
