@@ -22,6 +22,7 @@ import inspect
 import sys
 import threading
 import time
+import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
@@ -571,13 +572,26 @@ def _fastapi_parameter(fn: Callable[..., Any]) -> str | None:
                 continue
     for name, param in params.items():
         hint = hints.get(name, param.annotation)
-        metadata = getattr(hint, "__metadata__", ()) if typing.get_origin(hint) else ()
+        metadata = _annotated_metadata(hint)
         if _is_fastapi_marker(param.default) or any(map(_is_fastapi_marker, metadata)):
             return name
     return None
 
 
-_UNROUTED_REFERENCES = 6  # see `_registered_route`; a routed function has 9 or more here
+def _annotated_metadata(hint: Any) -> tuple[Any, ...]:
+    """The `Annotated[...]` metadata of a type hint, also inside `Optional[...]` (Python
+    3.10's `get_type_hints` wraps `Annotated[X | None, ...] = None` so)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        return tuple(getattr(hint, "__metadata__", ()))
+    if origin is typing.Union or origin is types.UnionType:
+        return tuple(m for arg in typing.get_args(hint) for m in _annotated_metadata(arg))
+    return ()
+
+
+# See `_registered_route`: at most this many references when not routed (frames hold more
+# of them on 3.10); a routed function has at least 3 more (9 on 3.11, 12 on 3.10).
+_UNROUTED_REFERENCES = 6 if sys.version_info >= (3, 11) else 11
 
 
 def _registered_route(fn: Callable[..., Any]) -> bool:

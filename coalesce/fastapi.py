@@ -157,7 +157,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # References to a handler being decorated: the decorator's frame and its caller's (more
 # when it is already the endpoint of a route: the route, its dependant, FastAPI's records).
-_UNREGISTERED_REFERENCES = 4
+_UNREGISTERED_REFERENCES = 4 if sys.version_info >= (3, 11) else 7
 _REQUEST = "coalesce_request_"  # the parameters we add to the signature FastAPI sees
 _RESPONSE = "coalesce_response_"
 
