@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from coalesce import Cache
-from coalesce.fastapi_admin import MAX_BODY_BYTES, MAX_DEPTH, MAX_KEYS, admin_router
+from coalesce.fastapi.admin import MAX_BODY_BYTES, MAX_DEPTH, MAX_KEYS, admin_router
 
 TOKEN = "admin-test-token-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {TOKEN}"}

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from coalesce import Cache
 from coalesce.fastapi import MetricsRegistry, cached, coalesced
-from coalesce.fastapi_render import own_response
+from coalesce.fastapi.render import own_response
 from coalesce.http import cache_directives
 
 ALICE = {"authorization": "Bearer alice"}

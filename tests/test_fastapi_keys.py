@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection
 
 from coalesce import ConfigurationError
-from coalesce.fastapi_keys import (
+from coalesce.fastapi.keys import (
     REQUIRED,
     analyse,
     bind_identity,

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 
 from coalesce.cache import Cache
 from coalesce.errors import BackendError, CoalesceError, ConfigurationError
-from coalesce.fastapi_metrics import bearer_matches
+from coalesce.fastapi.metrics import bearer_matches
 
 MAX_KEYS = 1000  # keys per request
 MAX_BODY_BYTES = 64 * 1024  # request body, in bytes

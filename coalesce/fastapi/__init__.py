@@ -17,14 +17,14 @@ Dependencies run on every request, hits included: an auth dependency still rejec
 with no dependencies at all (route, router and security ones included) whose parameters are
 path and query parameters only has its fresh hits answered before FastAPI's request
 handling (validation, dependency solving) by the route's `HitShortcut`, with the same
-status, body and headers (see `coalesce.fastapi_route`).
+status, body and headers (see `coalesce.fastapi.route`).
 
 What is cached is the *rendered* response: status, body bytes and headers (minus
 `Set-Cookie`, `Date`, `Content-Length` and the caching headers computed per response), as a
 msgpack-friendly dict, so a hit skips the handler, response validation and serialization,
 in memory or on Redis.
 
-Keys (see `coalesce.fastapi_keys`): two requests share an entry only when the handler
+Keys (see `coalesce.fastapi.keys`): two requests share an entry only when the handler
 cannot tell them apart. A default key is the request's `scheme://host`, the route's path
 template, the handler's path, query, header, cookie and body parameters (sorted), the
 inputs that its dependencies at any depth declare (route, router and app dependencies
@@ -120,9 +120,10 @@ and admin router, so `POST /invalidate` reaches only the worker that answers it 
 `/metrics` shows one worker. Use Redis (`Cache("redis://...")`) for one cache per fleet;
 metrics stay per process (scrape each, or sum them).
 
-Modules: `fastapi_route` (one decorated route: the request path), `fastapi_render`
-(entries and responses), `fastapi_keys` (identity parameters and key text),
-`fastapi_metrics`, `fastapi_admin`, and `coalesce.http` (pure header logic).
+Modules of this package: `route` (one decorated route: the request path), `shortcut` (hits
+of simple routes before FastAPI solves anything; the one private FastAPI helper), `render`
+(entries and responses), `keys` (identity inputs and key text), `metrics`, `admin`; and
+`coalesce.http` (pure header logic).
 """
 
 from __future__ import annotations
@@ -138,10 +139,10 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from coalesce import Cache, ConfigurationError, get_cache
-from coalesce.fastapi_admin import admin_router
-from coalesce.fastapi_keys import base_type, is_class
-from coalesce.fastapi_metrics import REGISTRY, MetricsRegistry, RouteMetrics, metrics_router
-from coalesce.fastapi_route import CachedRoute
+from coalesce.fastapi.admin import admin_router
+from coalesce.fastapi.keys import base_type, is_class
+from coalesce.fastapi.metrics import REGISTRY, MetricsRegistry, RouteMetrics, metrics_router
+from coalesce.fastapi.route import CachedRoute
 
 __all__ = [
     "REGISTRY",
