@@ -14,6 +14,7 @@ from coalesce.errors import (
     KeyBuildError,
     KeyTemplateError,
     LeaderFailedError,
+    MissingDependencyError,
     ReentrantCallError,
     SerializationError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "KeyList",
     "KeyTemplateError",
     "LeaderFailedError",
+    "MissingDependencyError",
     "MsgpackSerializer",
     "PickleSerializer",
     "ReentrantCallError",
@@ -46,4 +48,4 @@ __all__ = [
     "get_cache",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

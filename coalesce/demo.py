@@ -255,18 +255,22 @@ def _import_web_stack() -> None:
         try:
             importlib.import_module(module)
         except ImportError:
-            raise CliError(f"the demo needs {module}: pip install 'coalesce[fastapi]'") from None
+            raise CliError(
+                f"the demo needs {module}, which the 'fastapi' extra installs: "
+                "pip install 'coalesce-cache[fastapi]'"
+            ) from None
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run both phases against a fresh app and print the table; return the exit code."""
+    _check_options(args)
+    _import_web_stack()  # before the modules that import it: a missing extra is named
+
     from coalesce.cli_remote import RedisTarget, resolve_url
     from coalesce.demo_load import request_plan
     from coalesce.demo_server import ServerProcess
     from coalesce.urls import redact
 
-    _check_options(args)
-    _import_web_stack()
     pyplot = _import_pyplot() if args.plot else None
     if args.plot:
         _check_writable(args.plot)

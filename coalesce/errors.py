@@ -11,6 +11,11 @@ class ConfigurationError(CoalesceError, ValueError):
     """A cache URL, option or decorator argument is invalid."""
 
 
+class MissingDependencyError(CoalesceError, ImportError):
+    """An optional part of coalesce needs a package that is not installed; the message names
+    the extra that installs it (`pip install 'coalesce-cache[fastapi]'`)."""
+
+
 class KeyTemplateError(ConfigurationError):
     """A key template names a parameter the function does not have, or cannot be parsed."""
 

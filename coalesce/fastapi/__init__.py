@@ -135,8 +135,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
-from fastapi import Request
-from fastapi.responses import Response
+from coalesce import MissingDependencyError
+
+try:
+    from fastapi import Request
+    from fastapi.responses import Response
+except ImportError as exc:  # the extra is not installed: say which one
+    raise MissingDependencyError(
+        f"coalesce.fastapi needs FastAPI ({exc}), which the 'fastapi' extra installs: "
+        "pip install 'coalesce-cache[fastapi]'"
+    ) from None
 
 from coalesce import Cache, ConfigurationError, get_cache
 from coalesce.fastapi.admin import admin_router
