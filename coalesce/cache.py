@@ -33,12 +33,14 @@ from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.serialization import Serializer, get_serializer
 from coalesce.stores.base import KeyList, Store
 from coalesce.stores.memory import MemoryStore
-from coalesce.urls import redact, scheme_of
+from coalesce.urls import redact, scheme_of, url_of_settings
 from coalesce.values import Frozen
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.asyncio import Redis as AsyncRedis
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
 
 logger = logging.getLogger("coalesce")
 P = ParamSpec("P")
@@ -50,6 +52,48 @@ _LOG_EVERY = 30.0  # seconds between two log lines about a failing store
 
 def _disabled_by_environment() -> bool:
     return os.environ.get("COALESCE_DISABLED", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _given_client(
+    client: object,
+) -> tuple[str, Redis | RedisCluster | None, AsyncRedis | AsyncRedisCluster | None] | None:
+    """For a redis-py client (sync or asyncio, single or cluster) given as the cache url: the
+    URL of the server it talks to, read from its connection settings, and the client as
+    `client` or `async_client`; None when `client` is not a redis-py client.
+
+    `Cache(redis.Redis(...))` names its server in messages by this URL (password masked), and
+    connections the store opens itself (the pub/sub listener; the sync client next to a given
+    asyncio one, and the other way round) are made from it, so they reach the same server
+    with the same user, password, database and TLS files.
+    """
+    if not type(client).__module__.startswith("redis."):
+        return None  # redis is never imported for a cache that does not use it
+    import redis
+    import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
+
+    settings: dict[str, Any]
+    if isinstance(client, (redis.Redis, redis.asyncio.Redis)):
+        pool = client.connection_pool
+        settings = dict(pool.connection_kwargs)
+        connection_class: Any = pool.connection_class
+    elif isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
+        manager = getattr(client, "nodes_manager", None)  # the sync cluster client's
+        settings = dict(getattr(manager, "connection_kwargs", None) or {})
+        settings = settings or dict(getattr(client, "connection_kwargs", None) or {})
+        connection_class = settings.get("connection_class")
+        nodes = list(getattr(manager, "startup_nodes", {}).values())
+        nodes = nodes or list(getattr(client, "startup_nodes", None) or [])
+        if nodes and "host" not in settings:
+            settings.update(host=nodes[0].host, port=nodes[0].port)
+    else:
+        return None
+    tls = bool(settings.get("ssl")) or "SSL" in getattr(connection_class, "__name__", "")
+    url = url_of_settings(settings, tls=tls)
+    if isinstance(client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)):
+        return url, None, client
+    return url, client, None
 
 
 def _make_store(url: str, maxsize: int, options: dict[str, Any]) -> Store:
@@ -81,7 +125,7 @@ class Cache:
 
     def __init__(
         self,
-        url: str = "memory://",
+        url: str | Redis | AsyncRedis | RedisCluster | AsyncRedisCluster = "memory://",
         *,
         namespace: str = "coalesce",
         maxsize: int = 10_000,
@@ -89,12 +133,29 @@ class Cache:
         enabled: bool | None = None,
         serializer: str | Serializer | None = None,
         on_backend_error: BackendErrorMode = "compute",
-        client: Redis | None = None,
-        async_client: AsyncRedis | None = None,
+        client: Redis | RedisCluster | None = None,
+        async_client: AsyncRedis | AsyncRedisCluster | None = None,
         **store_options: Any,
     ) -> None:
         if not isinstance(url, str):
-            raise ConfigurationError(f"cache url must be a string, not {url!r}")
+            given = _given_client(url)
+            if given is None:
+                raise ConfigurationError(
+                    "cache url must be a string such as 'redis://host:6379/0' or a redis-py "
+                    f"client, not {type(url).__name__}"
+                )
+            url, given_sync, given_async = given
+            if (given_sync is not None and client is not None) or (
+                given_async is not None and async_client is not None
+            ):
+                kind = "client" if given_sync is not None else "async_client"
+                raise ConfigurationError(
+                    f"a redis-py client was given twice: as the cache url and as {kind}="
+                )
+            if given_sync is not None:
+                client = given_sync
+            if given_async is not None:
+                async_client = given_async
         if not namespace or not isinstance(namespace, str) or not namespace.isprintable():
             raise ConfigurationError(
                 f"namespace must be a non-empty printable string, not {namespace!r}"

@@ -227,7 +227,7 @@ def cmd_invalidate(args: argparse.Namespace) -> int:
 
 
 def _invalidate_over_http(args: argparse.Namespace, keys: list[str], tags: list[str]) -> int:
-    """`invalidate` through the app's admin router (`coalesce.fastapi_admin` documents it).
+    """`invalidate` through the app's admin router (`coalesce.fastapi.admin` documents it).
 
     `POST {prefix}/invalidate` with `{"keys": [...]}` answers `{"removed": {key: bool}}`;
     with `{"tag": "..."}` it answers `{"tag": ..., "removed": count}`.
@@ -248,7 +248,7 @@ def _invalidate_over_http(args: argparse.Namespace, keys: list[str], tags: list[
 
     def post_keys(names: list[str]) -> dict[str, Any]:
         """`{"keys": names}` in requests the admin router accepts (at most 1,000 keys and
-        64 KiB each: `coalesce.fastapi_admin`), their answers merged."""
+        64 KiB each: `coalesce.fastapi.admin`), their answers merged."""
         removed: dict[str, Any] = {}
         batch: list[str] = []
         size = 0
@@ -331,13 +331,15 @@ def cmd_get(args: argparse.Namespace) -> int:
         except Exception as exc:  # an odd value must not hide the rest of the entry
             size = f"unknown ({one_line(str(exc))})"
         remaining = entry.remaining(now)
+        if remaining == math.inf:  # a ttl of inf: no expiry, as with None
+            remaining = None
         if remaining is None:
             status = "fresh, never expires by time"
         elif remaining > 0:
             status = f"fresh, expires in {human_seconds(remaining)}"
         else:
             status = f"stale, served while refreshing for {human_seconds(entry.stale_until - now)}"
-        ttl = "none" if entry.ttl is None else human_seconds(entry.ttl)
+        ttl = "none" if entry.ttl is None or entry.ttl == math.inf else human_seconds(entry.ttl)
         if entry.stale_ttl:
             ttl += f" (+ {human_seconds(entry.stale_ttl)} stale)"
         tags = entry.tags

@@ -6,6 +6,7 @@ without a store.
 
 from __future__ import annotations
 
+import math
 import pprint
 import reprlib
 from typing import Any
@@ -21,8 +22,21 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+_YEAR = 365 * 86_400
+
+
 def human_seconds(seconds: float) -> str:
-    """`0.42 s`, `42.0 s`, `3 min 20 s`, `2 h 5 min`, `3 d 4 h`: short and exact enough."""
+    """`0.42 s`, `42.0 s`, `3 min 20 s`, `2 h 5 min`, `3 d 4 h`, `2 y 40 d`: short and exact
+    enough. Any float prints: `-3.20 s`, `forever` (inf), `over 10,000 years` (1e300),
+    `unknown` (nan): an entry's times come from the store, and a shell must show them."""
+    if seconds != seconds:
+        return "unknown"
+    if seconds < 0:
+        return "-" + human_seconds(-seconds)
+    if seconds == math.inf:
+        return "forever"
+    if seconds >= 10_000 * _YEAR:
+        return "over 10,000 years"
     if seconds < 10:
         return f"{seconds:.2f} s"
     if seconds < 60:
@@ -34,7 +48,10 @@ def human_seconds(seconds: float) -> str:
     if hours < 24:
         return f"{hours} h {minutes} min"
     days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
+    if days < 365:
+        return f"{days} d {hours} h"
+    years, days = divmod(days, 365)
+    return f"{years:,} y {days} d"
 
 
 def human_ms(seconds: float) -> str:

@@ -10,6 +10,9 @@ Masking too much is harmless; showing a secret is not.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(.*)", re.DOTALL)
 _PASSWORD_PARAM = re.compile(r"([?&;][^=&;#]*password[^=&;#]*=)[^&;#]*", re.IGNORECASE)
@@ -51,3 +54,44 @@ def path_of(url: str) -> str:
     hostpath = rest.rpartition("@")[2].split("?", 1)[0].split("#", 1)[0]
     slash = hostpath.find("/")
     return hostpath[slash:] if slash >= 0 else ""
+
+
+#: TLS settings of a redis-py connection that a `rediss://` URL's query can carry (redis-py
+#: passes query options it does not parse itself to the connection as strings).
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_ca_path")
+
+
+def url_of_settings(settings: Mapping[str, Any], *, tls: bool) -> str:
+    """The `redis://`, `rediss://` or `unix://` URL that reaches the server named by a
+    redis-py client's connection settings (`host`, `port` or `path`, `db`, `username`,
+    `password`, the TLS files), so that connections we open ourselves (the pub/sub
+    listener, a sync client next to a given asyncio one) go where the given client goes.
+
+    The user name and password are percent-encoded into the user info, which `redact`
+    masks in every message; a `credential_provider` cannot be written into a URL.
+    """
+    username, password = settings.get("username"), settings.get("password")
+    userinfo = ""
+    if username or password:
+        userinfo = quote(str(username or ""), safe="")
+        if password:
+            userinfo += ":" + quote(str(password), safe="")
+        userinfo += "@"
+    db = int(settings.get("db") or 0)
+    path = settings.get("path")
+    if path:
+        return f"unix://{userinfo}{quote(str(path), safe='/')}?db={db}"
+    host = str(settings.get("host") or "localhost")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    port = int(settings.get("port") or 6379)
+    url = f"{'rediss' if tls else 'redis'}://{userinfo}{host}:{port}/{db}"
+    if tls:
+        query = {
+            name: settings[name] for name in _TLS_OPTIONS if isinstance(settings.get(name), str)
+        }
+        if settings.get("ssl_check_hostname") is False:
+            query["ssl_check_hostname"] = "false"
+        if query:
+            url += "?" + urlencode(query, safe="/")
+    return url

@@ -8,6 +8,7 @@ line in another, against a real `redis-server` started by the fixtures (`conftes
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from redis_servers import RedisServer, free_port
 
 from coalesce import Cache
 from coalesce.cli_output import human_seconds, one_line, preview
+from coalesce.entry import Entry
+from coalesce.serialization import encode_entry
 from coalesce.urls import redact
 
 TOKEN = "test-admin-token-5f1c"
@@ -293,6 +296,78 @@ def test_get_truncates_a_long_value(
     assert result.returncode == 0, result.stderr
     assert "more characters)" in result.stdout
     assert len(result.stdout) < 1500
+
+
+def get_fields(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """`coalesce get`'s `name  value` lines (exit 0 asserted, no traceback)."""
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return {
+        line.split(None, 1)[0]: line.split(None, 1)[1]
+        for line in result.stdout.splitlines()
+        if line and not line.startswith(" ") and len(line.split(None, 1)) == 2
+    }
+
+
+def test_get_shows_ints_beyond_the_int_to_text_limit(
+    redis_server: RedisServer, unique_namespace: str, cache: Cache
+) -> None:
+    """Issue 9 item 6: an int of more than 4,300 digits, as a value and nested, written by a
+    cached function, is shown by its size instead of exiting 3."""
+
+    @cache.cached(ttl=60, key="big:{shape}")
+    def big(shape: str) -> Any:
+        n = 7**20_000  # 16,902 digits
+        return n if shape == "flat" else {"n": [n, -n], "small": 1}
+
+    for shape in ("flat", "nested"):
+        big(shape)
+        fields = get_fields(
+            run_cli("get", f"big:{shape}", *redis_args(redis_server, unique_namespace))
+        )
+        assert "(an int of 56,148 bits)" in fields["value"], fields
+        assert fields["status"].startswith("fresh, expires in")
+
+
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [
+        ({"ttl": math.inf}, {"ttl": "none", "remaining": "no expiry"}),
+        ({"ttl": 60.0, "stale_ttl": math.inf}, {"ttl": "1 min 0 s (+ forever stale)"}),
+        ({"ttl": 1e300}, {"remaining": "over 10,000 years"}),
+        ({"ttl": math.nan}, {"ttl": "unknown"}),
+        ({"ttl": 60.0, "compute_time": math.inf}, {"computed": "in inf ms"}),
+    ],
+    ids=["ttl-inf", "stale-ttl-inf", "ttl-1e300", "ttl-nan", "compute-time-inf"],
+)
+def test_get_shows_entries_whose_times_are_not_finite(
+    redis_server: RedisServer,
+    unique_namespace: str,
+    cache: Cache,
+    times: dict[str, float],
+    expected: dict[str, str],
+) -> None:
+    """Issue 9 item 6: an entry whose ttl is inf (no expiry, as ttl=None) or otherwise not a
+    finite number of seconds, encoded by the library's own entry codec, is shown (exit 0)
+    instead of exiting 3 ("a bug of ours")."""
+
+    @cache.cached(ttl=60, key="odd")
+    def odd() -> dict[str, int]:
+        return {"a": 1}
+
+    odd()
+    client = redis_server.client()
+    try:
+        (stored,) = client.scan_iter(match=f"{unique_namespace}:*odd*")  # where the store put it
+        client.set(stored, encode_entry(Entry({"a": 1}, **times), cache.serializer))
+    finally:
+        client.close()
+    fields = get_fields(run_cli("get", "odd", *redis_args(redis_server, unique_namespace)))
+    assert fields["value"] == "{'a': 1}"
+    for name, text in expected.items():
+        assert fields[name] == text, fields
+    if times["ttl"] == math.inf:
+        assert fields["status"] == "fresh, never expires by time"
 
 
 def test_get_missing_key_says_so_and_exits_1(
@@ -848,6 +923,11 @@ def test_human_seconds_and_one_line() -> None:
     assert human_seconds(200) == "3 min 20 s"
     assert human_seconds(7500) == "2 h 5 min"
     assert human_seconds(200_000) == "2 d 7 h"
+    assert human_seconds(400 * 86_400) == "1 y 35 d"
+    assert human_seconds(-200) == "-3 min 20 s"
+    assert human_seconds(math.inf) == "forever"
+    assert human_seconds(1e300) == "over 10,000 years"
+    assert human_seconds(math.nan) == "unknown"
     assert one_line("a\n  b\tc") == "a b c"
 
 

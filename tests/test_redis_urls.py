@@ -17,6 +17,7 @@ command line's ``check`` works with the same URLs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -30,6 +31,7 @@ from urllib.parse import quote
 
 import pytest
 import redis
+import redis.asyncio
 from redis_servers import RedisServer, RedisStartError, make_tls_files
 
 from coalesce import Cache
@@ -234,6 +236,139 @@ def test_near_cache_invalidation_reaches_over_the_pubsub_connection(
     assert writer.invalidate("cfg")
     wait_until(lambda: cfg() == "v2", timeout=1.0)
     assert stats()["listener"]["resets"] == 0  # the pub/sub connection never failed
+
+
+# -- an existing client as the only argument (issue 9 item 7) --------------------------------
+
+
+def client_settings(kind: str, server: RedisServer) -> dict[str, Any]:
+    """Constructor arguments of a redis-py client that reaches `server` as `kind` does."""
+    settings: dict[str, Any] = {"host": server.host, "port": server.port}
+    if "acl" in kind:
+        settings.update(username=USER, password=PASSWORD)
+    if "tls" in kind:
+        settings.update(ssl=True, ssl_ca_certs=str(server.tls_files.ca))
+    return settings
+
+
+@pytest.fixture(params=["acl", "tls", "tls+acl"])
+def secured_kind(
+    request: pytest.FixtureRequest, acl_server: RedisServer, tls_server: RedisServer
+) -> tuple[str, RedisServer]:
+    kind = str(request.param)
+    return kind, acl_server if kind == "acl" else tls_server
+
+
+async def test_a_sync_or_asyncio_client_alone_is_the_cache(
+    secured_kind: tuple[str, RedisServer], unique_namespace: str
+) -> None:
+    """`Cache(redis.Redis(...))` and `Cache(redis.asyncio.Redis(...))`, as the README shows:
+    both functions work, the connections we open ourselves (pub/sub, the other client) reach
+    the same server as the same user, and the server is named without the password."""
+    kind, server = secured_kind
+    settings = client_settings(kind, server)
+    sync_client = redis.Redis(**settings)
+    async_client = redis.asyncio.Redis(**settings)
+    by_sync = Cache(sync_client, namespace=unique_namespace, on_backend_error="raise")
+    by_async = Cache(
+        async_client,
+        namespace=unique_namespace,
+        on_backend_error="raise",
+        local_maxsize=100,
+        local_ttl=30,
+    )
+    calls: list[str] = []
+    try:
+        for cache in (by_sync, by_async):
+            text = repr(cache)
+            assert f"127.0.0.1:{server.port}" in text, text
+            no_secret(text)
+            assert cache.url.startswith("rediss://" if "tls" in kind else "redis://")
+
+        @by_sync.cached(ttl=30, key="s")
+        def sync_fn() -> str:
+            calls.append("sync")
+            return "s"
+
+        @by_async.cached(ttl=30, key="a")
+        async def async_fn() -> str:
+            calls.append("async")
+            return f"a{len(calls)}"
+
+        assert [sync_fn(), sync_fn()] == ["s", "s"]
+        assert [await async_fn(), await async_fn()] == ["a2", "a2"]
+        assert calls == ["sync", "async"]
+        keys = sorted(our_keys(server, unique_namespace))
+        assert keys == [f"{unique_namespace}:{{{k}}}".encode() for k in ("a", "s")]
+        if "acl" in kind:
+            assert USER in users_connected(server)
+        # the near cache of the asyncio-only cache hears invalidations on a pub/sub
+        # connection made from the client's settings
+        store = by_async.store
+        assert isinstance(store, RedisStore)
+        wait_until(lambda: store.stats()["listener"]["subscribed"])
+        assert await async_fn() == "a2"
+        assert by_sync.invalidate("a")
+        deadline = time.monotonic() + 2.0
+        while (value := await async_fn()) == "a2" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert value == "a3"
+        assert store.stats()["listener"]["resets"] == 0
+    finally:
+        await by_async.aclose()
+        by_async.close()
+        by_sync.close()
+        sync_client.close()
+        await async_client.aclose()
+
+
+def test_a_client_alone_names_its_server_in_errors_without_the_password(
+    acl_server: RedisServer, unique_namespace: str
+) -> None:
+    client = redis.Redis(
+        host=acl_server.host, port=acl_server.port, username=USER, password=WRONG_PASSWORD
+    )
+    cache = Cache(client, namespace=unique_namespace, on_backend_error="raise")
+
+    @cache.cached(ttl=30)
+    def f() -> int:
+        return 1
+
+    try:
+        with pytest.raises(BackendError) as info:
+            f()
+    finally:
+        cache.close()
+        client.close()
+    message = str(info.value)
+    assert f"redis://{USER}:***@127.0.0.1:{acl_server.port}/0" in message, message
+    no_secret(message)
+    no_secret("".join(traceback.format_exception(info.value)))
+
+
+def test_a_client_given_twice_or_a_foreign_object_is_refused(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with pytest.raises(ConfigurationError, match="given twice"):
+            Cache(client, client=client)
+        with pytest.raises(ConfigurationError, match="redis-py client"):
+            Cache(object())  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="decode_responses"):
+            Cache(redis.Redis.from_url(redis_url, decode_responses=True))
+    finally:
+        client.close()
+
+
+def test_url_of_settings_covers_unix_sockets_ipv6_and_encoded_secrets() -> None:
+    from coalesce.urls import url_of_settings
+
+    assert url_of_settings({"path": "/run/redis.sock", "db": 2}, tls=False) == (
+        "unix:///run/redis.sock?db=2"
+    )
+    assert url_of_settings({"host": "::1", "port": 7000}, tls=False) == "redis://[::1]:7000/0"
+    url = url_of_settings({"host": "h", "username": "u", "password": "p/w?#@"}, tls=True)
+    assert url == "rediss://u:p%2Fw%3F%23%40@h:6379/0"
+    assert redis.connection.parse_url(url)["password"] == "p/w?#@"  # type: ignore[no-untyped-call]
 
 
 # -- ACL user: wrong credentials -------------------------------------------------------------
