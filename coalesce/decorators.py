@@ -376,9 +376,11 @@ def _lead(
 
     A failure cached with `cache_errors` goes into `raised`, so that the leader's own caller
     gets the original exception and the others its rebuilt form. After a failed read
-    (`failed`, or this one) it computes without the store.
+    (`failed`, or this one) it computes without the store. On a shared store the check
+    again is the first step of `fill` itself (Redis: the `CLAIM` script reads the entry
+    atomically with taking the lease), so nothing can be stored between them.
     """
-    if policy.store and not failed:
+    if policy.store and not failed and cache.local:
         entry = cache.read(key)
         if entry is not None and entry.fresh_until > _now():
             return _shareable(cache, policy, entry)
@@ -462,7 +464,7 @@ async def _alead(
     failed: bool = False,
 ) -> Entry:
     """The leader of this process on this loop: check again, then compute once."""
-    if policy.store and not failed:
+    if policy.store and not failed and cache.local:
         entry = await cache.aread(key)
         if entry is not None and entry.fresh_until > _now():
             return _shareable(cache, policy, entry)

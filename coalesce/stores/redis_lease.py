@@ -357,7 +357,7 @@ class LeaseMixin:
         self._listener.start()
         self._listener.add(key, waiter)  # subscribe first ...
         try:
-            check, seen, waited = False, "", False
+            check, seen, waited = True, "", False  # the first claim checks the entry too
             while True:
                 waiter.arm()
                 subscribed = self._listener.ready.is_set()
@@ -466,7 +466,7 @@ class LeaseMixin:
         self._listener.start()
         self._listener.add(key, waiter)  # subscribe first ...
         try:
-            check, seen, waited = False, "", False
+            check, seen, waited = True, "", False  # the first claim checks the entry too
             while True:
                 waiter.arm()
                 subscribed = self._listener.ready.is_set()

@@ -101,6 +101,10 @@ end
 #: KEYS: entry, lease, failed, waiters, tag sets... ARGV: token, lease ms, check entry
 #: ("1"/"0"), seen lease token, member (full key), lease expiry (ms, the tag score), now ms.
 #: Returns {"entry", bytes} | {"failed", marker} | {"lease", ""} | {"wait", holder, pttl}.
+#: With "check entry" it reports the entry (fresh or not: the caller decides, and claims again
+#: without the check when it is not) before anything else, so a leader's first claim is also
+#: its check again: an entry stored just before it is found, never computed twice. A value
+#: of another type under the entry's name is reported as unreadable bytes (a miss).
 #: The failure marker is reported only to a waiter that saw the failed leader's token, so a
 #: caller arriving after a failure computes afresh instead of inheriting the error. A caller
 #: told to wait also flags the lease as waited for, so that its `STORE` pushes the entry.
@@ -113,7 +117,8 @@ CLAIM = Script.of(
     _ADD_TAG
     + """
 if ARGV[3] == '1' then
-  local value = redis.call('GET', KEYS[1])
+  local value = redis.pcall('GET', KEYS[1])
+  if type(value) == 'table' then return {'entry', 'foreign type'} end  -- WRONGTYPE: a miss
   if value then return {'entry', value} end
 end
 if ARGV[4] ~= '' then

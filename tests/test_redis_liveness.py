@@ -1,0 +1,141 @@
+"""Liveness of the Redis lease protocol (issue 9): no computation twice at expiry, no caller
+held up by a foreign lease value, a pub/sub drop or an invalidation storm.
+
+Two `Cache` instances in one process meet only in Redis, like two processes; the storm test
+uses real OS processes. Every wait is bounded; stalls are handshakes, not sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from coalesce.cache import Cache
+from coalesce.stores.redis import RedisStore
+from coalesce.stores.redis_scripts import CLAIM, STORE
+
+WAIT = 10.0  # seconds any handshake waits before the test fails
+
+
+class CountingRedis(redis.Redis):
+    """A sync client that records the name of every command it sends (one per round trip)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[str] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]).lower())
+        return super().execute_command(*args, **options)
+
+
+def _store(cache: Cache) -> RedisStore:
+    store = cache.store
+    assert isinstance(store, RedisStore)
+    return store
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (a bounded poll, not a timing assertion) until `condition()` holds."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.002)
+
+
+# -- item 2: the first claim checks the entry ----------------------------------------------
+
+
+def test_a_miss_costs_one_get_one_claim_and_one_store(
+    redis_url: str, unique_namespace: str
+) -> None:
+    """The leader's check again is the `CLAIM` itself: no separate `GET` on a miss."""
+    client = CountingRedis.from_url(redis_url)
+    for script in (CLAIM, STORE):
+        client.script_load(script.source)  # no NOSCRIPT retry among the counted commands
+    cache = Cache(redis_url, namespace=unique_namespace, client=client)
+    try:
+
+        @cache.cached(ttl=30, key="k")
+        def k() -> int:
+            return 1
+
+        client.sent.clear()
+        assert k() == 1
+        assert client.sent == ["get", "evalsha", "evalsha"]  # GET, CLAIM, STORE
+        client.sent.clear()
+        assert k() == 1
+        assert client.sent == ["get"]  # a hit is one GET
+    finally:
+        cache.close()
+        client.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_entry_stored_just_before_the_claim_is_not_computed_again(
+    redis_caches: Callable[..., Cache], kind: str
+) -> None:
+    """b misses, stalls before its first `CLAIM` while a computes and stores the entry, then
+    claims: the claim finds the entry, so b does not compute it a second time."""
+    a, b = redis_caches(), redis_caches()
+    at_claim, go = threading.Event(), threading.Event()
+    store = _store(b)
+    calls: list[str] = []
+
+    def stall() -> None:
+        if not at_claim.is_set():
+            at_claim.set()
+            assert go.wait(WAIT)
+
+    real_script, real_ascript = store._conn.script, store._conn.ascript
+
+    def script(script: Any, keys: Any, args: Any) -> Any:
+        if script is CLAIM:
+            stall()
+        return real_script(script, keys, args)
+
+    async def ascript(script: Any, keys: Any, args: Any) -> Any:
+        if script is CLAIM:
+            await asyncio.to_thread(stall)
+        return await real_ascript(script, keys, args)
+
+    store._conn.script = script  # type: ignore[method-assign]
+    store._conn.ascript = ascript  # type: ignore[method-assign]
+
+    @a.cached(ttl=30, key="k")
+    def fa() -> str:
+        calls.append("a")
+        return "a"
+
+    if kind == "sync":
+
+        @b.cached(ttl=30, key="k")
+        def fb() -> str:
+            calls.append("b")
+            return "b"
+
+        call: Callable[[], str] = fb
+    else:
+
+        @b.cached(ttl=30, key="k")
+        async def afb() -> str:
+            calls.append("b")
+            return "b"
+
+        def call() -> str:
+            return asyncio.run(afb())
+
+    got: list[str] = []
+    thread = threading.Thread(target=lambda: got.append(call()))
+    thread.start()
+    assert at_claim.wait(WAIT)  # b missed and is about to claim
+    assert fa() == "a"  # meanwhile a computes and stores
+    go.set()
+    thread.join(WAIT)
+    assert got == ["a"] and calls == ["a"]
