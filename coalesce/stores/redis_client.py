@@ -5,6 +5,12 @@
 * clients are created on first use, never when a `Cache` is built or a function decorated:
   one sync client (thread-safe, pooled) and one asyncio client *per event loop* (an asyncio
   connection belongs to the loop that opened it), unless existing clients were given;
+* the pools of the clients we create are bounded (`max_connections`, `DEFAULT_MAX_CONNECTIONS`
+  unless given): a burst of threads or tasks waits for a free connection (redis-py's
+  `BlockingConnectionPool`, at most `socket_timeout` seconds) instead of opening more; a call
+  that waited in vain fails like any store failure, without counting against the breaker
+  (Redis did not fail, we were busy). On a cluster the bound holds per node, and redis-py
+  raises at once instead of waiting: the same degradation. Given clients keep their pools;
 * every call goes through `call` / `acall`: the circuit breaker first (fail fast, no I/O,
   while it is open), then the command, whose redis-py errors become `BackendError` naming
   the URL without its password;
@@ -43,6 +49,7 @@ from redis.exceptions import (
     ConnectionError as RedisConnectionError,
 )
 from redis.exceptions import (
+    MaxConnectionsError,
     NoScriptError,
     RedisClusterException,
     RedisError,
@@ -61,6 +68,13 @@ AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 #: Errors of redis-py (and of the socket layer below it) that become `BackendError`.
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+#: Connections per pool of the clients we create (sync: one pool; asyncio: one per event
+#: loop; cluster: per node), unless `max_connections` is given.
+DEFAULT_MAX_CONNECTIONS = 50
+
+#: What redis-py's `BlockingConnectionPool` raises when no connection freed up in time.
+_POOL_TIMEOUT_MESSAGE = "No connection available."
 
 
 class _Read:
@@ -192,15 +206,18 @@ class RedisConnection:
             # restart), none after a timeout: a hung Redis costs one socket_timeout per step
             "retry": retry,
         }
-        if self.max_connections is not None:
-            options["max_connections"] = self.max_connections
+        options["max_connections"] = self.max_connections or DEFAULT_MAX_CONNECTIONS
         return options
 
     def _make_sync(self) -> SyncClient:
         options = self._options(Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
         if self.cluster:
             return redis.cluster.RedisCluster.from_url(self.url, **options)
-        return redis.Redis.from_url(self.url, **options)
+        # a full pool makes the caller wait (at most socket_timeout) rather than connect more
+        pool = redis.BlockingConnectionPool.from_url(
+            self.url, timeout=self.socket_timeout, **options
+        )
+        return redis.Redis.from_pool(pool)
 
     def _make_async(self) -> AsyncClient:
         options = self._options(
@@ -208,7 +225,10 @@ class RedisConnection:
         )
         if self.cluster:
             return redis.asyncio.cluster.RedisCluster.from_url(self.url, **options)
-        return redis.asyncio.Redis.from_url(self.url, **options)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            self.url, timeout=self.socket_timeout, **options
+        )
+        return redis.asyncio.Redis.from_pool(pool)
 
     def loop_state(self) -> LoopState:
         """This event loop's asyncio client and pending reads, created on first use."""
@@ -292,6 +312,8 @@ class RedisConnection:
         self.errors += 1
         if isinstance(exc, ResponseError):
             self.breaker.success()  # the server answered: it is up, the command was wrong
+        elif _pool_exhausted(exc):
+            pass  # our own pool was busy: Redis did not fail, the breaker stays as it is
         elif self.breaker.failure():
             self.log.warning(
                 "breaker",
@@ -446,6 +468,13 @@ def _foreign(exc: ResponseError) -> bytes:
     if str(exc).startswith("WRONGTYPE"):
         return WRONG_TYPE
     raise exc
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    """Whether `exc` says our pool had no free connection (not a failure of Redis)."""
+    return isinstance(exc, MaxConnectionsError) or (
+        isinstance(exc, RedisConnectionError) and str(exc) == _POOL_TIMEOUT_MESSAGE
+    )
 
 
 def _raised_in_redis_py(exc: BaseException) -> bool:
