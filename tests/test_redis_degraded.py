@@ -44,10 +44,99 @@ def _frozen(server: RedisServer) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+class FakeClock:
+    """Monotonic seconds that move only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def _store(cache: Cache) -> RedisStore:
     store = cache.store
     assert isinstance(store, RedisStore)
     return store
+
+
+# -- item 9: recovery is noticed within about a second ---------------------------------------
+
+
+def test_recovery_after_a_long_outage_is_noticed_within_a_second(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """However long Redis was gone (20 s here, on the breaker's fake clock), the breaker
+    lets a probe through at least once a second: the first call at most a second after
+    Redis is back uses it again. (The old backoff reached 10 s.)"""
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    store = _store(cache)
+    clock = FakeClock()
+    store.breaker.clock = clock
+    key = cache.prefix + "k"
+    assert store.get(key) is None  # connected
+    fresh_redis.kill()
+    failures = 0
+    while clock.now < 1020.0:  # a 20 s outage: a call every 100 ms fails (fast or probing)
+        with contextlib.suppress(BackendError):
+            store.get(key)
+            raise AssertionError("Redis is down")
+        failures += 1
+        clock.now += 0.1
+    assert store.breaker.state == "open" and failures == 200
+    assert store.breaker.retry_in() <= 1.0
+    fresh_redis.start()
+    back = clock.now
+    while True:  # bounded: the probe must go out within a second of fake time
+        assert clock.now - back <= 1.05, "no probe within a second after Redis came back"
+        try:
+            assert store.get(key) is None
+            break
+        except BackendError:
+            clock.now += 0.05
+    assert store.breaker.state == "closed"
+    cache.close()
+
+
+def test_a_hung_redis_is_used_again_within_two_seconds_of_resuming(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """SIGSTOP for 5 s under steady calls, then SIGCONT: the cache reads Redis
+    again (breaker closed, a fresh entry served from Redis) within 2 s."""
+    cache = Cache(fresh_redis.url, namespace=unique_namespace, socket_timeout=0.25)
+    store = _store(cache)
+    calls = [0]
+
+    @cache.cached(ttl=60, key="v")
+    def v() -> int:
+        calls[0] += 1
+        return 7
+
+    assert v() == 7
+    with _frozen(fresh_redis):
+        deadline = time.monotonic() + 5.0  # the old backoff: 4 s more after a 5 s hang
+        while time.monotonic() < deadline:
+            assert v() == 7
+            time.sleep(0.02)
+        assert store.breaker.state == "open"
+    resumed = time.monotonic()
+    while store.breaker.state != "closed":
+        assert time.monotonic() - resumed < 2.0, "Redis not used again within 2 s"
+        assert v() == 7
+        time.sleep(0.02)
+    assert store.get(cache.prefix + "v") is not None  # read from Redis itself
+    cache.close()
+
+
+def test_the_listener_subscribing_again_makes_the_next_call_probe() -> None:
+    from coalesce.stores.redis_breaker import CircuitBreaker
+
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=1, cooldown=0.5, max_cooldown=1.0, clock=clock)
+    breaker.failure()
+    assert breaker.state == "open" and not breaker.allow()
+    breaker.probe_now()
+    assert breaker.allow()  # without the clock moving
 
 
 # -- item 10: connection pools are bounded by default ----------------------------------------

@@ -38,7 +38,8 @@ The paths, in the order of their cost:
 Failures: every Redis error becomes `BackendError` naming the URL (never the password) and
 the cause; the cache then computes directly (fail-open) unless configured to raise. After
 `breaker_threshold` consecutive connection failures the breaker fails calls fast for a
-cooldown, then lets one probe through, and closes again by itself once Redis answers.
+cooldown (0.5 s, backing off to 1 s), then lets one probe through, and closes again by
+itself once Redis answers; the listener subscribing again makes the next call probe at once.
 
 Fork: after `os.fork()` a child resets every store it inherited (`_after_fork_in_child`):
 listener and renewer "not started", near cache empty, new locks, no pending reads, new
@@ -118,8 +119,8 @@ class RedisStore(LeaseMixin, Store):
         local_maxsize: int | None = None,
         local_ttl: float = 5.0,
         breaker_threshold: int = 5,
-        breaker_cooldown: float = 1.0,
-        breaker_max_cooldown: float = 10.0,
+        breaker_cooldown: float = 0.5,
+        breaker_max_cooldown: float = 1.0,
         log_interval: float = 30.0,
     ) -> None:
         scheme = scheme_of(url) if isinstance(url, str) else ""
@@ -304,6 +305,8 @@ class RedisStore(LeaseMixin, Store):
         self._conn.epoch += 1
         if self._near is not None:
             self._near.clear()
+        if self._listener.ready.is_set():  # subscribed anew: Redis answers again
+            self.breaker.probe_now()
         hook = self.on_missed_invalidations
         if hook is not None:
             try:

@@ -5,7 +5,15 @@ consecutive failures; after `threshold` of them it *opens*: calls fail fast (the
 `BackendError` without any I/O) for a cooldown. When the cooldown has passed, exactly one
 call is let through as a probe (*half-open*); if it succeeds the breaker closes, if it fails
 the breaker opens again with a doubled cooldown (up to `max_cooldown`). No timer thread:
-the state moves on when calls arrive.
+the state moves on when calls arrive, or when the store learns that Redis answers again
+(its pub/sub listener subscribed anew: `probe_now`).
+
+Recovery must be noticed quickly: a fail-open cache serves from its local fallback and
+computes while the breaker is open, so the defaults (0.5 s, backing off to 1 s) keep a
+probe going out at least once a second. A probe against a hung Redis costs the one call
+that carries it up to `socket_timeout`; every other call fails fast meanwhile.
+
+Time comes from `clock` (monotonic seconds), which tests replace with a fake.
 
 Concurrency contract: `allow`, `success` and `failure` may be called from any thread. The
 hot path (`allow` and `success` while closed) reads two attributes without the lock; every
@@ -18,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 CLOSED = "closed"
@@ -29,8 +38,13 @@ class CircuitBreaker:
     """Fail fast after `threshold` consecutive failures; probe again after a cooldown."""
 
     def __init__(
-        self, threshold: int = 5, cooldown: float = 1.0, max_cooldown: float = 10.0
+        self,
+        threshold: int = 5,
+        cooldown: float = 0.5,
+        max_cooldown: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock  # monotonic seconds; replaced by tests
         self.threshold = max(1, int(threshold))
         self.base_cooldown = float(cooldown)
         self.max_cooldown = max(float(max_cooldown), self.base_cooldown)
@@ -52,7 +66,7 @@ class CircuitBreaker:
         """Whether a call may go to Redis now (False: fail fast, no I/O)."""
         if self.state == CLOSED:
             return True
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if self.state == OPEN and now >= self._retry_at:
                 self.state = HALF_OPEN
@@ -87,15 +101,24 @@ class CircuitBreaker:
                 return False
             self.state = OPEN
             self._probing = False
-            self._retry_at = time.monotonic() + self._cooldown
+            self._retry_at = self.clock() + self._cooldown
             self.opened += 1
             return True
+
+    def probe_now(self) -> None:
+        """Redis was seen answering elsewhere (the listener subscribed again): let the next
+        call probe at once instead of waiting for the cooldown to pass."""
+        if self.state != OPEN:
+            return
+        with self._lock:
+            if self.state == OPEN:
+                self._retry_at = self.clock()
 
     def retry_in(self) -> float:
         """Seconds until an open breaker lets a probe through (0 when not open)."""
         if self.state != OPEN:
             return 0.0
-        return max(0.0, self._retry_at - time.monotonic())
+        return max(0.0, self._retry_at - self.clock())
 
     def stats(self) -> dict[str, Any]:
         return {
