@@ -139,3 +139,99 @@ def test_an_entry_stored_just_before_the_claim_is_not_computed_again(
     go.set()
     thread.join(WAIT)
     assert got == ["a"] and calls == ["a"]
+
+
+# -- items 4 and 5: foreign lease values ---------------------------------------------------
+
+FOREIGN_LEASES = {
+    # item 4: bytes that are not UTF-8, with an ordinary expiry
+    "not-utf8": (b"\xff\xfe\x80 not a token", 300),
+    # item 5: a token-like value without expiry, and one with an expiry far above the lease
+    "no-expiry": (b"0123456789abcdef0123456789abcdef", None),
+    "an-hour": (b"0123456789abcdef0123456789abcdef", 3_600_000),
+    "text-no-expiry": (b"held by hand", None),
+}
+LEASE_TTL = 0.3  # the takeover must come within about one lease time; asserted: 10 of them
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("foreign", sorted(FOREIGN_LEASES))
+def test_a_foreign_lease_is_taken_over_within_a_lease_time(
+    redis_caches: Callable[..., Cache], redis_url: str, foreign: str, kind: str
+) -> None:
+    """A value under the lease key that is not a lease of ours (bytes that are not UTF-8, a
+    lease that never expires or only in an hour) neither raises nor blocks: the caller
+    computes within a bound, stores its entry, and the foreign value is gone."""
+    cache = redis_caches(lease_ttl=LEASE_TTL)
+    value, px = FOREIGN_LEASES[foreign]
+    raw = redis.Redis.from_url(redis_url)
+    lease_key = f"{cache.namespace}:{{k}}:lease"
+    raw.set(lease_key, value, px=px)
+    calls: list[int] = []
+
+    if kind == "sync":
+
+        @cache.cached(ttl=30, key="k")
+        def k() -> int:
+            calls.append(1)
+            return 7
+
+        call: Callable[[], int] = k
+    else:
+
+        @cache.cached(ttl=30, key="k")
+        async def ak() -> int:
+            calls.append(1)
+            return 7
+
+        def call() -> int:
+            return asyncio.run(ak())
+
+    got: list[Any] = []
+
+    def run() -> None:
+        try:
+            got.append(call())
+        except BaseException as exc:  # reported below, not lost in the thread
+            got.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)  # daemon: the old code never returns
+    thread.start()
+    thread.join(10 * LEASE_TTL + 5)
+    elapsed = time.monotonic() - started
+    try:
+        assert got == [7], f"after {elapsed:.1f} s: {got}"
+        assert elapsed < 10 * LEASE_TTL, elapsed  # within about one lease time (generous)
+        assert calls == [1]
+        assert raw.get(lease_key) is None  # our lease ended with our store
+        entry = cache.get_entry("k")
+        assert entry is not None and entry.value == 7
+    finally:
+        raw.delete(lease_key)
+        raw.close()
+
+
+def test_a_value_of_another_type_under_the_lease_key_is_foreign(
+    redis_caches: Callable[..., Cache], redis_url: str
+) -> None:
+    """A hash under the lease key (no expiry): the call computes without an error and
+    without waiting long, as for any foreign lease."""
+    cache = redis_caches(lease_ttl=LEASE_TTL, on_backend_error="raise")
+    raw = redis.Redis.from_url(redis_url)
+    lease_key = f"{cache.namespace}:{{k}}:lease"
+    raw.hset(lease_key, "field", "not a lease")
+
+    @cache.cached(ttl=30, key="k")
+    def k() -> int:
+        return 7
+
+    started = time.monotonic()
+    try:
+        assert k() == 7
+        assert time.monotonic() - started < 10 * LEASE_TTL
+        entry = cache.get_entry("k")
+        assert entry is not None and entry.value == 7
+    finally:
+        raw.delete(lease_key)
+        raw.close()

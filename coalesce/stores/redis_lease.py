@@ -338,8 +338,8 @@ class LeaseMixin:
             self.counts["leader_failed"] += 1
             exc_type, message = decode_failure(reply[1])
             raise LeaderFailedError(key, exc_type, message)
-        holder = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        pttl = int(reply[2])
+        holder = reply[1].decode("ascii", "replace") if isinstance(reply[1], bytes) else ""
+        pttl = int(reply[2])  # CLAIM gives a foreign lease an expiry: never -1 here
         wait = self.wait_check if pttl < 0 else min(self.wait_check, pttl / 1000 + 0.005)
         if not self._listener.ready.is_set():
             wait = min(wait, 0.2)  # no push can come: check a little more often

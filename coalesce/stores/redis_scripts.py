@@ -112,6 +112,11 @@ end
 #: (score: the lease's expiry), so that a `delete_tag` from now on deletes the lease too and
 #: fences the computation. (On a cluster the tag sets lie on other slots: no tag KEYS here,
 #: `TAG` records them right after.)
+#: A foreign lease is nobody's computation: a value that is not one of our tokens (other
+#: bytes, another type), or a lease without expiry or with more than 100 lease times left
+#: (ours always expire within one lease time unless renewed). Its expiry is cut to one lease
+#: time (the caller's), so that a waiter takes it over within that bound; the holder reported
+#: for a foreign value is "" (nobody whose failure or pushed entry to accept).
 CLAIM = Script.of(
     "claim",
     _ADD_TAG
@@ -127,14 +132,23 @@ if ARGV[4] ~= '' then
     return {'failed', failed}
   end
 end
-local holder = redis.call('GET', KEYS[2])
+local holder = redis.pcall('GET', KEYS[2])
 if not holder then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   for i = 5, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], true) end
   return {'lease', ''}
 end
+local pttl = redis.call('PTTL', KEYS[2])
+local ms = tonumber(ARGV[2])
+if type(holder) ~= 'string' or #holder ~= 32 or not string.match(holder, '^%x+$') then
+  holder = ''  -- not a token of ours: nobody's computation, nobody to hear from
+end
+if pttl < 0 or pttl > ms * 100 or (holder == '' and pttl > ms) then
+  redis.call('PEXPIRE', KEYS[2], ms)  -- a foreign lease: over within one lease time
+  pttl = ms
+end
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
-return {'wait', holder, redis.call('PTTL', KEYS[2])}
+return {'wait', holder, pttl}
 """,
 )
 
