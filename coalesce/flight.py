@@ -135,11 +135,17 @@ class ThreadFlights(Generic[T]):
             flight.fence.valid = False
 
     def invalidate_all(self) -> None:
-        """Fence every computation in flight (invalidations may have been missed)."""
+        """Detach every computation in flight: invalidations may have been missed (a shared
+        store's subscription dropped), so new callers start afresh instead of joining one.
+
+        Their fences stay valid: whether an invalidation really reached one of them is for
+        the shared store to tell, which fences by itself (on Redis, the lease token: an
+        invalidation deletes the lease, and a store without it is refused). Invalidating
+        them all would throw away every result in flight at each reconnect, and each
+        process would then compute the key again (issue 9, item 3).
+        """
         with self._lock:
-            flights, self._flights = list(self._flights.values()), {}
-        for flight in flights:
-            flight.fence.valid = False
+            self._flights = {}
 
     def running(self, key: str) -> bool:
         """Whether a computation of `key` is in flight."""
@@ -294,11 +300,9 @@ class AsyncFlights:
             flight.fence.valid = False
 
     def invalidate_all(self) -> None:
-        """Fence every computation in flight (invalidations may have been missed)."""
+        """Detach every computation in flight, fences left valid (see `ThreadFlights`)."""
         with self._lock:
-            flights, self._flights = list(self._flights.values()), {}
-        for flight in flights:
-            flight.fence.valid = False
+            self._flights = {}
 
     def running(self, key: str) -> bool:
         """Whether a computation of `key` is in flight."""

@@ -235,3 +235,63 @@ def test_a_value_of_another_type_under_the_lease_key_is_foreign(
     finally:
         raw.delete(lease_key)
         raw.close()
+
+
+# -- item 3: a pub/sub drop detaches, the lease token fences ---------------------------------
+
+
+def test_an_invalidation_missed_while_the_listener_is_down_still_fences(
+    fresh_redis: Any, unique_namespace: str
+) -> None:
+    """The listener of `a` is cut and kept from reconnecting while `a` computes; `b`
+    invalidates the key meanwhile (a broadcast `a` never hears). `a`'s result still reaches
+    its own caller but is not stored, and a caller of `a` arriving after the invalidation
+    gets a new computation, not the old one: a drop detaches the flights, and the
+    invalidation deleted the lease that the old computation's store needed."""
+    a = Cache(fresh_redis.url, namespace=unique_namespace)
+    b = Cache(fresh_redis.url, namespace=unique_namespace)
+    admin = fresh_redis.client()
+    version = ["v1"]
+    started, release, down, back = (threading.Event() for _ in range(4))
+
+    @a.cached(ttl=30, key="doc")
+    def load() -> str:
+        value = version[0]
+        if not started.is_set():
+            started.set()
+            assert release.wait(WAIT)
+        return value
+
+    listener = _store(a)._listener
+    try:
+        first: list[str] = []
+        leader = threading.Thread(target=lambda: first.append(load()))
+        leader.start()
+        assert started.wait(WAIT) and listener.ready.wait(WAIT)
+        connect = listener._connect
+
+        def held_connect() -> Any:
+            down.set()
+            assert back.wait(WAIT)
+            return connect()
+
+        listener._connect = held_connect
+        admin.client_kill_filter(_type="pubsub")
+        assert down.wait(WAIT)  # the listener is down and cannot come back yet
+        version[0] = "v2"
+        assert b.invalidate("doc") is False  # nothing stored yet; the lease is deleted
+        assert load() == "v2"  # arrived after the invalidation: a new computation
+        back.set()
+        release.set()
+        leader.join(WAIT)
+        assert first == ["v1"]  # the old computation answers its own caller ...
+        assert _store(a).stats()["fenced"] == 1  # ... and its store was refused
+        entry = a.get_entry("doc")
+        assert entry is not None and entry.value == "v2"
+        assert load() == "v2"
+    finally:
+        back.set()
+        release.set()
+        admin.close()
+        a.close()
+        b.close()

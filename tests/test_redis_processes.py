@@ -92,6 +92,14 @@ async def compute(x):
         touch("leader", str(os.getpid()))
         await asyncio.sleep(60)  # the test SIGKILLs us here, once everybody waits
     await all_engaged()
+    if mode == "drop" and first():
+        touch("leader", str(os.getpid()))
+        # computing until the test has cut every pub/sub connection and they are back
+        deadline = time.monotonic() + barrier
+        while not os.path.exists(path("dropped")):
+            if time.monotonic() > deadline:
+                give_up("the test did not drop the pub/sub connections")
+            await asyncio.sleep(0.01)
     if mode in ("slow", "large", "raise"):
         await asyncio.sleep(0.5)  # a slow computation, as it would be without the barrier
     touch("finished", repr(time.time()))
@@ -310,6 +318,48 @@ def test_leader_raising_fails_waiters_in_other_processes_promptly(
         assert compute(7) == {"x": 7, "by": "late"}
     finally:
         cache.close()
+
+
+def _subscribers(client: redis.Redis) -> set[int]:
+    """Ids of the connections subscribed to both a pattern and a channel: our listeners."""
+    return {
+        int(c["id"])
+        for c in client.client_list(_type="pubsub")
+        if c.get("psub") == "1" and c.get("sub") == "1"
+    }
+
+
+def test_a_pubsub_drop_does_not_multiply_computations(
+    fresh_redis: Any, unique_namespace: str, tmp_path: Path, spawn: Any
+) -> None:
+    """Cutting every pub/sub connection (`CLIENT KILL TYPE pubsub`) while one process
+    computes and three wait: the listeners come back, the leader's result is stored and
+    reaches everyone, and nobody computes the key again (issue 9, item 3: each process used
+    to fence all its flights on the drop, so every one of them computed in turn)."""
+    procs = spawn(fresh_redis.url, unique_namespace, "drop")
+    _start_together(tmp_path, procs)
+    _wait_for(tmp_path, "engaged-*", len(procs), procs, "every worker joined the computation")
+    _wait_for(tmp_path, "leader", 1, procs, "the leader computes")
+    admin = fresh_redis.client()
+    try:
+        deadline = time.monotonic() + BARRIER_TIMEOUT
+        while len(before := _subscribers(admin)) < len(procs):
+            assert time.monotonic() < deadline, "not every listener subscribed"
+            time.sleep(0.01)
+        admin.client_kill_filter(_type="pubsub")
+        while len(_subscribers(admin) - before) < len(procs):
+            assert time.monotonic() < deadline, "the listeners did not come back"
+            time.sleep(0.01)
+    finally:
+        admin.close()
+    (tmp_path / "dropped").write_text("")
+    outputs = [_collect(p) for p in procs]
+    results = [r for out in outputs for r in out["results"]]
+    assert len(results) == 100
+    assert all(r[0] == "ok" and r[1] == {"x": 7, "by": "coalesce"} for r in results), results
+    assert len(_executions(tmp_path)) == 1, _executions(tmp_path)
+    assert sum(out["stats"]["leads"] for out in outputs) == 1
+    assert sum(out["stats"]["listener"]["resets"] for out in outputs) >= len(procs)
 
 
 INVALIDATE_WORKER = r"""

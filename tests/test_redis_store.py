@@ -1595,8 +1595,9 @@ def test_a_dropped_subscription_fences_the_computations_in_flight(
     fresh_redis: RedisServer, unique_namespace: str
 ) -> None:
     """Invalidations broadcast while the pub/sub connection is down are lost, so when it
-    drops (and again when it is back) every computation in flight is fenced: a caller
-    arriving afterwards starts afresh instead of joining one that may be stale."""
+    drops (and again when it is back) every computation in flight is detached: a caller
+    arriving afterwards starts afresh instead of joining one that may be stale, and the
+    old one's store is refused when its lease was deleted."""
     cache = Cache(fresh_redis.url, namespace=unique_namespace)
     started, release = threading.Event(), threading.Event()
     versions = iter(range(1, 100))

@@ -402,6 +402,7 @@ class LeaseMixin:
         """Holding the lease: compute (renewing it), then store fenced, or mark the failure."""
         self.counts["leads"] += 1
         token = lease.token
+        resets = self._listener.resets
         self._renewer.add(lease)
         try:
             entry = compute()
@@ -419,7 +420,7 @@ class LeaseMixin:
             raise
         finally:
             self._renewer.remove(token)
-        if not fence.valid:
+        if not self._may_store(fence, resets):
             self.counts["fenced"] += 1
             self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
             return entry
@@ -429,6 +430,17 @@ class LeaseMixin:
             self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
             raise
         return entry
+
+    def _may_store(self, fence: Fence, resets: int) -> bool:
+        """Whether a leader may try its `STORE` (which its lease token fences anyway).
+
+        Not when an invalidation of its key or tags reached this process (`fence`). A drop of
+        the pub/sub connection (invalidations may have been missed) only detaches flights: on
+        one server, every invalidation deletes the leases it concerns, so the token decides.
+        On a cluster a tag invalidation can miss a lease recorded just after `CLAIM` (see the
+        module docstring), so there a drop during the computation refuses the store too.
+        """
+        return fence.valid and not (self.cluster and self._listener.resets != resets)
 
     def _renew_args(self, lease: Lease) -> tuple[list[str], list[Any], list[Any] | None]:
         """KEYS and ARGV of `RENEW`, and on a cluster the ARGV of `TAG` for each tag set."""
@@ -510,6 +522,7 @@ class LeaseMixin:
     ) -> Entry:
         self.counts["leads"] += 1
         token = lease.token
+        resets = self._listener.resets
         renewer = asyncio.get_running_loop().create_task(self._arenew(lease))
         try:
             entry = await compute()
@@ -527,7 +540,7 @@ class LeaseMixin:
             raise
         finally:
             renewer.cancel()
-        if not fence.valid:
+        if not self._may_store(fence, resets):
             self.counts["fenced"] += 1
             await self._conn.aquietly(RELEASE, [k.lease], [token, k.channel])
             return entry

@@ -13,8 +13,10 @@ subscription per wait. So each store keeps one listener thread with one pub/sub 
   cache, handed to `on_invalidate`.
 
 `ready` is set while both subscriptions are confirmed. When the connection drops, `ready` is
-cleared, `on_reset` runs (the store flushes its near cache and fences its computations in
-flight: invalidations may be lost while nobody listens; it runs again once re-subscribed),
+cleared, `on_reset` runs (the store flushes its near cache and the cache detaches its
+computations in flight, so that no new caller joins one an invalidation may have reached
+unheard; whether one did is decided by its lease token when it stores, so none of their
+results is thrown away for nothing; it runs again once re-subscribed),
 every waiter is woken to check Redis again, and the thread reconnects with a growing pause
 (up to 2 s). Waiters never depend on a message alone: they check Redis again
 after registering and at least once a second, so a lost message only costs time.
