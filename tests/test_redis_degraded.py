@@ -19,7 +19,9 @@ import pytest
 from redis_servers import RedisServer
 
 from coalesce import Cache
+from coalesce.entry import Entry
 from coalesce.errors import BackendError
+from coalesce.stores.base import Fence
 from coalesce.stores.redis import RedisStore
 from coalesce.stores.redis_client import DEFAULT_MAX_CONNECTIONS
 
@@ -224,4 +226,47 @@ def test_a_full_pool_degrades_like_a_store_failure_without_opening_the_breaker(
         pool.release(held)
     assert store.breaker.state == "closed" and store.breaker.failures == 0
     assert store.get(key) is None
+    cache.close()
+
+
+# -- item 8: the fallback of a fail-open cache (store level) ---------------------------------
+
+
+def test_fallback_keeps_what_was_computed_during_an_outage_within_its_bounds(
+    redis_url: str, unique_namespace: str
+) -> None:
+    cache = Cache(redis_url, namespace=unique_namespace, fallback_ttl=5)
+    store = _store(cache)
+    key = cache.prefix + "k"
+    assert store.fallback(key) is None
+    assert store.remember(key, Entry({"v": 1}, ttl=60))
+    served = store.fallback(key)
+    assert served is not None and served.value.thaw() == {"v": 1}
+    assert served.fresh_until <= time.time() + 5.0  # fallback_ttl, not the entry's 60 s
+    assert not store.remember(key, Entry(1, created=time.time() - 10, ttl=5))  # expired
+    fence = Fence()
+    fence.valid = False
+    assert not store.remember(cache.prefix + "fenced", Entry(1, ttl=60), fence=fence)
+    assert store.fallback(cache.prefix + "fenced") is None
+    store.breaker.failure()
+    store.breaker.success()  # Redis answers again: a healthy Redis is read first
+    assert store.fallback(key) is None
+    cache.close()
+
+
+def test_invalidating_drops_the_fallback_copy_even_when_redis_is_down(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    store = _store(cache)
+    key, other = cache.prefix + "k", cache.prefix + "t"
+    fresh_redis.kill()
+    store.remember(key, Entry(1, ttl=60))
+    store.remember(other, Entry(2, ttl=60, tags=(cache.prefix + "team",)))
+    with pytest.raises(BackendError):
+        cache.invalidate("k")  # the delete did not happen, and says so ...
+    assert store.fallback(key) is None  # ... but this process no longer serves the copy
+    with pytest.raises(BackendError):
+        cache.invalidate_tag("team")
+    assert store.fallback(other) is None
     cache.close()

@@ -36,8 +36,11 @@ The paths, in the order of their cost:
   broadcast (`t:<tag>`) to near caches and to `on_invalidated_tag` in every process.
 
 Failures: every Redis error becomes `BackendError` naming the URL (never the password) and
-the cause; the cache then computes directly (fail-open) unless configured to raise. After
-`breaker_threshold` consecutive connection failures the breaker fails calls fast for a
+the cause; the cache then serves what this process has and computes with coalescing
+(fail-open) unless configured to raise. What it computes meanwhile it hands back with
+`remember`, and `fallback` serves it to the calls that follow (see `redis_near.Fallback`):
+stale by at most `fallback_ttl` seconds, dropped by invalidations and when Redis is back.
+After `breaker_threshold` consecutive connection failures the breaker fails calls fast for a
 cooldown (0.5 s, backing off to 1 s), then lets one probe through, and closes again by
 itself once Redis answers; the listener subscribing again makes the next call probe at once.
 
@@ -75,7 +78,7 @@ from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
 from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClient
 from coalesce.stores.redis_lease import Keys, LeaseMixin, Renewer
 from coalesce.stores.redis_listener import Listener
-from coalesce.stores.redis_near import NearCache
+from coalesce.stores.redis_near import Fallback, NearCache
 from coalesce.stores.redis_scripts import DELETE, TAKE_TAG, KeyLayout
 from coalesce.urls import redact, scheme_of
 
@@ -96,7 +99,11 @@ class RedisStore(LeaseMixin, Store):
     clients to use instead of building them from the URL (the URL still names the server in
     messages and feeds the pub/sub connection). `cluster=True` (or a `RedisCluster` client)
     talks to Redis Cluster. `local_maxsize=N` adds a near cache keeping entries at most
-    `local_ttl` seconds. Nothing connects before the first call.
+    `local_ttl` seconds. `max_connections` bounds each connection pool we create (default
+    `DEFAULT_MAX_CONNECTIONS`; callers beyond it wait up to `socket_timeout`). While Redis is
+    unavailable, a fail-open cache serves what it computed meanwhile for at most
+    `fallback_ttl` seconds, keeping at most `fallback_maxsize` entries. Nothing connects
+    before the first call.
     """
 
     shared = True
@@ -118,6 +125,8 @@ class RedisStore(LeaseMixin, Store):
         wait_check: float = 1.0,
         local_maxsize: int | None = None,
         local_ttl: float = 5.0,
+        fallback_maxsize: int = 4096,
+        fallback_ttl: float = 30.0,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 0.5,
         breaker_max_cooldown: float = 1.0,
@@ -133,6 +142,7 @@ class RedisStore(LeaseMixin, Store):
             ("failure_ttl", failure_ttl),
             ("wait_check", wait_check),
             ("local_ttl", local_ttl),
+            ("fallback_ttl", fallback_ttl),
             ("breaker_cooldown", breaker_cooldown),
             ("breaker_max_cooldown", breaker_max_cooldown),
             ("log_interval", log_interval),
@@ -149,6 +159,7 @@ class RedisStore(LeaseMixin, Store):
         for name, count in (
             ("max_connections", max_connections),
             ("local_maxsize", local_maxsize),
+            ("fallback_maxsize", fallback_maxsize),
             ("breaker_threshold", breaker_threshold),
         ):
             if count is not None and (type(count) is not int or not 0 < count < 1 << 31):
@@ -170,6 +181,9 @@ class RedisStore(LeaseMixin, Store):
         self._layout = KeyLayout(namespace)
         self._log = RateLimitedLog(logger, log_interval)
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown, breaker_max_cooldown)
+        #: What a fail-open cache computed while Redis was unavailable (see `fallback`).
+        self._fallback = Fallback(fallback_maxsize, float(fallback_ttl), self.serializer)
+        self.breaker.on_recover = self._fallback.clear  # a healthy Redis is read first
         self._conn = RedisConnection(
             url,
             client=client,
@@ -226,6 +240,7 @@ class RedisStore(LeaseMixin, Store):
                 "takeovers",
                 "fenced",
                 "leader_failed",
+                "fallback_kept",
             ),
             0,
         )
@@ -260,6 +275,7 @@ class RedisStore(LeaseMixin, Store):
 
     def _invalidated(self, message: bytes) -> None:
         self._conn.epoch += 1  # a read begun before a remote deletion is not to be joined
+        self._fallback.on_invalidate(message)
         if self._near is not None:
             self._near.on_invalidate(message)
         text = message.decode("utf-8", "surrogateescape")
@@ -330,11 +346,13 @@ class RedisStore(LeaseMixin, Store):
         self._renewer.after_fork()
         if self._near is not None:
             self._near.after_fork()
+        self._fallback.after_fork()
 
     def _forget(self, key: str | None = None, tag: str | None = None) -> None:
         """Drop local copies after (and before) a deletion: the near cache's, and any read
         begun before it, which a later reader must not join (`RedisConnection.get`)."""
         self._conn.epoch += 1
+        self._fallback.forget(key, tag)
         if self._near is not None:
             self._near.forget(key, tag)
 
@@ -369,6 +387,24 @@ class RedisStore(LeaseMixin, Store):
             if entry is not None:
                 near.remember(key, entry, generation)
         return entry
+
+    # -- while Redis is unavailable (for a fail-open cache) --------------------------------------
+
+    def fallback(self, key: str) -> Entry | None:
+        """What a fail-open cache serves after a failed `get`/`aget` of `key`: a fresh entry
+        this process computed and handed to `remember` during the outage, else None. No I/O.
+
+        A fail-closed cache never asks: it raises the `BackendError` instead.
+        """
+        return self._fallback.get(key)
+
+    def remember(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
+        """Keep `entry`, computed by a fail-open cache because Redis failed, for `fallback`
+        (unless `fence` was invalidated); return whether it was kept. No I/O."""
+        kept = self._fallback.remember(key, entry, fence)
+        if kept:
+            self.counts["fallback_kept"] += 1
+        return kept
 
     # -- set, delete, tags ---------------------------------------------------------------------
     def set(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
@@ -552,6 +588,8 @@ class RedisStore(LeaseMixin, Store):
             },
             "local_entries": None if self._near is None else len(self._near),
             "local_hits": 0 if self._near is None else self._near.hits,
+            "fallback_entries": len(self._fallback),
+            "fallback_hits": self._fallback.hits,
             "errors": self._conn.errors,
             "log_suppressed": self._log.suppressed,
             **self.counts,
@@ -562,6 +600,7 @@ class RedisStore(LeaseMixin, Store):
         self._listener.close()
         self._renewer.close()
         self._conn.close()
+        self._fallback.clear()
         if self._near is not None:
             self._near.clear()
 

@@ -57,6 +57,9 @@ class CircuitBreaker:
         self._probe_at = 0.0  # when it went out: a probe that never reports is replaced
         self.opened = 0  # how often the breaker opened (stats)
         self.rejected = 0  # calls failed fast (stats)
+        #: Called (by the thread whose call succeeded, without the lock) when a call succeeds
+        #: after failures: the store drops what it served while Redis was unavailable.
+        self.on_recover: Callable[[], None] | None = None
 
     def after_fork(self) -> None:
         """In a forked child: a new lock (another thread of the parent may have held it)."""
@@ -90,6 +93,9 @@ class CircuitBreaker:
             self.state = CLOSED
             self._probing = False
             self._cooldown = self.base_cooldown
+        hook = self.on_recover
+        if hook is not None:
+            hook()
 
     def failure(self) -> bool:
         """Count a failure; return True when this failure opened the breaker."""

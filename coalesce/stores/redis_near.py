@@ -1,4 +1,9 @@
-"""The optional near cache: hot entries in process memory, in front of Redis.
+"""Local copies of entries in process memory: the optional near cache, and the fallback.
+
+`NearCache` (`local_maxsize=`) keeps hot entries in front of a healthy Redis. `Fallback`
+holds what a fail-open cache computed while Redis was unavailable (see its docstring): the
+near cache cannot stand in for it, because it serves only while the pub/sub listener is
+subscribed, which it is not while Redis is down.
 
 `NearCache` is a `MemoryStore` plus the rules that keep it honest:
 
@@ -28,6 +33,7 @@ import time
 
 from coalesce.entry import Entry
 from coalesce.serialization import Serializer
+from coalesce.stores.base import Fence
 from coalesce.stores.memory import MemoryStore
 from coalesce.stores.redis_listener import Listener
 from coalesce.values import freeze_entry
@@ -70,16 +76,7 @@ class NearCache:
         until = min(entry.fresh_until, now + self.ttl)
         if until <= now:
             return
-        value = freeze_entry(entry, self.serializer).value
-        copy = Entry(
-            value,
-            entry.created,
-            until - entry.created,
-            0.0,
-            entry.compute_time,
-            entry.tags,
-            entry.error,
-        )
+        copy = local_copy(entry, until, self.serializer)
         with self._lock:
             if self.listener.generation == generation:
                 self.memory.set(key, copy)
@@ -88,20 +85,12 @@ class NearCache:
         """Drop local copies of a key or a tag (this process invalidates them)."""
         self.listener.bump()
         with self._lock:
-            if key is not None:
-                self.memory.delete(key)
-            if tag is not None:
-                self.memory.delete_tag(tag)
+            drop(self.memory, key, tag)
 
     def on_invalidate(self, message: bytes) -> None:
         """An invalidation from any process, on the listener thread: "k:<key>" / "t:<tag>"."""
-        text = message.decode("utf-8", "surrogateescape")
         with self._lock:
-            if text.startswith("k:"):
-                self.memory.delete(text[2:])
-            elif text.startswith("t:"):
-                self.memory.delete_tag(text[2:])
-            else:
+            if not drop_invalidated(self.memory, message):
                 self.memory.clear()
 
     def clear(self) -> None:
@@ -113,3 +102,102 @@ class NearCache:
         are lost) without touching the old store's lock, which another thread may have held."""
         self.memory = MemoryStore(maxsize=self.maxsize)
         self._lock = threading.Lock()
+
+
+def drop(memory: MemoryStore, key: str | None, tag: str | None) -> None:
+    """Drop the copies of `key` and of the entries carrying `tag` (either may be None)."""
+    if key is not None:
+        memory.delete(key)
+    if tag is not None:
+        memory.delete_tag(tag)
+
+
+def drop_invalidated(memory: MemoryStore, message: bytes) -> bool:
+    """Drop what a broadcast invalidation ("k:<key>" / "t:<tag>") names; False for any other
+    message."""
+    text = message.decode("utf-8", "surrogateescape")
+    if text.startswith("k:"):
+        drop(memory, text[2:], None)
+    elif text.startswith("t:"):
+        drop(memory, None, text[2:])
+    else:
+        return False
+    return True
+
+
+def local_copy(entry: Entry, until: float, serializer: Serializer) -> Entry:
+    """`entry` with its value frozen, fresh until `until` and with no stale window."""
+    value = freeze_entry(entry, serializer).value
+    return Entry(
+        value,
+        entry.created,
+        until - entry.created,
+        0.0,
+        entry.compute_time,
+        entry.tags,
+        entry.error,
+    )
+
+
+class Fallback:
+    """What this process serves while Redis is unavailable, for a fail-open cache.
+
+    While the store fails (calls time out or are refused, or the breaker is open), the cache
+    would otherwise compute on every call: a Redis outage would multiply the load on whatever
+    the cached functions read. So the entries the cache computes meanwhile are kept here
+    (`remember`, fenced like any store write) and served (`get`) to the calls that follow, in
+    this process only, while the computations themselves stay coalesced by its flights.
+
+    Staleness is bounded: an entry is served at most `ttl` seconds after it was computed and
+    never past its own freshness (no stale window). Copies are dropped by every invalidation
+    this process makes (before Redis is asked, so a failing `invalidate` still drops them), by
+    every invalidation broadcast while the listener runs, and all at once when Redis answers
+    again (`clear`): a healthy Redis is always read first. At most `maxsize` entries, least
+    recently used evicted first.
+
+    Concurrency contract: `MemoryStore` reads without a lock and writes under its own lock; a
+    fenced `remember` checks the fence under that lock, and every drop takes it too, so an
+    invalidation (fence, then drop) cannot let a computation that began before it land after
+    it. `hits` is a plain counter (approximate under threads).
+    """
+
+    def __init__(self, maxsize: int, ttl: float, serializer: Serializer) -> None:
+        self.maxsize = maxsize
+        self.ttl = ttl
+        self.serializer = serializer
+        self.memory = MemoryStore(maxsize=maxsize)
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def get(self, key: str) -> Entry | None:
+        """A fresh copy computed during the outage, or None."""
+        entry = self.memory.get(key)
+        if entry is not None and entry.fresh_until > time.time():
+            self.hits += 1
+            return entry
+        return None
+
+    def remember(self, key: str, entry: Entry, fence: Fence | None = None) -> bool:
+        """Keep a copy of `entry` (unless `fence` was invalidated); return whether kept."""
+        now = time.time()
+        until = min(entry.fresh_until, now + self.ttl)
+        if until <= now:
+            return False
+        return self.memory.set(key, local_copy(entry, until, self.serializer), fence=fence)
+
+    def forget(self, key: str | None = None, tag: str | None = None) -> None:
+        drop(self.memory, key, tag)
+
+    def on_invalidate(self, message: bytes) -> None:
+        """An invalidation broadcast by any process: "k:<key>" / "t:<tag>"."""
+        drop_invalidated(self.memory, message)
+
+    def clear(self) -> None:
+        if len(self.memory):
+            self.memory.clear()
+
+    def after_fork(self) -> None:
+        """In a forked child: start empty, with a lock of its own."""
+        self.memory = MemoryStore(maxsize=self.maxsize)
