@@ -1,4 +1,4 @@
-"""The demo's application in a process of its own: `python -m coalesce.demo_server`.
+"""The demo's server in a process of its own: `python -m coalesce.demo.server`.
 
 Why a process and not a thread: the load generator and the server would otherwise share one
 interpreter lock, and each would spend the other's CPU time; measured, a cached route then
@@ -7,9 +7,11 @@ way a real application is.
 
 The child binds a listening socket on 127.0.0.1, port 0 (the kernel picks a free one), and
 prints `PORT <n>` on its standard output before serving, so there is no window in which
-another process could take the port. The cache URL reaches it through `COALESCE_URL`
+another process could take the port. Before that it generates the database (`app.py`).
+The cache and database URLs reach it through `COALESCE_URL` and `COALESCE_DEMO_DATABASE`
 rather than the command line, where another user's `ps` could read a password. SIGTERM
-stops it gracefully: uvicorn runs the app's shutdown, which deletes the demo's entries.
+stops it gracefully: uvicorn runs the app's shutdown, which deletes the demo's entries and
+its data.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import uuid
 from collections.abc import Sequence
 from typing import IO, Any
 
-START_TIMEOUT = 30.0  # seconds for the child to import FastAPI and start serving
+START_TIMEOUT = 30.0  # seconds for the child to import FastAPI, make its data and serve
 STOP_TIMEOUT = 15.0
 
 
@@ -51,23 +53,29 @@ def serve(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from coalesce import Cache
-    from coalesce.demo import SlowDatabase, build_app
+    from coalesce.demo.app import DatabasePool, build_app, open_database, server_timing
 
-    parser = argparse.ArgumentParser(prog="python -m coalesce.demo_server")
+    parser = argparse.ArgumentParser(prog="python -m coalesce.demo.server")
     parser.add_argument("--namespace", default="coalesce")
     parser.add_argument("--pool", type=int, default=10)
     parser.add_argument("--ttl", type=float, default=60.0)
+    parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--run-id", default=uuid.uuid4().hex[:8])
     args = parser.parse_args(argv)
 
     cache = Cache(os.environ.get("COALESCE_URL") or "memory://", namespace=args.namespace)
-    app = build_app(cache, SlowDatabase(args.pool), args.run_id, args.ttl)
-    sock = listening_socket()
-    print(f"PORT {sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=60
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    database = os.environ.get("COALESCE_DEMO_DATABASE") or "sqlite"
+    pool = DatabasePool(open_database(database, args.items, args.run_id), args.pool)
+    try:
+        app = server_timing(build_app(cache, pool, args.run_id, args.ttl))
+        sock = listening_socket()
+        print(f"PORT {sock.getsockname()[1]}", flush=True)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=60
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        pool.close()  # if the app's shutdown did not run (it failed to start): the data too
     return 0
 
 
@@ -79,19 +87,23 @@ class ServerProcess:
     never block on a full pipe.
     """
 
-    def __init__(self, url: str, namespace: str, *, pool: int, ttl: float) -> None:
+    def __init__(
+        self, url: str, namespace: str, *, database: str, items: int, pool: int, ttl: float
+    ) -> None:
         self.command = [
             sys.executable,
             "-m",
-            "coalesce.demo_server",
+            "coalesce.demo.server",
             "--namespace",
             namespace,
+            "--items",
+            str(items),
             "--pool",
             str(pool),
             "--ttl",
             repr(ttl),
         ]
-        self.env = {**os.environ, "COALESCE_URL": url}
+        self.env = {**os.environ, "COALESCE_URL": url, "COALESCE_DEMO_DATABASE": database}
         self.port = 0
         self._proc: subprocess.Popen[str] | None = None
         self._log: IO[str] | None = None
