@@ -31,7 +31,7 @@ from coalesce.entry import STORE_FAILED, Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.serialization import Serializer, get_serializer
-from coalesce.stores.base import KeyList, Store
+from coalesce.stores.base import Fence, KeyList, Store
 from coalesce.stores.memory import MemoryStore
 from coalesce.urls import redact, scheme_of, url_of_settings
 from coalesce.values import Frozen
@@ -301,8 +301,8 @@ class Cache:
         try:
             return self.store.get(key)
         except BackendError as exc:
-            self.backend_failed(None, exc)
-            return STORE_FAILED
+            self.backend_failed(None, exc)  # raises when failing closed
+            return self.fallback(key)
 
     async def aread(self, key: str) -> Entry | None:
         if not self.store.shared:
@@ -310,8 +310,18 @@ class Cache:
         try:
             return await self.store.aget(key)
         except BackendError as exc:
-            self.backend_failed(None, exc)
-            return STORE_FAILED
+            self.backend_failed(None, exc)  # raises when failing closed
+            return self.fallback(key)
+
+    def fallback(self, key: str) -> Entry:
+        """After a failed read (failing open): what this process computed for `key` while
+        the store was unavailable (its fallback, no I/O), else `STORE_FAILED`."""
+        entry = self.store.fallback(key)
+        return STORE_FAILED if entry is None else entry
+
+    def remember(self, key: str, entry: Entry, fence: Fence) -> None:
+        """Hand an entry computed because the store failed to the store's fallback."""
+        self.store.remember(key, entry, fence=fence)
 
     def backend_failed(self, policy: Policy | None, exc: BackendError) -> None:
         """Count and (at most every 30 s) log a store failure; re-raise if failing closed."""
@@ -324,7 +334,8 @@ class Cache:
         if now - self._last_logged >= _LOG_EVERY:
             self._last_logged = now
             logger.warning(
-                "coalesce: the cache store %s failed (%s); computing directly until it is back",
+                "coalesce: the cache store %s failed (%s); serving what this process kept and "
+                "computing with coalescing until it is back",
                 redact(self.url),
                 exc,
             )

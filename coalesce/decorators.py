@@ -405,14 +405,19 @@ def _lead(
         computed.append(policy.make_entry(cache, value, started, tags))
         return computed[0]
 
-    if not policy.store or failed:
+    if not policy.store:
         return compute()
+    if failed:
+        cache.remember(key, compute(), fence)
+        return computed[0]
     with cache.computing(key, tags):
         try:
             return cache.store.fill(key, compute, fence=fence, tags=tags)
         except BackendError as exc:
             cache.backend_failed(policy, exc)
-            return computed[0] if computed else compute()
+            entry = computed[0] if computed else compute()
+            cache.remember(key, entry, fence)
+            return entry
 
 
 def _shareable(cache: Cache, policy: Policy, entry: Entry) -> Entry:
@@ -489,14 +494,19 @@ async def _alead(
         computed.append(policy.make_entry(cache, value, started, tags))
         return computed[0]
 
-    if not policy.store or failed:
+    if not policy.store:
         return await compute()
+    if failed:
+        cache.remember(key, await compute(), fence)
+        return computed[0]
     with cache.computing(key, tags):
         try:
             return await cache.store.afill(key, compute, fence=fence, tags=tags)
         except BackendError as exc:
             cache.backend_failed(policy, exc)
-            return computed[0] if computed else await compute()
+            entry = computed[0] if computed else await compute()
+            cache.remember(key, entry, fence)
+            return entry
 
 
 # ---------------------------------------------------------------------------------------

@@ -757,7 +757,7 @@ def app_server() -> Iterator[tuple[Cache, str]]:
     import uvicorn
     from fastapi import FastAPI
 
-    from coalesce.demo_server import listening_socket
+    from coalesce.demo.server import listening_socket
     from coalesce.fastapi import MetricsRegistry, admin_router, cached, metrics_router
 
     cache = Cache()

@@ -270,3 +270,106 @@ def test_invalidating_drops_the_fallback_copy_even_when_redis_is_down(
         cache.invalidate_tag("team")
     assert store.fallback(other) is None
     cache.close()
+
+
+# -- item 8: a Redis outage does not multiply the load (needs the Cache wiring) --------------
+
+
+def test_a_hung_redis_keeps_computations_bounded_and_values_correct(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """8 threads call a hot key (ttl 2 s) without pause while Redis hangs for 4 s: the
+    process computes it about once per ttl window (served from the fallback in between,
+    coalesced when it is due), not on every call; afterwards Redis is used again."""
+    cache = Cache(fresh_redis.url, namespace=unique_namespace, socket_timeout=0.25)
+    store = _store(cache)
+    computed = [0]
+    lock = threading.Lock()
+
+    @cache.cached(ttl=2, key="hot:{n}")
+    def hot(n: int) -> dict[str, int]:
+        with lock:
+            computed[0] += 1
+        time.sleep(0.01)  # a database query
+        return {"n": n}
+
+    assert hot(3) == {"n": 3}
+    stop = threading.Event()
+    served = [0]
+    wrong: list[object] = []
+
+    def caller() -> None:
+        while not stop.is_set():
+            value = hot(3)
+            if value != {"n": 3}:
+                wrong.append(value)
+            served[0] += 1
+
+    before = computed[0]
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    with _frozen(fresh_redis):
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(4.0)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+        during = computed[0] - before
+    assert not wrong and served[0] > 100
+    assert during <= 5, during  # once at the start, then about once per 2 s window
+    assert store.stats()["fallback_hits"] > 0
+    resumed = time.monotonic()
+    while store.breaker.state != "closed":
+        assert time.monotonic() - resumed < 2.0, "Redis not used again within 2 s"
+        assert hot(3) == {"n": 3}
+        time.sleep(0.02)
+    assert hot(4) == {"n": 4}
+    assert store.get(cache.prefix + "hot:4") is not None  # stored in Redis again
+    assert store.fallback(cache.prefix + "hot:3") is None  # the fallback is dropped
+    cache.close()
+
+
+async def test_async_callers_of_a_dead_redis_compute_once_per_window(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    computed = [0]
+
+    @cache.cached(ttl=30, key="a")
+    async def a() -> str:
+        computed[0] += 1
+        await asyncio.sleep(0.01)
+        return "value"
+
+    assert await a() == "value"
+    fresh_redis.kill()
+    for _ in range(20):
+        assert await asyncio.gather(*(a() for _ in range(20))) == ["value"] * 20
+    assert computed[0] == 2  # once before, once for the outage
+    assert cache.backend_errors > 0  # still counted
+    with pytest.raises(BackendError):
+        await cache.ainvalidate("a")  # not deleted in Redis, and says so ...
+    assert await a() == "value"
+    assert computed[0] == 3  # ... but never served again from the local copy
+    await cache.aclose()
+
+
+def test_failing_closed_is_unchanged(fresh_redis: RedisServer, unique_namespace: str) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace, on_backend_error="raise")
+    calls = [0]
+
+    @cache.cached(ttl=30, key="k")
+    def k() -> int:
+        calls[0] += 1
+        return 1
+
+    assert k() == 1
+    _store(cache).remember(cache.prefix + "k", Entry(1, ttl=30))
+    fresh_redis.kill()
+    for _ in range(3):
+        with pytest.raises(BackendError):
+            k()
+    assert calls[0] == 1
+    cache.close()

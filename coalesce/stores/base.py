@@ -128,6 +128,17 @@ class Store(ABC):
         line must tell "absent" from "unreadable"). Stores that keep no bytes just `get`."""
         return self.get(key)
 
+    def fallback(self, key: str) -> Entry | None:
+        """After a failed `get` of a fail-open cache: what this process kept for `key` through
+        `remember` while the store was unavailable, else None. No I/O. Stores that cannot
+        fail keep nothing."""
+        return None
+
+    def remember(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
+        """Keep `entry`, computed because the store failed, for `fallback` (unless `fence`
+        was invalidated); return whether it was kept. No I/O."""
+        return False
+
     def close(self) -> None:  # noqa: B027  (optional for stores without connections)
         """Release connections; the store may not be used afterwards."""
 
