@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "release-check"
@@ -11,6 +12,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "release-check"
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COALESCE_")}
+    env["PYTHON"] = sys.executable  # check with the interpreter running the tests
     return subprocess.run(
         ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env
     )
