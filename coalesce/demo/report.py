@@ -10,6 +10,7 @@ each response spent in the application and the CPU time each process used.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -166,6 +167,12 @@ def _fewer(before: int, after: int) -> str:
     return f"{1 - after / before:.0%} fewer, {before / after:.1f}x"
 
 
+def _wrap(line: str) -> str:
+    """`line` in lines of at most 100 characters, never between a number and its unit."""
+    glued = re.sub(r"(\d) (s|ms|queries)\b", "\\1\u00a0\\2", line)
+    return textwrap.fill(glued, width=100, subsequent_indent="  ").replace("\u00a0", " ")
+
+
 def render(phases: Sequence[Phase], cores: int) -> str:
     """The whole report: both tables, where the time goes, the verdict."""
     cold, steady = pick(phases, CACHED, COLD), pick(phases, CACHED, STEADY)
@@ -175,11 +182,8 @@ def render(phases: Sequence[Phase], cores: int) -> str:
         f"steady state: the items are in the cache ({steady.load.planned:,} requests)\n"
         + render_table(pick(phases, UNPROTECTED, STEADY), steady),
         "where the time goes:\n"
-        + "\n".join(
-            textwrap.fill(line, width=100, subsequent_indent="  ")
-            for line in where_the_time_goes(phases, cores)
-        ),
-        "\n".join(verdict(phases)),
+        + "\n".join(_wrap(line) for line in where_the_time_goes(phases, cores)),
+        "\n".join(_wrap(line) if line.startswith("note:") else line for line in verdict(phases)),
     ]
     return "\n\n".join(blocks)
 
