@@ -5,7 +5,8 @@ admin router over HTTP), so the command line sees exactly what an application se
 
 Where the entries live decides how the command line reaches them:
 
-* Redis (`--url redis://...` or `COALESCE_URL`): directly. `invalidate` deletes through
+* Redis (`--url redis://...` or `COALESCE_URL`, with `--namespace` or `COALESCE_NAMESPACE`):
+  directly. `invalidate` deletes through
   `Cache.invalidate`, so the store broadcasts the deletion and near caches drop it too.
 * memory: the entries live inside the application's process, out of reach of another
   process. `invalidate` and `stats` then go through the application itself
@@ -585,8 +586,9 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
     group.add_argument(
         "--namespace",
-        default=default(DEFAULT_NAMESPACE),
-        help=f"the cache's namespace, the prefix of every key (default: {DEFAULT_NAMESPACE})",
+        default=default(os.environ.get("COALESCE_NAMESPACE") or DEFAULT_NAMESPACE),
+        help="the cache's namespace, the prefix of every key "
+        f"(default: $COALESCE_NAMESPACE, else {DEFAULT_NAMESPACE})",
     )
     group.add_argument(
         "--app",

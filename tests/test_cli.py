@@ -122,6 +122,21 @@ def test_invalidate_reports_removed_and_missing_keys(
     assert cache.get_entry("user:1") is None
 
 
+def test_the_environment_names_url_and_namespace_so_an_incident_needs_no_flags(
+    redis_server: RedisServer, unique_namespace: str, cache: Cache, user: Any
+) -> None:
+    user(1)
+    env = clean_env(COALESCE_URL=redis_server.url, COALESCE_NAMESPACE=unique_namespace)
+    result = run_cli("invalidate", "user:1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["removed", "user:1"]
+    assert cache.get_entry("user:1") is None
+    flag = run_cli("invalidate", "user:1", "--namespace", "other", env=env)  # flags win
+    assert flag.returncode == 0 and flag.stdout.split() == ["did", "not", "exist", "user:1"]
+    bad = run_cli("invalidate", "user:1", env={**env, "COALESCE_NAMESPACE": "a b"})
+    assert bad.returncode == 2 and "namespace" in bad.stderr
+
+
 def test_keys_with_unsafe_characters_are_found_in_their_escaped_form(
     redis_server: RedisServer, unique_namespace: str, cache: Cache
 ) -> None:
