@@ -54,6 +54,7 @@ from coalesce.stores.redis_near import NearCache
 from coalesce.stores.redis_scripts import (
     CLAIM,
     FAIL,
+    HAND,
     PUSH_MAX,
     RELEASE,
     RENEW,
@@ -70,13 +71,14 @@ from coalesce.values import Frozen, freeze_entry
 class Keys:
     """The Redis keys of one cache key (see `redis_scripts.KeyLayout`)."""
 
-    __slots__ = ("channel", "entry", "failed", "lease", "waiters")
+    __slots__ = ("channel", "entry", "failed", "handed", "lease", "waiters")
 
     def __init__(self, layout: KeyLayout, key: str) -> None:
         self.entry = layout.entry(key)
         self.lease = layout.lease(self.entry)
         self.failed = layout.failed(self.entry)
         self.waiters = layout.waiters(self.entry)
+        self.handed = layout.handed(self.entry)
         self.channel = layout.channel(self.entry)
 
 
@@ -217,15 +219,44 @@ class LeaseMixin:
         px = "0" if keep is None else str(max(1, int(keep * 1000)))
         score = "+inf" if keep is None else str(int((now + keep) * 1000) + 1)
         tag_keys = [self._layout.tag(tag) for tag in entry.tags]
-        keys = [k.entry, k.lease, k.waiters]
+        keys = [k.entry, k.lease, k.waiters, k.handed]
         separate: list[str] = []
         if self.cluster:
             separate = tag_keys  # other slots: recorded one by one after the entry
         else:
             keys += tag_keys
         push = "1" if token and len(data) <= PUSH_MAX else "0"
-        args = [token, data, px, k.channel, key, score, str(int(now * 1000)), push]
+        args = [token, data, px, k.channel, key, score, str(int(now * 1000)), push, self._hand_ms]
         return keys, args, separate
+
+    @property
+    def _hand_ms(self) -> int:
+        """How long a handed entry waits for its waiters: past their next check."""
+        return self.lease_ms + int(self.wait_check * 1000)
+
+    def _hand_args(self, key: str, k: Keys, entry: Entry, token: str) -> list[Any]:
+        """ARGV of `HAND` (KEYS: lease, waiters, handed)."""
+        value = entry.value
+        payload = value.payload if type(value) is Frozen else None
+        data = encode_entry(entry, self.serializer, context=key, payload=payload)
+        return [token, data, k.channel, self._hand_ms]
+
+    def _hand(self, key: str, k: Keys, entry: Entry, token: str) -> None:
+        """A fenced leader: end the lease, hand the entry to its waiters (never raises)."""
+        try:
+            args = self._hand_args(key, k, entry, token)
+        except Exception:  # an entry that cannot be encoded: its store would have failed too
+            self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+            return
+        self._conn.quietly(HAND, [k.lease, k.waiters, k.handed], args)
+
+    async def _ahand(self, key: str, k: Keys, entry: Entry, token: str) -> None:
+        try:
+            args = self._hand_args(key, k, entry, token)
+        except Exception:
+            await self._conn.aquietly(RELEASE, [k.lease], [token, k.channel])
+            return
+        await self._conn.aquietly(HAND, [k.lease, k.waiters, k.handed], args)
 
     def _store(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
         """Write the entry (fenced by `token` unless it is empty) and record its tags."""
@@ -288,12 +319,16 @@ class LeaseMixin:
         return min(0.5, self.lease_ms / 3000)
 
     def _claim_keys(self, k: Keys, tag_keys: list[str]) -> list[str]:
-        keys = [k.entry, k.lease, k.failed, k.waiters]
+        keys = [k.entry, k.lease, k.failed, k.waiters, k.handed]
         return keys if self.cluster else keys + tag_keys  # cluster: `_claim_tags`
 
-    def _claim_args(self, key: str, token: str, check: bool, seen: str) -> list[Any]:
+    def _claim_args(
+        self, key: str, token: str, check: bool, seen: str, tokens: list[str]
+    ) -> list[Any]:
         now = int(time.time() * 1000)
-        return [token, self.lease_ms, "1" if check else "0", seen, key, now + self.lease_ms, now]
+        check_entry = "1" if check else "0"
+        until = now + self.lease_ms
+        return [token, self.lease_ms, check_entry, seen, key, until, now, " ".join(tokens)]
 
     def _claim_tags(self, lease: Lease) -> tuple[list[str], list[Any]] | None:
         """On a cluster: the tag sets a new leader records its key in right after `CLAIM`,
@@ -329,7 +364,7 @@ class LeaseMixin:
         kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if kind == "lease":
             return _LEAD, None, "", 0.0
-        if kind == "entry":
+        if kind in ("entry", "handed"):
             entry = self._decode(key, reply[1])
             if entry is not None and entry.fresh_until > time.time():
                 return _ENTRY, entry, "", 0.0
@@ -358,11 +393,12 @@ class LeaseMixin:
         self._listener.add(key, waiter)  # subscribe first ...
         try:
             check, seen, waited = True, "", False  # the first claim checks the entry too
+            tokens: list[str] = []  # every lease seen: their results are good for our callers
             while True:
                 waiter.arm()
                 subscribed = self._listener.ready.is_set()
                 reply = self._conn.script(
-                    CLAIM, claim_keys, self._claim_args(key, token, check, seen)
+                    CLAIM, claim_keys, self._claim_args(key, token, check, seen, tokens)
                 )  # ... then check
                 step, entry, holder, wait = self._claim_step(key, reply)
                 if step == _LEAD:
@@ -371,12 +407,14 @@ class LeaseMixin:
                     assert entry is not None
                     return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
-                    check = False
+                    check, tokens = False, []
                     continue
                 if not waited:
                     self.counts["waits"] += 1
                     waited = True
                 seen, check = holder, True
+                if holder and holder not in tokens:
+                    tokens.append(holder)
                 if not subscribed:  # the first wait of this store: make sure pushes arrive
                     self._listener.ready.wait(min(wait, 1.0))
                     continue
@@ -422,7 +460,7 @@ class LeaseMixin:
             self._renewer.remove(token)
         if not self._may_store(fence, resets):
             self.counts["fenced"] += 1
-            self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+            self._hand(key, k, entry, token)
             return entry
         try:
             self._store(key, k, entry, token)
@@ -479,11 +517,12 @@ class LeaseMixin:
         self._listener.add(key, waiter)  # subscribe first ...
         try:
             check, seen, waited = True, "", False  # the first claim checks the entry too
+            tokens: list[str] = []  # every lease seen: their results are good for our callers
             while True:
                 waiter.arm()
                 subscribed = self._listener.ready.is_set()
                 reply = await self._conn.ascript(
-                    CLAIM, claim_keys, self._claim_args(key, token, check, seen)
+                    CLAIM, claim_keys, self._claim_args(key, token, check, seen, tokens)
                 )  # ... then check
                 step, entry, holder, wait = self._claim_step(key, reply)
                 if step == _LEAD:
@@ -492,12 +531,14 @@ class LeaseMixin:
                     assert entry is not None
                     return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
-                    check = False
+                    check, tokens = False, []
                     continue
                 if not waited:
                     self.counts["waits"] += 1
                     waited = True
                 seen, check = holder, True
+                if holder and holder not in tokens:
+                    tokens.append(holder)
                 if not subscribed:  # the first wait of this store: make sure pushes arrive
                     await asyncio.to_thread(self._listener.ready.wait, min(wait, 1.0))
                     continue
@@ -542,7 +583,7 @@ class LeaseMixin:
             renewer.cancel()
         if not self._may_store(fence, resets):
             self.counts["fenced"] += 1
-            await self._conn.aquietly(RELEASE, [k.lease], [token, k.channel])
+            await self._ahand(key, k, entry, token)
             return entry
         try:
             await self._astore(key, k, entry, token)

@@ -8,6 +8,8 @@ and every key belonging to one cache key lives on one slot:
     ns:{user:42}:lease      the cross-process lease: a random token, SET NX PX
     ns:{user:42}:failed     a short-lived failure marker: "<lease token>|<msgpack [type, msg]>"
     ns:{user:42}:waiters    "someone waits for this lease" (set by CLAIM, PX = lease ms)
+    ns:{user:42}:handed     "<lease token>|<entry>": a result that could not be stored,
+                            for the waiters that saw that lease (see `HAND`)
     ns:{user:42}:done       the wake-up channel (pub/sub), published when a lease ends
     ns:tag:{user:42}        a tag's sorted set: member = full key, score = expiry (ms) of
                             the entry, or of the lease of its computation in flight
@@ -19,8 +21,8 @@ namespace is empty or starts with `}` has no usable hash tag: on a cluster its s
 then lie on other slots.)
 
 Wake-up messages on `...:done`: a one-byte marker (`s` stored, `d` deleted, `r` released,
-`f` failed), except when a leader's `STORE` ends a lease that somebody waits for and the entry
-is at most `PUSH_MAX` bytes: then the message carries the entry itself,
+`f` failed, `h` handed), except when a leader's `STORE` ends a lease that somebody waits
+for and the entry is at most `PUSH_MAX` bytes: then the message carries the entry itself,
 `v<lease token>|<entry bytes>`, and a waiter of that very lease takes it without asking Redis
 again (`pushed_entry`). A marker, a foreign token or unreadable bytes mean: check Redis.
 Every process of the namespace receives every message (one pattern subscription each), which
@@ -42,6 +44,7 @@ __all__ = [
     "CLAIM",
     "DELETE",
     "FAIL",
+    "HAND",
     "PUSH_MAX",
     "RELEASE",
     "RENEW",
@@ -98,9 +101,12 @@ local function add_tag(tagkey, member, score, now, raise_only)
 end
 """
 
-#: KEYS: entry, lease, failed, waiters, tag sets... ARGV: token, lease ms, check entry
-#: ("1"/"0"), seen lease token, member (full key), lease expiry (ms, the tag score), now ms.
-#: Returns {"entry", bytes} | {"failed", marker} | {"lease", ""} | {"wait", holder, pttl}.
+#: KEYS: entry, lease, failed, waiters, handed, tag sets... ARGV: token, lease ms, check entry
+#: ("1"/"0"), seen lease token, member (full key), lease expiry (ms, the tag score), now ms,
+#: every lease token this caller has seen (space-separated, "" for none).
+#: Returns {"entry", bytes} | {"handed", bytes} | {"failed", marker} | {"lease", ""} |
+#: {"wait", holder, pttl}. "handed": the entry computed under one of the seen leases, which
+#: could not be stored (an invalidation came after that computation began), see `HAND`.
 #: With "check entry" it reports the entry (fresh or not: the caller decides, and claims again
 #: without the check when it is not) before anything else, so a leader's first claim is also
 #: its check again: an entry stored just before it is found, never computed twice. A value
@@ -126,6 +132,13 @@ if ARGV[3] == '1' then
   if type(value) == 'table' then return {'entry', 'foreign type'} end  -- WRONGTYPE: a miss
   if value then return {'entry', value} end
 end
+if ARGV[8] ~= '' then
+  local handed = redis.pcall('GET', KEYS[5])
+  if type(handed) == 'string' and string.sub(handed, 33, 33) == '|'
+      and string.find(' ' .. ARGV[8] .. ' ', ' ' .. string.sub(handed, 1, 32) .. ' ', 1, true) then
+    return {'handed', string.sub(handed, 34)}
+  end
+end
 if ARGV[4] ~= '' then
   local failed = redis.call('GET', KEYS[3])
   if failed and string.sub(failed, 1, #ARGV[4] + 1) == ARGV[4] .. '|' then
@@ -135,7 +148,7 @@ end
 local holder = redis.pcall('GET', KEYS[2])
 if not holder then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  for i = 5, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], true) end
+  for i = 6, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], true) end
   return {'lease', ''}
 end
 local pttl = redis.call('PTTL', KEYS[2])
@@ -152,15 +165,16 @@ return {'wait', holder, pttl}
 """,
 )
 
-#: KEYS: entry, lease, waiters, tag sets... ARGV: token ("" = no lease check), data, px ("0"
-#: = no expiry), wake-up channel, member (full key), tag score, now ms, push ("1": data is
-#: small enough to travel in the wake-up).
+#: KEYS: entry, lease, waiters, handed, tag sets... ARGV: token ("" = no lease check), data,
+#: px ("0" = no expiry), wake-up channel, member (full key), tag score, now ms, push ("1":
+#: data is small enough to travel in the wake-up), handed ms.
 #: The fence: with a token, the entry is written only while the lease is still ours; a
 #: `DELETE` removes the lease with the entry, so a computation that began before an
 #: invalidation cannot store after it (and a fenced leader publishes nothing). The wake-up
 #: carries the entry when the lease was waited for and `push` allows it, else the marker `s`.
 #: The tag scores become the entry's expiry; without a token they are only raised while
 #: somebody holds the lease (its computation's membership must last as long as the lease).
+#: A refused store still hands the entry to the lease's waiters (as `HAND` does).
 #: Returns 1 if stored, else 0.
 STORE = Script.of(
     "store",
@@ -169,7 +183,13 @@ STORE = Script.of(
 local waited = false
 local raise_only = ARGV[1] == '' and redis.call('EXISTS', KEYS[2]) == 1
 if ARGV[1] ~= '' then
-  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+  if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+    if redis.call('EXISTS', KEYS[3]) == 1 then
+      redis.call('SET', KEYS[4], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[9])
+      redis.call('PUBLISH', ARGV[4], 'h')
+    end
+    return 0
+  end
   redis.call('DEL', KEYS[2])
   waited = redis.call('DEL', KEYS[3]) == 1
 end
@@ -178,7 +198,7 @@ if ARGV[3] == '0' then
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 end
-for i = 4, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], raise_only) end
+for i = 5, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], raise_only) end
 if waited and ARGV[8] == '1' then
   redis.call('PUBLISH', ARGV[4], 'v' .. ARGV[1] .. '|' .. ARGV[2])
 else
@@ -262,6 +282,29 @@ return 0
 """,
 )
 
+#: KEYS: lease, waiters, handed. ARGV: token, entry bytes, channel, handed ms.
+#: A leader whose result may not be stored (an invalidation reached it while it computed)
+#: ends its lease if still its own and, when somebody waits, hands the entry to the waiters
+#: instead of storing it: `...:handed` = "<token>|<entry>" (the latest such entry of the
+#: key), announced by the marker `h`. A waiter that saw that token in a `CLAIM` reply takes
+#: it: that computation began after every invalidation the waiter's callers must respect
+#: (any older lease was deleted by them), so an invalidation storm, deleting every lease
+#: before its computation ends, cannot keep waiters from an answer (issue 9, item 1).
+HAND = Script.of(
+    "hand",
+    """
+local ours = redis.call('GET', KEYS[1]) == ARGV[1]
+if ours then redis.call('DEL', KEYS[1]) end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[4])
+  redis.call('PUBLISH', ARGV[3], 'h')
+elseif ours then
+  redis.call('PUBLISH', ARGV[3], 'r')
+end
+return 1
+""",
+)
+
 #: KEYS: lease, failed. ARGV: token, marker, marker ms, channel. The leader's computation
 #: raised: leave a short-lived marker for the waiters, end the lease and wake them.
 FAIL = Script.of(
@@ -335,6 +378,10 @@ class KeyLayout:
     @staticmethod
     def waiters(entry_key: str) -> str:
         return entry_key + ":waiters"
+
+    @staticmethod
+    def handed(entry_key: str) -> str:
+        return entry_key + ":handed"
 
     @staticmethod
     def channel(entry_key: str) -> str:
