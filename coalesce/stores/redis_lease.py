@@ -18,7 +18,11 @@ the lease protocol can be read in one place. The steps (the scripts are in `redi
    lease is still its own (the invalidation fence), ends the lease and publishes the wake-up
    (with the entry, when somebody waits and it is small). On an exception it leaves a failure
    marker (`FAIL`) instead; on any other exit (cancellation, interrupt) it just ends the lease
-   (`RELEASE`), so a waiter takes over at once.
+   (`RELEASE`), so a waiter takes over at once. A result that may not be stored (an
+   invalidation reached the leader, or deleted its lease) is handed to the lease's waiters
+   (`HAND`, or the refused `STORE`): each waiter remembers every lease token it saw, and its
+   next `CLAIM` returns that result to it, so an invalidation storm cannot starve it.
+4. A foreign lease (not one of our tokens, or without a sane expiry) gets one lease time.
 
 Tags fence too. `fill` is given the full tag names of the entry it will compute; the caller
 that takes the lease records the key in those tags' sets at once (score: the lease's expiry,
