@@ -410,7 +410,9 @@ class Cache:
                             del self._tags_in_flight[tag]
 
     def _fence_all(self) -> None:
-        """Fence every computation in flight: invalidations may have been missed."""
+        """Detach every computation in flight: invalidations may have been missed, so new
+        callers start afresh instead of joining one (on Redis the lease token still decides
+        whether its result may be stored)."""
         self.flights.invalidate_all()
         self.aflights.invalidate_all()
 

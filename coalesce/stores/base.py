@@ -58,7 +58,8 @@ class Store(ABC):
     on_invalidated_tag: Callable[[str], None] | None = None
 
     #: Called when invalidations broadcast by other processes may have been missed (a shared
-    #: store's subscription dropped or came back): the cache fences all its computations.
+    #: store's subscription dropped or came back): the cache detaches all its computations
+    #: in flight, so that new callers do not join them.
     on_missed_invalidations: Callable[[], None] | None = None
 
     @abstractmethod

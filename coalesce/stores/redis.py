@@ -315,7 +315,7 @@ class RedisStore(LeaseMixin, Store):
 
     def _listener_reset(self) -> None:
         """Invalidations may have been missed (the pub/sub connection dropped, or is back):
-        drop local copies and have the cache fence its computations in flight."""
+        drop local copies and have the cache detach its computations in flight."""
         with self._echoes_lock:
             self._echoes.clear()  # echoes still on their way are lost with the connection
         self._conn.epoch += 1
