@@ -422,7 +422,9 @@ def test_an_invalidation_storm_starves_no_caller(
     waits = []
     for out in outputs:
         heard = out["heard"]
-        assert len(heard) == len(invalidated)  # every invalidation reached every process
+        # every invalidation reached every process, but the last one may land after the
+        # process stopped calling and reported (the storm ends when the calls do)
+        assert len(invalidated) - 1 <= len(heard) <= len(invalidated)
         for started, ended, value in out["calls"]:
             waits.append(ended - started)
             known = bisect.bisect_left(heard, started)  # invalidations heard before the call
