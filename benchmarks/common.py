@@ -221,7 +221,7 @@ def environment(*distributions: str) -> str:
         f"Python {platform.python_version()} ({platform.python_implementation()}), "
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f} at the end; "
-        f"{versions('coalesce', *distributions)}"
+        f"{versions('coalesce-cache', *distributions)}"
     )
 
 
