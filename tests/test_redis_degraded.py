@@ -23,7 +23,7 @@ from coalesce.entry import Entry
 from coalesce.errors import BackendError
 from coalesce.stores.base import Fence
 from coalesce.stores.redis import RedisStore
-from coalesce.stores.redis_client import DEFAULT_MAX_CONNECTIONS
+from coalesce.stores.redis.connection import DEFAULT_MAX_CONNECTIONS
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
@@ -131,7 +131,7 @@ def test_a_hung_redis_is_used_again_within_two_seconds_of_resuming(
 
 
 def test_the_listener_subscribing_again_makes_the_next_call_probe() -> None:
-    from coalesce.stores.redis_breaker import CircuitBreaker
+    from coalesce.stores.redis.breaker import CircuitBreaker
 
     clock = FakeClock()
     breaker = CircuitBreaker(threshold=1, cooldown=0.5, max_cooldown=1.0, clock=clock)

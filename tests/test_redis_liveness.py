@@ -24,7 +24,7 @@ import redis
 
 from coalesce.cache import Cache
 from coalesce.stores.redis import RedisStore
-from coalesce.stores.redis_scripts import CLAIM, STORE
+from coalesce.stores.redis.scripts import CLAIM, STORE
 
 WAIT = 10.0  # seconds any handshake waits before the test fails
 

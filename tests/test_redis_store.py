@@ -35,7 +35,7 @@ from coalesce.errors import (
 )
 from coalesce.serialization import MsgpackSerializer, encode_entry
 from coalesce.stores.redis import RedisStore, redact
-from coalesce.stores.redis_scripts import CLAIM, PUSH_MAX, STORE, KeyLayout, pushed_entry
+from coalesce.stores.redis.scripts import CLAIM, PUSH_MAX, STORE, KeyLayout, pushed_entry
 
 
 @pytest.fixture
@@ -1095,7 +1095,7 @@ def test_fail_closed_raises_backend_error(unique_namespace: str) -> None:
 
 
 def test_breaker_opens_and_closes() -> None:
-    from coalesce.stores.redis_breaker import CircuitBreaker
+    from coalesce.stores.redis.breaker import CircuitBreaker
 
     breaker = CircuitBreaker(threshold=3, cooldown=0.05, max_cooldown=0.2)
     for _ in range(2):

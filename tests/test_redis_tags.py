@@ -307,7 +307,7 @@ def test_a_tag_invalidation_failing_half_way_leaves_its_members_to_the_next(
     """Deleting the entries fails after the tag set was taken: the members wait in the
     tag's taking set, and the next `delete_tag` deletes them (none is lost)."""
     from coalesce.errors import BackendError
-    from coalesce.stores import redis_scripts
+    from coalesce.stores.redis import scripts
 
     a = redis_caches()
     store = _store(a)
@@ -317,7 +317,7 @@ def test_a_tag_invalidation_failing_half_way_leaves_its_members_to_the_next(
     real = store._conn.script
 
     def failing(script: Any, keys: Any, args: Any) -> Any:
-        if script is redis_scripts.DELETE:
+        if script is scripts.DELETE:
             raise BackendError("down")
         return real(script, keys, args)
 
@@ -337,7 +337,7 @@ def test_a_tag_taken_whose_reply_was_lost_is_deleted_by_the_next_invalidation(
 ) -> None:
     """`TAKE_TAG` ran but its caller never saw the reply (a timeout): a retried
     `invalidate_tag` still deletes every entry the tag carried."""
-    from coalesce.stores.redis_scripts import TAKE_TAG
+    from coalesce.stores.redis.scripts import TAKE_TAG
 
     a = redis_caches()
     store = _store(a)

@@ -6,7 +6,7 @@ subscription per wait. So each store keeps one listener thread with one pub/sub 
 
 * `PSUBSCRIBE ns:{*}:done` receives every wake-up of the namespace and wakes the waiters
   registered for that key in this process, handing each the message itself (`wake(message)`:
-  it may carry the stored entry, see `redis_scripts`): a `ThreadWaiter` (a bare lock, released
+  it may carry the stored entry, see `scripts`): a `ThreadWaiter` (a bare lock, released
   by the listener) for sync callers, an `AsyncWaiter` (an asyncio future, resolved with the
   message through `call_soon_threadsafe` on the waiter's own loop) for async ones;
 * `SUBSCRIBE ns:__invalidate__` receives invalidations ("k:<key>", "t:<tag>") for the near
@@ -44,8 +44,8 @@ from typing import Any, Protocol
 
 from redis.client import PubSub
 
-from coalesce.stores.redis_breaker import RateLimitedLog
-from coalesce.stores.redis_scripts import KeyLayout
+from coalesce.stores.redis.breaker import RateLimitedLog
+from coalesce.stores.redis.scripts import KeyLayout
 
 _POLL = 0.25  # seconds the thread blocks on the socket before it looks at `_closed`
 

@@ -21,7 +21,7 @@ subscribed, which it is not while Redis is down.
 Values are kept frozen (see `coalesce.values`), so every caller still gets a private copy.
 
 Concurrency contract: `MemoryStore` has its own lock for writes and lock-free reads;
-`generation` belongs to the listener (see `redis_listener`). `_lock` makes `remember`'s
+`generation` belongs to the listener (see `listener`). `_lock` makes `remember`'s
 generation check and write one step against every drop: else an invalidation (bump, then
 delete) could land between the check and the write, and the old entry stay for `ttl`.
 """
@@ -35,7 +35,7 @@ from coalesce.entry import Entry
 from coalesce.serialization import Serializer
 from coalesce.stores.base import Fence
 from coalesce.stores.memory import MemoryStore
-from coalesce.stores.redis_listener import Listener
+from coalesce.stores.redis.listener import Listener
 from coalesce.values import freeze_entry
 
 

@@ -1,7 +1,7 @@
 """The Redis store's cross-process single-flight: claim a lease, wait for it, or lead.
 
 This is the write half of `RedisStore`, kept apart from the read half (`redis.py`) so that
-the lease protocol can be read in one place. The steps (the scripts are in `redis_scripts`):
+the lease protocol can be read in one place. The steps (the scripts are in `scripts`):
 
 1. Register with the listener for the key's wake-ups *first*, then `CLAIM`: one script that
    either takes the lease (`SET NX PX`, a random token), reports a fresh entry, reports the
@@ -35,7 +35,7 @@ failure of that `TAG`, lets that one computation store its result after the inva
 
 The sync and async drivers are duplicated on purpose, side by side, to be compared line by
 line. Concurrency contract: per call, the token and the waiter belong to that call alone;
-shared state is the listener's registry (see `redis_listener`), the renewer's table (under
+shared state is the listener's registry (see `listener`), the renewer's table (under
 its own lock, see `Renewer`) and the approximate `counts`.
 """
 
@@ -52,10 +52,10 @@ from coalesce.entry import Entry
 from coalesce.errors import BackendError, LeaderFailedError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, encode_entry
 from coalesce.stores.base import Fence
-from coalesce.stores.redis_client import RedisConnection
-from coalesce.stores.redis_listener import AsyncWaiter, Listener, ThreadWaiter
-from coalesce.stores.redis_near import NearCache
-from coalesce.stores.redis_scripts import (
+from coalesce.stores.redis.connection import RedisConnection
+from coalesce.stores.redis.listener import AsyncWaiter, Listener, ThreadWaiter
+from coalesce.stores.redis.near import NearCache
+from coalesce.stores.redis.scripts import (
     CLAIM,
     FAIL,
     HAND,
@@ -73,7 +73,7 @@ from coalesce.values import Frozen, freeze_entry
 
 
 class Keys:
-    """The Redis keys of one cache key (see `redis_scripts.KeyLayout`)."""
+    """The Redis keys of one cache key (see `scripts.KeyLayout`)."""
 
     __slots__ = ("channel", "entry", "failed", "handed", "lease", "waiters")
 

@@ -58,8 +58,8 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from coalesce.errors import BackendError, ConfigurationError
-from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
-from coalesce.stores.redis_scripts import Script
+from coalesce.stores.redis.breaker import CircuitBreaker, RateLimitedLog
+from coalesce.stores.redis.scripts import Script
 from coalesce.urls import credentials, path_of, redact, scheme_of
 
 T = TypeVar("T")

@@ -1,10 +1,10 @@
 """The Redis store: entries shared by every process, and single-flight across processes.
 
-The pieces, one concern per module: `redis_scripts` (key layout and Lua scripts, pure),
-`redis_client` (lazy clients, errors, circuit breaker, shared reads), `redis_listener` (the
-one pub/sub connection: wake-ups and invalidations), `redis_near` (the optional near cache),
-`redis_breaker`, and `redis_lease` (writing entries and the lease protocol of `fill`, mixed
-into the store). This module is the store itself: reads, deletes, tags, listing.
+The pieces, one concern per module of this package: `scripts` (key layout and Lua scripts,
+pure), `connection` (lazy clients, errors, circuit breaker, shared reads), `listener` (the one
+pub/sub connection: wake-ups and invalidations), `near` (the optional near cache), `breaker`,
+and `lease` (writing entries and the lease protocol of `fill`, mixed into the store). This
+module is the store itself: reads, deletes, tags, listing.
 
 The paths, in the order of their cost:
 
@@ -32,13 +32,13 @@ The paths, in the order of their cost:
 * tag invalidation: `TAKE_TAG` reads and deletes the tag's set in one step, then `DELETE`
   removes every member's entry and lease. A leader records its key in the sets of its
   entry's tags when it takes the lease (`fill(..., tags=)`), so computations in flight are
-  fenced too (on a cluster with a short window, see `redis_lease`). The tag is then
+  fenced too (on a cluster with a short window, see `lease`). The tag is then
   broadcast (`t:<tag>`) to near caches and to `on_invalidated_tag` in every process.
 
 Failures: every Redis error becomes `BackendError` naming the URL (never the password) and
 the cause; the cache then serves what this process has and computes with coalescing
 (fail-open) unless configured to raise. What it computes meanwhile it hands back with
-`remember`, and `fallback` serves it to the calls that follow (see `redis_near.Fallback`):
+`remember`, and `fallback` serves it to the calls that follow (see `near.Fallback`):
 stale by at most `fallback_ttl` seconds, dropped by invalidations and when Redis is back.
 After `breaker_threshold` consecutive connection failures the breaker fails calls fast for a
 cooldown (0.5 s, backing off to 1 s), then lets one probe through, and closes again by
@@ -74,12 +74,12 @@ from coalesce.entry import Entry
 from coalesce.errors import ConfigurationError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, get_serializer
 from coalesce.stores.base import Fence, KeyList, Store
-from coalesce.stores.redis_breaker import CircuitBreaker, RateLimitedLog
-from coalesce.stores.redis_client import AsyncClient, RedisConnection, SyncClient
-from coalesce.stores.redis_lease import Keys, LeaseMixin, Renewer
-from coalesce.stores.redis_listener import Listener
-from coalesce.stores.redis_near import Fallback, NearCache
-from coalesce.stores.redis_scripts import DELETE, TAKE_TAG, KeyLayout
+from coalesce.stores.redis.breaker import CircuitBreaker, RateLimitedLog
+from coalesce.stores.redis.connection import AsyncClient, RedisConnection, SyncClient
+from coalesce.stores.redis.lease import Keys, LeaseMixin, Renewer
+from coalesce.stores.redis.listener import Listener
+from coalesce.stores.redis.near import Fallback, NearCache
+from coalesce.stores.redis.scripts import DELETE, TAKE_TAG, KeyLayout
 from coalesce.urls import redact, scheme_of
 
 __all__ = ["RedisStore", "redact"]
