@@ -12,24 +12,30 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast, overload
 
 from coalesce.decorators import (
+    AsidePolicy,
     CachedFunction,
     Decorator,
     Policy,
+    aget_or_set,
     check_seconds,
+    get_or_set,
     make_decorator,
     run_sync_refresh,
+    served,
 )
 from coalesce.entry import STORE_FAILED, Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.flight import AsyncFlights, ThreadFlights
+from coalesce.keys import MAX_KEY_LENGTH, escape, is_safe_key, shorten
 from coalesce.serialization import Serializer, get_serializer
 from coalesce.stores.base import Fence, KeyList, Store
 from coalesce.stores.memory import MemoryStore
@@ -48,6 +54,33 @@ R = TypeVar("R")
 
 BackendErrorMode = Literal["compute", "raise"]
 _LOG_EVERY = 30.0  # seconds between two log lines about a failing store
+_MAX_ASIDE_NAMES = 1000  # stats slots of cache-aside calls; past it, "get_or_set" counts them
+
+# A key already in the form the decorators store: printable, no whitespace nor braces, `%`
+# only in `%XX` escapes (as `keys.escape` writes them) ...
+_ESCAPED = re.compile(r"(?:[^%\s{}]|%[0-9A-F]{2})*")
+# ... possibly shortened (`keys.shorten`: 200 characters, which may cut an escape, then
+# `%#` and 40 hex digits).
+_SHORTENED = re.compile(r"((?:[^%\s{}]|%[0-9A-F]{2})*(?:%[0-9A-F]?)?)%#[0-9a-f]{40}")
+
+
+def stored_key(key: str) -> str:
+    """The form a key (or tag) given to a `Cache` method is stored under, as the decorators
+    store theirs: a safe key as it is (`keys.is_safe_key`); a key already in that escaped
+    form (`fn.key(...)` gives one, `coalesce keys` lists them) as it is too; any other key
+    percent-encoded and shortened like a decorator's (`user:a b` -> `user:a%20b`), as if
+    it were the one field of a key template. So a stored form maps to itself, and text
+    without `%XX` sequences meets the decorator whose template renders it.
+    """
+    if is_safe_key(key):
+        return key
+    if (
+        key.isprintable()
+        and len(key) <= MAX_KEY_LENGTH
+        and (_ESCAPED.fullmatch(key) or (len(key) == 242 and _SHORTENED.fullmatch(key)))
+    ):
+        return key
+    return shorten(escape(key))
 
 
 def _disabled_by_environment() -> bool:
@@ -193,6 +226,7 @@ class Cache:
         self.flights: ThreadFlights[Entry] = ThreadFlights()
         self.aflights = AsyncFlights()
         self._policies: weakref.WeakSet[Policy] = weakref.WeakSet()
+        self._aside_policies: dict[str, AsidePolicy] = {}  # by stats name; under _lock
         _all_caches.add(self)
         self._refresher: ThreadPoolExecutor | None = None
         self._refresh_tasks: set[asyncio.Task[Any]] = set()
@@ -293,6 +327,176 @@ class Cache:
     def register(self, policy: Policy) -> None:
         self._policies.add(policy)
 
+    # -- cache-aside ------------------------------------------------------------------------
+    #
+    # The decorators' path for a key that is given: a policy per stats name (`AsidePolicy`),
+    # the same read, flight, `fill` (lease and fencing on Redis), entries and stats.
+
+    def get_or_set(
+        self,
+        key: str,
+        fn: Callable[[], R],
+        *,
+        ttl: float | None = None,
+        tags: Sequence[str] = (),
+        stale_ttl: float = 0.0,
+        cache_errors: float | None = None,
+        copy: bool = True,
+        name: str | None = None,
+    ) -> R:
+        """The value stored under `key`, else `fn()` (no arguments), stored for `ttl` seconds.
+
+        Overlapping callers of one key share one computation (on Redis, across processes),
+        exactly as callers of a decorated function do: the same options (`ttl`, `tags`,
+        `stale_ttl`, `cache_errors`, `copy`), the same fencing by `invalidate`, the same
+        copies of values. `key` and `tags` are stored as `stored_key` says (`user:a b` as
+        `user:a%20b`), so a decorator with `key="user:{name}"` meets the same entries.
+        Counted in `stats()` under `name`, by default the key up to its first `:` (`user`
+        for `user:42`; `get_or_set` for a key without one). With the cache disabled, just
+        `fn()`.
+        """
+        policy, stored, full_tags = self._aside(
+            key, fn, ttl, tags, stale_ttl, cache_errors, copy, name
+        )
+        if not self.enabled:
+            return fn()
+        return cast(R, get_or_set(self, policy, stored, fn, full_tags))
+
+    async def aget_or_set(
+        self,
+        key: str,
+        fn: Callable[[], Awaitable[R]],
+        *,
+        ttl: float | None = None,
+        tags: Sequence[str] = (),
+        stale_ttl: float = 0.0,
+        cache_errors: float | None = None,
+        copy: bool = True,
+        name: str | None = None,
+    ) -> R:
+        """`get_or_set` for async code: `await fn()` computed once for overlapping callers
+        (on every event loop of the process; on Redis, across processes)."""
+        policy, stored, full_tags = self._aside(
+            key, fn, ttl, tags, stale_ttl, cache_errors, copy, name
+        )
+        if not self.enabled:
+            return await fn()
+        return cast(R, await aget_or_set(self, policy, stored, fn, full_tags))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A private copy of the value under `key` as a decorated call or `get_or_set` would
+        serve it (fresh, or stale within its `stale_ttl`), else `default`. A failure cached
+        with `cache_errors` is raised. A failing store reads as missing (unless failing
+        closed); a disabled cache reads nothing."""
+        full = self._full(key)
+        if not self.enabled:
+            return default
+        return served(self.read(full), default)
+
+    async def aget(self, key: str, default: Any = None) -> Any:
+        """`get` for async code."""
+        full = self._full(key)
+        if not self.enabled:
+            return default
+        return served(self.read(full) if self.local else await self.aread(full), default)
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        tags: Sequence[str] = (),
+        stale_ttl: float = 0.0,
+    ) -> bool:
+        """Store `value` under `key` for `ttl` seconds (default: the cache's `default_ttl`);
+        return whether it was stored.
+
+        Checked and frozen as a decorator's result is, so later readers get copies. Like
+        `invalidate`, it first fences the computations of the key in flight (in this
+        process, and on Redis in every process), so none of them overwrites it with a value
+        computed before. A disabled cache writes nothing (False).
+        """
+        full, entry = self._entry_to_set(key, value, ttl, tags, stale_ttl)
+        if not self.enabled:
+            return False
+        self._fence(full)
+        try:
+            self.store.delete(full)  # on Redis, deletes the lease: fences other processes
+            return self.store.set(full, entry)
+        except BackendError as exc:
+            self.backend_failed(None, exc)  # raises when failing closed
+            self.remember(full, entry, Fence())
+            return False
+        finally:
+            self._fence(full)
+
+    async def aset(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        tags: Sequence[str] = (),
+        stale_ttl: float = 0.0,
+    ) -> bool:
+        """`set` for async code."""
+        full, entry = self._entry_to_set(key, value, ttl, tags, stale_ttl)
+        if not self.enabled:
+            return False
+        self._fence(full)
+        try:
+            await self.store.adelete(full)
+            return await self.store.aset(full, entry)
+        except BackendError as exc:
+            self.backend_failed(None, exc)
+            self.remember(full, entry, Fence())
+            return False
+        finally:
+            self._fence(full)
+
+    def _entry_to_set(
+        self, key: str, value: Any, ttl: float | None, tags: Sequence[str], stale_ttl: float
+    ) -> tuple[str, Entry]:
+        policy, stored, full_tags = self._aside(key, None, ttl, tags, stale_ttl, None, True, None)
+        return self.prefix + stored, policy.make_entry(self, value, time.perf_counter(), full_tags)
+
+    def _aside(
+        self,
+        key: str,
+        fn: Callable[[], Any] | None,
+        ttl: float | None,
+        tags: Sequence[str],
+        stale_ttl: float,
+        cache_errors: float | None,
+        copy: bool,
+        name: str | None,
+    ) -> tuple[AsidePolicy, str, tuple[str, ...]]:
+        """Check a cache-aside call: its policy (options checked as the decorators check
+        theirs), the key's stored form and the tags' full names."""
+        stored = stored_key(self._checked(key))
+        if fn is not None and not callable(fn):
+            raise ConfigurationError(f"fn must be a function without arguments, not {fn!r}")
+        if isinstance(tags, (str, bytes)) or not all(isinstance(tag, str) for tag in tags):
+            raise ConfigurationError(f"tags must be a list of tags, not {tags!r}")
+        full_tags = tuple(self._full(tag) for tag in tags)
+        if name is None:
+            name = stored.partition(":")[0] if ":" in stored else "get_or_set"
+        elif not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name must be a non-empty string, not {name!r}")
+        policy = self._aside_policies.get(name)
+        if fn is None:  # `set`: nothing to count, only the entry to make
+            policy = policy or AsidePolicy(self, name)
+        elif policy is None:
+            with self._lock:
+                if len(self._aside_policies) >= _MAX_ASIDE_NAMES:
+                    name = "get_or_set"  # keys without a kind before their ':': one slot
+                policy = self._aside_policies.get(name)
+                if policy is None:
+                    policy = self._aside_policies[name] = AsidePolicy(self, name)
+                    self.register(policy)
+        return policy.with_options(ttl, stale_ttl, cache_errors, copy), stored, full_tags
+
     # -- reads on the call path -----------------------------------------------------------
 
     def read(self, key: str) -> Entry | None:
@@ -361,6 +565,11 @@ class Cache:
     # -- invalidation ---------------------------------------------------------------------
 
     def _full(self, key: str) -> str:
+        """The full stored name of a key or tag given to a method (see `stored_key`)."""
+        return self.prefix + stored_key(self._checked(key))
+
+    def _checked(self, key: str) -> str:
+        """`key` as given, refused unless it is valid text."""
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"a key must be a non-empty string, not {key!r}")
         if not key.isascii():
@@ -371,7 +580,7 @@ class Cache:
                     f"key {key!r} is not valid text (a lone surrogate); keys of such values "
                     "are stored escaped: use fn.key(...) to get one"
                 ) from None
-        return self.prefix + key
+        return key
 
     def after_fork(self) -> None:
         """In a forked child: fresh locks, no refresh pool, no tags in flight (the flight
@@ -517,7 +726,9 @@ class Cache:
         for name, bound in (("limit", limit), ("max_scanned", max_scanned)):
             if bound is not None and (type(bound) is not int or bound < 1):
                 raise ConfigurationError(f"{name} must be a positive integer, not {bound!r}")
-        full = self.store.keys(self._full(pattern), limit=limit, max_scanned=max_scanned)
+        full = self.store.keys(
+            self.prefix + self._checked(pattern), limit=limit, max_scanned=max_scanned
+        )
         return KeyList((key[len(self.prefix) :] for key in full), full.complete)
 
     # -- stats and lifecycle ----------------------------------------------------------------

@@ -16,6 +16,7 @@ or raises `BackendError` (`"raise"`). Decisions that need no I/O live in `entry.
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import functools
 import gc
 import inspect
@@ -24,13 +25,14 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 from coalesce.entry import STORE_FAILED, Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.keys import (
     KeyFunction,
+    KeyPlan,
     callable_name,
     plan_key,
     signature_source,
@@ -100,22 +102,29 @@ class Policy:
         copy: bool,
         store: bool,
     ) -> None:
-        if not isinstance(copy, bool):
-            raise ConfigurationError(f"copy must be True or False, not {copy!r}")
-        self.ttl = check_seconds("ttl", ttl, allow_none=True)
-        self.stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
-        self.cache_errors = check_seconds("cache_errors", cache_errors, allow_none=True)
+        self.set_options(ttl, stale_ttl, cache_errors, copy)
         self.fn = fn
         self.name = f"{getattr(fn, '__module__', None)}.{callable_name(fn)}"
         self.key_template = key
         self.plan = plan_key(fn, key, exclude)
         self.make_key: KeyFunction = self.plan.make
         self.tag_keys: list[KeyFunction] = [template_key_function(fn, tag) for tag in tags]
-        self.copy = copy
         self.store = store  # False for `coalesced`: share calls, keep nothing
         self.stats = Stats(self.stats_name)
         self.fixed_cache = cache
         self.cache: Cache | None = cache  # the default cache is bound at the first call
+
+    def set_options(
+        self, ttl: float | None, stale_ttl: float, cache_errors: float | None, copy: bool
+    ) -> None:
+        """Check the options of an entry's life and keep them (raises `ConfigurationError`
+        naming the option)."""
+        if not isinstance(copy, bool):
+            raise ConfigurationError(f"copy must be True or False, not {copy!r}")
+        self.ttl = check_seconds("ttl", ttl, allow_none=True)
+        self.stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
+        self.cache_errors = check_seconds("cache_errors", cache_errors, allow_none=True)
+        self.copy = copy
 
     @property
     def stats_name(self) -> str:
@@ -149,6 +158,65 @@ class Policy:
         assert self.cache_errors is not None
         spec = [_text(type(exc).__module__), _text(type(exc).__qualname__), _message(exc)]
         return Entry(spec, _now(), self.cache_errors, 0.0, _perf() - started, (), error=True)
+
+
+def _call_given(fn: Callable[[], Any], key: str, tags: tuple[str, ...]) -> Any:
+    """The "function" of a cache-aside policy: the call's own `fn`, without arguments."""
+    return fn()
+
+
+def _given_key(fn: Callable[[], Any], key: str, tags: tuple[str, ...]) -> str:
+    return key
+
+
+_GIVEN_KEY = KeyPlan(_given_key, "", {}, "True", lambda raw_key: True)
+
+
+class AsidePolicy(Policy):
+    """The policy of cache-aside calls (`Cache.get_or_set`) counted under one stats name.
+
+    The same path as a decorated function's, with the call's arguments standing for what
+    a decorator would get from its parameters: every step receives `args` =
+    `(fn, key, tags)`, the function to compute (no arguments), the key in its stored form
+    and the full tag names; `policy.fn` calls `fn`, `make_key` returns `key`. Options
+    (ttl...) may change from one call to the next: `with_options` gives a per-call copy
+    sharing the name's `Stats`.
+    """
+
+    def __init__(self, cache: Cache, name: str) -> None:
+        self.set_options(None, 0.0, None, True)
+        self.fn = _call_given
+        self.name = name  # named in messages: "cannot encode ... of user"
+        self.key_template = None
+        self.plan = _GIVEN_KEY
+        self.make_key = _given_key
+        self.tag_keys = []
+        self.store = True
+        self.stats = Stats(name)
+        self.fixed_cache = cache
+        self.cache = cache
+        # this policy with other options, by the options as given (already checked)
+        self._variants: dict[tuple[Any, ...], AsidePolicy] = {}
+        self._variants[(None, 0.0, None, True, type(None), float, type(None), bool)] = self
+
+    def with_options(
+        self, ttl: float | None, stale_ttl: float, cache_errors: float | None, copy: bool
+    ) -> AsidePolicy:
+        """This policy with one call's options (checked here), counting into its stats."""
+        # by value and type: `ttl=True` must not find the variant of `ttl=1`; NaN finds none
+        options: tuple[Any, ...] = (ttl, stale_ttl, cache_errors, copy)
+        options += tuple(map(type, options))
+        variant = self._variants.get(options)
+        if variant is None:
+            variant = _copy.copy(self)
+            variant.set_options(ttl, stale_ttl, cache_errors, copy)  # raises when wrong
+            if len(self._variants) >= 64:  # ttls computed per call: keep a few
+                self._variants.clear()
+            self._variants[options] = variant
+        return variant
+
+    def tag_names(self, cache: Cache, args: Any, kwargs: Any) -> tuple[str, ...]:
+        return cast(tuple[str, ...], args[2])
 
 
 def _message(exc: Exception) -> str:
@@ -507,6 +575,49 @@ async def _alead(
             entry = computed[0] if computed else await compute()
             cache.remember(key, entry, fence)
             return entry
+
+
+# ---------------------------------------------------------------------------------------
+# cache-aside calls (`Cache.get_or_set`, `get`): the hot path above written out by hand for
+# a key that is given, then the decorators' own `_slow` / `_aslow`
+
+
+def get_or_set(
+    cache: Cache, policy: AsidePolicy, key: str, fn: Callable[[], Any], tags: tuple[str, ...]
+) -> Any:
+    """`key` (stored form, without namespace) from the store, else `fn()` computed once."""
+    full = cache.prefix + key
+    entry = cache.read(full)
+    if entry is not None and entry.fresh_until > _now() and not entry.error:
+        policy.stats.hits += 1
+        value = entry.value
+        return value.thaw() if type(value) is Frozen else value
+    return _slow(cache, policy, full, entry, (fn, key, tags), {})
+
+
+async def aget_or_set(
+    cache: Cache,
+    policy: AsidePolicy,
+    key: str,
+    fn: Callable[[], Awaitable[Any]],
+    tags: tuple[str, ...],
+) -> Any:
+    """`get_or_set` for async code: `await fn()` computed once."""
+    full = cache.prefix + key
+    entry = cache.read(full) if cache.local else await cache.aread(full)
+    if entry is not None and entry.fresh_until > _now() and not entry.error:
+        policy.stats.hits += 1
+        value = entry.value
+        return value.thaw() if type(value) is Frozen else value
+    return await _aslow(cache, policy, full, entry, (fn, key, tags), {})
+
+
+def served(entry: Entry | None, default: Any) -> Any:
+    """What `Cache.get` returns for an entry it read: what a decorated call would serve
+    (a private copy of a fresh or stale value, a cached failure raised), else `default`."""
+    if entry is None or entry.stale_until <= _now():
+        return default  # missing, expired, or `STORE_FAILED`
+    return _result(entry)
 
 
 # ---------------------------------------------------------------------------------------
