@@ -83,6 +83,16 @@ def stored_key(key: str) -> str:
     return shorten(escape(key))
 
 
+def text_key(key: str) -> str:
+    """The stored form of a key (or tag) given as *text* to `get`, `set` and `get_or_set`: as
+    it is when safe, else percent-encoded and shortened as a decorator's template renders its
+    one field (`user:a b` -> `user:a%20b`). Unlike `stored_key`, text that looks escaped is
+    escaped again (`user:a%20b` -> `user:a%2520b`): keys built from user input, such as
+    `f"profile:{username}"`, stay distinct for every distinct text, so one user's entry can
+    never be another's."""
+    return key if is_safe_key(key) else shorten(escape(key))
+
+
 def _disabled_by_environment() -> bool:
     return os.environ.get("COALESCE_DISABLED", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -388,14 +398,14 @@ class Cache:
         serve it (fresh, or stale within its `stale_ttl`), else `default`. A failure cached
         with `cache_errors` is raised. A failing store reads as missing (unless failing
         closed); a disabled cache reads nothing."""
-        full = self._full(key)
+        full = self.prefix + text_key(self._checked(key))
         if not self.enabled:
             return default
         return served(self.read(full), default)
 
     async def aget(self, key: str, default: Any = None) -> Any:
         """`get` for async code."""
-        full = self._full(key)
+        full = self.prefix + text_key(self._checked(key))
         if not self.enabled:
             return default
         return served(self.read(full) if self.local else await self.aread(full), default)
@@ -474,12 +484,12 @@ class Cache:
     ) -> tuple[AsidePolicy, str, tuple[str, ...]]:
         """Check a cache-aside call: its policy (options checked as the decorators check
         theirs), the key's stored form and the tags' full names."""
-        stored = stored_key(self._checked(key))
+        stored = text_key(self._checked(key))
         if fn is not None and not callable(fn):
             raise ConfigurationError(f"fn must be a function without arguments, not {fn!r}")
         if isinstance(tags, (str, bytes)) or not all(isinstance(tag, str) for tag in tags):
             raise ConfigurationError(f"tags must be a list of tags, not {tags!r}")
-        full_tags = tuple(self._full(tag) for tag in tags)
+        full_tags = tuple(self.prefix + text_key(self._checked(tag)) for tag in tags)
         if name is None:
             name = stored.partition(":")[0] if ":" in stored else "get_or_set"
         elif not isinstance(name, str) or not name:

@@ -129,8 +129,10 @@ def test_decorators_get_set_and_invalidate_meet_on_one_key(
 
     assert user("a b") == {"name": "a b"}
     assert cache.keys("user:*") == ["user:a%20b"]
-    # the decorator's entry, by its raw text and by its stored form
-    assert cache.get("user:a b") == cache.get(user.key("a b")) == {"name": "a b"}
+    # the decorator's entry, by its text (the stored form is for invalidate and get_entry)
+    assert cache.get("user:a b") == {"name": "a b"}
+    assert cache.get(user.key("a b")) is None  # "user:a%20b" is another text
+    assert cache.get_entry(user.key("a b")) is not None
     assert cache.get_or_set("user:a b", lambda: {"name": "other"}) == {"name": "a b"}
     # written by `set`, read by the decorator without computing
     assert cache.set("user:c d", {"name": "set"}, ttl=60)
@@ -582,3 +584,16 @@ def test_cached_errors_are_shared_like_the_decorators() -> None:
     assert calls == [1]
     with pytest.raises(ValueError, match="bad input"):
         cache.get("neg:1")
+
+
+def test_texts_that_look_escaped_never_meet_another_text(
+    make_cache: Callable[..., Cache],
+) -> None:
+    """Keys built from user input stay apart: the user named `a%20b` never reads the entry
+    of the user named `a b` (a stored-form lookalike is escaped again)."""
+    cache = make_cache()
+    cache.set("profile:a b", {"owner": "a b"}, ttl=60)
+    assert cache.get("profile:a%20b") is None
+    assert cache.get_or_set("profile:a%20b", lambda: {"owner": "a%20b"}) == {"owner": "a%20b"}
+    assert cache.get("profile:a b") == {"owner": "a b"}
+    assert sorted(cache.keys("profile:*")) == ["profile:a%20b", "profile:a%2520b"]
