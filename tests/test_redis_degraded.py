@@ -373,3 +373,93 @@ def test_failing_closed_is_unchanged(fresh_redis: RedisServer, unique_namespace:
             k()
     assert calls[0] == 1
     cache.close()
+
+
+# -- the fallback never serves a value older than this process's own invalidation ------------
+
+
+def test_a_flight_detached_by_a_pubsub_drop_cannot_land_in_the_fallback_after_invalidate(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """A pub/sub drop detaches the flights in progress (their fences stay valid); an
+    invalidation of the key then completes; the detached computation's STORE fails (a busy
+    pool): its pre-invalidation value must not be kept for the calls that follow."""
+    cache = Cache(
+        fresh_redis.url, namespace=unique_namespace, max_connections=1, socket_timeout=0.3
+    )
+    store = _store(cache)
+    admin = fresh_redis.client()
+    db = {"v": "v1"}
+    computing, release = threading.Event(), threading.Event()
+
+    @cache.cached(ttl=30, key="doc")
+    def doc() -> str:
+        value = db["v"]
+        if not computing.is_set():
+            computing.set()
+            release.wait(10)
+        return value
+
+    got: list[str] = []
+    leader = threading.Thread(target=lambda: got.append(doc()))
+    leader.start()
+    assert computing.wait(5) and store._listener.ready.wait(5)
+    resets = store._listener.resets
+    admin.client_kill_filter(_type="pubsub")
+    _wait_until(lambda: store._listener.resets != resets)
+    db["v"] = "v2"
+    cache.invalidate("doc")  # deletes the lease (no entry yet)
+    pool = store._conn.sync().connection_pool
+    held = pool.get_connection()  # from now on the store fails: the fallback answers
+    try:
+        release.set()
+        leader.join(10)
+        assert got == ["v1"]  # its own caller gets what it computed
+        assert doc() == "v2"  # never the value from before the invalidation
+    finally:
+        pool.release(held)
+        admin.close()
+        cache.close()
+
+
+def test_a_computation_on_the_failed_path_cannot_land_after_invalidate_tag(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """A read fails (busy pool), the caller computes on the failed path; `invalidate_tag` of
+    one of its tags completes meanwhile: the value must not be kept in the fallback."""
+    cache = Cache(
+        fresh_redis.url, namespace=unique_namespace, max_connections=1, socket_timeout=0.3
+    )
+    store = _store(cache)
+    db = {"v": "v1"}
+    computing, release = threading.Event(), threading.Event()
+
+    @cache.cached(ttl=30, key="doc", tags=["t"])
+    def doc() -> str:
+        value = db["v"]
+        if not computing.is_set():
+            computing.set()
+            release.wait(10)
+        return value
+
+    pool = store._conn.sync().connection_pool
+    store.get(cache.prefix + "warm")  # the one connection exists
+    held = pool.get_connection()
+    got: list[str] = []
+    caller = threading.Thread(target=lambda: got.append(doc()))
+    caller.start()
+    try:
+        assert computing.wait(5)  # its read failed: it computes v1
+    finally:
+        pool.release(held)
+    db["v"] = "v2"
+    assert cache.invalidate_tag("t") == 0  # nothing stored yet; the tag is dropped here too
+    release.set()
+    caller.join(10)
+    assert got == ["v1"]
+    held = pool.get_connection()  # the store fails again
+    try:
+        assert doc() == "v2"
+    finally:
+        pool.release(held)
+        cache.close()

@@ -38,6 +38,8 @@ from coalesce.stores.memory import MemoryStore
 from coalesce.stores.redis.listener import Listener
 from coalesce.values import freeze_entry
 
+_DROPS_KEPT = 10_000  # names whose last drop `Fallback` remembers (see `Fallback.dropped`)
+
 
 class NearCache:
     """Local copies of Redis entries (see the module docstring)."""
@@ -155,10 +157,12 @@ class Fallback:
     again (`clear`): a healthy Redis is always read first. At most `maxsize` entries, least
     recently used evicted first.
 
-    Concurrency contract: `MemoryStore` reads without a lock and writes under its own lock; a
-    fenced `remember` checks the fence under that lock, and every drop takes it too, so an
-    invalidation (fence, then drop) cannot let a computation that began before it land after
-    it. `hits` is a plain counter (approximate under threads).
+    Concurrency contract: `MemoryStore` reads without a lock. A drop records its time per key
+    and tag and drops the copies under `lock`; `remember` checks, under the same `lock`, that
+    no drop of the entry's key or tags came after its computation began (and its fence), then
+    writes: a computation that began before an invalidation of this process can never land
+    after it, even when its flight could no longer be fenced (detached by a pub/sub drop, or
+    computed on the failed path). `hits` is a plain counter (approximate under threads).
     """
 
     def __init__(self, maxsize: int, ttl: float, serializer: Serializer) -> None:
@@ -167,9 +171,27 @@ class Fallback:
         self.serializer = serializer
         self.memory = MemoryStore(maxsize=maxsize)
         self.hits = 0
+        # When this process last dropped a key or a tag ("k:<key>" / "t:<tag>", wall clock),
+        # and before when everything counts as dropped (`floor`): `remember` refuses an entry
+        # whose computation began before a drop of its key or of one of its tags, whether or
+        # not its flight could still be fenced (a flight detached by a pub/sub drop cannot).
+        # Written and read under `lock`, with the drops and `remember`'s write.
+        self.lock = threading.Lock()
+        self.dropped: dict[str, float] = {}
+        self.floor = 0.0
 
     def __len__(self) -> int:
         return len(self.memory)
+
+    def _mark(self, names: list[str]) -> None:
+        """Record a drop of `names` now (caller holds `lock`); bounded by forgetting every
+        name at once and refusing all that began before (`floor`)."""
+        now = time.time()
+        if len(self.dropped) >= _DROPS_KEPT:
+            self.dropped.clear()
+            self.floor = now
+        for name in names:
+            self.dropped[name] = now
 
     def get(self, key: str) -> Entry | None:
         """A fresh copy computed during the outage, or None."""
@@ -185,19 +207,34 @@ class Fallback:
         until = min(entry.fresh_until, now + self.ttl)
         if until <= now:
             return False
-        return self.memory.set(key, local_copy(entry, until, self.serializer), fence=fence)
+        started = entry.created - entry.compute_time
+        copy = local_copy(entry, until, self.serializer)
+        with self.lock:
+            dropped = self.dropped
+            if started <= self.floor or dropped.get("k:" + key, 0.0) >= started:
+                return False
+            if any(dropped.get("t:" + tag, 0.0) >= started for tag in entry.tags):
+                return False
+            return self.memory.set(key, copy, fence=fence)
 
     def forget(self, key: str | None = None, tag: str | None = None) -> None:
-        drop(self.memory, key, tag)
+        with self.lock:
+            self._mark([f"k:{key}"] if key is not None else [])
+            if tag is not None:
+                self._mark([f"t:{tag}"])
+            drop(self.memory, key, tag)
 
     def on_invalidate(self, message: bytes) -> None:
         """An invalidation broadcast by any process: "k:<key>" / "t:<tag>"."""
-        drop_invalidated(self.memory, message)
+        with self.lock:
+            self._mark([message.decode("utf-8", "surrogateescape")])
+            drop_invalidated(self.memory, message)
 
     def clear(self) -> None:
         if len(self.memory):
             self.memory.clear()
 
     def after_fork(self) -> None:
-        """In a forked child: start empty, with a lock of its own."""
+        """In a forked child: start empty, with locks of its own."""
         self.memory = MemoryStore(maxsize=self.maxsize)
+        self.lock = threading.Lock()
