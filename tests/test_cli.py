@@ -7,6 +7,7 @@ line in another, against a real `redis-server` started by the fixtures (`conftes
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import pytest
 from redis_servers import RedisServer, free_port
 
 from coalesce import Cache
-from coalesce.cli_output import human_seconds, one_line, preview
+from coalesce.cli.output import human_seconds, one_line, preview
 from coalesce.entry import Entry
 from coalesce.serialization import encode_entry
 from coalesce.urls import redact
@@ -722,7 +723,7 @@ def test_redis_errors_never_quote_the_password() -> None:
     """The message of a redis-py error is quoted, minus any password of the URL."""
     import redis.exceptions as rex
 
-    from coalesce.cli_remote import describe_redis_error
+    from coalesce.cli.remote import describe_redis_error
 
     url = "redis://ops:pa55word-x@127.0.0.1:1/0"
     line = describe_redis_error(rex.ConnectionError("Error with ops:pa55word-x"), url)
@@ -961,7 +962,8 @@ def test_an_unexpected_exception_is_one_line_and_exit_code_3(
     def broken(args: Any) -> int:
         raise ZeroDivisionError("a bug of ours")
 
-    monkeypatch.setattr(cli, "cmd_keys", broken)
+    # the parser's module (the name `coalesce.cli.main` itself is the function `main`)
+    monkeypatch.setattr(importlib.import_module("coalesce.cli.main"), "cmd_keys", broken)
     monkeypatch.delenv("COALESCE_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exited:
         cli.main(["keys", "--url", "redis://127.0.0.1:1/0"])

@@ -29,7 +29,7 @@ from redis_servers import RedisServer
 
 import coalesce
 from coalesce import Cache, ConfigurationError, KeyBuildError, KeyTemplateError
-from coalesce.cli_output import preview
+from coalesce.cli.output import preview
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    from coalesce.cli_remote import CliError
+    from coalesce.cli.remote import CliError
 
     for name, low, high in (
         ("requests", 1, 1_000_000),
@@ -115,7 +115,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _check_writable(path: str) -> None:
     """A `CliError` now, not after the whole load, if the chart could not be written there."""
-    from coalesce.cli_remote import CliError
+    from coalesce.cli.remote import CliError
 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -124,7 +124,7 @@ def _check_writable(path: str) -> None:
 
 def _import_pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend, or a one-line error saying what to do."""
-    from coalesce.cli_remote import CliError
+    from coalesce.cli.remote import CliError
 
     try:
         matplotlib = importlib.import_module("matplotlib")
@@ -135,7 +135,7 @@ def _import_pyplot() -> Any:
 
 
 def _import_web_stack() -> None:
-    from coalesce.cli_remote import CliError
+    from coalesce.cli.remote import CliError
 
     for module in ("fastapi", "uvicorn", "httpx"):
         try:
@@ -149,7 +149,7 @@ def _import_web_stack() -> None:
 
 def _check_database(database: str) -> None:
     """`sqlite`, or a PostgreSQL server we can reach now (not after the load), with psycopg."""
-    from coalesce.cli_remote import CliError
+    from coalesce.cli.remote import CliError
     from coalesce.demo.app import is_postgres_url
     from coalesce.urls import credentials, redact
 
@@ -182,7 +182,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _import_web_stack()  # before the modules that import it: a missing extra is named
     _check_database(args.database)
 
-    from coalesce.cli_remote import RedisTarget, resolve_url
+    from coalesce.cli.remote import RedisTarget, resolve_url
     from coalesce.demo import report
     from coalesce.demo.app import ROWS
     from coalesce.demo.load import cold_start_plan, request_plan

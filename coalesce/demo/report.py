@@ -195,7 +195,7 @@ def write_plot(pyplot: Any, path: str, phases: Sequence[Phase], database: str = 
     """
     import importlib
 
-    from coalesce.cli_remote import CliError
+    from coalesce.cli.remote import CliError
 
     ticker = importlib.import_module("matplotlib.ticker")
     figure, panels = pyplot.subplots(1, 3, figsize=(13, 4.8))

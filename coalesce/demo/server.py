@@ -113,7 +113,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> ServerProcess:
-        from coalesce.cli_remote import CliError
+        from coalesce.cli.remote import CliError
 
         self._log = tempfile.TemporaryFile("w+")
         self._proc = subprocess.Popen(
@@ -145,7 +145,7 @@ class ServerProcess:
         """Until the app answers (the socket accepts before uvicorn serves), bounded."""
         import httpx
 
-        from coalesce.cli_remote import CliError
+        from coalesce.cli.remote import CliError
 
         deadline = time.monotonic() + START_TIMEOUT
         while True:

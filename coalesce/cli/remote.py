@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from coalesce import Cache, CoalesceError, ConfigurationError, SerializationError
-from coalesce.cli_output import one_line
+from coalesce.cli.output import one_line
 from coalesce.urls import credentials, redact
 
 if TYPE_CHECKING:
