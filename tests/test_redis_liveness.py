@@ -435,3 +435,64 @@ def test_an_invalidation_storm_starves_no_caller(
     # one computation plus a lease handover, with room for a loaded two-core machine (here:
     # at most 0.2 s); without the handover the slowest callers waited 0.75 to 2.3 s
     assert slowest < 8 * COMPUTE, f"slowest caller waited {slowest:.2f} s"
+
+
+def test_a_foreign_value_under_the_failure_marker_is_no_failure(
+    redis_caches: Callable[..., Cache], redis_url: str
+) -> None:
+    """A waiter re-claims with the holder's token to look for its failure marker; a value of
+    another type under that marker key (a hash) is no marker: the waiter takes over when the
+    lease ends, without a store error."""
+    cache = redis_caches(lease_ttl=LEASE_TTL)
+    raw = redis.Redis.from_url(redis_url)
+    holder = "0123456789abcdef0123456789abcdef"
+    raw.set(f"{cache.namespace}:{{k}}:lease", holder, px=300)  # a leader elsewhere
+    raw.hset(f"{cache.namespace}:{{k}}:failed", "x", "1")  # foreign data under the marker
+
+    @cache.cached(ttl=30, key="k")
+    def k() -> int:
+        return 7
+
+    assert k() == 7
+    assert k.stats()["backend_errors"] == 0
+    raw.close()
+
+
+def test_a_fenced_leader_whose_lease_survived_hands_nothing(
+    redis_caches: Callable[..., Cache], redis_url: str
+) -> None:
+    """A leader fenced in its process while its lease survives (here: the invalidation's
+    delete never reached Redis) must not hand its pre-invalidation result to the callers
+    that arrive after the invalidation: they compute afresh."""
+    cache = redis_caches(lease_ttl=2.0)
+    db = {"v": "v1"}
+    computing, release = threading.Event(), threading.Event()
+
+    @cache.cached(ttl=30, key="doc")
+    def doc() -> str:
+        value = db["v"]
+        if not computing.is_set():
+            computing.set()
+            release.wait(WAIT)
+        return value
+
+    got: list[str] = []
+    leader = threading.Thread(target=lambda: got.append(doc()))
+    leader.start()
+    assert computing.wait(WAIT)
+    db["v"] = "v2"
+    cache._fence(cache.prefix + "doc")  # the invalidation fenced it here; Redis never heard
+    later: list[str] = []
+    follower = threading.Thread(target=lambda: later.append(doc()))
+    follower.start()  # arrives after the invalidation: waits on the surviving lease
+    raw = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + WAIT
+    while not raw.exists(f"{cache.namespace}:{{doc}}:waiters"):  # it waits on the lease
+        assert time.monotonic() < deadline, "the follower never waited"
+        time.sleep(0.005)
+    raw.close()
+    release.set()
+    leader.join(WAIT)
+    follower.join(WAIT)
+    assert got == ["v1"]  # the fenced leader answers its own caller
+    assert later == ["v2"]  # never the result computed before the invalidation

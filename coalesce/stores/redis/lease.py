@@ -411,7 +411,7 @@ class LeaseMixin:
                     assert entry is not None
                     return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
-                    check, tokens = False, []
+                    check = False  # the tokens seen stay: a handed entry is still theirs
                     continue
                 if not waited:
                     self.counts["waits"] += 1
@@ -535,7 +535,7 @@ class LeaseMixin:
                     assert entry is not None
                     return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
-                    check, tokens = False, []
+                    check = False  # the tokens seen stay: a handed entry is still theirs
                     continue
                 if not waited:
                     self.counts["waits"] += 1

@@ -140,8 +140,8 @@ if ARGV[8] ~= '' then
   end
 end
 if ARGV[4] ~= '' then
-  local failed = redis.call('GET', KEYS[3])
-  if failed and string.sub(failed, 1, #ARGV[4] + 1) == ARGV[4] .. '|' then
+  local failed = redis.pcall('GET', KEYS[3])  -- a foreign type under it: no marker
+  if type(failed) == 'string' and string.sub(failed, 1, #ARGV[4] + 1) == ARGV[4] .. '|' then
     return {'failed', failed}
   end
 end
@@ -283,23 +283,30 @@ return 0
 )
 
 #: KEYS: lease, waiters, handed. ARGV: token, entry bytes, channel, handed ms.
-#: A leader whose result may not be stored (an invalidation reached it while it computed)
-#: ends its lease if still its own and, when somebody waits, hands the entry to the waiters
-#: instead of storing it: `...:handed` = "<token>|<entry>" (the latest such entry of the
-#: key), announced by the marker `h`. A waiter that saw that token in a `CLAIM` reply takes
-#: it: that computation began after every invalidation the waiter's callers must respect
-#: (any older lease was deleted by them), so an invalidation storm, deleting every lease
-#: before its computation ends, cannot keep waiters from an answer (issue 9, item 1).
+#: A leader whose result may not be stored (an invalidation reached it while it computed):
+#: * its lease was deleted (by that invalidation): when somebody waits, it hands the entry
+#:   to the waiters instead of storing it: `...:handed` = "<token>|<entry>" (the latest such
+#:   entry of the key), announced by the marker `h`. A waiter that saw that token in a
+#:   `CLAIM` reply takes it: that computation began after every invalidation the waiter's
+#:   callers must respect (any older lease was deleted by them), so an invalidation storm,
+#:   deleting every lease before its computation ends, cannot keep waiters from an answer
+#:   (issue 9, item 1). Returns 1.
+#: * its lease is still its own (the invalidation that fenced it in its process did not
+#:   delete it: its DELETE failed, or a Cluster tag invalidation missed a lease recorded
+#:   after the claim): the entry is not handed, since waiters that arrived after that
+#:   invalidation would take it; the lease ends and the waiters are woken to compute
+#:   (`r`). Returns 0.
 HAND = Script.of(
     "hand",
     """
-local ours = redis.call('GET', KEYS[1]) == ARGV[1]
-if ours then redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[3], 'r')
+  return 0
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[4])
   redis.call('PUBLISH', ARGV[3], 'h')
-elseif ours then
-  redis.call('PUBLISH', ARGV[3], 'r')
 end
 return 1
 """,
