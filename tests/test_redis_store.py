@@ -1658,3 +1658,14 @@ async def test_a_glitch_inside_redis_py_is_a_store_failure_but_our_bugs_are_not(
         await conn.acall(client_side["aglitch"])
     with pytest.raises(AttributeError, match="ours"):
         conn.call(our_bug)
+    # redis-py failing inside the standard library it calls (seen on Python 3.12: asyncio's
+    # writelines on a transport another task closed, a TypeError) is redis-py's glitch too
+    exec("def in_stdlib():\n    import json\n    json.loads(None)\n", client_side)
+    with pytest.raises(BackendError, match="TypeError"):
+        conn.call(client_side["in_stdlib"])
+
+    def our_stdlib_bug() -> None:
+        json.loads(None)  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError):
+        conn.call(our_stdlib_bug)

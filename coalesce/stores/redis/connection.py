@@ -480,12 +480,19 @@ def _pool_exhausted(exc: BaseException) -> bool:
 def _raised_in_redis_py(exc: BaseException) -> bool:
     """Whether `exc` (not a `RedisError`) was raised inside redis-py itself: a client glitch
     (seen: redis-py's asyncio cluster using a connection another task had just closed) is a
-    store failure like any other, and must degrade the same way."""
+    store failure like any other, and must degrade the same way.
+
+    The deepest frame of redis-py or of coalesce decides: redis-py may fail inside the
+    standard library it calls (seen: asyncio's `StreamWriter.writelines` on a transport
+    another task closed, a `TypeError`), which is still redis-py's glitch, not our bug."""
+    owner = ""
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.partition(".")[0] in ("redis", "coalesce"):
+            owner = module
         tb = tb.tb_next
-    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
-    return module == "redis" or module.startswith("redis.")
+    return owner.partition(".")[0] == "redis"
 
 
 def check_url(url: str) -> None:
