@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast, overload
 
+from coalesce import decorators
 from coalesce.decorators import (
     AsidePolicy,
     CachedFunction,
@@ -825,6 +826,9 @@ def bind_default(policy: Policy) -> Cache:
         cache.register(policy)
         policy.cache = cache
     return cache
+
+
+decorators.bind_default = bind_default
 
 
 @overload

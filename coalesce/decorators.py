@@ -85,6 +85,12 @@ _count_lock = threading.Lock()  # miss-path counters are exact; hits are counted
 _now = time.time
 
 
+#: How a function without a cache of its own finds one at its first call: the default
+#: cache's binding, set by `coalesce.cache` when it is imported, so that this module needs
+#: no import of it (`coalesce.cache` imports this one).
+bind_default: Callable[[Policy], Cache] | None = None
+
+
 class Policy:
     """Everything decided about one decorated function when it is decorated."""
 
@@ -132,8 +138,7 @@ class Policy:
 
     def bind(self) -> Cache:
         """The cache this function uses; for the default cache, looked up now."""
-        from coalesce.cache import bind_default
-
+        assert bind_default is not None  # coalesce.cache sets it, and the package imports it
         return bind_default(self)
 
     def count_shared(self) -> None:
