@@ -71,6 +71,13 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 #: Connections per pool of the clients we create (sync: one pool; asyncio: one per event
 #: loop; cluster: per node), unless `max_connections` is given.
+try:  # redis-py 7 and later
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    _NO_MAINT_NOTIFICATIONS: Any = MaintNotificationsConfig(enabled=False)
+except ImportError:  # pragma: no cover - older redis-py has no such handshake
+    _NO_MAINT_NOTIFICATIONS = None
+
 DEFAULT_MAX_CONNECTIONS = 50
 
 #: What redis-py's `BlockingConnectionPool` raises when no connection freed up in time.
@@ -207,6 +214,11 @@ class RedisConnection:
             "retry": retry,
         }
         options["max_connections"] = self.max_connections or DEFAULT_MAX_CONNECTIONS
+        if _NO_MAINT_NOTIFICATIONS is not None:
+            # redis-py 7+'s handshake for Redis Enterprise maintenance notifications: nothing
+            # we use, and its asyncio cluster client once failed inside it on a connection
+            # being closed (CI, Python 3.12)
+            options["maint_notifications_config"] = _NO_MAINT_NOTIFICATIONS
         return options
 
     def _make_sync(self) -> SyncClient:
