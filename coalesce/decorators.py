@@ -460,6 +460,11 @@ def _lead(
         failed = entry is STORE_FAILED
     if failed:
         policy.stats.backend_errors += 1
+        # check the fallback again (no I/O): a leader of this process may have just kept an
+        # entry there while this caller's read was failing
+        kept = cache.store.fallback(key) if policy.store else None
+        if kept is not None and kept.fresh_until > _now():
+            return _shareable(cache, policy, kept)
     tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
 
@@ -549,6 +554,11 @@ async def _alead(
         failed = entry is STORE_FAILED
     if failed:
         policy.stats.backend_errors += 1
+        # check the fallback again (no I/O): a leader of this process may have just kept an
+        # entry there while this caller's read was failing
+        kept = cache.store.fallback(key) if policy.store else None
+        if kept is not None and kept.fresh_until > _now():
+            return _shareable(cache, policy, kept)
     tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
 
