@@ -37,10 +37,8 @@ The core then makes the key safe (escapes what is left, bounds its length with a
 from __future__ import annotations
 
 import enum
-import hashlib
 import inspect
 import json
-import re
 import string
 import types
 import typing
@@ -61,29 +59,22 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from coalesce.errors import ConfigurationError
-from coalesce.http import CREDENTIAL_HEADERS, SENSITIVE_HEADERS
+from coalesce.http.keys import (
+    SAFE,
+    encode_text,
+    secret,
+    secret_bytes,
+    secret_header,
+    secret_name,
+)
+from coalesce.http.keys import encode_vary as encode_vary  # kept importable from here
 
 # Printable ASCII that may stay as it is in a key value; everything else is %-encoded.
-_SAFE = "!\"#$'()*+,-./:;<>@[\\]^_`{}~"
 _NOT_IDENTITY = (HTTPConnection, Response, BackgroundTasks, SecurityScopes)
 _NOT_IDENTITY_NAMES = frozenset(
     {"Request", "WebSocket", "HTTPConnection", "Response", "BackgroundTasks", "SecurityScopes"}
 )
 REQUIRED = object()
-# Parameter names whose values are secrets (`secret_name`): whole words, and stems.
-_SECRET_WORDS = frozenset({"key", "sig", "auth", "pwd", "sid", "jwt", "otp"})
-_SECRET_STEMS = (
-    "token",
-    "secret",
-    "passw",
-    "signature",
-    "session",
-    "apikey",
-    "credential",
-    "cookie",
-)
-_WORD_SPLIT = re.compile(r"[^a-z0-9]+")
-_CREDENTIAL_HEADER_NAMES: dict[bytes, str | None] = {}  # see `credential_header`
 
 
 @dataclass(frozen=True)
@@ -180,53 +171,10 @@ def header_params(sig: inspect.Signature) -> dict[str, str]:
     return found
 
 
-def secret_name(name: str) -> bool:
-    """Whether a parameter's name says its value is a secret: one of its words is `key`,
-    `sig`, `auth`, `pwd`, `sid`, `jwt` or `otp`, or it holds `token`, `secret`, `passw`,
-    `signature`, `session`, `apikey`, `credential` or `cookie` (`api_token`, `X-Api-Key`,
-    `sessionid`, `signature`; not `keyword` nor `monkey`)."""
-    lowered = name.lower()
-    if any(part in _SECRET_WORDS for part in _WORD_SPLIT.split(lowered)):
-        return True
-    return any(stem in lowered for stem in _SECRET_STEMS)
-
-
-def credential_header(name: bytes) -> str | None:
-    """The name of a raw request header if it carries a credential, else None: the
-    `CREDENTIAL_HEADERS` (`authorization`, `cookie`) and any header `secret_header` names
-    (`x-api-key`, `x-auth-token`...), which an authentication middleware may read without
-    the route declaring it. Remembered per name (at most 4096 names, then forgotten)."""
-    if name in _CREDENTIAL_HEADER_NAMES:
-        return _CREDENTIAL_HEADER_NAMES[name]
-    text = name.decode("latin-1").lower()
-    known = text if text in CREDENTIAL_HEADERS or secret_header(text) else None
-    if len(_CREDENTIAL_HEADER_NAMES) >= 4096:
-        _CREDENTIAL_HEADER_NAMES.clear()
-    _CREDENTIAL_HEADER_NAMES[name] = known
-    return known
-
-
-def secret_header(name: str) -> bool:
-    """Whether a request header's values are secrets (hashed in keys): `Authorization`,
-    `Cookie`, `Proxy-Authorization`, or a name that says so (`X-API-Key`, `X-Auth-Token`)."""
-    return name in SENSITIVE_HEADERS or secret_name(name)
-
-
-def secret(text: str) -> str:
-    """How a secret value appears in a key: `#` + 32 hex digits of its SHA-256."""
-    return secret_bytes(text.encode("utf-8", "surrogatepass"))
-
-
-def secret_bytes(data: bytes) -> str:
-    return "#" + hashlib.sha256(data).hexdigest()[:32]
-
-
 def encode_value(value: Any) -> str:
     """One parameter value as key text (see the module docstring)."""
     if isinstance(value, str):
-        if value.isalnum() and value.isascii():  # the common case, and nothing to escape
-            return value
-        return quote(value, safe=_SAFE)
+        return encode_text(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -236,7 +184,7 @@ def encode_value(value: Any) -> str:
     data = json.dumps(
         jsonable_encoder(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    return quote(data, safe=_SAFE)
+    return quote(data, safe=SAFE)
 
 
 def _encode_param(label: str, value: Any, sensitive: bool, parts: list[str]) -> None:
@@ -264,38 +212,6 @@ def encode_params(identity: Sequence[IdentityParam], values: Mapping[str, Any]) 
     for param in identity:
         _encode_param(param.name, values.get(param.name), param.sensitive, parts)
     return "&".join(parts)
-
-
-def encode_vary(names: Sequence[str], headers: Mapping[str, str]) -> str:
-    """The header part of a key: `|name=value` per `vary` header (names lower-case).
-
-    A header sent on several lines counts with all its lines, joined by commas (RFC 9110
-    5.3), when `headers` can tell them apart (Starlette's `Headers.getlist`).
-    """
-    getlist = getattr(headers, "getlist", None)
-    parts: list[str] = []
-    for name in names:
-        if getlist is not None:
-            lines = getlist(name)
-            value = ",".join(lines) if lines else None
-        else:
-            value = headers.get(name)
-        if value is None:
-            parts.append(f"|{name}")
-        elif secret_header(name):
-            parts.append(f"|{name}={secret(value)}")
-        else:
-            parts.append(f"|{name}={quote(value, safe=_SAFE)}")
-    return "".join(parts)
-
-
-def encode_origin(scheme: str, host: str | None) -> str:
-    """`scheme://host` of a request's target URI (RFC 9110 7.1), host lower-case and escaped:
-    the `Host` header is the client's to choose."""
-    text = (host or "").lower()
-    if not (text.isascii() and text.replace(".", "").replace(":", "").replace("-", "").isalnum()):
-        text = quote(text, safe="")
-    return f"{scheme}://{text}"
 
 
 def bind_identity(

@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 from fastapi import HTTPException, Request
 from fastapi.responses import Response
@@ -44,7 +44,6 @@ from starlette.concurrency import run_in_threadpool
 
 import coalesce
 from coalesce import Cache, CoalesceError, ConfigurationError, LeaderFailedError, get_cache
-from coalesce.decorators import check_seconds
 from coalesce.errors import BackendError
 from coalesce.fastapi.keys import (
     NO_INPUTS,
@@ -52,21 +51,16 @@ from coalesce.fastapi.keys import (
     RouteInputs,
     analyse,
     bind_identity,
-    credential_header,
     encode_inputs,
-    encode_origin,
     encode_params,
     encode_value,
-    encode_vary,
     header_params,
     resolved_signature,
     route_inputs,
-    secret,
-    secret_header,
     template_carries_identity,
     template_fields,
 )
-from coalesce.fastapi.metrics import REGISTRY, MetricsRegistry, RouteMetrics
+from coalesce.fastapi.metrics import MetricsRegistry, RouteMetrics
 from coalesce.fastapi.render import (
     NotShared,
     Responder,
@@ -85,8 +79,15 @@ from coalesce.http import (
     STALE,
     cache_status,
     client_wants_fresh,
-    is_token,
 )
+from coalesce.http.keys import (
+    credential_header,
+    encode_origin,
+    encode_vary,
+    secret,
+    secret_header,
+)
+from coalesce.http.options import check_options, refuse
 
 logger = logging.getLogger("coalesce.fastapi")
 
@@ -205,42 +206,6 @@ def _raw(fn: Callable[..., Any], template: str) -> Callable[..., str]:
     return template.format
 
 
-def _refuse(message: str) -> NoReturn:
-    raise ConfigurationError(message)
-
-
-def _flag(name: str, value: Any) -> bool:
-    """`value` if it is a bool: a string such as `"false"` would read as true."""
-    if not isinstance(value, bool):
-        _refuse(f"{name} must be True or False, not {value!r}")
-    return value
-
-
-def _texts(name: str, value: Any, what: str) -> tuple[str, ...]:
-    """`value` as a tuple of strings: a list or tuple of them, never one string (which would
-    be read character by character)."""
-    if (
-        isinstance(value, (str, bytes, bytearray))
-        or not isinstance(value, Sequence)
-        or not all(isinstance(item, str) for item in value)
-    ):
-        _refuse(f"{name} must be a list of {what}, not {value!r}")
-    return tuple(value)
-
-
-def _header_names(value: Any) -> tuple[str, ...]:
-    """The `vary` header names, lower-case; each must be an RFC 9110 token, as it is sent
-    in the `Vary` header of every response."""
-    names = tuple(n.strip().lower() for n in _texts("vary", value, "header names"))
-    for name in names:
-        if not is_token(name):
-            _refuse(
-                f"vary: {name!r} is not an HTTP header name (an RFC 9110 token: ASCII "
-                "letters, digits and !#$%&'*+-.^_`|~)"
-            )
-    return names
-
-
 class CachedRoute:
     """Everything decided about one decorated handler when it is decorated."""
 
@@ -261,25 +226,26 @@ class CachedRoute:
         registry: MetricsRegistry | None,
     ) -> None:
         if not callable(fn):
-            _refuse(f"@{'cached' if store else 'coalesced'} decorates a handler, not {fn!r}")
+            refuse(f"@{'cached' if store else 'coalesced'} decorates a handler, not {fn!r}")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise ConfigurationError(
                 f"{fn.__qualname__} streams its response (a generator): it cannot be cached"
             )
-        # checked now (the core's rule): every response's Cache-Control is computed from them
-        ttl = check_seconds("ttl", ttl, allow_none=True)
-        stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
-        if key is not None and not isinstance(key, str):
-            _refuse(f"key must be a template string such as 'item:{{item_id}}', not {key!r}")
-        vary = _header_names(vary)
-        tags = _texts("tags", tags, "tag templates such as ['item:{item_id}']")
-        shared = _flag("shared", shared)
-        cache_4xx = _flag("cache_4xx", cache_4xx)
-        honor_client_no_cache = _flag("honor_client_no_cache", honor_client_no_cache)
-        if cache is not None and not isinstance(cache, Cache):
-            raise ConfigurationError(f"cache must be a coalesce.Cache, not {cache!r}")
-        if registry is not None and not isinstance(registry, MetricsRegistry):
-            _refuse(f"registry must be a coalesce.fastapi.MetricsRegistry, not {registry!r}")
+        options = check_options(
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            key=key,
+            vary=vary,
+            tags=tags,
+            shared=shared,
+            cache_4xx=cache_4xx,
+            honor_client_no_cache=honor_client_no_cache,
+            cache=cache,
+            registry=registry,
+        )
+        ttl, stale_ttl, vary, tags = options.ttl, options.stale_ttl, options.vary, options.tags
+        shared, cache_4xx = options.shared, options.cache_4xx
+        honor_client_no_cache = options.honor_client_no_cache
         self.fn = fn
         self.name = f"{fn.__module__}.{fn.__qualname__}"
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -291,7 +257,7 @@ class CachedRoute:
         self.cache_4xx = cache_4xx
         self.honor_no_cache = honor_client_no_cache
         self.shared = shared
-        self.registry = REGISTRY if registry is None else registry
+        self.registry = options.registry
         self.vary = vary
         # Key and tag templates render the raw text: the core escapes it once, as it stores
         # it (`normal`, and the tags of `inner`), so `coalesce get 'feed:a b'` finds it.

@@ -22,8 +22,8 @@ import fastapi.routing
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from coalesce import get_cache
-from coalesce.fastapi.keys import credential_header
 from coalesce.http import HIT
+from coalesce.http.keys import credential_header
 
 if TYPE_CHECKING:
     from coalesce.fastapi.route import CachedRoute, ServedRoute

@@ -1,7 +1,8 @@
 """HTTP caching semantics as pure functions: ETag, If-None-Match, Cache-Control, Age, X-Cache.
 
-Nothing here does I/O or knows about FastAPI: every decision the FastAPI edge makes about
-headers is a function of its inputs, tested directly (`tests/test_http.py`). The rules
+Nothing here does I/O or knows about a web framework: every decision the edges (FastAPI,
+Starlette, Flask, Django) make about headers is a function of its inputs, tested directly
+(`tests/test_http.py`). The rules
 follow RFC 9110 (conditional requests) and RFC 9111 / RFC 5861 (caching):
 
 * The ETag of a cached response is strong, quoted and derived from the body only:
