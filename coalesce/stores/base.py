@@ -85,13 +85,25 @@ class Store(ABC):
 
     @abstractmethod
     def fill(
-        self, key: str, compute: Callable[[], Entry], *, fence: Fence, tags: tuple[str, ...] = ()
+        self,
+        key: str,
+        compute: Callable[[], Entry],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
+        refresh: bool = False,
     ) -> Entry:
         """Compute the entry for `key` once across everyone sharing this store, and store it.
 
         `tags` are the full tag names the entry will carry, known before it is computed: a
         shared store makes an invalidation of one of them during the computation fence it,
         as an invalidation of the key does.
+
+        `refresh=True`: the caller holds a fresh entry and wants it recomputed early
+        (probabilistic early expiration). A stored entry does not answer the call then; but
+        when somebody sharing the store is already computing the key, a shared store
+        returns the stored entry at once, neither computing nor waiting (or, when nothing
+        is stored any more, waits as for a miss). A store not shared just computes.
         """
 
     @abstractmethod
@@ -114,6 +126,7 @@ class Store(ABC):
         *,
         fence: Fence,
         tags: tuple[str, ...] = (),
+        refresh: bool = False,
     ) -> Entry: ...
 
     @abstractmethod

@@ -1,6 +1,6 @@
 """The Redis store's cross-process single-flight: claim a lease, wait for it, or lead.
 
-This is the write half of `RedisStore`, kept apart from the read half (`redis.py`) so that
+This is the write half of `RedisStore`, kept apart from the read half (`store`) so that
 the lease protocol can be read in one place. The steps (the scripts are in `scripts`):
 
 1. Register with the listener for the key's wake-ups *first*, then `CLAIM`: one script that
@@ -23,6 +23,13 @@ the lease protocol can be read in one place. The steps (the scripts are in `scri
    (`HAND`, or the refused `STORE`): each waiter remembers every lease token it saw, and its
    next `CLAIM` returns that result to it, so an invalidation storm cannot starve it.
 4. A foreign lease (not one of our tokens, or without a sane expiry) gets one lease time.
+
+Early refresh (`fill(..., refresh=True)`): the caller holds a fresh entry and wants it
+recomputed before it expires. Its first `CLAIM` takes a free lease whatever is stored, and
+the leader computes and stores as above (fenced the same way). When the lease is held,
+somebody is refreshing already: `CLAIM` reports the stored entry and the caller returns it
+at once, neither computing nor waiting. Only when nothing is stored any more does it wait,
+as on a miss.
 
 Tags fence too. `fill` is given the full tag names of the entry it will compute; the caller
 that takes the lease records the key in those tags' sets at once (score: the lease's expiry,
@@ -57,6 +64,9 @@ from coalesce.stores.redis.listener import AsyncWaiter, Listener, ThreadWaiter
 from coalesce.stores.redis.near import NearCache
 from coalesce.stores.redis.scripts import (
     CLAIM,
+    CLAIM_CHECK,
+    CLAIM_ONLY,
+    CLAIM_REFRESH,
     FAIL,
     HAND,
     PUSH_MAX,
@@ -327,12 +337,11 @@ class LeaseMixin:
         return keys if self.cluster else keys + tag_keys  # cluster: `_claim_tags`
 
     def _claim_args(
-        self, key: str, token: str, check: bool, seen: str, tokens: list[str]
+        self, key: str, token: str, mode: str, seen: str, tokens: list[str]
     ) -> list[Any]:
         now = int(time.time() * 1000)
-        check_entry = "1" if check else "0"
         until = now + self.lease_ms
-        return [token, self.lease_ms, check_entry, seen, key, until, now, " ".join(tokens)]
+        return [token, self.lease_ms, mode, seen, key, until, now, " ".join(tokens)]
 
     def _claim_tags(self, lease: Lease) -> tuple[list[str], list[Any]] | None:
         """On a cluster: the tag sets a new leader records its key in right after `CLAIM`,
@@ -385,9 +394,16 @@ class LeaseMixin:
         return _WAIT, None, holder, wait
 
     def fill(
-        self, key: str, compute: Callable[[], Entry], *, fence: Fence, tags: tuple[str, ...] = ()
+        self,
+        key: str,
+        compute: Callable[[], Entry],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
+        refresh: bool = False,
     ) -> Entry:
-        """Compute `key` once across all processes sharing this Redis (see the module doc)."""
+        """Compute `key` once across all processes sharing this Redis (see the module doc);
+        `refresh`: early, unless somebody already does (then the stored entry, at once)."""
         k = Keys(self._layout, key)
         token = secrets.token_hex(16)
         lease = Lease(key, k.lease, token, [self._layout.tag(tag) for tag in tags])
@@ -396,13 +412,14 @@ class LeaseMixin:
         self._listener.start()
         self._listener.add(key, waiter)  # subscribe first ...
         try:
-            check, seen, waited = True, "", False  # the first claim checks the entry too
+            # the first claim checks the entry too (or refreshes it early)
+            mode, seen, waited = CLAIM_REFRESH if refresh else CLAIM_CHECK, "", False
             tokens: list[str] = []  # every lease seen: their results are good for our callers
             while True:
                 waiter.arm()
                 subscribed = self._listener.ready.is_set()
                 reply = self._conn.script(
-                    CLAIM, claim_keys, self._claim_args(key, token, check, seen, tokens)
+                    CLAIM, claim_keys, self._claim_args(key, token, mode, seen, tokens)
                 )  # ... then check
                 step, entry, holder, wait = self._claim_step(key, reply)
                 if step == _LEAD:
@@ -411,12 +428,12 @@ class LeaseMixin:
                     assert entry is not None
                     return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
-                    check = False  # the tokens seen stay: a handed entry is still theirs
+                    mode = CLAIM_ONLY  # the tokens seen stay: a handed entry is still theirs
                     continue
                 if not waited:
                     self.counts["waits"] += 1
                     waited = True
-                seen, check = holder, True
+                seen, mode = holder, CLAIM_CHECK
                 if holder and holder not in tokens:
                     tokens.append(holder)
                 if not subscribed:  # the first wait of this store: make sure pushes arrive
@@ -510,6 +527,7 @@ class LeaseMixin:
         *,
         fence: Fence,
         tags: tuple[str, ...] = (),
+        refresh: bool = False,
     ) -> Entry:
         """`fill` for asyncio: the same steps, awaiting (compare side by side)."""
         k = Keys(self._layout, key)
@@ -520,13 +538,14 @@ class LeaseMixin:
         self._listener.start()
         self._listener.add(key, waiter)  # subscribe first ...
         try:
-            check, seen, waited = True, "", False  # the first claim checks the entry too
+            # the first claim checks the entry too (or refreshes it early)
+            mode, seen, waited = CLAIM_REFRESH if refresh else CLAIM_CHECK, "", False
             tokens: list[str] = []  # every lease seen: their results are good for our callers
             while True:
                 waiter.arm()
                 subscribed = self._listener.ready.is_set()
                 reply = await self._conn.ascript(
-                    CLAIM, claim_keys, self._claim_args(key, token, check, seen, tokens)
+                    CLAIM, claim_keys, self._claim_args(key, token, mode, seen, tokens)
                 )  # ... then check
                 step, entry, holder, wait = self._claim_step(key, reply)
                 if step == _LEAD:
@@ -535,12 +554,12 @@ class LeaseMixin:
                     assert entry is not None
                     return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
-                    check = False  # the tokens seen stay: a handed entry is still theirs
+                    mode = CLAIM_ONLY  # the tokens seen stay: a handed entry is still theirs
                     continue
                 if not waited:
                     self.counts["waits"] += 1
                     waited = True
-                seen, check = holder, True
+                seen, mode = holder, CLAIM_CHECK
                 if holder and holder not in tokens:
                     tokens.append(holder)
                 if not subscribed:  # the first wait of this store: make sure pushes arrive

@@ -42,6 +42,9 @@ import msgpack  # type: ignore[import-untyped]
 
 __all__ = [
     "CLAIM",
+    "CLAIM_CHECK",
+    "CLAIM_ONLY",
+    "CLAIM_REFRESH",
     "DELETE",
     "FAIL",
     "HAND",
@@ -61,6 +64,9 @@ __all__ = [
 
 #: Entries up to this many bytes travel in the wake-up message itself (see the module doc).
 PUSH_MAX = 64 * 1024
+
+#: The modes of `CLAIM` (its ARGV[3]): check the entry first, only claim, refresh early.
+CLAIM_CHECK, CLAIM_ONLY, CLAIM_REFRESH = "1", "0", "r"
 
 
 @dataclass(frozen=True)
@@ -101,16 +107,20 @@ local function add_tag(tagkey, member, score, now, raise_only)
 end
 """
 
-#: KEYS: entry, lease, failed, waiters, handed, tag sets... ARGV: token, lease ms, check entry
-#: ("1"/"0"), seen lease token, member (full key), lease expiry (ms, the tag score), now ms,
-#: every lease token this caller has seen (space-separated, "" for none).
+#: KEYS: entry, lease, failed, waiters, handed, tag sets... ARGV: token, lease ms, mode
+#: (`CLAIM_CHECK` "1", `CLAIM_ONLY` "0", `CLAIM_REFRESH` "r"), seen lease token, member (full
+#: key), lease expiry (ms, the tag score), now ms, every lease token this caller has seen
+#: (space-separated, "" for none).
 #: Returns {"entry", bytes} | {"handed", bytes} | {"failed", marker} | {"lease", ""} |
 #: {"wait", holder, pttl}. "handed": the entry computed under one of the seen leases, which
 #: could not be stored (an invalidation came after that computation began), see `HAND`.
-#: With "check entry" it reports the entry (fresh or not: the caller decides, and claims again
-#: without the check when it is not) before anything else, so a leader's first claim is also
+#: Mode "1" (check) reports the entry (fresh or not: the caller decides, and claims again
+#: with mode "0" when it is not) before anything else, so a leader's first claim is also
 #: its check again: an entry stored just before it is found, never computed twice. A value
 #: of another type under the entry's name is reported as unreadable bytes (a miss).
+#: Mode "r" (early refresh: the caller holds a fresh entry and wants it recomputed) takes a
+#: free lease whatever is stored; when the lease is held (somebody refreshes already) it
+#: reports the stored entry instead of waiting, and waits as mode "0" when there is none.
 #: The failure marker is reported only to a waiter that saw the failed leader's token, so a
 #: caller arriving after a failure computes afresh instead of inheriting the error. A caller
 #: told to wait also flags the lease as waited for, so that its `STORE` pushes the entry.
@@ -159,6 +169,10 @@ end
 if pttl < 0 or pttl > ms * 100 or (holder == '' and pttl > ms) then
   redis.call('PEXPIRE', KEYS[2], ms)  -- a foreign lease: over within one lease time
   pttl = ms
+end
+if ARGV[3] == 'r' then
+  local value = redis.pcall('GET', KEYS[1])
+  if type(value) == 'string' then return {'entry', value} end  -- somebody refreshes it
 end
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
 return {'wait', holder, pttl}

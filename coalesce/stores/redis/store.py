@@ -12,7 +12,9 @@ The paths, in the order of their cost:
   process share that `GET`; each caller decodes the shared bytes itself, so callers never
   share a mutable value. With a near cache (`local_maxsize=`), a hit costs no I/O at all.
 * miss (`fill`): the cache has already made sure one caller per key and process gets here.
-  One `CLAIM` script either takes the lease or names its holder. The lease holder (the
+  One `CLAIM` script reads the entry again (one stored since the caller's `GET` is the
+  answer) and either takes the lease or names its holder: a miss is three round trips,
+  `GET`, `CLAIM`, `STORE` (tests/test_redis_miss_path.py counts them). The lease holder (the
   leader) computes, renewing the lease every `lease_ttl / 3` from the store's renewer thread
   (sync) or a task (async), then one `STORE` script writes the entry *only if the lease is
   still its own*, ends the lease and publishes a wake-up, which carries the entry itself when
@@ -23,6 +25,9 @@ The paths, in the order of their cost:
   is the answer, with no further round trip; any other wake-up means `CLAIM` again. When the
   lease vanished without an entry (the leader died, or was fenced), `CLAIM` hands it to
   exactly one of them. Nobody polls in a tight loop.
+* early refresh (`fill(..., refresh=True)`, the caller holds a fresh entry): `CLAIM` takes a
+  free lease whatever is stored; when somebody holds it already, it returns the stored entry
+  and the caller neither computes nor waits (see `lease`).
 * leader failure: a short-lived marker `...:failed` holds the lease token, exception type and
   message; waiters that waited for that lease raise `LeaderFailedError` at once. A caller
   arriving later never sees it (it did not wait for that token) and computes afresh.
