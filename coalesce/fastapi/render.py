@@ -26,20 +26,12 @@ from fastapi.routing import serialize_response
 
 from coalesce.http import MISS, personal
 from coalesce.http.render import NotShared as NotShared  # kept importable from here
-from coalesce.http.render import RawHeaders, entry_from, own_cache_control
 from coalesce.http.render import Responder as BaseResponder
+from coalesce.http.render import entry_from, own_cache_control
+from coalesce.starlette import IO
+from coalesce.starlette import RawResponse as RawResponse  # kept importable from here
 
 _DUMP_JSON = "dump_json" in inspect.signature(serialize_response).parameters
-
-
-class RawResponse(Response):
-    """A response from parts already encoded: a hit builds nothing it can reuse."""
-
-    def __init__(self, status_code: int, body: bytes, raw_headers: RawHeaders) -> None:
-        self.status_code = status_code
-        self.body = body
-        self.raw_headers = raw_headers
-        self.background = None
 
 
 def own_response(response: Response, *, private: bool) -> Response:
@@ -107,17 +99,8 @@ def entry_of(
     `cache_4xx`; anything on a route that does not store) may still be shared by the requests
     of its flight: `NotShared(rendered)`.
     """
-    body = getattr(response, "body", None)
-    # names lower-cased (as Starlette writes them; a handler may append others to raw_headers)
-    headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in response.raw_headers]
-    return entry_from(
-        response.status_code,
-        headers,
-        body if isinstance(body, bytes) else None,  # a streaming response: nothing to keep
-        ttl=ttl,
-        store=store,
-        cache_4xx=cache_4xx,
-    )
+    status, headers, body = IO.render(response)  # body None: a stream, nothing to keep
+    return entry_from(status, headers, body, ttl=ttl, store=store, cache_4xx=cache_4xx)
 
 
 def exception_entry(exc: HTTPException, *, ttl: float | None) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 from urllib.parse import quote
 
 from coalesce.http.headers import CREDENTIAL_HEADERS, SENSITIVE_HEADERS
@@ -103,7 +104,13 @@ def encode_text(value: str) -> str:
     return quote(value, safe=SAFE)
 
 
-def encode_vary(names: Sequence[str], headers: Mapping[str, str]) -> str:
+class HeaderLookup(Protocol):
+    """Request headers by lower-case name (Starlette's `Headers`, a dict, `RequestHeaders`)."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+
+def encode_vary(names: Sequence[str], headers: HeaderLookup) -> str:
     """The header part of a key: `|name=value` per `vary` header (names lower-case).
 
     A header sent on several lines counts with all its lines, joined by commas (RFC 9110

@@ -1,0 +1,404 @@
+"""`coalesce.starlette.cached` on real Starlette apps, through Starlette's TestClient and
+httpx's ASGI transport (no mocks): keys, the credentials rule, headers, 304, invalidation,
+metrics and coalescing of concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+from coalesce import Cache, ConfigurationError, KeyTemplateError
+from coalesce.http.metrics import MetricsRegistry
+from coalesce.starlette import cached
+
+GATE_TIMEOUT = 10.0
+
+
+class CountArrivals:
+    """Pure ASGI middleware: counts requests per path as they enter, and wakes the ones
+    waiting for a number of arrivals (no await between here and the cached endpoint)."""
+
+    def __init__(self, app: Any, owner: App) -> None:
+        self.app = app
+        self.owner = owner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.owner.arrived[scope["path"]] += 1
+            if self.owner.arrived[scope["path"]] >= self.owner.hold_for:
+                self.owner.all_arrived.set()
+        await self.app(scope, receive, send)
+
+
+class App:
+    """A Starlette app whose cached endpoints count their runs."""
+
+    def __init__(self, cache: Cache | None = None) -> None:
+        self.cache = cache or Cache()
+        self.registry = MetricsRegistry()
+        self.calls: Counter[str] = Counter()
+        self.arrived: Counter[str] = Counter()
+        self.hold_for = 0
+        self.all_arrived = asyncio.Event()
+        options: dict[str, Any] = {"cache": self.cache, "registry": self.registry}
+
+        @cached(ttl=60, **options)
+        async def item(request: Request) -> Response:
+            self.calls["item"] += 1
+            return JSONResponse(
+                {
+                    "item": request.path_params["item_id"],
+                    "query": sorted(request.query_params.multi_items()),
+                    "run": self.calls["item"],
+                }
+            )
+
+        @cached(ttl=60, vary=["authorization"], **options)
+        async def me(request: Request) -> Response:
+            self.calls["me"] += 1
+            return JSONResponse({"user": request.headers.get("authorization")})
+
+        @cached(ttl=60, **options)
+        async def whoami(request: Request) -> Response:  # reads a credential it does not vary on
+            self.calls["whoami"] += 1
+            user = request.headers.get("authorization") or request.cookies.get("user")
+            return JSONResponse({"user": user})
+
+        @cached(ttl=60, shared=True, **options)
+        async def banner(request: Request) -> Response:
+            self.calls["banner"] += 1
+            return PlainTextResponse("the same for everyone")
+
+        @cached(ttl=60, **options)
+        async def login(request: Request) -> Response:
+            self.calls["login"] += 1
+            response = PlainTextResponse(f"welcome {self.calls['login']}")
+            response.set_cookie("session", f"s{self.calls['login']}")
+            return response
+
+        @cached(ttl=60, **options)
+        async def nostore(request: Request) -> Response:
+            self.calls["nostore"] += 1
+            return PlainTextResponse("fresh", headers={"cache-control": "no-store"})
+
+        @cached(ttl=60, **options)
+        async def own_control(request: Request) -> Response:
+            self.calls["own_control"] += 1
+            return PlainTextResponse("x", headers={"cache-control": "no-cache"})
+
+        @cached(ttl=60, key="product:{product_id}", tags=["products"], **options)
+        async def product(request: Request) -> Response:
+            self.calls["product"] += 1
+            return JSONResponse({"product": request.path_params["product_id"]})
+
+        @cached(ttl=60, **options)
+        async def missing(request: Request) -> Response:
+            self.calls["missing"] += 1
+            return PlainTextResponse("no such thing", status_code=404)
+
+        @cached(ttl=60, cache_4xx=True, **options)
+        async def gone(request: Request) -> Response:
+            self.calls["gone"] += 1
+            return PlainTextResponse("gone", status_code=410)
+
+        @cached(ttl=60, **options)
+        async def stream(request: Request) -> Response:
+            self.calls["stream"] += 1
+
+            async def chunks() -> Any:
+                yield b"a"
+                yield b"b"
+
+            return StreamingResponse(chunks())
+
+        @cached(ttl=60, **options)
+        def sync_page(request: Request) -> Response:  # a sync endpoint: Starlette's threads
+            self.calls["sync"] += 1
+            return PlainTextResponse(f"sync {self.calls['sync']}")
+
+        @cached(ttl=60, **options)
+        async def slow(request: Request) -> Response:
+            self.calls["slow"] += 1
+            await asyncio.wait_for(self.all_arrived.wait(), GATE_TIMEOUT)
+            return JSONResponse({"name": request.path_params["name"]})
+
+        @cached(ttl=60, **options)
+        async def write(request: Request) -> Response:
+            self.calls["write"] += 1
+            return PlainTextResponse(f"write {self.calls['write']}")
+
+        self.item, self.product, self.slow = item, product, slow
+        self.app = Starlette(
+            routes=[
+                Route("/items/{item_id:int}", item),
+                Route("/me", me),
+                Route("/whoami", whoami),
+                Route("/banner", banner),
+                Route("/login", login),
+                Route("/nostore", nostore),
+                Route("/own-control", own_control),
+                Route("/products/{product_id}", product),
+                Route("/missing", missing),
+                Route("/gone", gone),
+                Route("/stream", stream),
+                Route("/sync", sync_page),
+                Route("/slow/{name}", slow),
+                Route("/write", write, methods=["GET", "POST"]),
+                Mount("/api", routes=[Route("/items/{item_id:int}", item)]),
+            ]
+        )
+        self.asgi = CountArrivals(self.app, self)
+
+
+@pytest.fixture
+def target() -> App:
+    return App()
+
+
+@pytest.fixture
+def client(target: App) -> Iterator[TestClient]:
+    with TestClient(target.asgi, base_url="http://shop.example") as test_client:
+        yield test_client
+
+
+def test_a_miss_then_hits_with_the_caching_headers(target: App, client: TestClient) -> None:
+    first = client.get("/items/3")
+    second = client.get("/items/3")
+    assert first.json() == second.json() == {"item": 3, "query": [], "run": 1}
+    assert target.calls["item"] == 1
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert first.headers["cache-control"] == "public, max-age=60"
+    assert first.headers["vary"] == "Authorization, Cookie"
+    assert first.headers["etag"] == second.headers["etag"]
+    assert second.headers["age"] == "0"
+    assert second.headers["content-type"] == "application/json"
+    assert second.headers["content-length"] == str(len(second.content))
+    stats = target.item.stats()
+    assert stats["/items/{item_id:int}"]["hits"] == 1
+    assert stats["/items/{item_id:int}"]["computations"] == 1
+
+
+def test_the_query_is_in_the_key_in_any_order(target: App, client: TestClient) -> None:
+    a = client.get("/items/3?b=2&a=1")
+    b = client.get("/items/3?a=1&b=2")
+    c = client.get("/items/3?a=1&b=3")
+    d = client.get("/items/4?a=1&b=2")
+    assert (a.headers["x-cache"], b.headers["x-cache"]) == ("MISS", "HIT")
+    assert c.headers["x-cache"] == "MISS" and c.json()["query"] == [["a", "1"], ["b", "3"]]
+    assert d.headers["x-cache"] == "MISS" and d.json()["item"] == 4
+    assert target.calls["item"] == 3
+
+
+def test_the_host_and_the_mount_are_in_the_key(target: App, client: TestClient) -> None:
+    client.get("/items/3")
+    other = client.get("/items/3", headers={"host": "evil.example"})
+    mounted = client.get("/api/items/3")
+    assert other.headers["x-cache"] == "MISS" and mounted.headers["x-cache"] == "MISS"
+    assert target.calls["item"] == 3
+    assert set(target.registry.snapshot()["routes"]) == {
+        "/items/{item_id:int}",
+        "/api/items/{item_id:int}",
+    }
+
+
+def test_two_users_never_see_each_others_response(target: App, client: TestClient) -> None:
+    for _ in range(2):
+        alice = client.get("/me", headers={"authorization": "Bearer alice"})
+        bob = client.get("/me", headers={"authorization": "Bearer bob"})
+        assert alice.json() == {"user": "Bearer alice"}
+        assert bob.json() == {"user": "Bearer bob"}
+        assert alice.headers["cache-control"] == "private, max-age=60"
+        assert bob.headers["vary"] == "Authorization, Cookie"
+    assert target.calls["me"] == 2  # one entry per user, each computed once
+    assert alice.headers["x-cache"] == bob.headers["x-cache"] == "HIT"
+    anonymous = client.get("/me")
+    assert anonymous.json() == {"user": None}
+
+
+def test_a_credential_outside_the_key_bypasses(target: App, client: TestClient) -> None:
+    seen = []
+    for who in ("alice", "bob", "alice"):
+        response = client.get("/whoami", headers={"authorization": who})
+        seen.append(response.json()["user"])
+        assert response.headers["x-cache"] == "BYPASS"
+        assert response.headers["cache-control"] == "private"
+        assert response.headers["vary"] == "Authorization, Cookie"
+    client.cookies.set("user", "carol")
+    cookie = client.get("/whoami")
+    client.cookies.clear()
+    api_key = client.get("/whoami", headers={"x-api-key": "k1"})
+    assert seen == ["alice", "bob", "alice"] and cookie.json()["user"] == "carol"
+    assert cookie.headers["x-cache"] == api_key.headers["x-cache"] == "BYPASS"
+    assert target.calls["whoami"] == 5
+    assert target.cache.keys() == []  # nothing of theirs was stored
+    # without credentials the view is cached as usual
+    assert client.get("/whoami").headers["x-cache"] == "MISS"
+    assert client.get("/whoami").headers["x-cache"] == "HIT"
+
+
+def test_shared_views_serve_everyone_one_entry(target: App, client: TestClient) -> None:
+    a = client.get("/banner", headers={"authorization": "alice"})
+    b = client.get("/banner", headers={"authorization": "bob"})
+    assert (a.headers["x-cache"], b.headers["x-cache"]) == ("MISS", "HIT")
+    assert a.headers["cache-control"] == "public, max-age=60"
+    assert "vary" not in a.headers
+    assert target.calls["banner"] == 1
+
+
+def test_a_views_own_cookie_or_no_store_is_never_stored(target: App, client: TestClient) -> None:
+    first = client.get("/login")
+    client.cookies.clear()
+    second = client.get("/login")
+    assert first.text == "welcome 1" and second.text == "welcome 2"
+    assert first.headers["set-cookie"].startswith("session=s1")
+    assert second.headers["set-cookie"].startswith("session=s2")
+    assert first.headers["x-cache"] == "MISS"
+    client.cookies.clear()
+    for _ in range(2):
+        response = client.get("/nostore")
+        assert response.headers["cache-control"] == "no-store"
+    assert target.calls["nostore"] == 2
+    assert target.cache.keys() == []
+
+
+def test_the_views_cache_control_wins(target: App, client: TestClient) -> None:
+    first = client.get("/own-control")
+    second = client.get("/own-control")
+    assert second.headers["x-cache"] == "HIT"
+    assert first.headers["cache-control"] == second.headers["cache-control"] == "no-cache"
+
+
+def test_etag_and_304(target: App, client: TestClient) -> None:
+    first = client.get("/items/7")
+    etag = first.headers["etag"]
+    again = client.get("/items/7", headers={"if-none-match": f'W/{etag}, "other"'})
+    other = client.get("/items/7", headers={"if-none-match": '"nope"'})
+    assert again.status_code == 304 and again.content == b""
+    assert again.headers["etag"] == etag
+    assert again.headers["cache-control"] == "public, max-age=60"
+    assert again.headers["vary"] == "Authorization, Cookie"
+    assert other.status_code == 200 and other.content == first.content
+    assert target.item.stats()["/items/{item_id:int}"]["not_modified"] == 1
+    assert target.calls["item"] == 1
+
+
+def test_head_is_answered_from_the_entry_without_a_body(target: App, client: TestClient) -> None:
+    full = client.get("/items/8")
+    head = client.head("/items/8")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["x-cache"] == "HIT"
+    assert head.headers["content-length"] == str(len(full.content))
+
+
+def test_only_get_and_head_are_cached(target: App, client: TestClient) -> None:
+    posted = [client.post("/write").text for _ in range(2)]
+    assert posted == ["write 1", "write 2"]
+    assert [client.get("/write").text for _ in range(2)] == ["write 3", "write 3"]
+
+
+def test_statuses_streams_and_sync_endpoints(target: App, client: TestClient) -> None:
+    assert [client.get("/missing").status_code for _ in range(2)] == [404, 404]
+    assert target.calls["missing"] == 2  # a 4xx is not stored without cache_4xx
+    gone = [client.get("/gone") for _ in range(2)]
+    assert [r.headers["x-cache"] for r in gone] == ["MISS", "HIT"]
+    assert gone[1].status_code == 410 and gone[1].text == "gone"
+    assert [client.get("/stream").content for _ in range(2)] == [b"ab", b"ab"]
+    assert target.calls["stream"] == 2  # a stream is never stored
+    assert [client.get("/sync").text for _ in range(2)] == ["sync 1", "sync 1"]
+
+
+async def test_invalidate_every_variant_of_a_path(target: App) -> None:
+    transport = httpx.ASGITransport(app=target.asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as client:
+        await client.get("/items/3?a=1")
+        await client.get("/items/3?a=2")
+        await client.get("/items/4")
+        assert await target.item.invalidate(item_id=3) is True
+        assert (await client.get("/items/3?a=1")).headers["x-cache"] == "MISS"
+        assert (await client.get("/items/3?a=2")).headers["x-cache"] == "MISS"
+        assert (await client.get("/items/4")).headers["x-cache"] == "HIT"
+        assert await target.item.invalidate(item_id=99) is False
+        assert await target.item.invalidate_all() == 3
+        assert (await client.get("/items/4")).headers["x-cache"] == "MISS"
+
+
+async def test_a_key_template_and_its_tags(target: App) -> None:
+    transport = httpx.ASGITransport(app=target.asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as client:
+        await client.get("/products/a b?x=1")
+        hit = await client.get("/products/a b?x=2")  # the template ignores the query
+        assert hit.headers["x-cache"] == "HIT"
+        stored = target.product.key(product_id="a b")
+        assert stored == "product:a%20b@test_starlette.App.__init__.<locals>.product"
+        assert target.cache.keys() == [stored]
+        assert await target.product.invalidate(product_id="a b") is True
+        assert (await client.get("/products/a b")).headers["x-cache"] == "MISS"
+        assert target.cache.invalidate_tag("products") == 1
+        assert target.cache.keys() == []
+
+
+async def test_concurrent_identical_requests_compute_once(target: App) -> None:
+    target.hold_for = 20  # the computation ends only after all 20 requests arrived
+    transport = httpx.ASGITransport(app=target.asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as client:
+        responses = await asyncio.gather(*(client.get("/slow/x") for _ in range(20)))
+        after = await client.get("/slow/x")
+    assert target.calls["slow"] == 1
+    assert Counter(r.headers["x-cache"] for r in responses) == {"MISS": 1, "COALESCED": 19}
+    assert {r.content for r in responses} == {after.content}
+    assert after.headers["x-cache"] == "HIT"
+    stats = target.slow.stats()["/slow/{name}"]
+    assert (stats["misses"], stats["coalesced"], stats["computations"]) == (1, 19, 1)
+
+
+async def test_concurrent_users_never_share_a_computation(target: App) -> None:
+    transport = httpx.ASGITransport(app=target.asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as client:
+        requests = [
+            client.get("/me", headers={"authorization": f"user-{i % 4}"}) for i in range(40)
+        ]
+        responses = await asyncio.gather(*requests)
+    for i, response in enumerate(responses):
+        assert response.json() == {"user": f"user-{i % 4}"}
+    assert target.calls["me"] == 4
+
+
+def test_options_are_checked_when_decorating() -> None:
+    async def view(request: Request) -> Response:
+        return PlainTextResponse("x")
+
+    with pytest.raises(ConfigurationError, match="vary"):
+        cached(vary="accept")(view)
+    with pytest.raises(ConfigurationError, match="shared"):
+        cached(shared="no")(view)
+    with pytest.raises(ConfigurationError, match="ttl"):
+        cached(ttl=float("nan"))(view)
+    with pytest.raises(KeyTemplateError):
+        cached(key="item:{item_id")(view)
+
+
+def test_a_disabled_cache_calls_the_view(target: App, client: TestClient) -> None:
+    target.cache.enabled = False
+    assert [json.loads(client.get("/items/1").content)["run"] for _ in range(2)] == [1, 2]
+    assert "x-cache" not in client.get("/items/1").headers
+
+
+def test_bare_decorator_uses_the_default_cache() -> None:
+    @cached
+    async def hello(request: Request) -> Response:
+        return PlainTextResponse("hi")
+
+    with TestClient(Starlette(routes=[Route("/hello", hello)])) as client:
+        assert client.get("/hello").headers["x-cache"] == "MISS"
+        assert client.get("/hello").headers["x-cache"] == "HIT"
