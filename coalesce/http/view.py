@@ -55,6 +55,7 @@ from coalesce import (
     Entry,
     KeyTemplateError,
     LeaderFailedError,
+    MissingDependencyError,
     get_cache,
 )
 from coalesce.http.headers import (
@@ -710,3 +711,12 @@ def view_decorator(
 
     cached.__module__ = f"coalesce.{framework}"
     return cached
+
+
+def missing_extra(edge: str, framework: str, exc: ImportError) -> MissingDependencyError:
+    """The error of importing `coalesce.<edge>` without its framework: names the extra and
+    the pip command that installs it."""
+    return MissingDependencyError(
+        f"coalesce.{edge} needs {framework} ({exc}), which the '{edge}' extra installs: "
+        f"pip install 'coalesce-cache[{edge}]'"
+    )

@@ -22,17 +22,14 @@ import inspect
 from collections.abc import Callable
 from typing import Any, cast
 
-from coalesce import MissingDependencyError
+from coalesce.http.view import missing_extra
 
 try:
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import Response
 except ImportError as exc:  # the extra is not installed: say which one
-    raise MissingDependencyError(
-        f"coalesce.starlette needs Starlette ({exc}), which the 'starlette' extra installs: "
-        "pip install 'coalesce-cache[starlette]'"
-    ) from None
+    raise missing_extra("starlette", "Starlette", exc) from None
 
 from coalesce.http.metrics import REGISTRY, MetricsRegistry
 from coalesce.http.render import RawHeaders
