@@ -4,8 +4,6 @@ threads sharing one run of the view, in memory and on a real Redis."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -276,13 +274,3 @@ def test_redis_threads_and_users(redis_caches: Callable[..., Cache]) -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(ConfigurationError, match="tags"):
         cached(tags="a")(lambda: "x")
-
-
-def test_import_without_flask_names_the_extra() -> None:
-    code = "import sys; sys.modules['flask'] = None\nimport coalesce.flask"
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("coalesce.errors.MissingDependencyError: coalesce.flask needs")
-    assert "pip install 'coalesce-cache[flask]'" in last

@@ -109,8 +109,14 @@ class RequestHeaders:
     def getlist(self, name: str) -> list[str]:
         return list(self._lines.get(name, ()))
 
-    def names(self) -> Iterable[str]:
-        return self._lines.keys()
+    def credentials(self) -> list[str]:
+        """The credential headers (`credential_name`) sent with a value: an empty `Cookie`
+        line (Django's test client sends one) carries no credential."""
+        return [
+            name
+            for name, lines in self._lines.items()
+            if credential_name(name) and any(line.strip() for line in lines)
+        ]
 
 
 class HttpRequest(NamedTuple):
@@ -314,7 +320,7 @@ class ViewCache:
             self.routes.add(request.route)
         private = self.per_user
         if not self.shared:
-            found = [c for c in map(credential_name, request.headers.names()) if c]
+            found = request.headers.credentials()
             if found:
                 if not all(name in self.vary for name in found):
                     return Bypass(metrics, credentials=True)
