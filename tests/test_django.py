@@ -12,6 +12,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +166,11 @@ async def ame(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"user": request.headers.get("authorization")})
 
 
+@cached(ttl=0.2, stale_ttl=30, registry=REGISTRY)
+def news(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"lang": request.GET.get("lang"), "run": ran("news")})
+
+
 def calls(request: HttpRequest) -> HttpResponse:
     return JsonResponse(dict(CALLS))
 
@@ -185,6 +191,7 @@ urlpatterns = [
     path("slow/<str:name>/", slow),
     path("aslow/<str:name>/", aslow),
     path("ame/", ame),
+    path("news/", news),
     path("calls/", calls),
     path("drop/<int:item_id>/", drop),
 ]
@@ -296,6 +303,19 @@ def test_invalidate_and_templates(fresh_state: Cache) -> None:
     assert product.invalidate(name="tea") is True
     assert client.get("/products/tea/").json()["run"] == 2
     assert fresh_state.invalidate_tag("products") == 1
+
+
+def test_a_stale_entry_is_refreshed_in_the_background() -> None:
+    client = Client()
+    first = client.get("/news/?lang=fr")
+    time.sleep(0.25)  # past the 0.2 s ttl: nothing to wait for but the clock
+    stale = client.get("/news/?lang=fr")
+    assert stale["x-cache"] == "STALE" and stale.json() == first.json()
+    deadline = time.monotonic() + 10
+    while (fresh := client.get("/news/?lang=fr")).json()["run"] != 2:
+        assert time.monotonic() < deadline, "the stale entry was never refreshed"
+        time.sleep(0.01)  # the refresh stores from a worker thread: nothing to await
+    assert fresh.json() == {"lang": "fr", "run": 2}
 
 
 def test_sync_views_on_threads_compute_once() -> None:

@@ -5,6 +5,7 @@ threads sharing one run of the view, in memory and on a real Redis."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,12 @@ class App:
             if not self.all_arrived.wait(GATE_TIMEOUT):
                 return "the requests never overlapped", 500
             return {"name": name}
+
+        @app.get("/news")
+        @cached(ttl=0.2, stale_ttl=30, **options)
+        def news() -> Any:  # reads the request: a refresh needs a request context too
+            self.calls["news"] += 1
+            return {"lang": request.args.get("lang"), "run": self.calls["news"]}
 
         self.item, self.product, self.slow = item, product, slow
 
@@ -233,6 +240,20 @@ def test_invalidate_and_templates(target: App, client: Any) -> None:
     assert target.product.invalidate(name="tea") is True
     assert client.get("/products/tea").json["run"] == 2
     assert target.cache.invalidate_tag("products") == 1
+
+
+def test_a_stale_entry_is_refreshed_in_a_request_context(target: App, client: Any) -> None:
+    first = client.get("/news?lang=fr")
+    time.sleep(0.25)  # past the 0.2 s ttl: nothing to wait for but the clock
+    stale = client.get("/news?lang=fr")
+    assert stale.headers["x-cache"] == "STALE" and stale.json == first.json
+    assert stale.headers["cache-control"] == "public, max-age=1, stale-while-revalidate=30"
+    deadline = time.monotonic() + 10
+    while (fresh := client.get("/news?lang=fr")).json["run"] != 2:
+        assert time.monotonic() < deadline, "the stale entry was never refreshed"
+        time.sleep(0.01)  # the refresh stores from a worker thread: nothing to await
+    assert fresh.json == {"lang": "fr", "run": 2}
+    assert fresh.headers["x-cache"] in ("HIT", "STALE")
 
 
 def run_concurrently(client: Any, path: str, n: int) -> list[Any]:

@@ -53,13 +53,21 @@ SESSION_COOKIE = ("set-cookie", "(the session, set by Flask after the view)")
 
 
 class FlaskIo:
-    """`coalesce.http.view.Io` for Flask (werkzeug) responses, inside a request context."""
+    """`coalesce.http.view.Io` for Flask (werkzeug) responses, for one request of `app`."""
 
     strips_head = False  # werkzeug sends no body for HEAD, and the full Content-Length
 
+    __slots__ = ("app", "session_modified")
+
+    def __init__(self, app: flask.Flask) -> None:
+        self.app = app
+        # Whether the view modified the session, told by `run` while the request context
+        # is there (a stale refresh renders after leaving the one it made).
+        self.session_modified = False
+
     def render(self, response: Response) -> Rendered:
         headers = [(k.lower(), v) for k, v in response.headers.items()]
-        if getattr(flask.session, "modified", False):
+        if self.session_modified:
             headers.append(SESSION_COOKIE)
         streamed = response.is_streamed or response.direct_passthrough
         return Rendered(response.status_code, headers, None if streamed else response.get_data())
@@ -67,7 +75,7 @@ class FlaskIo:
     def build(
         self, status: int, body: bytes, headers: RawHeaders, own: Response | None
     ) -> Response:
-        response: Response = flask.current_app.response_class(
+        response: Response = self.app.response_class(
             body,
             status=status,
             headers=[
@@ -83,9 +91,6 @@ class FlaskIo:
 
     def set_header(self, response: Response, name: str, value: str) -> None:
         response.headers[name] = value
-
-
-IO = FlaskIo()
 
 
 def request_of(request: flask.Request) -> HttpRequest:
@@ -111,9 +116,11 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
         app = flask.current_app._get_current_object()  # type: ignore[attr-defined]
         request = flask.request._get_current_object()  # type: ignore[attr-defined]
         environ = request.environ
+        io = FlaskIo(app)
 
         def direct() -> Response:
             response: Response = app.make_response(app.ensure_sync(fn)(*args, **kwargs))
+            io.session_modified = bool(getattr(flask.session, "modified", False))
             return response
 
         def run() -> Response:
@@ -122,7 +129,7 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
             with app.request_context(environ):  # a stale refresh, in a worker thread
                 return direct()
 
-        return view.serve(request_of(request), run, IO)
+        return view.serve(request_of(request), run, io)
 
     view.attach(wrapper, awaited=False)
     return wrapper
