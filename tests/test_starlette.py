@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -138,6 +139,18 @@ class App:
             self.calls["write"] += 1
             return PlainTextResponse(f"write {self.calls['write']}")
 
+        @cached(ttl=0.2, stale_ttl=30, **options)
+        async def news(request: Request) -> Response:
+            self.calls["news"] += 1
+            return JSONResponse(
+                {"lang": request.query_params.get("lang"), "run": self.calls["news"]}
+            )
+
+        @cached(ttl=60, honor_client_no_cache=True, **options)
+        async def prices(request: Request) -> Response:
+            self.calls["prices"] += 1
+            return JSONResponse({"run": self.calls["prices"]})
+
         self.item, self.product, self.slow = item, product, slow
         self.app = Starlette(
             routes=[
@@ -155,6 +168,8 @@ class App:
                 Route("/sync", sync_page),
                 Route("/slow/{name}", slow),
                 Route("/write", write, methods=["GET", "POST"]),
+                Route("/news", news),
+                Route("/prices", prices),
                 Mount("/api", routes=[Route("/items/{item_id:int}", item)]),
             ]
         )
@@ -372,6 +387,31 @@ async def test_concurrent_users_never_share_a_computation(target: App) -> None:
     for i, response in enumerate(responses):
         assert response.json() == {"user": f"user-{i % 4}"}
     assert target.calls["me"] == 4
+
+
+async def test_a_stale_entry_is_served_then_refreshed(target: App) -> None:
+    transport = httpx.ASGITransport(app=target.asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as client:
+        first = await client.get("/news?lang=fr")
+        await asyncio.sleep(0.25)  # past the 0.2 s ttl: nothing to wait for but the clock
+        stale = await client.get("/news?lang=fr")
+        assert stale.headers["x-cache"] == "STALE" and stale.json() == first.json()
+        assert int(stale.headers["age"]) >= 1
+        deadline = time.monotonic() + 10
+        while (fresh := await client.get("/news?lang=fr")).json()["run"] != 2:
+            assert time.monotonic() < deadline, "the stale entry was never refreshed"
+            await asyncio.sleep(0.01)  # the refresh task stores when it ends
+    assert fresh.json() == {"lang": "fr", "run": 2}
+
+
+def test_a_clients_no_cache_recomputes_only_when_honoured(target: App, client: TestClient) -> None:
+    assert client.get("/prices").json() == {"run": 1}
+    assert client.get("/prices").headers["x-cache"] == "HIT"
+    again = client.get("/prices", headers={"cache-control": "no-cache"})
+    assert again.json() == {"run": 2} and again.headers["x-cache"] == "MISS"
+    client.get("/items/1")
+    ignored = client.get("/items/1", headers={"cache-control": "no-cache"})
+    assert ignored.headers["x-cache"] == "HIT"  # not honoured: anyone could stampede
 
 
 def test_options_are_checked_when_decorating() -> None:

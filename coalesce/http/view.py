@@ -227,7 +227,7 @@ class ViewCache:
         cache: Cache | None,
         cache_4xx: bool,
         honor_client_no_cache: bool,
-        registry: Any,
+        registry: MetricsRegistry | None,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"@cached decorates a view, not {fn!r}")
