@@ -1,4 +1,4 @@
-"""The in-memory core against its peers: hits (sync and async) and stampedes.
+"""The in-memory core against its peers: hits and misses (sync and async) and stampedes.
 
     python benchmarks/bench_core.py           # about 30 s; writes benchmarks/results/core.md
     python benchmarks/bench_core.py --quick   # a few seconds, noisier
@@ -29,6 +29,7 @@ from common import (
     RESULTS,
     Timing,
     command_line,
+    distinct_keys,
     environment,
     fmt_ms,
     fmt_ns,
@@ -49,6 +50,9 @@ PEERS = ("cachetools", "async-lru", "cashews", "aiocache", "msgpack")
 
 GOAL_SYNC_HIT = 0.5  # x cachetools.cached(TTLCache, condition=Condition())
 GOAL_ASYNC_HIT = 1.0  # x async_lru.alru_cache(ttl=...)
+GOAL_SYNC_MISS = 1.5  # x cachetools.cached(TTLCache(10_000, 60), lock=Lock()), issue 10
+GOAL_ASYNC_MISS = 1.5  # x async_lru.alru_cache(ttl=60), issue 10
+MISS_MAXSIZE = 10_000  # every cache of the miss rows holds at most this many entries
 GOAL_STAMPEDE = 1.1  # x the function's own time
 STAMPEDE_SLEEP = 0.050
 STAMPEDE_TASKS = 200
@@ -191,6 +195,100 @@ async def bench_async_hits(settings: Settings) -> tuple[str, dict[str, float]]:
         rows.append(["flat dict", name, *_timing_cells(timing), fmt_ratio(row_ratio), goal, result])
     header = ["value", "library", "median/call", "spread", "vs async_lru", "goal", "result"]
     return markdown_table(header, rows), {"async hit, flat dict": ratio}
+
+
+# -- misses: every call a key never seen -----------------------------------------------------
+
+
+def sync_miss_cases() -> dict[str, Callable[[Any], Any]]:
+    cache = Cache(maxsize=MISS_MAXSIZE)
+
+    @cache.cached(ttl=60, key="user:{user_id}")
+    def coalesce_fn(user_id: int) -> dict[str, Any]:
+        return flat_value(user_id)
+
+    @cache.cached(ttl=60, key="user_shared:{user_id}", copy=False)
+    def coalesce_shared(user_id: int) -> dict[str, Any]:
+        return flat_value(user_id)
+
+    @cachetools.cached(cachetools.TTLCache(maxsize=MISS_MAXSIZE, ttl=60), lock=threading.Lock())
+    def cachetools_fn(user_id: int) -> dict[str, Any]:
+        return flat_value(user_id)
+
+    return {
+        "coalesce": distinct_keys(coalesce_fn),
+        "coalesce copy=False": distinct_keys(coalesce_shared),
+        "cachetools+Lock": distinct_keys(cachetools_fn),
+        "flat_value alone": distinct_keys(flat_value),
+    }
+
+
+def async_miss_cases() -> dict[str, Callable[[Any], Awaitable[Any]]]:
+    cache = Cache(maxsize=MISS_MAXSIZE)
+
+    @cache.cached(ttl=60, key="user:{user_id}")
+    async def coalesce_fn(user_id: int) -> dict[str, Any]:
+        return flat_value(user_id)
+
+    @async_lru.alru_cache(ttl=60)
+    async def alru_fn(user_id: int) -> dict[str, Any]:
+        return flat_value(user_id)
+
+    async def alone(user_id: int) -> dict[str, Any]:
+        return flat_value(user_id)
+
+    return {
+        "coalesce": distinct_keys(coalesce_fn),
+        "async_lru.alru_cache(ttl=60)": distinct_keys(alru_fn),
+        "async def alone": distinct_keys(alone),
+    }
+
+
+def _miss_rows(
+    mode: str, timings: dict[str, Timing], reference: str, goal: float
+) -> tuple[list[list[str]], float]:
+    rows = []
+    for name, timing in timings.items():
+        ratio = paired_ratio(timing, timings[reference])
+        if name == "coalesce":
+            cells = [f"<= {goal:.2f}x", verdict(ratio, goal)]
+        else:
+            cells = ["(reference)" if name == reference else "(for scale)", ""]
+        rows.append([mode, name, *_timing_cells(timing), fmt_ratio(ratio), *cells])
+    return rows, paired_ratio(timings["coalesce"], timings[reference])
+
+
+def warm_full(cases: dict[str, Callable[[Any], Any]]) -> None:
+    """Fill every cache first, so that every timed miss also evicts (the steady state)."""
+    for f in cases.values():
+        for _ in range(MISS_MAXSIZE + 100):
+            f(None)
+
+
+async def awarm_full(cases: dict[str, Callable[[Any], Awaitable[Any]]]) -> None:
+    for f in cases.values():
+        for _ in range(MISS_MAXSIZE + 100):
+            await f(None)
+
+
+async def _async_miss_timings(settings: Settings) -> dict[str, Timing]:
+    cases = async_miss_cases()
+    await awarm_full(cases)
+    return await time_async_calls(cases, None, repeat=settings.repeat, target_s=settings.target_s)
+
+
+def bench_misses(settings: Settings) -> tuple[str, dict[str, float]]:
+    cases = sync_miss_cases()
+    warm_full(cases)
+    sync_timings = time_sync_calls(cases, None, repeat=settings.repeat, target_s=settings.target_s)
+    sync_rows, sync_ratio = _miss_rows("sync", sync_timings, "cachetools+Lock", GOAL_SYNC_MISS)
+    async_timings = asyncio.run(_async_miss_timings(settings))
+    async_rows, async_ratio = _miss_rows(
+        "asyncio", async_timings, "async_lru.alru_cache(ttl=60)", GOAL_ASYNC_MISS
+    )
+    header = ["mode", "library", "median/call", "spread", "vs reference", "goal", "result"]
+    table = markdown_table(header, sync_rows + async_rows)
+    return table, {"sync miss, flat dict": sync_ratio, "async miss, flat dict": async_ratio}
 
 
 # -- stampedes ----------------------------------------------------------------------------------
@@ -368,6 +466,7 @@ def main() -> None:
 
     sync_table, sync_ratios = bench_sync_hits(settings)
     async_table, async_ratios = asyncio.run(bench_async_hits(settings))
+    miss_table, miss_ratios = bench_misses(settings)
     stampede_table, stampede_ratios = bench_stampedes(settings)
     overhead = loop_overhead_ns(repeat=settings.repeat, target_s=settings.target_s)
 
@@ -375,10 +474,12 @@ def main() -> None:
     goals = {
         "sync hit, flat dict": (GOAL_SYNC_HIT, "x cachetools+Condition"),
         "async hit, flat dict": (GOAL_ASYNC_HIT, "x async_lru"),
+        "sync miss, flat dict": (GOAL_SYNC_MISS, "x cachetools+Lock"),
+        "async miss, flat dict": (GOAL_ASYNC_MISS, "x async_lru"),
         f"stampede, {STAMPEDE_TASKS} asyncio tasks": (GOAL_STAMPEDE, "x 50 ms"),
         f"stampede, {STAMPEDE_THREADS} threads": (GOAL_STAMPEDE, "x 50 ms"),
     }
-    every = {**sync_ratios, **async_ratios, **stampede_ratios}
+    every = {**sync_ratios, **async_ratios, **miss_ratios, **stampede_ratios}
     for name, (goal, unit) in goals.items():
         summary_rows.append(
             [name, fmt_ratio(every[name]), f"<= {goal:.2f}{unit}", verdict(every[name], goal)]
@@ -395,7 +496,7 @@ def main() -> None:
             "",
             f"Environment: {environment(*PEERS)}.",
             "",
-            "## Goals (issue 2)",
+            "## Goals (issues 2 and 10)",
             "",
             markdown_table(["measure", "coalesce", "goal", "result"], summary_rows),
             "",
@@ -411,6 +512,17 @@ def main() -> None:
             "## Async memory hit (`for _ in range(N): await f(1)` in one coroutine)",
             "",
             async_table,
+            "",
+            "## Memory miss: every call a new key, `flat_value(user_id)` computed each time",
+            "",
+            miss_table,
+            "",
+            "Each call passes the next integer of a counter, so every call misses, computes "
+            "and stores; the caches are filled first (10,000 entries), so every timed miss "
+            "also evicts. "
+            "coalesce stores a frozen copy of the value (`copy=True`, the default); "
+            "`alru_cache(ttl=60)` keeps its default `maxsize=128` and schedules a timer per "
+            "entry. The `alone` rows are the bare function with the same counter.",
             "",
             "## Stampede on a cold key of a 50 ms function",
             "",

@@ -1,4 +1,5 @@
-"""The Redis store against raw redis-py and its peers: hits, stampedes, wake-ups, near cache.
+"""The Redis store against raw redis-py and its peers: hits, misses, stampedes, wake-ups,
+near cache.
 
     python benchmarks/bench_redis.py              # about 1 minute; writes results/redis.md
     python benchmarks/bench_redis.py --quick      # about 20 s, noisier
@@ -40,6 +41,7 @@ from common import (
     RedisServer,
     Timing,
     command_line,
+    distinct_keys,
     environment,
     fmt_ms,
     fmt_ns,
@@ -65,6 +67,7 @@ GOAL_SLACK = 0.010  # slowest stampede caller: at most the function's time + 10 
 GOAL_COMMANDS = 1.0  # Redis commands per caller over a whole stampede
 GOAL_WAKE_P99 = 0.002  # seconds from the leader's return to a waiter's answer
 GOAL_NEAR = 2.0  # x the in-memory hit
+GOAL_MISS = 1.6  # x raw redis-py GET + SET PX of the msgpack-encoded value (issue 10)
 
 STAMPEDE_PROCESSES = 4
 STAMPEDE_CALLERS = 25  # per process
@@ -446,6 +449,79 @@ async def bench_async_hits(server: RedisServer, settings: Settings, with_coalesc
         "Redis hit, asyncio (`for _ in range(N): await f(1)` in one coroutine)",
         table + "\n\n" + note,
         {"Redis hit, asyncio": (ratio, GOAL_HIT, "x raw")},
+    )
+
+
+# -- misses -----------------------------------------------------------------------------------
+
+
+def round_trips_per_call(port: int, f: Callable[[Any], Any], calls: int = 200) -> float:
+    """Commands clients send per `f(None)`, seen through MONITOR; the commands scripts run
+    are left out (they cost no round trip), and so is the closing mark."""
+    watcher, marker = redis.Redis(host=HOST, port=port), redis.Redis(host=HOST, port=port)
+    marker.ping()  # its connection set-up happens before MONITOR starts
+    mark = f"bench-mark-{random.getrandbits(64):x}"
+    sent = 0
+    with watcher.monitor() as monitor:
+        for _ in range(calls):
+            f(None)
+        marker.echo(mark)
+        while (command := monitor.next_command())["command"] != f"ECHO {mark}":
+            sent += command["client_type"] != "lua"
+    marker.close()
+    watcher.close()
+    return sent / calls
+
+
+def bench_sync_misses(server: RedisServer, settings: Settings) -> Section:
+    """A miss on a key never seen: raw GET + SET PX against coalesce's GET, CLAIM, STORE."""
+    client = redis.Redis(host=HOST, port=server.port)
+    get, set_, packb, unpackb = client.get, client.set, msgpack.packb, msgpack.unpackb
+
+    def raw(user_id: int) -> Any:
+        key = f"raw_miss:user:{user_id}"
+        data = get(key)
+        if data is not None:
+            return unpackb(data)
+        value = flat_value(user_id)
+        set_(key, packb(value), px=60_000)
+        return value
+
+    cache = Cache(server.url, namespace="bench_miss_sync")
+    OPEN_CACHES.append(cache)
+
+    @cache.cached(ttl=60, key="user:{user_id}")
+    def load(user_id: int) -> dict[str, Any]:
+        return flat_value(user_id)
+
+    reference = "redis-py GET + SET PX (msgpack)"
+    cases = {reference: distinct_keys(raw), "coalesce": distinct_keys(load)}
+    for name, f in cases.items():  # connections, listener, scripts: before the clock runs
+        if f(None) != flat_value(1):
+            raise AssertionError(f"{name} returned a wrong value")
+    timings = time_sync_calls(cases, None, repeat=settings.repeat, target_s=settings.target_s)
+    trips = {name: round_trips_per_call(server.port, f) for name, f in cases.items()}
+    client.close()
+    rows = []
+    for name, timing in timings.items():
+        ratio = paired_ratio(timing, timings[reference])
+        goal, result = "(reference)", ""
+        if name == "coalesce":
+            goal, result = f"<= {GOAL_MISS:.2f}x", verdict(ratio, GOAL_MISS)
+        cells = [fmt_ns(timing.median_ns), f"{timing.spread:.0%}", f"{trips[name]:.2f}"]
+        rows.append([name, *cells, fmt_ratio(ratio), goal, result])
+    header = ["library", "median/call", "spread", "round trips/miss", "vs raw", "goal", "result"]
+    ratio = paired_ratio(timings["coalesce"], timings[reference])
+    note = (
+        "Every call passes a new user id: a miss that computes and stores a small flat dict. "
+        "Round trips are counted through MONITOR (commands run by Lua scripts left out): raw "
+        "GET + SET, coalesce GET + CLAIM + STORE (the lease taken and the entry checked in "
+        "one script, the write fenced by the lease, the wake-up published)."
+    )
+    return Section(
+        "Redis miss, sync (every call a new key)",
+        markdown_table(header, rows) + "\n\n" + note,
+        {"Redis miss, sync": (ratio, GOAL_MISS, "x raw")},
     )
 
 
@@ -1168,6 +1244,8 @@ def main() -> None:
         print(f"redis-server on {server.url}", file=sys.stderr)
         sections.append(bench_sync_hits(server, settings, with_coalesce))
         sections.append(asyncio.run(bench_async_hits(server, settings, with_coalesce)))
+        if with_coalesce:
+            sections.append(bench_sync_misses(server, settings))
         sections.append(bench_stampedes(server, settings, with_coalesce))
         if with_coalesce:
             sections.append(bench_wakeups(server, settings))
@@ -1186,7 +1264,7 @@ def main() -> None:
         "",
     ]
     if with_coalesce:
-        parts += ["## Goals (issue 3)", "", summary(sections), ""]
+        parts += ["## Goals (issues 3 and 10)", "", summary(sections), ""]
     else:
         parts += ["Peers only: the coalesce rows were skipped (`--peers-only`).", ""]
     for section in sections:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import itertools
 import os
 import platform
 import shutil
@@ -140,6 +141,13 @@ async def time_async_calls(
             elapsed = await _await_loop(f, arg, numbers[name])
             results[name].per_call_ns.append(elapsed * 1e9 / numbers[name])
     return results
+
+
+def distinct_keys(f: Callable[[int], Any], start: int = 1) -> Callable[[Any], Any]:
+    """`f` called with a new integer on every call (the timer's argument is unused): every
+    call of a cached `f` is a miss."""
+    ids = itertools.count(start)
+    return lambda _: f(next(ids))
 
 
 def loop_overhead_ns(*, repeat: int, target_s: float) -> float:
