@@ -30,11 +30,13 @@ template over the path parameters and the query's first values (path parameters 
 stored as `item:3@<module>.<view>`; a template cannot tell users apart, so a request with a
 credential still needs that header in `vary` (or `shared=True`).
 
-Only the public core is used, as the FastAPI edge does: `Cache.read` / `aread` (one read on
-a hit), `Cache.invalidate_tag`, `Cache.cached` on a small `compute` function whose key
-template is `"{key}"` (its `.key` gives the stored form of a key), and `Entry`. Which request
-ran the view is known from its `Job`; whether the others waited (COALESCED) or hit is told by
-the entry's creation time (`coalesce.http.cache_status`).
+The core is used as the FastAPI edge uses it: `Cache.cached` on a small `compute` function
+whose key template is `"{key}"` (its `.key` gives the stored form of a key),
+`Cache.invalidate` / `invalidate_tag`, `Entry`, and what a hit needs beyond the public
+names (`Cache.read` / `aread` of `Cache.prefix + key`, `Cache.store.shared`, and
+`Cache.backend_failed` when a no-cache request cannot drop its entry). Which request ran the
+view is known from its `Job`; whether the others waited (COALESCED) or hit is told by the
+entry's creation time (`coalesce.http.cache_status`).
 """
 
 from __future__ import annotations
