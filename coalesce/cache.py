@@ -27,16 +27,16 @@ from coalesce.decorators import (
     Decorator,
     Policy,
     aget_or_set,
-    check_seconds,
     get_or_set,
     make_decorator,
     run_sync_refresh,
     served,
 )
-from coalesce.entry import STORE_FAILED, Entry
+from coalesce.entry import STORE_FAILED, Clock, Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.keys import MAX_KEY_LENGTH, escape, is_safe_key, shorten
+from coalesce.options import check_seconds
 from coalesce.serialization import Serializer, get_serializer
 from coalesce.stores.base import Fence, KeyList, Store
 from coalesce.stores.memory import MemoryStore
@@ -55,6 +55,7 @@ R = TypeVar("R")
 
 BackendErrorMode = Literal["compute", "raise"]
 _LOG_EVERY = 30.0  # seconds between two log lines about a failing store
+_COMPUTE_THREADS = 32  # sync computations running past their callers' timeouts, at most
 _MAX_ASIDE_NAMES = 1000  # stats slots of cache-aside calls; past it, "get_or_set" counts them
 
 # A key already in the form the decorators store: printable, no whitespace nor braces, `%`
@@ -140,14 +141,19 @@ def _given_client(
     return url, client, None
 
 
-def _make_store(url: str, maxsize: int, options: dict[str, Any]) -> Store:
+def _make_store(url: str, maxsize: int, clock: Clock, options: dict[str, Any]) -> Store:
     scheme = scheme_of(url)
     if scheme == "memory":
         if options:
             raise ConfigurationError(
                 f"options {sorted(options)} do not apply to the memory store ({url!r})"
             )
-        return MemoryStore(maxsize=maxsize)
+        return MemoryStore(maxsize=maxsize, clock=clock)
+    if clock is not time.time:
+        raise ConfigurationError(
+            "clock= applies to the memory store only: entries on Redis are timed by the "
+            "wall clock every process shares"
+        )
     if scheme in ("redis", "rediss", "unix"):
         from coalesce.stores.redis import RedisStore
 
@@ -165,6 +171,9 @@ class Cache:
     `Cache("redis://host:6379/0")` keeps them in Redis, shared by every process. Every key
     is stored as `f"{namespace}:{key}"`. `enabled=False` (or `COALESCE_DISABLED=1`) turns
     every decorator of this cache into a plain call: the rollback switch.
+
+    `clock` (memory store only) is the time every freshness decision asks, `time.time` by
+    default: a test can pass a fake one and move it forward instead of sleeping.
     """
 
     def __init__(
@@ -177,6 +186,7 @@ class Cache:
         enabled: bool | None = None,
         serializer: str | Serializer | None = None,
         on_backend_error: BackendErrorMode = "compute",
+        clock: Clock = time.time,
         client: Redis | RedisCluster | None = None,
         async_client: AsyncRedis | AsyncRedisCluster | None = None,
         **store_options: Any,
@@ -233,14 +243,20 @@ class Cache:
             store_options["namespace"] = namespace
         if scheme_of(url) != "memory":
             store_options.setdefault("serializer", self.serializer)
-        self.store = _make_store(url, maxsize, store_options)
+        if not callable(clock):
+            raise ConfigurationError(f"clock must be a function returning seconds, not {clock!r}")
+        self.clock = clock
+        self.store = _make_store(url, maxsize, clock, store_options)
         self.flights: ThreadFlights[Entry] = ThreadFlights()
         self.aflights = AsyncFlights()
         self._policies: weakref.WeakSet[Policy] = weakref.WeakSet()
         self._aside_policies: dict[str, AsidePolicy] = {}  # by stats name; under _lock
         _all_caches.add(self)
         self._refresher: ThreadPoolExecutor | None = None
+        self._computer: ThreadPoolExecutor | None = None
         self._refresh_tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False  # set by close(): no more background refreshes
+        self._refreshing: set[str] = set()  # keys with a background refresh; under _lock
         self._lock = threading.Lock()
         self._last_logged = 0.0
         self.backend_errors = 0
@@ -274,7 +290,11 @@ class Cache:
         exclude: Sequence[str] = (),
         tags: Sequence[str] = (),
         stale_ttl: float = 0.0,
+        stale_if_error: float = 0.0,
         cache_errors: float | None = None,
+        timeout: float | None = None,
+        early_refresh: bool | float = False,
+        jitter: float = 0.0,
         copy: bool = True,
     ) -> Decorator: ...
 
@@ -288,7 +308,11 @@ class Cache:
         exclude: Sequence[str] = (),
         tags: Sequence[str] = (),
         stale_ttl: float = 0.0,
+        stale_if_error: float = 0.0,
         cache_errors: float | None = None,
+        timeout: float | None = None,
+        early_refresh: bool | float = False,
+        jitter: float = 0.0,
         copy: bool = True,
     ) -> Any:
         """Cache a function's results for `ttl` seconds, sharing concurrent computations.
@@ -297,19 +321,29 @@ class Cache:
         built from the function's name and all its arguments but those in `exclude`.
         `tags` are templates too; `invalidate_tag` deletes every entry carrying a tag.
         `stale_ttl` serves an expired value that long while one caller refreshes it.
-        `cache_errors` caches a raised exception for that many seconds (off by default).
-        `copy=False` hands every caller the same stored object instead of a private copy.
+        `stale_if_error` serves it that long after expiry when refreshing it raises
+        (retrying about once a second). `timeout` bounds a caller's wait for a
+        computation: then the stale value if one may be served, else `CoalesceTimeout`.
+        `early_refresh` refreshes hot entries in the background before they expire (XFetch;
+        a number is its `beta`). `jitter` shortens each entry's ttl by a random fraction up
+        to it. `cache_errors` caches a raised exception for that many seconds (off by
+        default). `copy=False` hands every caller the same stored object instead of a
+        private copy. Every option is checked here (`ConfigurationError` naming it).
         """
         return make_decorator(
             self,
             fn,
             store=True,
-            ttl=ttl,
             key=key,
             exclude=exclude,
             tags=tags,
+            ttl=ttl,
             stale_ttl=stale_ttl,
+            stale_if_error=stale_if_error,
             cache_errors=cache_errors,
+            timeout=timeout,
+            early_refresh=early_refresh,
+            jitter=jitter,
             copy=copy,
         )
 
@@ -351,7 +385,11 @@ class Cache:
         ttl: float | None = None,
         tags: Sequence[str] = (),
         stale_ttl: float = 0.0,
+        stale_if_error: float = 0.0,
         cache_errors: float | None = None,
+        timeout: float | None = None,
+        early_refresh: bool | float = False,
+        jitter: float = 0.0,
         copy: bool = True,
         name: str | None = None,
     ) -> R:
@@ -359,16 +397,25 @@ class Cache:
 
         Overlapping callers of one key share one computation (on Redis, across processes),
         exactly as callers of a decorated function do: the same options (`ttl`, `tags`,
-        `stale_ttl`, `cache_errors`, `copy`), the same fencing by `invalidate`, the same
-        copies of values. `key` and `tags` are stored as `stored_key` says (`user:a b` as
+        `stale_ttl`, `stale_if_error`, `cache_errors`, `timeout`, `early_refresh`,
+        `jitter`, `copy`; see `cached`), the same fencing by `invalidate`, the same copies
+        of values. `key` and `tags` are stored as `stored_key` says (`user:a b` as
         `user:a%20b`), so a decorator with `key="user:{name}"` meets the same entries.
         Counted in `stats()` under `name`, by default the key up to its first `:` (`user`
         for `user:42`; `get_or_set` for a key without one). With the cache disabled, just
         `fn()`.
         """
-        policy, stored, full_tags = self._aside(
-            key, fn, ttl, tags, stale_ttl, cache_errors, copy, name
-        )
+        options = {
+            "ttl": ttl,
+            "stale_ttl": stale_ttl,
+            "stale_if_error": stale_if_error,
+            "cache_errors": cache_errors,
+            "timeout": timeout,
+            "early_refresh": early_refresh,
+            "jitter": jitter,
+            "copy": copy,
+        }
+        policy, stored, full_tags = self._aside(key, fn, tags, name, options)
         if not self.enabled:
             return fn()
         return cast(R, get_or_set(self, policy, stored, fn, full_tags))
@@ -381,15 +428,27 @@ class Cache:
         ttl: float | None = None,
         tags: Sequence[str] = (),
         stale_ttl: float = 0.0,
+        stale_if_error: float = 0.0,
         cache_errors: float | None = None,
+        timeout: float | None = None,
+        early_refresh: bool | float = False,
+        jitter: float = 0.0,
         copy: bool = True,
         name: str | None = None,
     ) -> R:
         """`get_or_set` for async code: `await fn()` computed once for overlapping callers
         (on every event loop of the process; on Redis, across processes)."""
-        policy, stored, full_tags = self._aside(
-            key, fn, ttl, tags, stale_ttl, cache_errors, copy, name
-        )
+        options = {
+            "ttl": ttl,
+            "stale_ttl": stale_ttl,
+            "stale_if_error": stale_if_error,
+            "cache_errors": cache_errors,
+            "timeout": timeout,
+            "early_refresh": early_refresh,
+            "jitter": jitter,
+            "copy": copy,
+        }
+        policy, stored, full_tags = self._aside(key, fn, tags, name, options)
         if not self.enabled:
             return await fn()
         return cast(R, await aget_or_set(self, policy, stored, fn, full_tags))
@@ -402,14 +461,15 @@ class Cache:
         full = self.prefix + text_key(self._checked(key))
         if not self.enabled:
             return default
-        return served(self.read(full), default)
+        return served(self.read(full), default, self.clock())
 
     async def aget(self, key: str, default: Any = None) -> Any:
         """`get` for async code."""
         full = self.prefix + text_key(self._checked(key))
         if not self.enabled:
             return default
-        return served(self.read(full) if self.local else await self.aread(full), default)
+        entry = self.read(full) if self.local else await self.aread(full)
+        return served(entry, default, self.clock())
 
     def set(
         self,
@@ -419,6 +479,8 @@ class Cache:
         ttl: float | None = None,
         tags: Sequence[str] = (),
         stale_ttl: float = 0.0,
+        stale_if_error: float = 0.0,
+        jitter: float = 0.0,
     ) -> bool:
         """Store `value` under `key` for `ttl` seconds (default: the cache's `default_ttl`);
         return whether it was stored.
@@ -428,7 +490,8 @@ class Cache:
         process, and on Redis in every process), so none of them overwrites it with a value
         computed before. A disabled cache writes nothing (False).
         """
-        full, entry = self._entry_to_set(key, value, ttl, tags, stale_ttl)
+        options = {"ttl": ttl, "stale_ttl": stale_ttl, "stale_if_error": stale_if_error}
+        full, entry = self._entry_to_set(key, value, tags, {**options, "jitter": jitter})
         if not self.enabled:
             return False
         self._fence(full)
@@ -450,9 +513,12 @@ class Cache:
         ttl: float | None = None,
         tags: Sequence[str] = (),
         stale_ttl: float = 0.0,
+        stale_if_error: float = 0.0,
+        jitter: float = 0.0,
     ) -> bool:
         """`set` for async code."""
-        full, entry = self._entry_to_set(key, value, ttl, tags, stale_ttl)
+        options = {"ttl": ttl, "stale_ttl": stale_ttl, "stale_if_error": stale_if_error}
+        full, entry = self._entry_to_set(key, value, tags, {**options, "jitter": jitter})
         if not self.enabled:
             return False
         self._fence(full)
@@ -467,21 +533,18 @@ class Cache:
             self._fence(full)
 
     def _entry_to_set(
-        self, key: str, value: Any, ttl: float | None, tags: Sequence[str], stale_ttl: float
+        self, key: str, value: Any, tags: Sequence[str], options: dict[str, Any]
     ) -> tuple[str, Entry]:
-        policy, stored, full_tags = self._aside(key, None, ttl, tags, stale_ttl, None, True, None)
+        policy, stored, full_tags = self._aside(key, None, tags, None, options)
         return self.prefix + stored, policy.make_entry(self, value, time.perf_counter(), full_tags)
 
     def _aside(
         self,
         key: str,
         fn: Callable[[], Any] | None,
-        ttl: float | None,
         tags: Sequence[str],
-        stale_ttl: float,
-        cache_errors: float | None,
-        copy: bool,
         name: str | None,
+        options: dict[str, Any],
     ) -> tuple[AsidePolicy, str, tuple[str, ...]]:
         """Check a cache-aside call: its policy (options checked as the decorators check
         theirs), the key's stored form and the tags' full names."""
@@ -506,7 +569,7 @@ class Cache:
                 if policy is None:
                     policy = self._aside_policies[name] = AsidePolicy(self, name)
                     self.register(policy)
-        return policy.with_options(ttl, stale_ttl, cache_errors, copy), stored, full_tags
+        return policy.with_options(options), stored, full_tags
 
     # -- reads on the call path -----------------------------------------------------------
 
@@ -555,19 +618,52 @@ class Cache:
                 exc,
             )
 
-    def refresh_in_background(self, job: Callable[[], Any]) -> None:
-        """Refresh a stale entry in a worker thread; the flight keeps it to one at a time."""
+    def refresh_in_background(self, key: str, job: Callable[[], Any]) -> None:
+        """Refresh `key`'s entry (stale, or early) in a worker thread, unless a refresh of
+        it is already pending here (the flight then keeps computations to one at a time).
+        After `close()`, nothing is refreshed in the background."""
         with self._lock:
+            if self._closed or key in self._refreshing:
+                return
             if self._refresher is None:
                 self._refresher = ThreadPoolExecutor(4, thread_name_prefix="coalesce-refresh")
-        self._refresher.submit(run_sync_refresh, job)
+            self._refreshing.add(key)
+            self._refresher.submit(self._refresh, key, job)
 
-    def arefresh_in_background(self, job: Coroutine[Any, Any, Any]) -> None:
-        """Refresh a stale entry in a task of the running loop."""
+    def _refresh(self, key: str, job: Callable[[], Any]) -> None:
+        try:
+            run_sync_refresh(job)
+        finally:
+            with self._lock:
+                self._refreshing.discard(key)
+
+    def compute_pool(self) -> ThreadPoolExecutor:
+        """The threads sync computations with a `timeout` run on, so that their callers
+        (the leader's included) can stop waiting; bounded: a computation beyond its size
+        waits for a thread, and its callers time out meanwhile."""
+        with self._lock:
+            if self._computer is None:
+                self._computer = ThreadPoolExecutor(
+                    _COMPUTE_THREADS, thread_name_prefix="coalesce-compute"
+                )
+            return self._computer
+
+    def arefresh_in_background(self, key: str, job: Coroutine[Any, Any, Any]) -> None:
+        """Refresh `key`'s entry in a task of the running loop (see `refresh_in_background`);
+        `aclose()` cancels the tasks still running."""
+        with self._lock:
+            if self._closed or key in self._refreshing:
+                job.close()
+                return
+            self._refreshing.add(key)
 
         async def guarded() -> None:
-            with contextlib.suppress(Exception):  # the next caller computes and sees it
-                await job
+            try:
+                with contextlib.suppress(Exception):  # the next caller computes and sees it
+                    await job
+            finally:
+                with self._lock:
+                    self._refreshing.discard(key)
 
         task = asyncio.get_running_loop().create_task(guarded())
         self._refresh_tasks.add(task)
@@ -598,7 +694,9 @@ class Cache:
         tables reset themselves)."""
         self._lock = threading.Lock()
         self._refresher = None
+        self._computer = None
         self._refresh_tasks = set()
+        self._refreshing = set()
         self._tags_in_flight = {}
 
     def _fence(self, full_key: str) -> None:
@@ -708,6 +806,13 @@ class Cache:
         entry = self.store.get_strict(full) if strict else self.store.get(full)
         return None if entry is None else self._inspectable(entry)
 
+    async def aget_entry(self, key: str, *, strict: bool = False) -> Entry | None:
+        """`get_entry` for async code (on Redis, read in a worker thread: the event loop
+        never blocks)."""
+        if self.local:
+            return self.get_entry(key, strict=strict)
+        return await asyncio.to_thread(self.get_entry, key, strict=strict)
+
     def _inspectable(self, entry: Entry) -> Entry:
         """A copy of a stored entry for a reader: its own copy of the value (not the store's
         frozen form) and tags without the namespace, as the decorators name them."""
@@ -722,6 +827,7 @@ class Cache:
             compute_time=entry.compute_time,
             tags=tags,
             error=entry.error,
+            stale_if_error=entry.stale_if_error,
         )
 
     def keys(
@@ -742,6 +848,14 @@ class Cache:
         )
         return KeyList((key[len(self.prefix) :] for key in full), full.complete)
 
+    async def akeys(
+        self, pattern: str = "*", *, limit: int = 1000, max_scanned: int | None = None
+    ) -> KeyList:
+        """`keys` for async code (on Redis, scanned in a worker thread)."""
+        if self.local:
+            return self.keys(pattern, limit=limit, max_scanned=max_scanned)
+        return await asyncio.to_thread(self.keys, pattern, limit=limit, max_scanned=max_scanned)
+
     # -- stats and lifecycle ----------------------------------------------------------------
 
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -757,11 +871,31 @@ class Cache:
         return result
 
     def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.shutdown(wait=False)
+        """Stop background work and close the store's connections.
+
+        Background refreshes queued but not started are dropped and those running are
+        waited for, as are sync computations left running by callers that timed out; the
+        asyncio ones are `aclose`'s. The cache stays usable; nothing more is refreshed in
+        the background.
+        """
+        with self._lock:
+            self._closed = True
+            pools = [self._refresher, self._computer]
+            self._refresher = self._computer = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
     async def aclose(self) -> None:
+        """`close` for async code: also cancels this process's background refresh tasks
+        (of the running event loop) and waits until they have ended."""
+        loop = asyncio.get_running_loop()
+        tasks = [task for task in self._refresh_tasks if task.get_loop() is loop]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self.close)
         await self.store.aclose()
 
 
@@ -845,7 +979,11 @@ def cached(
     exclude: Sequence[str] = (),
     tags: Sequence[str] = (),
     stale_ttl: float = 0.0,
+    stale_if_error: float = 0.0,
     cache_errors: float | None = None,
+    timeout: float | None = None,
+    early_refresh: bool | float = False,
+    jitter: float = 0.0,
     copy: bool = True,
 ) -> Decorator: ...
 
@@ -859,7 +997,11 @@ def cached(
     exclude: Sequence[str] = (),
     tags: Sequence[str] = (),
     stale_ttl: float = 0.0,
+    stale_if_error: float = 0.0,
     cache_errors: float | None = None,
+    timeout: float | None = None,
+    early_refresh: bool | float = False,
+    jitter: float = 0.0,
     copy: bool = True,
 ) -> Any:
     """`Cache.cached` on the default cache (see `configure`)."""
@@ -867,12 +1009,16 @@ def cached(
         None,
         fn,
         store=True,
-        ttl=ttl,
         key=key,
         exclude=exclude,
         tags=tags,
+        ttl=ttl,
         stale_ttl=stale_ttl,
+        stale_if_error=stale_if_error,
         cache_errors=cache_errors,
+        timeout=timeout,
+        early_refresh=early_refresh,
+        jitter=jitter,
         copy=copy,
     )
 

@@ -4,13 +4,19 @@ The wrappers are written twice on purpose, sync and async side by side, each sho
 compare line by line. Both follow the same path:
 
 1. hot path: build the key, read the store, return a private copy of a fresh value;
-2. stale entry (inside its `stale_ttl` window): return it and refresh it in the background;
-3. miss: join the key's in-process flight; its leader checks the store again, then lets the
-   store `fill` the entry (on Redis: one process computes, the others receive its result).
+2. an entry to refresh (`entry.decide`: early, or stale within its `stale_ttl` window):
+   return it and refresh it in the background;
+3. miss: join the key's in-process flight (waiting at most `timeout`); its leader checks the
+   store again, then lets the store `fill` the entry (on Redis: one process computes, the
+   others receive its result). A computation that raises while the previous value is
+   within its `stale_if_error` window stores that value again for a second instead
+   (`entry.retry_entry`), so callers keep being served and the source is retried about
+   once a second.
 
 A store that fails degrades to computing directly (`on_backend_error="compute"`, the default)
 or raises `BackendError` (`"raise"`). Decisions that need no I/O live in `entry.py`,
-`keys.py` and `values.py`; this module only does the I/O in the order they decide.
+`options.py`, `keys.py` and `values.py`; this module only does the I/O in the order they
+decide. Time comes from `cache.clock` (`Cache(clock=...)`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import copy as _copy
 import functools
 import gc
 import inspect
+import math
+import random
 import sys
 import threading
 import time
@@ -28,16 +36,20 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
-from coalesce.entry import STORE_FAILED, Entry
-from coalesce.errors import BackendError, ConfigurationError
+from coalesce.entry import STORE_FAILED, Entry, Freshness, decide, retry_entry
+from coalesce.errors import BackendError, CoalesceTimeout, ConfigurationError
 from coalesce.keys import (
     KeyFunction,
     KeyPlan,
     callable_name,
+    generated_filename,
     plan_key,
     signature_source,
     template_key_function,
 )
+from coalesce.options import MAX_SECONDS as MAX_SECONDS  # importable from here too
+from coalesce.options import Options
+from coalesce.options import check_seconds as check_seconds
 from coalesce.stats import Stats
 from coalesce.stores.base import Fence
 from coalesce.values import Frozen, freeze, freeze_entry
@@ -82,7 +94,7 @@ class Decorator(Protocol):
 
 _perf = time.perf_counter
 _count_lock = threading.Lock()  # miss-path counters are exact; hits are counted lock-free
-_now = time.time
+_FRESH, _EARLY, _STALE = Freshness.FRESH, Freshness.EARLY, Freshness.STALE
 
 
 #: How a function without a cache of its own finds one at its first call: the default
@@ -99,16 +111,13 @@ class Policy:
         fn: Callable[..., Any],
         *,
         cache: Cache | None,
-        ttl: float | None,
         key: str | None,
         exclude: Sequence[str],
         tags: Sequence[str],
-        stale_ttl: float,
-        cache_errors: float | None,
-        copy: bool,
+        options: Options,
         store: bool,
     ) -> None:
-        self.set_options(ttl, stale_ttl, cache_errors, copy)
+        self.use(options)
         self.fn = fn
         self.name = f"{getattr(fn, '__module__', None)}.{callable_name(fn)}"
         self.key_template = key
@@ -120,17 +129,17 @@ class Policy:
         self.fixed_cache = cache
         self.cache: Cache | None = cache  # the default cache is bound at the first call
 
-    def set_options(
-        self, ttl: float | None, stale_ttl: float, cache_errors: float | None, copy: bool
-    ) -> None:
-        """Check the options of an entry's life and keep them (raises `ConfigurationError`
-        naming the option)."""
-        if not isinstance(copy, bool):
-            raise ConfigurationError(f"copy must be True or False, not {copy!r}")
-        self.ttl = check_seconds("ttl", ttl, allow_none=True)
-        self.stale_ttl = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
-        self.cache_errors = check_seconds("cache_errors", cache_errors, allow_none=True)
-        self.copy = copy
+    def use(self, options: Options) -> None:
+        """Keep checked options, each also as an attribute of its own (read per call)."""
+        self.options = options
+        self.ttl = options.ttl
+        self.stale_ttl = options.stale_ttl
+        self.stale_if_error = options.stale_if_error
+        self.cache_errors = options.cache_errors
+        self.timeout = options.timeout
+        self.beta = options.early_beta  # 0.0: no early refresh
+        self.jitter = options.jitter
+        self.copy = options.copy
 
     @property
     def stats_name(self) -> str:
@@ -157,12 +166,21 @@ class Policy:
         elapsed = _perf() - started
         if self.store and (self.copy or cache.store.shared):
             value = freeze(value, cache.serializer, self.name)
-        return Entry(value, _now(), self.ttl_for(cache), self.stale_ttl, elapsed, tags)
+        ttl = self.ttl_for(cache)
+        if self.jitter and ttl is not None:  # uniform in [ttl * (1 - jitter), ttl]
+            ttl -= ttl * self.jitter * random.random()
+        now = cache.clock()
+        return Entry(value, now, ttl, self.stale_ttl, elapsed, tags, False, self.stale_if_error)
 
     def error_entry(self, cache: Cache, exc: Exception, started: float) -> Entry:
         assert self.cache_errors is not None
         spec = [_text(type(exc).__module__), _text(type(exc).__qualname__), _message(exc)]
-        return Entry(spec, _now(), self.cache_errors, 0.0, _perf() - started, (), error=True)
+        return Entry(spec, cache.clock(), self.cache_errors, 0.0, _perf() - started, (), True)
+
+    def count(self, counter: str) -> None:
+        """Add one to a miss-path counter (exact: under the lock)."""
+        with _count_lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
 
 def _call_given(fn: Callable[[], Any], key: str, tags: tuple[str, ...]) -> Any:
@@ -175,6 +193,7 @@ def _given_key(fn: Callable[[], Any], key: str, tags: tuple[str, ...]) -> str:
 
 
 _GIVEN_KEY = KeyPlan(_given_key, "", {}, "True", lambda raw_key: True)
+_ASIDE_DEFAULTS = Options()
 
 
 class AsidePolicy(Policy):
@@ -189,7 +208,7 @@ class AsidePolicy(Policy):
     """
 
     def __init__(self, cache: Cache, name: str) -> None:
-        self.set_options(None, 0.0, None, True)
+        self.use(_ASIDE_DEFAULTS)
         self.fn = _call_given
         self.name = name  # named in messages: "cannot encode ... of user"
         self.key_template = None
@@ -202,19 +221,16 @@ class AsidePolicy(Policy):
         self.cache = cache
         # this policy with other options, by the options as given (already checked)
         self._variants: dict[tuple[Any, ...], AsidePolicy] = {}
-        self._variants[(None, 0.0, None, True, type(None), float, type(None), bool)] = self
 
-    def with_options(
-        self, ttl: float | None, stale_ttl: float, cache_errors: float | None, copy: bool
-    ) -> AsidePolicy:
+    def with_options(self, given: dict[str, Any]) -> AsidePolicy:
         """This policy with one call's options (checked here), counting into its stats."""
         # by value and type: `ttl=True` must not find the variant of `ttl=1`; NaN finds none
-        options: tuple[Any, ...] = (ttl, stale_ttl, cache_errors, copy)
-        options += tuple(map(type, options))
+        values = tuple(given.values())
+        options = values + tuple(map(type, values))
         variant = self._variants.get(options)
         if variant is None:
             variant = _copy.copy(self)
-            variant.set_options(ttl, stale_ttl, cache_errors, copy)  # raises when wrong
+            variant.use(Options.checked(**given))  # raises when wrong
             if len(self._variants) >= 64:  # ttls computed per call: keep a few
                 self._variants.clear()
             self._variants[options] = variant
@@ -234,26 +250,6 @@ def _message(exc: Exception) -> str:
 def _text(text: str) -> str:
     """`text` as valid UTF-8 (a lone surrogate would make the entry unstorable)."""
     return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-MAX_SECONDS = 315_360_000  # 10 years: a longer time (or inf) is a mistake, and overflows stores
-
-
-def check_seconds(
-    name: str, value: float | None, *, allow_none: bool = False, allow_zero: bool = False
-) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigurationError(f"{name} must be positive, not {value!r}")
-    if value > MAX_SECONDS:
-        hint = "; ttl=None keeps entries without expiry" if allow_none else ""
-        raise ConfigurationError(
-            f"{name} must be at most {MAX_SECONDS:,} seconds (10 years), not {value!r}{hint}"
-        )
-    return float(value)
 
 
 def _result(entry: Entry) -> Any:
@@ -288,7 +284,8 @@ def _rebuild_error(spec: Any) -> Exception:
 # A hit is the common case, so it runs in a wrapper generated with the decorated function's
 # own parameter list: Python binds the arguments natively and the key is rendered inline
 # (see `keys.KeyPlan`). Everything else leaves it for `_slow` / `_aslow` below. The two
-# sources differ only in `async`/`await`.
+# sources differ only in `async`/`await`; `{fresh}` is the hit test (`_FRESH_TEST`, or with
+# early refresh `_EARLY_TEST`, which sends the call to `_slow` once XFetch says refresh).
 
 _SYNC_WRAPPER = """
 def __coalesce_wrapper({params}):
@@ -300,11 +297,7 @@ def __coalesce_wrapper({params}):
     except Exception:  # a huge int, a field that cannot render: the slow path says why
         return __coalesce_slow(__coalesce_cache, __coalesce_policy, "", None, {args}, {kwargs})
     __coalesce_e = __coalesce_cache.read(__coalesce_k) if {guard} else None
-    if (
-        __coalesce_e is not None
-        and __coalesce_e.fresh_until > __coalesce_now()
-        and not __coalesce_e.error
-    ):
+    if __coalesce_e is not None and {fresh} and not __coalesce_e.error:
         __coalesce_stats.hits += 1
         __coalesce_v = __coalesce_e.value
         if __coalesce_type(__coalesce_v) is __coalesce_Frozen:
@@ -332,11 +325,7 @@ async def __coalesce_wrapper({params}):
         __coalesce_e = __coalesce_cache.read(__coalesce_k)
     else:
         __coalesce_e = await __coalesce_cache.aread(__coalesce_k)
-    if (
-        __coalesce_e is not None
-        and __coalesce_e.fresh_until > __coalesce_now()
-        and not __coalesce_e.error
-    ):
+    if __coalesce_e is not None and {fresh} and not __coalesce_e.error:
         __coalesce_stats.hits += 1
         __coalesce_v = __coalesce_e.value
         if __coalesce_type(__coalesce_v) is __coalesce_Frozen:
@@ -347,14 +336,23 @@ async def __coalesce_wrapper({params}):
     )
 """
 
+_FRESH_TEST = "__coalesce_e.fresh_until > __coalesce_cache.clock()"
+# `entry.decide`'s EARLY test, inlined: fresh unless now + compute_time * beta * -ln(u) has
+# reached the expiry, for u uniform in (0, 1]
+_EARLY_TEST = (
+    "__coalesce_e.fresh_until > __coalesce_cache.clock()"
+    " - __coalesce_e.compute_time * {beta!r} * __coalesce_log(1.0 - __coalesce_random())"
+)
+
 
 def _generate(policy: Policy, is_async: bool) -> Callable[..., Any]:
     """Compile the hot-path wrapper of `policy.fn` (see the sources above)."""
     params, defaults, args, kwargs = signature_source(policy.fn)
     template = _ASYNC_WRAPPER if is_async else _SYNC_WRAPPER
     guard = policy.plan.hit_guard if policy.store else "False"  # `coalesced` never reads
+    fresh = _EARLY_TEST.format(beta=policy.beta) if policy.beta else _FRESH_TEST
     source = template.format(
-        params=params, args=args, kwargs=kwargs, expr=policy.plan.expr, guard=guard
+        params=params, args=args, kwargs=kwargs, expr=policy.plan.expr, guard=guard, fresh=fresh
     )
     names: dict[str, Any] = {
         **policy.plan.names,
@@ -362,36 +360,41 @@ def _generate(policy: Policy, is_async: bool) -> Callable[..., Any]:
         "__coalesce_policy": policy,
         "__coalesce_fn": policy.fn,
         "__coalesce_stats": policy.stats,
-        "__coalesce_now": time.time,
+        "__coalesce_log": math.log,
+        "__coalesce_random": random.random,
         "__coalesce_type": type,
         "__coalesce_Frozen": Frozen,
         "__coalesce_slow": _aslow if is_async else _slow,
     }
-    exec(compile(source, f"<coalesce wrapper of {policy.name}>", "exec"), names)
+    filename = generated_filename(f"wrapper of {policy.name}", source)
+    exec(compile(source, filename, "exec"), names)
     return cast(Callable[..., Any], names["__coalesce_wrapper"])
 
 
 def _slow(
     cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
 ) -> Any:
-    """Everything but a fresh hit: escaped keys, stale entries, cached errors, misses."""
+    """Everything but a fresh hit: escaped keys, entries to refresh, cached errors, misses."""
     stats = policy.stats
     key = cache.prefix + policy.make_key(*args, **kwargs)
     if policy.store:
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = cache.read(key)
         if entry is not None:
-            now = _now()
-            if entry.fresh_until > now:
+            state = decide(entry, cache.clock(), policy.beta)
+            if state is _FRESH:
                 stats.hits += 1
                 return _result(entry)
-            if entry.stale_until > now:
-                stats.stale += 1
+            if state is _EARLY or state is _STALE:
+                _served_to_refresh(policy, state)
                 if not cache.flights.running(key):
-                    cache.refresh_in_background(lambda: _miss(cache, policy, key, args, kwargs))
+                    early = state is _EARLY
+                    cache.refresh_in_background(
+                        key, lambda: _miss(cache, policy, key, args, kwargs, entry, refresh=early)
+                    )
                 return _result(entry)
         stats.misses += 1
-    return _result(_miss(cache, policy, key, args, kwargs, entry is STORE_FAILED))
+    return _result(_miss(cache, policy, key, args, kwargs, entry))
 
 
 async def _aslow(
@@ -404,35 +407,72 @@ async def _aslow(
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = await cache.aread(key)
         if entry is not None:
-            now = _now()
-            if entry.fresh_until > now:
+            state = decide(entry, cache.clock(), policy.beta)
+            if state is _FRESH:
                 stats.hits += 1
                 return _result(entry)
-            if entry.stale_until > now:
-                stats.stale += 1
+            if state is _EARLY or state is _STALE:
+                _served_to_refresh(policy, state)
                 if not cache.aflights.running(key):
-                    cache.arefresh_in_background(_amiss(cache, policy, key, args, kwargs))
+                    early = state is _EARLY
+                    cache.arefresh_in_background(
+                        key, _amiss(cache, policy, key, args, kwargs, entry, refresh=early)
+                    )
                 return _result(entry)
         stats.misses += 1
-    return _result(await _amiss(cache, policy, key, args, kwargs, entry is STORE_FAILED))
+    return _result(await _amiss(cache, policy, key, args, kwargs, entry))
+
+
+def _served_to_refresh(policy: Policy, state: Freshness) -> None:
+    """Count a call served an entry that is being refreshed: early (a hit) or stale."""
+    if state is _EARLY:
+        policy.stats.hits += 1
+    else:
+        policy.stats.stale += 1
 
 
 def _miss(
-    cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any, failed: bool = False
+    cache: Cache,
+    policy: Policy,
+    key: str,
+    args: Any,
+    kwargs: Any,
+    previous: Entry | None = None,
+    *,
+    refresh: bool = False,
 ) -> Entry:
     """Compute `key` once in this process (and across processes on a shared store).
 
-    `failed`: the store just failed this call's read; its leader computes without it.
+    `previous` is what this call read (`STORE_FAILED`: the store failed, so its leader
+    computes without it); `refresh`: it is fresh, refresh it anyway (early refresh).
     """
     raised: list[Exception] = []
-    entry, _ = cache.flights.run(
-        key,
-        lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised, failed),
-        policy.count_shared,
-    )
+    if refresh:
+        policy.count("early_refreshes")
+    try:
+        entry, _ = cache.flights.run(
+            key,
+            lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised, previous, refresh),
+            policy.count_shared,
+            policy.timeout,
+            cache.compute_pool() if policy.timeout is not None else None,
+        )
+    except CoalesceTimeout as exc:
+        return _after_timeout(cache, policy, previous, exc)
     if raised and entry.error:
         raise raised[0]  # the leader's caller gets its own exception, traceback and all
     return entry
+
+
+def _after_timeout(
+    cache: Cache, policy: Policy, previous: Entry | None, exc: CoalesceTimeout
+) -> Entry:
+    """A caller that stopped waiting: the previous entry when it may stand in, else `exc`."""
+    policy.count("timeouts")
+    if previous is not None and policy.store and previous.usable_on_error(cache.clock()):
+        policy.count("stale")
+        return previous
+    raise exc
 
 
 def _lead(
@@ -443,28 +483,28 @@ def _lead(
     args: Any,
     kwargs: Any,
     raised: list[Exception],
-    failed: bool = False,
+    previous: Entry | None = None,
+    refresh: bool = False,
 ) -> Entry:
     """The leader of this process: check again, then compute once (across processes).
 
     A failure cached with `cache_errors` goes into `raised`, so that the leader's own caller
     gets the original exception and the others its rebuilt form. After a failed read
-    (`failed`, or this one) it computes without the store. On a shared store the check
-    again is the first step of `fill` itself (Redis: the `CLAIM` script reads the entry
-    atomically with taking the lease), so nothing can be stored between them.
+    (`previous` is `STORE_FAILED`, or this one) it computes without the store. On a shared
+    store the check again is the first step of `fill` itself (Redis: the `CLAIM` script
+    reads the entry atomically with taking the lease), so nothing can be stored between
+    them. An early refresh (`refresh`) does not check again: the entry is fresh.
     """
-    if policy.store and not failed and cache.local:
+    failed = previous is STORE_FAILED
+    if policy.store and not failed and not refresh and cache.local:
         entry = cache.read(key)
-        if entry is not None and entry.fresh_until > _now():
+        if entry is not None and entry.fresh_until > cache.clock():
             return _shareable(cache, policy, entry)
         failed = entry is STORE_FAILED
     if failed:
-        policy.stats.backend_errors += 1
-        # check the fallback again (no I/O): a leader of this process may have just kept an
-        # entry there while this caller's read was failing
-        kept = cache.store.fallback(key) if policy.store else None
-        if kept is not None and kept.fresh_until > _now():
-            return _shareable(cache, policy, kept)
+        kept = _fallback(cache, policy, key)
+        if kept is not None:
+            return kept
     tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
 
@@ -473,11 +513,7 @@ def _lead(
         try:
             value = policy.fn(*args, **kwargs)
         except Exception as exc:
-            _count_computation(policy, started, failed=True)
-            if policy.cache_errors is None:
-                raise
-            raised.append(exc)
-            computed.append(policy.error_entry(cache, exc, started))
+            computed.append(_failed(cache, policy, exc, started, previous, raised))
             return computed[0]
         _count_computation(policy, started)
         computed.append(policy.make_entry(cache, value, started, tags))
@@ -490,12 +526,51 @@ def _lead(
         return computed[0]
     with cache.computing(key, tags):
         try:
-            return cache.store.fill(key, compute, fence=fence, tags=tags)
+            options = {"refresh": True} if refresh else {}
+            return _shareable(
+                cache, policy, cache.store.fill(key, compute, fence=fence, tags=tags, **options)
+            )
         except BackendError as exc:
             cache.backend_failed(policy, exc)
             entry = computed[0] if computed else compute()
             cache.remember(key, entry, fence)
             return entry
+
+
+def _fallback(cache: Cache, policy: Policy, key: str) -> Entry | None:
+    """After a failed read: count it, and check the fallback again (no I/O): a leader of
+    this process may have just kept an entry there while this caller's read was failing."""
+    policy.count("backend_errors")
+    kept = cache.store.fallback(key) if policy.store else None
+    if kept is not None and kept.fresh_until > cache.clock():
+        return _shareable(cache, policy, kept)
+    return None
+
+
+def _failed(
+    cache: Cache,
+    policy: Policy,
+    exc: Exception,
+    started: float,
+    previous: Entry | None,
+    raised: list[Exception],
+) -> Entry:
+    """The entry a computation that raised `exc` leaves, or raise it.
+
+    Within the previous value's `stale_if_error` window: that value again, fresh for a
+    second (`retry_entry`); with `cache_errors`: the failure as an entry (and `exc` into
+    `raised` for the leader's own caller); else `exc` goes up to every caller.
+    """
+    _count_computation(policy, started, failed=True)
+    if policy.stale_if_error and previous is not None and previous is not STORE_FAILED:
+        now = cache.clock()
+        if previous.usable_on_error(now):
+            policy.count("stale_on_error")
+            return retry_entry(previous, now)
+    if policy.cache_errors is None:
+        raise exc
+    raised.append(exc)
+    return policy.error_entry(cache, exc, started)
 
 
 def _shareable(cache: Cache, policy: Policy, entry: Entry) -> Entry:
@@ -523,14 +598,29 @@ def _count_computation(policy: Policy, started: float, *, failed: bool = False) 
 
 
 async def _amiss(
-    cache: Cache, policy: Policy, key: str, args: Any, kwargs: Any, failed: bool = False
+    cache: Cache,
+    policy: Policy,
+    key: str,
+    args: Any,
+    kwargs: Any,
+    previous: Entry | None = None,
+    *,
+    refresh: bool = False,
 ) -> Entry:
     raised: list[Exception] = []
-    entry, _ = await cache.aflights.run(
-        key,
-        lambda fence: _alead(cache, policy, key, fence, args, kwargs, raised, failed),
-        policy.count_shared,
-    )
+    if refresh:
+        policy.count("early_refreshes")
+    try:
+        entry, _ = await cache.aflights.run(
+            key,
+            lambda fence: _alead(
+                cache, policy, key, fence, args, kwargs, raised, previous, refresh
+            ),
+            policy.count_shared,
+            policy.timeout,
+        )
+    except CoalesceTimeout as exc:
+        return _after_timeout(cache, policy, previous, exc)
     if raised and entry.error:
         raise raised[0]
     return entry
@@ -544,21 +634,20 @@ async def _alead(
     args: Any,
     kwargs: Any,
     raised: list[Exception],
-    failed: bool = False,
+    previous: Entry | None = None,
+    refresh: bool = False,
 ) -> Entry:
     """The leader of this process on this loop: check again, then compute once."""
-    if policy.store and not failed and cache.local:
+    failed = previous is STORE_FAILED
+    if policy.store and not failed and not refresh and cache.local:
         entry = await cache.aread(key)
-        if entry is not None and entry.fresh_until > _now():
+        if entry is not None and entry.fresh_until > cache.clock():
             return _shareable(cache, policy, entry)
         failed = entry is STORE_FAILED
     if failed:
-        policy.stats.backend_errors += 1
-        # check the fallback again (no I/O): a leader of this process may have just kept an
-        # entry there while this caller's read was failing
-        kept = cache.store.fallback(key) if policy.store else None
-        if kept is not None and kept.fresh_until > _now():
-            return _shareable(cache, policy, kept)
+        kept = _fallback(cache, policy, key)
+        if kept is not None:
+            return kept
     tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
 
@@ -567,11 +656,7 @@ async def _alead(
         try:
             value = await policy.fn(*args, **kwargs)
         except Exception as exc:
-            _count_computation(policy, started, failed=True)
-            if policy.cache_errors is None:
-                raise
-            raised.append(exc)
-            computed.append(policy.error_entry(cache, exc, started))
+            computed.append(_failed(cache, policy, exc, started, previous, raised))
             return computed[0]
         _count_computation(policy, started)
         computed.append(policy.make_entry(cache, value, started, tags))
@@ -584,7 +669,9 @@ async def _alead(
         return computed[0]
     with cache.computing(key, tags):
         try:
-            return await cache.store.afill(key, compute, fence=fence, tags=tags)
+            options = {"refresh": True} if refresh else {}
+            entry = await cache.store.afill(key, compute, fence=fence, tags=tags, **options)
+            return _shareable(cache, policy, entry)
         except BackendError as exc:
             cache.backend_failed(policy, exc)
             entry = computed[0] if computed else await compute()
@@ -603,7 +690,12 @@ def get_or_set(
     """`key` (stored form, without namespace) from the store, else `fn()` computed once."""
     full = cache.prefix + key
     entry = cache.read(full)
-    if entry is not None and entry.fresh_until > _now() and not entry.error:
+    if (
+        entry is not None
+        and entry.fresh_until > cache.clock()
+        and not entry.error
+        and not policy.beta
+    ):
         policy.stats.hits += 1
         value = entry.value
         return value.thaw() if type(value) is Frozen else value
@@ -620,17 +712,22 @@ async def aget_or_set(
     """`get_or_set` for async code: `await fn()` computed once."""
     full = cache.prefix + key
     entry = cache.read(full) if cache.local else await cache.aread(full)
-    if entry is not None and entry.fresh_until > _now() and not entry.error:
+    if (
+        entry is not None
+        and entry.fresh_until > cache.clock()
+        and not entry.error
+        and not policy.beta
+    ):
         policy.stats.hits += 1
         value = entry.value
         return value.thaw() if type(value) is Frozen else value
     return await _aslow(cache, policy, full, entry, (fn, key, tags), {})
 
 
-def served(entry: Entry | None, default: Any) -> Any:
+def served(entry: Entry | None, default: Any, now: float) -> Any:
     """What `Cache.get` returns for an entry it read: what a decorated call would serve
     (a private copy of a fresh or stale value, a cached failure raised), else `default`."""
-    if entry is None or entry.stale_until <= _now():
+    if entry is None or entry.stale_until <= now:
         return default  # missing, expired, or `STORE_FAILED`
     return _result(entry)
 
@@ -672,7 +769,7 @@ def decorate(policy: Policy) -> Callable[..., Any]:
     wrapper.key = key
     wrapper.invalidate = invalidate
     wrapper.stats = stats
-    wrapper.policy = policy
+    wrapper._policy = policy  # internal: not part of the public surface
     return cast(Callable[..., Any], wrapper)
 
 
@@ -780,20 +877,18 @@ def make_decorator(
     fn: Callable[..., Any] | None,
     *,
     store: bool,
-    ttl: float | None = None,
     key: str | None = None,
     exclude: Sequence[str] = (),
     tags: Sequence[str] = (),
-    stale_ttl: float = 0.0,
-    cache_errors: float | None = None,
-    copy: bool = True,
+    **options: Any,
 ) -> Any:
-    """Shared by `Cache.cached`, `Cache.coalesced` and the module-level decorators."""
-
+    """Shared by `Cache.cached`, `Cache.coalesced` and the module-level decorators;
+    `options` are those of `Options.checked`, checked here, once."""
     for name, given in (("exclude", exclude), ("tags", tags)):
         if isinstance(given, (str, bytes)) or not all(isinstance(x, str) for x in given):
             what = "parameter names" if name == "exclude" else "tag templates"
             raise ConfigurationError(f"{name} must be a list of {what}, not {given!r}")
+    checked = Options.checked(**options)
 
     def decorator(func: F) -> F:
         if not callable(func):
@@ -806,13 +901,10 @@ def make_decorator(
         policy = Policy(
             func,
             cache=cache,
-            ttl=ttl,
             key=key,
             exclude=tuple(exclude),
             tags=tuple(tags),
-            stale_ttl=stale_ttl,
-            cache_errors=cache_errors,
-            copy=copy,
+            options=checked,
             store=store,
         )
         if cache is not None:

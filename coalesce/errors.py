@@ -56,6 +56,20 @@ class LeaderFailedError(CoalesceError):
         )
 
 
+class CoalesceTimeout(CoalesceError, TimeoutError):
+    """A caller waited `timeout` seconds for a computation and no stale value could be
+    served; the computation goes on, and its result is stored when it lands."""
+
+    def __init__(self, key: str, timeout: float) -> None:
+        self.key = key
+        self.timeout = timeout
+        super().__init__(
+            f"waited {timeout:g} s for the computation of {key!r} (timeout={timeout:g}); it "
+            "goes on and its result will be cached; no stale value was there to serve "
+            "(stale_ttl / stale_if_error)"
+        )
+
+
 class ReentrantCallError(CoalesceError, RuntimeError):
     """A computation asked for its own key: waiting for itself would never end."""
 

@@ -19,6 +19,10 @@ contract (after Go's `singleflight`):
   that caller alone. The computation is cancelled only when no caller waits any more; a
   caller that arrived meanwhile starts over. Callers on several event loops of one process
   share one computation too.
+* `timeout`: a caller that has waited that long gets `CoalesceTimeout`, alone; the
+  computation goes on for the others and ends as if nobody had left (a timeout is not a
+  cancellation: an asyncio computation every caller timed out on is never cancelled). Sync
+  leaders with a timeout compute on the given thread pool, so that they can leave too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from coalesce.errors import ReentrantCallError
+from coalesce.errors import CoalesceTimeout, ReentrantCallError
 from coalesce.stores.base import Fence
 
 T = TypeVar("T")
@@ -85,12 +89,18 @@ class ThreadFlights(Generic[T]):
         self._flights = {}
 
     def run(
-        self, key: str, compute: Callable[[Fence], T], on_shared: Callable[[], None] = _nothing
+        self,
+        key: str,
+        compute: Callable[[Fence], T],
+        on_shared: Callable[[], None] = _nothing,
+        timeout: float | None = None,
+        pool: concurrent.futures.Executor | None = None,
     ) -> tuple[T, bool]:
         """Run `compute` once for all overlapping callers of `key`; return (value, shared).
 
         `on_shared` is called once by every follower that receives the leader's outcome,
-        value or exception.
+        value or exception. With `timeout` (and the `pool` a leader computes on), a caller
+        that has waited that long raises `CoalesceTimeout`.
         """
         for _ in range(_MAX_RESTARTS):
             with self._lock:
@@ -99,17 +109,28 @@ class ThreadFlights(Generic[T]):
                 if flight is None:
                     flight = self._flights[key] = _ThreadFlight()
             if leader:
-                return self._lead(key, flight, compute), False
-            if flight.thread == threading.get_ident():
+                if timeout is None or pool is None:
+                    return self._lead(key, flight, compute), False
+                pool.submit(self._lead_in_pool, key, flight, compute)
+            elif flight.thread == threading.get_ident():
                 raise ReentrantCallError(key)
-            flight.done.wait()
+            if not flight.done.wait(timeout):
+                raise CoalesceTimeout(key, timeout or 0.0)
             if flight.abandoned:
                 continue
-            on_shared()
+            if not leader:
+                on_shared()
             if flight.error is not None:
                 raise flight.error
-            return flight.value, True  # type: ignore[return-value]
+            return flight.value, not leader  # type: ignore[return-value]
         raise RuntimeError(f"the computation of {key!r} was abandoned {_MAX_RESTARTS} times")
+
+    def _lead_in_pool(
+        self, key: str, flight: _ThreadFlight[T], compute: Callable[[Fence], T]
+    ) -> None:
+        flight.thread = threading.get_ident()  # the computing thread, for `ReentrantCallError`
+        with contextlib.suppress(Exception):  # handed to the callers through the flight
+            self._lead(key, flight, compute)
 
     def _lead(self, key: str, flight: _ThreadFlight[T], compute: Callable[[Fence], T]) -> T:
         try:
@@ -167,7 +188,7 @@ class _AsyncFlight:
     `Task.cancelling()` (3.11+).
     """
 
-    __slots__ = ("fence", "loop", "outcome", "result", "task", "waiters")
+    __slots__ = ("fence", "loop", "outcome", "result", "task", "timed_out", "waiters")
 
     def __init__(
         self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop, fence: Fence
@@ -178,6 +199,7 @@ class _AsyncFlight:
         self.result: asyncio.Future[Any] = loop.create_future()
         self.outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.waiters = 0  # callers awaiting the outcome; guarded by `AsyncFlights._lock`
+        self.timed_out = False  # a caller left on its timeout: never cancel; likewise
 
     def done(self) -> bool:
         return self.outcome.done()
@@ -237,10 +259,12 @@ class AsyncFlights:
         key: str,
         compute: Callable[[Fence], Awaitable[T]],
         on_shared: Callable[[], None] = _nothing,
+        timeout: float | None = None,
     ) -> tuple[T, bool]:
         """Await `compute` once for all overlapping callers of `key`; return (value, shared).
 
         `on_shared` is called once by every follower that receives the leader's outcome.
+        With `timeout`, a caller that has waited that long raises `CoalesceTimeout`.
         """
         loop = asyncio.get_running_loop()
         for _ in range(_MAX_RESTARTS):
@@ -253,7 +277,14 @@ class AsyncFlights:
                     raise ReentrantCallError(key)
                 flight.waiters += 1
             try:
-                value = await flight.wait(loop)
+                if timeout is None:
+                    value = await flight.wait(loop)
+                else:
+                    value = await asyncio.wait_for(flight.wait(loop), timeout)
+            except asyncio.TimeoutError:
+                with self._lock:
+                    flight.timed_out = True
+                raise CoalesceTimeout(key, timeout or 0.0) from None
             except _Cancelled:
                 continue  # the computation was cancelled, not this caller: start over
             except BaseException:
@@ -267,7 +298,7 @@ class AsyncFlights:
             finally:
                 with self._lock:
                     flight.waiters -= 1
-                    abandoned = flight.waiters == 0 and not flight.done()
+                    abandoned = flight.waiters == 0 and not flight.done() and not flight.timed_out
                 if abandoned:
                     flight.cancel()  # nobody is left to receive the result
         raise RuntimeError(f"the computation of {key!r} was abandoned {_MAX_RESTARTS} times")

@@ -51,6 +51,8 @@ import enum
 import gc
 import hashlib
 import inspect
+import itertools
+import linecache
 import re
 import string
 import threading
@@ -392,6 +394,17 @@ def callable_name(fn: Callable[..., Any]) -> str:
     return name if isinstance(name, str) else type(fn).__qualname__
 
 
+_generated = itertools.count(1)
+
+
+def generated_filename(what: str, source: str) -> str:
+    """A unique file name for generated `source`, registered with `linecache` so that a
+    traceback through it (and pdb) shows the generated lines."""
+    filename = f"<coalesce {what} #{next(_generated)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return filename
+
+
 def _compile(
     fn: Callable[..., Any], body: str, namespace: dict[str, Any], suffix: str
 ) -> KeyFunction:
@@ -400,8 +413,9 @@ def _compile(
     namespace = {**namespace, **defaults}
     source = f"def __coalesce_key({params}):\n    {body}\n"
     name = callable_name(fn)
+    filename = generated_filename(f"key of {getattr(fn, '__module__', None)}.{name}", source)
     try:
-        code = compile(source, f"<coalesce key of {name}>", "exec")
+        code = compile(source, filename, "exec")
     except (SyntaxError, ValueError, UnicodeError) as exc:
         # every mistake a template can hold is caught before, so this is one we missed
         raise KeyTemplateError(f"cannot compile the key of {name}: {exc}") from None

@@ -12,7 +12,8 @@ added to the hot path and nothing is counted twice. Metrics (counters carry `_to
 * `coalesce_hits_total`, `coalesce_stale_total` (stale entries served while refreshed),
   `coalesce_misses_total` (calls that found no usable entry), `coalesce_coalesced_total`
   (misses that received another caller's computation), `coalesce_computations_total`,
-  `coalesce_errors_total`, `coalesce_backend_errors_total`, `coalesce_invalidations_total`,
+  `coalesce_errors_total`, `coalesce_early_refreshes_total`, `coalesce_stale_on_error_total`,
+  `coalesce_timeouts_total`, `coalesce_backend_errors_total`, `coalesce_invalidations_total`,
   `coalesce_compute_seconds_total`, each `{namespace, function}`: `function` is the key
   template, else the qualified name (as `Cache.stats()` names it);
 * `coalesce_http_requests_total{route, cache}` (`cache`: hit, miss, stale, coalesced,
@@ -51,6 +52,9 @@ _PER_FUNCTION = (
     ("coalesced", "coalesced", "Misses that received another caller's computation."),
     ("computations", "computations", "Times the function itself ran (the expensive part)."),
     ("errors", "errors", "Computations that raised."),
+    ("early_refreshes", "early_refreshes", "Refreshes started before expiry (early_refresh)."),
+    ("stale_on_error", "stale_on_error", "Failed refreshes that kept serving the old value."),
+    ("timeouts", "timeouts", "Callers that stopped waiting for a computation (timeout)."),
     ("backend_errors", "backend_errors", "Store failures that degraded to computing directly."),
     ("invalidations", "invalidations", "Entries deleted through the function's invalidate()."),
     ("compute_seconds", "compute_time", "Seconds spent in computations."),

@@ -355,6 +355,8 @@ def encode_entry(
         payload,
         bool(entry.error),
     ]
+    if entry.stale_if_error:  # written only when set: 0.2 readers still read other entries
+        record.append(float(entry.stale_if_error))
     return _pack(record)  # only exact builtins in `record`: never reaches the hook
 
 
@@ -362,8 +364,13 @@ def _valid_record(record: Any) -> bool:
     """Whether `record` is exactly the array `encode_entry` writes (on every Redis hit: kept
     to plain comparisons, no helper calls)."""
     if type(record) is not list or len(record) != _ENTRY_FIELDS:
-        return False
-    marker, created, ttl, stale_ttl, compute_time, tags, name, payload, error = record
+        if type(record) is not list or len(record) != _ENTRY_FIELDS + 1:
+            return False
+        if type(record[-1]) is not float:  # stale_if_error
+            return False
+    marker, created, ttl, stale_ttl, compute_time, tags, name, payload, error = record[
+        :_ENTRY_FIELDS
+    ]
     return (
         marker == _ENTRY_MARKER
         and type(marker) is str
@@ -417,7 +424,8 @@ def decode_entry(data: bytes, serializer: Serializer, *, context: str = "") -> E
     serializer: pickle data is never handed to a msgpack cache's decoder, and vice versa.
     """
     record = _read_record(data, context)
-    _, created, ttl, stale_ttl, compute_time, tags, name, payload, error = record
+    _, created, ttl, stale_ttl, compute_time, tags, name, payload, error = record[:_ENTRY_FIELDS]
+    stale_if_error = record[_ENTRY_FIELDS] if len(record) > _ENTRY_FIELDS else 0.0
     if name != serializer.name:
         what = f"the cache entry of {context}" if context else "a cache entry"
         raise SerializationError(
@@ -434,7 +442,7 @@ def decode_entry(data: bytes, serializer: Serializer, *, context: str = "") -> E
         raise SerializationError(
             f"cannot decode {what}: a cached failure must be [module, qualname, message]"
         )
-    return Entry(value, created, ttl, stale_ttl, compute_time, tuple(tags), error)
+    return Entry(value, created, ttl, stale_ttl, compute_time, tuple(tags), error, stale_if_error)
 
 
 def _is_failure_spec(value: Any) -> bool:

@@ -22,6 +22,9 @@ class Stats:
     coalesced: int = 0  # callers that received a result computed for another caller
     computations: int = 0  # times the function itself ran (the expensive part)
     errors: int = 0  # computations that raised
+    early_refreshes: int = 0  # fresh entries refreshed before expiry (early_refresh)
+    stale_on_error: int = 0  # expired entries served because their refresh failed
+    timeouts: int = 0  # callers that stopped waiting for a computation (timeout)
     invalidations: int = 0  # entries deleted through this function's invalidate()
     backend_errors: int = 0  # store failures that degraded to computing directly
     compute_time: float = 0.0  # seconds spent in computations, in total

@@ -119,4 +119,5 @@ def freeze_entry(entry: Entry, serializer: Serializer) -> Entry:
         entry.compute_time,
         entry.tags,
         entry.error,
+        entry.stale_if_error,
     )

@@ -314,11 +314,16 @@ def cmd_get(args: argparse.Namespace) -> int:
             status = "fresh, never expires by time"
         elif remaining > 0:
             status = f"fresh, expires in {human_seconds(remaining)}"
-        else:
+        elif now < entry.stale_until:
             status = f"stale, served while refreshing for {human_seconds(entry.stale_until - now)}"
+        else:
+            kept = human_seconds(max(0.0, entry.kept_until - now))
+            status = f"expired, served only if its refresh fails, for {kept} (stale_if_error)"
         ttl = "none" if entry.ttl is None or entry.ttl == math.inf else human_seconds(entry.ttl)
         if entry.stale_ttl:
             ttl += f" (+ {human_seconds(entry.stale_ttl)} stale)"
+        if entry.stale_if_error:
+            ttl += f" (+ {human_seconds(entry.stale_if_error)} stale if error)"
         tags = entry.tags
         print(f"key        {key}{form_note(given, key, forms, True)}")
         print(f"status     {status}")

@@ -29,21 +29,22 @@ from typing import Any
 
 import cachetools
 
-from coalesce.entry import Entry
+from coalesce.entry import Clock, Entry
+from coalesce.errors import ConfigurationError
 from coalesce.stores.base import Fence, KeyList, Store
 
 
-def _keep_until(_key: str, entry: Entry, now: float) -> float:
-    """`TLRUCache`'s time-to-use: until the entry's stale window ends (monotonic clock)."""
-    keep = entry.keep_for(time.time())
-    return math.inf if keep is None else now + keep
+def _keep_until(_key: str, entry: Entry, _now: float) -> float:
+    """`TLRUCache`'s time-to-use: until the entry's stale windows end (on the store's clock,
+    which is also the `TLRUCache` timer)."""
+    return math.inf if entry.ttl is None else entry.kept_until
 
 
 class _Bookkeeping(cachetools.TLRUCache):  # type: ignore[type-arg]
     """The LRU/TTL structure; tells the store about every key it drops."""
 
-    def __init__(self, maxsize: int, dropped: Callable[[str], None]) -> None:
-        super().__init__(maxsize, ttu=_keep_until)
+    def __init__(self, maxsize: int, dropped: Callable[[str], None], clock: Clock) -> None:
+        super().__init__(maxsize, ttu=_keep_until, timer=clock)
         self._dropped = dropped
 
     def expire(self, time: float | None = None) -> list[tuple[str, Entry]]:
@@ -59,19 +60,26 @@ class _Bookkeeping(cachetools.TLRUCache):  # type: ignore[type-arg]
 
 
 class MemoryStore(Store):
-    """Entries in this process's memory, bounded by `maxsize` entries."""
+    """Entries in this process's memory, bounded by `maxsize` entries.
+
+    `clock` tells the time entries are kept by (`time.time` unless the `Cache` was given
+    another: the decisions and the store must agree on it).
+    """
 
     shared = False
 
-    def __init__(self, maxsize: int = 10_000) -> None:
-        if not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"maxsize must be a positive integer, not {maxsize!r}")
+    def __init__(self, maxsize: int = 10_000, *, clock: Clock = time.time) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ConfigurationError(f"maxsize must be a positive integer, not {maxsize!r}")
+        if not callable(clock):
+            raise ConfigurationError(f"clock must be a function returning seconds, not {clock!r}")
         self.maxsize = maxsize
+        self.clock = clock
         self._lock = threading.Lock()  # guards _lru, _tags and writes to _index
         self._index: dict[str, Entry] = {}  # read without the lock
         self._tags: dict[str, set[str]] = {}
         self._touched: deque[str] = deque(maxlen=maxsize)  # reads not yet replayed
-        self._lru = _Bookkeeping(maxsize, self._forget)
+        self._lru = _Bookkeeping(maxsize, self._forget, clock)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -90,11 +98,11 @@ class MemoryStore(Store):
     def keys(
         self, pattern: str = "*", *, limit: int = 1000, max_scanned: int | None = None
     ) -> KeyList:
-        now = time.time()
+        now = self.clock()
         found = KeyList()
         items = list(self._index.items())
         for scanned, (key, entry) in enumerate(items, 1):
-            if entry.stale_until > now and fnmatch.fnmatchcase(key, pattern):
+            if entry.kept_until > now and fnmatch.fnmatchcase(key, pattern):
                 found.append(key)
                 if len(found) >= limit:
                     found.complete = scanned == len(items)
@@ -136,7 +144,13 @@ class MemoryStore(Store):
             self._touched.clear()
 
     def fill(
-        self, key: str, compute: Callable[[], Entry], *, fence: Fence, tags: tuple[str, ...] = ()
+        self,
+        key: str,
+        compute: Callable[[], Entry],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
+        refresh: bool = False,
     ) -> Entry:
         entry = compute()
         self.set(key, entry, fence=fence)
@@ -158,6 +172,7 @@ class MemoryStore(Store):
         *,
         fence: Fence,
         tags: tuple[str, ...] = (),
+        refresh: bool = False,
     ) -> Entry:
         entry = await compute()
         self.set(key, entry, fence=fence)
@@ -176,7 +191,7 @@ class MemoryStore(Store):
         entry = self._index.get(key)
         self._lru.pop(key, None)
         self._forget(key)
-        return entry is not None and entry.stale_until > time.time()
+        return entry is not None and entry.kept_until > self.clock()
 
     def _forget(self, key: str) -> None:
         entry = self._index.pop(key, None)
