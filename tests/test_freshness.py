@@ -579,3 +579,44 @@ async def test_aget_entry_and_akeys_match_their_sync_twins(
         assert await cache.aget_entry("user:2") is None
         assert await cache.akeys("user:*") == cache.keys("user:*") == ["user:1"]
         await cache.aclose()
+
+
+def test_early_refresh_on_redis_refreshes_once_per_fleet_and_nobody_waits(
+    redis_url: str, unique_namespace: str
+) -> None:
+    """Two caches (separate flights, like two processes) hammer one hot key across several
+    expiries: every call after the cold one is a hit, and refreshes stay about one per ttl
+    for the pair (the lease keeps them to one at a time)."""
+    caches = [Cache(redis_url, namespace=unique_namespace) for _ in range(2)]
+    computed = []
+    lock = threading.Lock()
+
+    def make(cache: Cache) -> Any:
+        @cache.cached(ttl=0.4, early_refresh=True, key="hot")
+        def hot() -> float:
+            time.sleep(0.05)
+            with lock:
+                computed.append(time.monotonic())
+            return time.monotonic()
+
+        return hot
+
+    functions = [make(cache) for cache in caches]
+    functions[0]()  # the cold miss
+    stop = time.monotonic() + 2.0
+
+    def hammer(fn: Any) -> None:
+        while time.monotonic() < stop:
+            fn()
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=hammer, args=(fn,)) for fn in functions for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    misses = sum(fn.stats()["misses"] for fn in functions)
+    assert misses == 1  # only the cold call waited for a computation
+    assert 4 <= len(computed) <= 12, len(computed)  # about one per 0.4 s, not one per cache
+    for cache in caches:
+        cache.close()
