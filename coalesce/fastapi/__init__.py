@@ -273,6 +273,10 @@ def cached(
     shared: bool = False,
     tags: Sequence[str] = (),
     stale_ttl: float = 0.0,
+    stale_if_error: float = 0.0,
+    timeout: float | None = None,
+    early_refresh: bool | float = False,
+    jitter: float = 0.0,
     cache: Cache | None = None,
     cache_4xx: bool = False,
     honor_client_no_cache: bool = False,
@@ -283,6 +287,8 @@ def cached(
     `cache` defaults to `coalesce.get_cache()` at each request; `ttl` to its `default_ttl`.
     `tags` are templates over the handler's parameters (`"item:{item_id}"`), for
     `Cache.invalidate_tag`. `registry` collects the metrics (default `REGISTRY`).
+    `stale_if_error`, `timeout`, `early_refresh` and `jitter` mean what they mean for
+    `coalesce.cached` (`stale_if_error` is also sent as `Cache-Control: stale-if-error`).
     """
     if callable(ttl):  # used bare: @cached
         return cached()(ttl)
@@ -299,6 +305,12 @@ def cached(
             shared=shared,
             tags=tags,
             stale_ttl=stale_ttl,
+            freshness={
+                "stale_if_error": stale_if_error,
+                "timeout": timeout,
+                "early_refresh": early_refresh,
+                "jitter": jitter,
+            },
             cache=cache,
             cache_4xx=cache_4xx,
             honor_client_no_cache=honor_client_no_cache,

@@ -140,6 +140,7 @@ class ServedRoute:
         self.responder = Responder(
             vary_header=self.vary.encode("latin-1"),
             stale_ttl=owner.stale_ttl,
+            stale_if_error=owner.stale_if_error,
         )
 
     def credentials(self, request: Request) -> list[str]:
@@ -224,7 +225,10 @@ class CachedRoute:
         cache_4xx: bool,
         honor_client_no_cache: bool,
         registry: MetricsRegistry | None,
+        freshness: dict[str, Any] | None = None,
     ) -> None:
+        """`freshness`: `stale_if_error`, `timeout`, `early_refresh`, `jitter`, handed to
+        the core decorator (which checks them) as they were given."""
         if not callable(fn):
             refuse(f"@{'cached' if store else 'coalesced'} decorates a handler, not {fn!r}")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -306,10 +310,18 @@ class CachedRoute:
         self.inner: Any
         if store:
             self.inner = (cache.cached if cache else coalesce.cached)(
-                ttl=ttl, key="{key}", tags=tag_fields, stale_ttl=stale_ttl, copy=False
+                ttl=ttl,
+                key="{key}",
+                tags=tag_fields,
+                stale_ttl=stale_ttl,
+                copy=False,
+                **(freshness or {}),
             )(compute)
         else:
             self.inner = (cache.coalesced if cache else coalesce.coalesced)(key="{key}")(compute)
+        given = freshness or {}  # checked by the core decorator above
+        self.stale_if_error = float(given.get("stale_if_error", 0.0)) if store else 0.0
+        self.early_refresh = given.get("early_refresh", False) is not False
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -487,7 +499,8 @@ class CachedRoute:
                 if (
                     entry is not None
                     and type(entry.value) is dict
-                    and entry.fresh_until > time.time()
+                    and entry.fresh_until > cache.clock()
+                    and not self.early_refresh
                 ):
                     metrics.hits += 1
                     return self.respond(

@@ -14,7 +14,6 @@ take the full way, which is correct and slower.
 
 from __future__ import annotations
 
-import time
 import typing
 from typing import TYPE_CHECKING, Any
 
@@ -157,7 +156,8 @@ class HitShortcut:
         if (
             entry is None
             or type(entry.value) is not dict
-            or entry.fresh_until <= time.time()
+            or entry.fresh_until <= cache.clock()
+            or route.early_refresh  # the core's hot path decides when to refresh
             or "detail" in entry.value  # a cached exception: the full way raises it
         ):
             return False

@@ -200,12 +200,18 @@ def response_age(created: float, ttl: float | None, now: float) -> int:
 
 
 def cache_control_value(
-    max_age: int, *, private: bool = False, stale_while_revalidate: float = 0.0
+    max_age: int,
+    *,
+    private: bool = False,
+    stale_while_revalidate: float = 0.0,
+    stale_if_error: float = 0.0,
 ) -> str:
     """The `Cache-Control` the cache writes itself (the handler did not write one)."""
     value = f"{'private' if private else 'public'}, max-age={max_age}"
     if stale_while_revalidate > 0:
         value += f", stale-while-revalidate={delta_seconds(stale_while_revalidate)}"
+    if stale_if_error > 0:
+        value += f", stale-if-error={delta_seconds(stale_if_error)}"
     return value
 
 
@@ -234,6 +240,7 @@ def cache_control_for(
     private: bool,
     ttl: float | None,
     stale_ttl: float = 0.0,
+    stale_if_error: float = 0.0,
     expires: bool = False,
 ) -> str | None:
     """The `Cache-Control` of a response produced from an entry (None: send none).
@@ -247,7 +254,8 @@ def cache_control_for(
       would override it, RFC 9111 5.3); only `private` is said, for a per-user response.
     * Else a route that keeps nothing (`ttl` None): nothing, or `private` per user.
     * Else the cache's own: `public` (per user `private`), `max-age=<ttl>` and with a
-      `stale_ttl`, `stale-while-revalidate=<stale_ttl>` (RFC 5861 3). The same on every
+      `stale_ttl`, `stale-while-revalidate=<stale_ttl>` (RFC 5861 3), and with
+      `stale_if_error`, `stale-if-error=<stale_if_error>` (RFC 5861 4). The same on every
       response of the entry: its age is told by `Age`, which a downstream cache adds to its
       own clock (RFC 9111 4.2.3), so that cache's freshness ends when the entry's does.
     """
@@ -256,7 +264,10 @@ def cache_control_for(
     if expires or ttl is None:
         return "private" if private else None
     return cache_control_value(
-        delta_seconds(ttl), private=private, stale_while_revalidate=stale_ttl
+        delta_seconds(ttl),
+        private=private,
+        stale_while_revalidate=stale_ttl,
+        stale_if_error=stale_if_error,
     )
 
 

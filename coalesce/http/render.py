@@ -152,9 +152,17 @@ class Responder:
     store are new dicts on every read and are not remembered.
     """
 
-    def __init__(self, *, vary_header: bytes, stale_ttl: float, memo_size: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        vary_header: bytes,
+        stale_ttl: float,
+        stale_if_error: float = 0.0,
+        memo_size: int = 256,
+    ) -> None:
         self.vary_header = vary_header
         self.stale_ttl = stale_ttl
+        self.stale_if_error = stale_if_error
         self.memo_size = memo_size
         self._memo: dict[int, Encoded] = {}
         # (handler's Cache-Control, its Expires, private, ttl) -> the Cache-Control sent
@@ -180,7 +188,12 @@ class Responder:
         control = self._controls.get(key)
         if control is None:
             text = cache_control_for(
-                handler, private=private, ttl=ttl, stale_ttl=self.stale_ttl, expires=expires
+                handler,
+                private=private,
+                ttl=ttl,
+                stale_ttl=self.stale_ttl,
+                stale_if_error=self.stale_if_error,
+                expires=expires,
             )
             control = b"" if text is None else text.encode("latin-1")
             if len(self._controls) >= self.memo_size:

@@ -230,7 +230,10 @@ class ViewCache:
         cache_4xx: bool,
         honor_client_no_cache: bool,
         registry: MetricsRegistry | None,
+        freshness: dict[str, Any] | None = None,
     ) -> None:
+        """`freshness`: `stale_if_error`, `timeout`, `early_refresh`, `jitter`, handed to
+        the core decorator (which checks them) as they were given."""
         if not callable(fn):
             raise ConfigurationError(f"@cached decorates a view, not {fn!r}")
         options = check_options(
@@ -265,9 +268,7 @@ class ViewCache:
         # answer a request with another one's response.
         credentials = () if self.shared else ("authorization", "cookie")
         self.vary_header = ", ".join(n.title() for n in dict.fromkeys((*self.vary, *credentials)))
-        self.responder = Responder(
-            vary_header=self.vary_header.encode("latin-1"), stale_ttl=self.stale_ttl
-        )
+        freshness = dict(freshness or {})
         self.origins: set[str] = set()  # the `scheme://host` it served (at most 64 kept)
         self.routes: set[str] = set()  # the route templates it served (for `stats`)
         self._normal: dict[str, str] = {}  # key -> the core's form of it (see `normal`)
@@ -285,8 +286,20 @@ class ViewCache:
         tag_fields = [f"{{tags[{i}]}}" for i in range(2 + len(self.tag_makers))]
         decorate = self.cache.cached if self.cache else coalesce.cached
         self.inner: Any = decorate(
-            ttl=self.ttl, key="{key}", tags=tag_fields, stale_ttl=self.stale_ttl, copy=False
+            ttl=self.ttl,
+            key="{key}",
+            tags=tag_fields,
+            stale_ttl=self.stale_ttl,
+            copy=False,
+            **freshness,
         )(leader)
+        # checked by the core decorator above
+        self.early_refresh = freshness.get("early_refresh", False) is not False
+        self.responder = Responder(
+            vary_header=self.vary_header.encode("latin-1"),
+            stale_ttl=self.stale_ttl,
+            stale_if_error=float(freshness.get("stale_if_error", 0.0)),
+        )
 
     # -- keys (pure) -----------------------------------------------------------------------
 
@@ -408,9 +421,10 @@ class ViewCache:
         cache.backend_failed(None, exc)
         self.warn_once("no-cache", "coalesce: cannot drop an entry of %s (%s); not caching", exc)
 
-    def fresh(self, entry: Entry | None) -> dict[str, Any] | None:
-        """The rendered response of a fresh entry, or None."""
-        if entry is None or entry.fresh_until <= time.time():
+    def fresh(self, cache: Cache, entry: Entry | None) -> dict[str, Any] | None:
+        """The rendered response of a fresh entry, or None (always None with early refresh:
+        the core's hot path decides when to refresh)."""
+        if entry is None or entry.fresh_until <= cache.clock() or self.early_refresh:
             return None
         value = entry.value
         return value if type(value) is dict and "body" in value else None
@@ -568,7 +582,7 @@ class ViewCache:
                 self.cannot_drop(cache, exc)
                 return self.bypassed(run(), step.bypass(), io)
         else:  # the hot path: one read, no flight, no view
-            value = self.fresh(cache.read(cache.prefix + step.key))
+            value = self.fresh(cache, cache.read(cache.prefix + step.key))
             if value is not None:
                 step.metrics.hits += 1
                 return io.build(
@@ -601,7 +615,7 @@ class ViewCache:
                 self.cannot_drop(cache, exc)
                 return self.bypassed(await run(), step.bypass(), io)
         else:  # the hot path: one read, no flight, no view
-            value = self.fresh(await cache.aread(cache.prefix + step.key))
+            value = self.fresh(cache, await cache.aread(cache.prefix + step.key))
             if value is not None:
                 step.metrics.hits += 1
                 return io.build(
@@ -688,6 +702,10 @@ def view_decorator(
         shared: bool = False,
         tags: Sequence[str] = (),
         stale_ttl: float = 0.0,
+        stale_if_error: float = 0.0,
+        timeout: float | None = None,
+        early_refresh: bool | float = False,
+        jitter: float = 0.0,
         cache: Cache | None = None,
         cache_4xx: bool = False,
         honor_client_no_cache: bool = False,
@@ -708,6 +726,12 @@ def view_decorator(
                 shared=shared,
                 tags=tags,
                 stale_ttl=stale_ttl,
+                freshness={
+                    "stale_if_error": stale_if_error,
+                    "timeout": timeout,
+                    "early_refresh": early_refresh,
+                    "jitter": jitter,
+                },
                 cache=cache,
                 cache_4xx=cache_4xx,
                 honor_client_no_cache=honor_client_no_cache,
