@@ -215,6 +215,93 @@ def test_keys_pattern_and_limit(store: MemoryStore) -> None:
     assert store.keys("nothing*") == []
 
 
+class FakeClock:
+    """A clock the test moves by hand (the store's `clock`)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_expiry_follows_the_injected_clock() -> None:
+    clock = FakeClock()
+    store = MemoryStore(maxsize=100, clock=clock)
+    store.set("short", Entry(1, clock.now, 10.0, tags=("t",)))
+    store.set("stale", Entry(2, clock.now, 10.0, stale_ttl=20.0))
+    store.set("on_error", Entry(3, clock.now, 10.0, stale_if_error=40.0))
+    store.set("forever", Entry(4, clock.now, None))
+    clock.now += 10.0  # "short" is kept until exactly now: dropped by the next write
+    store.set("x", Entry(0, clock.now, 60.0))
+    assert store.get("short") is None
+    assert store.stats()["tags"] == 0
+    assert {"stale", "on_error", "forever", "x"} == set(store.keys())
+    clock.now += 20.0  # the stale window of "stale" ends
+    store.set("y", Entry(0, clock.now, 60.0))
+    assert store.get("stale") is None
+    assert store.get("on_error") is not None  # kept for its stale_if_error window
+    clock.now += 20.0
+    store.set("z", Entry(0, clock.now, 60.0))
+    assert store.get("on_error") is None
+    assert store.get("forever") is not None
+    assert store.delete("forever") is True
+
+
+def test_entry_past_its_window_on_the_injected_clock_is_not_kept() -> None:
+    clock = FakeClock()
+    store = MemoryStore(maxsize=100, clock=clock)
+    store.set("a", Entry(1, clock.now, 60.0, tags=("t",)))
+    # an entry created long ago by the clock: its windows ended, so it replaces "a" by nothing
+    assert store.set("a", Entry(2, clock.now - 100, 60.0, stale_ttl=30.0, tags=("t",))) is True
+    assert store.get("a") is None
+    assert len(store) == 0
+    assert store.stats()["tags"] == 0
+    assert store.delete("a") is False
+
+
+def test_eviction_is_lru_whatever_the_ttls() -> None:
+    clock = FakeClock()
+    store = MemoryStore(maxsize=3, clock=clock)
+    store.set("a", Entry("a", clock.now, None))
+    store.set("b", Entry("b", clock.now, 5.0))
+    store.set("c", Entry("c", clock.now, 1_000.0))
+    store.get("a")
+    store.set("d", Entry("d", clock.now, 50.0))  # b is the least recently used
+    assert store.get("b") is None
+    store.set("e", Entry("e", clock.now, 50.0))  # then c (a was read, d written later)
+    assert store.get("c") is None
+    assert sorted(store.keys()) == ["a", "d", "e"]
+    clock.now += 60.0  # d and e expire first, while a (no TTL) stays
+    store.set("f", Entry("f", clock.now, 50.0))
+    assert sorted(store.keys()) == ["a", "f"]
+
+
+def test_expiry_heap_stays_bounded_when_keys_are_rewritten() -> None:
+    clock = FakeClock()
+    store = MemoryStore(maxsize=100, clock=clock)
+    for i in range(10_000):
+        clock.now += 0.001
+        store.set(f"k{i % 10}", Entry(i, clock.now, 60.0))  # the same 10 keys, later each time
+    assert len(store) == 10
+    assert len(store._heap) <= 2 * 10 + 64  # stale pairs are dropped by rebuilds
+    clock.now += 61.0
+    store.set("last", Entry(0, clock.now, 60.0))
+    assert store.keys() == ["last"]
+    assert len(store._heap) == 1
+
+
+def test_heap_stays_bounded_under_deletes_and_evictions() -> None:
+    clock = FakeClock()
+    store = MemoryStore(maxsize=50, clock=clock)
+    for i in range(5_000):
+        store.set(f"k{i}", Entry(i, clock.now, 3_600.0))
+        if i % 3 == 0:
+            store.delete(f"k{i}")
+    assert len(store) == 50
+    assert len(store._heap) <= 2 * 50 + 64
+
+
 # ---------------------------------------------------------------------------------------
 # LRU
 
