@@ -620,3 +620,28 @@ def test_early_refresh_on_redis_refreshes_once_per_fleet_and_nobody_waits(
     assert 4 <= len(computed) <= 12, len(computed)  # about one per 0.4 s, not one per cache
     for cache in caches:
         cache.close()
+
+
+def test_stale_if_error_through_the_near_cache(redis_url: str, unique_namespace: str) -> None:
+    """With a near cache, expired local copies fall through to Redis, where the entry is
+    kept for the window: a failing refresh still serves the last value."""
+    cache = Cache(redis_url, namespace=unique_namespace, local_maxsize=100, local_ttl=5)
+    failing = False
+    calls = 0
+
+    @cache.cached(ttl=0.3, stale_if_error=30, key="report")
+    def report() -> str:
+        nonlocal calls
+        calls += 1
+        if failing:
+            raise ConnectionError("down")
+        return "before"
+
+    assert report() == "before"
+    assert report() == "before"  # a near-cache hit
+    failing = True
+    time.sleep(0.4)
+    assert [report() for _ in range(20)] == ["before"] * 20
+    assert calls == 2
+    assert report.stats()["stale_on_error"] == 1
+    cache.close()
