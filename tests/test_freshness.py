@@ -645,3 +645,35 @@ def test_stale_if_error_through_the_near_cache(redis_url: str, unique_namespace:
     assert calls == 2
     assert report.stats()["stale_on_error"] == 1
     cache.close()
+
+
+def test_a_waiter_for_another_process_times_out_alone_on_redis(
+    redis_url: str, unique_namespace: str
+) -> None:
+    """Cache B's caller waits for the lease cache A holds (as another process would) and
+    leaves on its timeout; A's computation lands, and B then hits it."""
+    leader_cache = Cache(redis_url, namespace=unique_namespace)
+    waiter_cache = Cache(redis_url, namespace=unique_namespace)
+    release, started = threading.Event(), threading.Event()
+
+    @leader_cache.cached(ttl=60, key="slow")
+    def lead() -> str:
+        started.set()
+        release.wait(10)
+        return "landed"
+
+    @waiter_cache.cached(ttl=60, key="slow", timeout=0.1)
+    def wait() -> str:
+        return "computed by the waiter"
+
+    leader = threading.Thread(target=lead)
+    leader.start()
+    assert started.wait(5)
+    with pytest.raises(CoalesceTimeout):
+        wait()
+    release.set()
+    leader.join(5)
+    assert wait() == "landed"
+    assert wait.stats()["computations"] == 0 and wait.stats()["timeouts"] == 1
+    leader_cache.close()
+    waiter_cache.close()
