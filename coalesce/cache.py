@@ -878,6 +878,11 @@ class Cache:
         asyncio ones are `aclose`'s. The cache stays usable; nothing more is refreshed in
         the background.
         """
+        self._stop_background()
+        self.store.close()
+
+    def _stop_background(self) -> None:
+        """Refresh nothing more in the background; wait for the worker threads' jobs."""
         with self._lock:
             self._closed = True
             pools = [self._refresher, self._computer]
@@ -885,7 +890,6 @@ class Cache:
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        self.store.close()
 
     async def aclose(self) -> None:
         """`close` for async code: also cancels this process's background refresh tasks
@@ -895,7 +899,7 @@ class Cache:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.to_thread(self.close)
+        await asyncio.to_thread(self._stop_background)
         await self.store.aclose()
 
 

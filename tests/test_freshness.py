@@ -465,9 +465,15 @@ WORKER = r"""
 import json, os, sys, time
 from coalesce import Cache
 
-url, ns, workdir, until = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+url, ns, workdir, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 cache = Cache(url, namespace=ns)
-counter = cache.store  # noqa: the source's failures are counted in a file, not Redis
+# a barrier: every worker is imported and ready before the outage is measured
+open(os.path.join(workdir, f"ready-{os.getpid()}"), "w").close()
+go = os.path.join(workdir, "go")
+deadline = time.time() + 30
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.01)
+until = float(open(go).read())
 
 def source():
     fd = os.open(os.path.join(workdir, "calls"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -496,11 +502,10 @@ cache.close()
 def _run_workers(
     url: str, namespace: str, workdir: Path, seconds: float, window: float
 ) -> list[dict[str, Any]]:
-    until = time.time() + seconds
     source = WORKER % {"window": window}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", source, url, namespace, str(workdir), str(until)],
+            [sys.executable, "-c", source, url, namespace, str(workdir), str(seconds)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,
@@ -510,6 +515,11 @@ def _run_workers(
     ]
     import json
 
+    deadline = time.monotonic() + 30
+    while len(list(workdir.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (workdir / "go.tmp").write_text(str(time.time() + seconds))
+    (workdir / "go.tmp").rename(workdir / "go")
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=seconds + 30)
