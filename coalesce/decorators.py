@@ -160,6 +160,8 @@ class Policy:
 
     def tag_names(self, cache: Cache, args: Any, kwargs: Any) -> tuple[str, ...]:
         """The full names of the tags a call's entry carries."""
+        if not self.tag_keys:
+            return ()
         return tuple(cache.prefix + make(*args, **kwargs) for make in self.tag_keys)
 
     def make_entry(self, cache: Cache, value: Any, started: float, tags: tuple[str, ...]) -> Entry:
@@ -524,17 +526,33 @@ def _lead(
     if failed:
         cache.remember(key, compute(), fence)
         return computed[0]
+    if not tags:  # nothing for a tag invalidation to fence: no need to mark it computing
+        return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
     with cache.computing(key, tags):
-        try:
-            options = {"refresh": True} if refresh else {}
-            return _shareable(
-                cache, policy, cache.store.fill(key, compute, fence=fence, tags=tags, **options)
-            )
-        except BackendError as exc:
-            cache.backend_failed(policy, exc)
-            entry = computed[0] if computed else compute()
-            cache.remember(key, entry, fence)
-            return entry
+        return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
+
+
+def _fill(
+    cache: Cache,
+    policy: Policy,
+    key: str,
+    fence: Fence,
+    tags: tuple[str, ...],
+    refresh: bool,
+    compute: Callable[[], Entry],
+    computed: list[Entry],
+) -> Entry:
+    """`_lead`'s last step: compute and store through the store; compute anyway when it fails."""
+    try:
+        options = {"refresh": True} if refresh else {}
+        return _shareable(
+            cache, policy, cache.store.fill(key, compute, fence=fence, tags=tags, **options)
+        )
+    except BackendError as exc:
+        cache.backend_failed(policy, exc)
+        entry = computed[0] if computed else compute()
+        cache.remember(key, entry, fence)
+        return entry
 
 
 def _fallback(cache: Cache, policy: Policy, key: str) -> Entry | None:
@@ -640,7 +658,7 @@ async def _alead(
     """The leader of this process on this loop: check again, then compute once."""
     failed = previous is STORE_FAILED
     if policy.store and not failed and not refresh and cache.local:
-        entry = await cache.aread(key)
+        entry = cache.read(key)  # a local store's read: no I/O to await
         if entry is not None and entry.fresh_until > cache.clock():
             return _shareable(cache, policy, entry)
         failed = entry is STORE_FAILED
@@ -667,16 +685,32 @@ async def _alead(
     if failed:
         cache.remember(key, await compute(), fence)
         return computed[0]
+    if not tags:  # as in `_lead`
+        return await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
     with cache.computing(key, tags):
-        try:
-            options = {"refresh": True} if refresh else {}
-            entry = await cache.store.afill(key, compute, fence=fence, tags=tags, **options)
-            return _shareable(cache, policy, entry)
-        except BackendError as exc:
-            cache.backend_failed(policy, exc)
-            entry = computed[0] if computed else await compute()
-            cache.remember(key, entry, fence)
-            return entry
+        return await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
+
+
+async def _afill(
+    cache: Cache,
+    policy: Policy,
+    key: str,
+    fence: Fence,
+    tags: tuple[str, ...],
+    refresh: bool,
+    compute: Callable[[], Awaitable[Entry]],
+    computed: list[Entry],
+) -> Entry:
+    """`_fill` for async functions."""
+    try:
+        options = {"refresh": True} if refresh else {}
+        entry = await cache.store.afill(key, compute, fence=fence, tags=tags, **options)
+        return _shareable(cache, policy, entry)
+    except BackendError as exc:
+        cache.backend_failed(policy, exc)
+        entry = computed[0] if computed else await compute()
+        cache.remember(key, entry, fence)
+        return entry
 
 
 # ---------------------------------------------------------------------------------------
