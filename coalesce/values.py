@@ -79,7 +79,14 @@ def is_immutable(value: Any) -> bool:
 
 def _is_flat(value: Any) -> bool:
     if type(value) is dict:
+        # the common case first, in C: scalars only, no tuple or frozenset to look into
+        if _IMMUTABLE.issuperset(map(type, value.values())) and _IMMUTABLE.issuperset(
+            map(type, value)
+        ):
+            return True
         return all(is_immutable(k) and is_immutable(v) for k, v in value.items())
+    if _IMMUTABLE.issuperset(map(type, value)):
+        return True
     return all(is_immutable(item) for item in value)
 
 
