@@ -183,45 +183,90 @@ class _Cancelled(Exception):
     """The shared computation was cancelled (not the caller awaiting it): start over."""
 
 
+def _copy_into(
+    future: concurrent.futures.Future[Any], value: Any, error: BaseException | None
+) -> None:
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+
+
 class _AsyncFlight:
     """One computation in flight, running on the event loop of the caller that started it.
 
-    Callers never await the task itself: its outcome is copied, when it ends, into `result`
-    (for callers on the task's loop) and `outcome` (for callers on other loops), with a
-    cancelled computation (or one interrupted by `KeyboardInterrupt` / `SystemExit`, which
-    escape the event loop itself) turned into `_Cancelled`: its callers start over. So a
+    Callers never await the task itself: the task settles the flight as its last step
+    (`settle_value`, `settle_error`), copying its outcome into `result` (for callers on the
+    task's loop) and, for callers on other loops, into `outcome`, a
+    `concurrent.futures.Future` made by the first of them (most flights have none); a task
+    cancelled before its first step is settled by its done-callback (`settle`). A cancelled
+    computation (or one interrupted by `KeyboardInterrupt` / `SystemExit`, which escape the
+    event loop itself) is turned into `_Cancelled`: its callers start over. So a
     `CancelledError` a caller receives is always its own, and telling the two apart needs no
     `Task.cancelling()` (3.11+).
     """
 
-    __slots__ = ("fence", "loop", "outcome", "result", "task", "timed_out", "waiters")
+    __slots__ = (
+        "_lock",
+        "_outcome",
+        "_settled",
+        "fence",
+        "loop",
+        "result",
+        "task",
+        "timed_out",
+        "waiters",
+    )
 
-    def __init__(
-        self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop, fence: Fence
-    ) -> None:
-        self.task = task  # the shared computation; cancelled only when nobody waits
+    def __init__(self, loop: asyncio.AbstractEventLoop, fence: Fence) -> None:
+        self.task: asyncio.Task[Any]  # the shared computation; cancelled only when nobody
+        # waits; set by `AsyncFlights._start` right after, before any caller sees the flight
         self.loop = loop  # the task's loop: only it may touch `task` and `result`
         self.fence = fence
         self.result: asyncio.Future[Any] = loop.create_future()
-        self.outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.waiters = 0  # callers awaiting the outcome; guarded by `AsyncFlights._lock`
         self.timed_out = False  # a caller left on its timeout: never cancel; likewise
+        self._lock = threading.Lock()  # guards _outcome and _settled
+        # written once, by the task's loop, when the computation ends: (value, error)
+        self._settled: tuple[Any, BaseException | None] | None = None
+        # for callers on other loops: made by the first of them, filled when settled
+        self._outcome: concurrent.futures.Future[Any] | None = None
 
     def done(self) -> bool:
-        return self.outcome.done()
+        return self._settled is not None
+
+    def settle_value(self, value: Any) -> None:
+        self.result.set_result(value)
+        self._settle(value, None)
+
+    def settle_error(self, error: BaseException) -> None:
+        self.result.set_exception(error)
+        self.result.exception()  # retrieved: nobody may be left to await it
+        self._settle(None, error)
 
     def settle(self, task: asyncio.Task[Any]) -> None:
-        """Copy the ended task's outcome for the callers (the task's done-callback)."""
+        """Settle from the ended task (its done-callback, when it never ran a step)."""
         error = _Cancelled() if task.cancelled() else task.exception()
         if error is not None and not isinstance(error, Exception):
             error = _Cancelled()  # KeyboardInterrupt, SystemExit: abandoned, not a failure
         if error is None:
-            self.result.set_result(task.result())
-            self.outcome.set_result(task.result())
-            return
-        self.result.set_exception(error)
-        self.result.exception()  # retrieved: nobody may be left to await it
-        self.outcome.set_exception(error)
+            self.settle_value(task.result())
+        else:
+            self.settle_error(error)
+
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        with self._lock:
+            self._settled = (value, error)
+            if self._outcome is not None:
+                _copy_into(self._outcome, value, error)
+
+    def _outcome_for_other_loops(self) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = concurrent.futures.Future()
+                if self._settled is not None:
+                    _copy_into(self._outcome, *self._settled)
+            return self._outcome
 
     async def wait(self, loop: asyncio.AbstractEventLoop) -> Any:
         """The outcome, awaited from `loop`; cancelling the caller leaves it running.
@@ -230,7 +275,7 @@ class _AsyncFlight:
         """
         if loop is self.loop:
             return await asyncio.shield(self.result)
-        return await asyncio.shield(asyncio.wrap_future(self.outcome))
+        return await asyncio.shield(asyncio.wrap_future(self._outcome_for_other_loops()))
 
     def cancel(self) -> None:
         """Cancel the computation, from any thread."""
@@ -245,7 +290,7 @@ class AsyncFlights:
     """Single-flight for asyncio, across the event loops of one process.
 
     The computation runs as a task on the loop of the caller that started it. Callers on
-    that loop await the task; callers on other loops (other threads) await a
+    that loop await its `result`; callers on other loops (other threads) await a
     `concurrent.futures.Future` the task's outcome is copied into when it ends. Should the
     starting loop shut down first, the task is cancelled and those callers start over.
     """
@@ -313,19 +358,40 @@ class AsyncFlights:
         self, key: str, loop: asyncio.AbstractEventLoop, compute: Callable[[Fence], Awaitable[T]]
     ) -> _AsyncFlight:
         fence = Fence()
+        flight = _AsyncFlight(loop, fence)
 
-        async def guarded() -> T:
-            return await compute(fence)
-
-        flight = _AsyncFlight(loop.create_task(guarded()), loop, fence)
-        self._flights[key] = flight
-
-        def finish(task: asyncio.Task[Any]) -> None:
+        def leave() -> None:
             with self._lock:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
-            flight.settle(task)  # also marks the task's exception retrieved
 
+        async def guarded() -> None:
+            # settles the flight itself, so that its callers resume one loop iteration
+            # sooner than through a done-callback
+            try:
+                value = await compute(fence)
+            except Exception as exc:
+                leave()
+                flight.settle_error(exc)
+                return  # handed to the callers: the task itself ends without an exception
+            except GeneratorExit:  # closed unfinished with its loop: nothing to settle on it
+                raise
+            except BaseException:
+                leave()
+                flight.settle_error(_Cancelled())
+                raise
+            leave()
+            flight.settle_value(value)
+
+        def finish(task: asyncio.Task[Any]) -> None:
+            if not flight.done():  # cancelled before its first step: guarded never ran
+                leave()
+                flight.settle(task)
+            elif not task.cancelled():
+                task.exception()  # retrieved (KeyboardInterrupt...): the callers were told
+
+        flight.task = loop.create_task(guarded())
+        self._flights[key] = flight
         flight.task.add_done_callback(finish)
         return flight
 

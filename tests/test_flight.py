@@ -1471,3 +1471,143 @@ async def test_an_async_computation_asking_for_its_own_key_fails_at_once(cache: 
         await asyncio.wait_for(recurse(1), BOUND)
     followers = [asyncio.create_task(recurse(2, 1)) for _ in range(5)]
     assert await asyncio.wait_for(asyncio.gather(*followers), BOUND) == [2] * 5
+
+
+# ---------------------------------------------------------------------------------------
+# the flights themselves: completion without a per-flight Event, a cross-loop future made
+# only for callers on other loops, the outcome settled by the task itself
+
+
+def test_thread_follower_times_out_alone_and_the_lock_passes_to_the_others() -> None:
+    from coalesce.errors import CoalesceTimeout
+    from coalesce.flight import ThreadFlights
+
+    flights: ThreadFlights[int] = ThreadFlights()
+    release = threading.Event()
+    started = threading.Event()
+    computations = 0
+
+    def compute(_fence: Any) -> int:
+        nonlocal computations
+        computations += 1
+        started.set()
+        assert release.wait(BOUND)
+        return 7
+
+    outcomes: dict[str, Any] = {}
+
+    def call(name: str, timeout: float | None) -> None:
+        try:
+            outcomes[name] = flights.run("k", compute, timeout=timeout)
+        except CoalesceTimeout as exc:
+            outcomes[name] = exc
+
+    leader = threading.Thread(target=call, args=("leader", None))
+    leader.start()
+    assert started.wait(BOUND)
+    impatient = threading.Thread(target=call, args=("impatient", 0.05))
+    patient = [threading.Thread(target=call, args=(f"p{i}", None)) for i in range(5)]
+    for t in [impatient, *patient]:
+        t.start()
+    join_all([impatient])
+    assert isinstance(outcomes["impatient"], CoalesceTimeout)
+    release.set()
+    join_all([leader, *patient])
+    assert outcomes["leader"] == (7, False)
+    assert all(outcomes[f"p{i}"] == (7, True) for i in range(5))  # every waiter got through
+    assert computations == 1
+    assert flights.run("k", lambda _f: 8) == (8, False)  # the key is free again
+
+
+async def test_a_flight_on_one_loop_makes_no_cross_loop_future() -> None:
+    from coalesce.flight import AsyncFlights
+
+    flights = AsyncFlights()
+    seen: list[Any] = []
+
+    async def compute(_fence: Any) -> int:
+        await asyncio.sleep(0.01)
+        seen.append(flights._flights["k"])
+        return 1
+
+    results = await asyncio.gather(*(flights.run("k", compute) for _ in range(10)))
+    assert sorted(results) == [(1, False)] + [(1, True)] * 9
+    assert len(seen) == 1 and seen[0]._outcome is None
+    assert not flights.running("k")
+
+
+@pytest.mark.parametrize("outcome", [5, Boom("no")], ids=["value", "exception"])
+def test_a_caller_on_another_loop_gets_the_value_or_the_exception(outcome: Any) -> None:
+    from coalesce.flight import AsyncFlights
+
+    flights = AsyncFlights()
+    started = threading.Event()
+    release = threading.Event()
+
+    async def compute(_fence: Any) -> int:
+        started.set()
+        assert await asyncio.to_thread(release.wait, BOUND)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return int(outcome)
+
+    got: dict[str, Any] = {}
+
+    def call(name: str) -> None:
+        async def main() -> Any:
+            return await flights.run("k", compute)
+
+        try:
+            got[name] = asyncio.run(main())
+        except Boom as exc:
+            got[name] = exc
+
+    leader = threading.Thread(target=call, args=("leader",))
+    leader.start()
+    assert started.wait(BOUND)
+    others = [threading.Thread(target=call, args=(f"o{i}",)) for i in range(3)]
+    for t in others:
+        t.start()
+    wait_until(lambda: flights._flights["k"]._outcome is not None)
+    time.sleep(GRACE)  # the other loops' callers are now awaiting the shared outcome
+    release.set()
+    join_all([leader, *others])
+    if isinstance(outcome, Exception):
+        assert all(got[n] is outcome for n in ("leader", "o0", "o1", "o2"))
+    else:
+        assert got["leader"] == (5, False)
+        assert all(got[f"o{i}"] == (5, True) for i in range(3))
+    assert not flights.running("k")
+
+
+async def test_a_cross_loop_future_made_after_the_end_holds_the_outcome() -> None:
+    from coalesce.flight import AsyncFlights
+
+    flights = AsyncFlights()
+    kept: list[Any] = []
+
+    async def compute(_fence: Any) -> int:
+        kept.append(flights._flights["k"])
+        return 3
+
+    assert await flights.run("k", compute) == (3, False)
+    future = kept[0]._outcome_for_other_loops()  # a caller from another loop, just too late
+    assert future.result(timeout=0) == 3
+
+
+async def test_a_flight_cancelled_before_its_first_step_lets_callers_start_over() -> None:
+    from coalesce.flight import AsyncFlights
+
+    flights = AsyncFlights()
+    calls = 0
+
+    async def compute(_fence: Any) -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    caller = asyncio.ensure_future(flights.run("k", compute))
+    await asyncio.sleep(0)  # the caller started the flight; its task has not run a step
+    flights._flights["k"].task.cancel()
+    assert await asyncio.wait_for(caller, BOUND) == (1, False)  # started over, computed once
+    assert not flights.running("k")
