@@ -256,7 +256,9 @@ class Cache:
         self._computer: ThreadPoolExecutor | None = None
         self._refresh_tasks: set[asyncio.Task[Any]] = set()
         self._closed = False  # set by close(): no more background refreshes
-        self._refreshing: set[str] = set()  # keys with a background refresh; under _lock
+        # keys with a background refresh pending: written under _lock; read without it by
+        # the early-refresh hit test (one set lookup, atomic in CPython)
+        self.refreshing: set[str] = set()
         self._lock = threading.Lock()
         self._last_logged = 0.0
         self.backend_errors = 0
@@ -623,11 +625,11 @@ class Cache:
         it is already pending here (the flight then keeps computations to one at a time).
         After `close()`, nothing is refreshed in the background."""
         with self._lock:
-            if self._closed or key in self._refreshing:
+            if self._closed or key in self.refreshing:
                 return
             if self._refresher is None:
                 self._refresher = ThreadPoolExecutor(4, thread_name_prefix="coalesce-refresh")
-            self._refreshing.add(key)
+            self.refreshing.add(key)
             self._refresher.submit(self._refresh, key, job)
 
     def _refresh(self, key: str, job: Callable[[], Any]) -> None:
@@ -635,7 +637,7 @@ class Cache:
             run_sync_refresh(job)
         finally:
             with self._lock:
-                self._refreshing.discard(key)
+                self.refreshing.discard(key)
 
     def compute_pool(self) -> ThreadPoolExecutor:
         """The threads sync computations with a `timeout` run on, so that their callers
@@ -652,10 +654,10 @@ class Cache:
         """Refresh `key`'s entry in a task of the running loop (see `refresh_in_background`);
         `aclose()` cancels the tasks still running."""
         with self._lock:
-            if self._closed or key in self._refreshing:
+            if self._closed or key in self.refreshing:
                 job.close()
                 return
-            self._refreshing.add(key)
+            self.refreshing.add(key)
 
         async def guarded() -> None:
             try:
@@ -663,7 +665,7 @@ class Cache:
                     await job
             finally:
                 with self._lock:
-                    self._refreshing.discard(key)
+                    self.refreshing.discard(key)
 
         task = asyncio.get_running_loop().create_task(guarded())
         self._refresh_tasks.add(task)
@@ -696,7 +698,7 @@ class Cache:
         self._refresher = None
         self._computer = None
         self._refresh_tasks = set()
-        self._refreshing = set()
+        self.refreshing = set()
         self._tags_in_flight = {}
 
     def _fence(self, full_key: str) -> None:

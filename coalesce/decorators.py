@@ -299,7 +299,7 @@ def __coalesce_wrapper({params}):
     except Exception:  # a huge int, a field that cannot render: the slow path says why
         return __coalesce_slow(__coalesce_cache, __coalesce_policy, "", None, {args}, {kwargs})
     __coalesce_e = __coalesce_cache.read(__coalesce_k) if {guard} else None
-    if __coalesce_e is not None and {fresh} and not __coalesce_e.error:
+    if __coalesce_e is not None and ({fresh}) and not __coalesce_e.error:
         __coalesce_stats.hits += 1
         __coalesce_v = __coalesce_e.value
         if __coalesce_type(__coalesce_v) is __coalesce_Frozen:
@@ -327,7 +327,7 @@ async def __coalesce_wrapper({params}):
         __coalesce_e = __coalesce_cache.read(__coalesce_k)
     else:
         __coalesce_e = await __coalesce_cache.aread(__coalesce_k)
-    if __coalesce_e is not None and {fresh} and not __coalesce_e.error:
+    if __coalesce_e is not None and ({fresh}) and not __coalesce_e.error:
         __coalesce_stats.hits += 1
         __coalesce_v = __coalesce_e.value
         if __coalesce_type(__coalesce_v) is __coalesce_Frozen:
@@ -340,9 +340,12 @@ async def __coalesce_wrapper({params}):
 
 _FRESH_TEST = "__coalesce_e.fresh_until > __coalesce_cache.clock()"
 # `entry.decide`'s EARLY test, inlined: fresh unless now + compute_time * beta * -ln(u) has
-# reached the expiry, for u uniform in (0, 1]
+# reached the expiry, for u uniform in (0, 1]; and while this process refreshes the key
+# already, a plain hit until it expires (no second draw, no trip through `_slow`)
 _EARLY_TEST = (
-    "__coalesce_e.fresh_until > __coalesce_cache.clock()"
+    "(__coalesce_k in __coalesce_cache.refreshing"
+    " and __coalesce_e.fresh_until > __coalesce_cache.clock())"
+    " or __coalesce_e.fresh_until > __coalesce_cache.clock()"
     " - __coalesce_e.compute_time * {beta!r} * __coalesce_log(1.0 - __coalesce_random())"
 )
 
