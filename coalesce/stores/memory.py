@@ -1,19 +1,14 @@
-"""The in-memory store: an LRU (`OrderedDict`) and an expiry heap, read without a lock.
+"""The in-memory store: a `cachetools.TLRUCache` for expiry and LRU, read without a lock.
 
-A hit must cost little more than a dict lookup, but an LRU is not safe to read from several
-threads without a lock, and a lock (plus the Python-level bookkeeping of an LRU read) would
-cost more than the rest of the hit. So the store keeps:
+A hit must cost little more than a dict lookup, but `cachetools` caches are not safe to read
+from several threads without a lock, and a lock (plus the Python-level bookkeeping of an LRU
+read) would cost more than the rest of the hit. So the store keeps two structures:
 
 * `_index`, a plain dict from key to entry, which readers use without a lock (a single
   dict lookup is atomic in CPython);
-* `_order` (LRU order, for the `maxsize` bound) and `_heap`/`_until` (when each entry stops
-  being kept: `Entry.kept_until`, the end of its stale windows, on the store's `clock`),
-  changed only under `_lock`; whatever they expire or evict leaves `_index` and the tag
-  index with it. The heap holds plain `(until, key)` tuples, compared in C, so a miss's
-  write costs about what a `cachetools.TTLCache` write does (a `TLRUCache` compares its
-  items with a Python `__lt__`, some fourteen calls per write). A rewritten or removed key
-  leaves its old pair in the heap, told apart from a live one by `_until`; the heap is
-  rebuilt from `_until` when stale pairs outnumber live ones, so it stays bounded.
+* `_lru`, a `TLRUCache` that owns expiry (per entry, from its TTL and stale window) and the
+  `maxsize` bound, changed only under `_lock`; whatever it expires or evicts leaves `_index`
+  and the tag index with it.
 
 Reads are recorded in a bounded buffer and replayed into the LRU order on the next write,
 the way Caffeine does it: recency stays accurate enough to evict cold keys first, and the
@@ -23,19 +18,45 @@ get private copies.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import heapq
+import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import cachetools
 
 from coalesce.entry import Clock, Entry
 from coalesce.errors import ConfigurationError
 from coalesce.stores.base import Fence, KeyList, Store
 
-_SLACK = 64  # stale heap pairs tolerated beyond the live ones before a rebuild
+
+def _keep_until(_key: str, entry: Entry, _now: float) -> float:
+    """`TLRUCache`'s time-to-use: until the entry's stale windows end (on the store's clock,
+    which is also the `TLRUCache` timer)."""
+    return math.inf if entry.ttl is None else entry.kept_until
+
+
+class _Bookkeeping(cachetools.TLRUCache):  # type: ignore[type-arg]
+    """The LRU/TTL structure; tells the store about every key it drops."""
+
+    def __init__(self, maxsize: int, dropped: Callable[[str], None], clock: Clock) -> None:
+        super().__init__(maxsize, ttu=_keep_until, timer=clock)
+        self._dropped = dropped
+
+    def expire(self, time: float | None = None) -> list[tuple[str, Entry]]:
+        expired: list[tuple[str, Entry]] = super().expire(time)
+        for key, _ in expired:
+            self._dropped(key)
+        return expired
+
+    def popitem(self) -> tuple[str, Entry]:
+        key, entry = super().popitem()
+        self._dropped(key)
+        return key, entry
 
 
 class MemoryStore(Store):
@@ -54,16 +75,11 @@ class MemoryStore(Store):
             raise ConfigurationError(f"clock must be a function returning seconds, not {clock!r}")
         self.maxsize = maxsize
         self.clock = clock
-        self._lock = threading.Lock()  # guards everything below but reads of _index
-        self._index: dict[str, Entry] = {}  # read without the lock; written under it
-        self._tags: dict[str, set[str]] = {}  # tag -> keys of the entries carrying it
+        self._lock = threading.Lock()  # guards _lru, _tags and writes to _index
+        self._index: dict[str, Entry] = {}  # read without the lock
+        self._tags: dict[str, set[str]] = {}
         self._touched: deque[str] = deque(maxlen=maxsize)  # reads not yet replayed
-        self._order: OrderedDict[str, None] = OrderedDict()  # the keys of _index, LRU first
-        # key -> when its entry stops being kept (`clock`), for entries with a TTL only
-        self._until: dict[str, float] = {}
-        # (until, key) per write of an entry with a TTL, earliest first; a pair whose until
-        # no longer matches `_until` is stale (its key was rewritten or removed)
-        self._heap: list[tuple[float, str]] = []
+        self._lru = _Bookkeeping(maxsize, self._forget, clock)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -102,29 +118,13 @@ class MemoryStore(Store):
         with self._lock:
             if fence is not None and not fence.valid:
                 return False
-            if self._touched:
-                self._replay_reads()
-            if key in self._index:
-                self._remove(key)
-            now = self.clock()
-            heap = self._heap
-            if heap and heap[0][0] <= now:
-                self._expire(now)
-            if entry.ttl is not None:
-                until = entry.kept_until
-                if until <= now:
-                    return True  # already past its stale windows: not kept
-                self._until[key] = until
-                heapq.heappush(heap, (until, key))
-                if len(heap) > 2 * len(self._until) + _SLACK:
-                    self._rebuild_heap()
-            order = self._order
-            self._index[key] = entry
-            order[key] = None
-            for tag in entry.tags:
-                self._tags.setdefault(tag, set()).add(key)
-            while len(order) > self.maxsize:
-                self._remove(next(iter(order)))
+            self._replay_reads()
+            self._remove(key)
+            self._lru[key] = entry
+            if key in self._lru:  # an entry already past its stale window is not kept
+                self._index[key] = entry
+                for tag in entry.tags:
+                    self._tags.setdefault(tag, set()).add(key)
             return True
 
     def delete(self, key: str) -> bool:
@@ -138,9 +138,7 @@ class MemoryStore(Store):
 
     def clear(self) -> None:
         with self._lock:
-            self._order.clear()
-            self._until.clear()
-            self._heap.clear()
+            self._lru.clear()
             self._index.clear()
             self._tags.clear()
             self._touched.clear()
@@ -183,39 +181,28 @@ class MemoryStore(Store):
     # -- helpers, called with the lock held --------------------------------------------------
 
     def _replay_reads(self) -> None:
-        touched, order = self._touched, self._order
+        touched, lru = self._touched, self._lru
         while touched:
             key = touched.popleft()
-            if key in order:  # else gone since it was read
-                order.move_to_end(key)
-
-    def _expire(self, now: float) -> None:
-        """Remove every entry kept until `now` or earlier."""
-        heap, until = self._heap, self._until
-        while heap and heap[0][0] <= now:
-            when, key = heapq.heappop(heap)
-            if until.get(key) == when:  # else a stale pair
-                self._remove(key)
-
-    def _rebuild_heap(self) -> None:
-        """Drop the stale pairs: one pair per live entry with a TTL."""
-        self._heap = [(when, key) for key, when in self._until.items()]
-        heapq.heapify(self._heap)
+            with contextlib.suppress(KeyError):  # gone since it was read
+                lru[key]  # moves the key to the most recently used end
 
     def _remove(self, key: str) -> bool:
-        """Remove `key`; whether it was there and still kept (not past its windows)."""
+        entry = self._index.get(key)
+        self._lru.pop(key, None)
+        self._forget(key)
+        return entry is not None and entry.kept_until > self.clock()
+
+    def _forget(self, key: str) -> None:
         entry = self._index.pop(key, None)
         if entry is None:
-            return False
-        self._order.pop(key, None)
-        self._until.pop(key, None)
+            return
         for tag in entry.tags:
             members = self._tags.get(tag)
             if members is not None:
                 members.discard(key)
                 if not members:
                     del self._tags[tag]
-        return entry.kept_until > self.clock()
 
     def stats(self) -> dict[str, Any]:
         return {"entries": len(self._index), "maxsize": self.maxsize, "tags": len(self._tags)}
