@@ -47,9 +47,7 @@ from coalesce.keys import (
     signature_source,
     template_key_function,
 )
-from coalesce.options import MAX_SECONDS as MAX_SECONDS  # importable from here too
 from coalesce.options import Options
-from coalesce.options import check_seconds as check_seconds
 from coalesce.stats import Stats
 from coalesce.stores.base import Fence
 from coalesce.values import Frozen, freeze, freeze_entry
@@ -343,10 +341,10 @@ _FRESH_TEST = "__coalesce_e.fresh_until > __coalesce_cache.clock()"
 # reached the expiry, for u uniform in (0, 1]; and while this process refreshes the key
 # already, a plain hit until it expires (no second draw, no trip through `_slow`)
 _EARLY_TEST = (
-    "(__coalesce_k in __coalesce_cache.refreshing"
-    " and __coalesce_e.fresh_until > __coalesce_cache.clock())"
-    " or __coalesce_e.fresh_until > __coalesce_cache.clock()"
-    " - __coalesce_e.compute_time * {beta!r} * __coalesce_log(1.0 - __coalesce_random())"
+    "__coalesce_e.fresh_until > (__coalesce_n := __coalesce_cache.clock())"
+    " and (__coalesce_k in __coalesce_cache.refreshing"
+    " or __coalesce_e.fresh_until > __coalesce_n"
+    " - __coalesce_e.compute_time * {beta!r} * __coalesce_log(1.0 - __coalesce_random()))"
 )
 
 

@@ -74,7 +74,7 @@ class Entry:
 
     def usable_on_error(self, now: float) -> bool:
         """Whether the value may stand in for a failed or timed-out recomputation now."""
-        return not self.error and now < self.fresh_until + max(self.stale_ttl, self.stale_if_error)
+        return not self.error and now < self.kept_until
 
     def freshness(self, now: float) -> Freshness:
         """`decide` without early refresh."""
@@ -126,7 +126,7 @@ def retry_entry(previous: Entry, now: float) -> Entry:
     sooner); its own `stale_if_error` ends where `previous`'s did, so repeated failures
     never stretch the window.
     """
-    deadline = previous.fresh_until + max(previous.stale_ttl, previous.stale_if_error)
+    deadline = previous.kept_until
     ttl = max(0.0, min(RETRY_FAILED_AFTER, deadline - now))
     return Entry(
         previous.value,

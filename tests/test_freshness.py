@@ -687,3 +687,37 @@ def test_a_waiter_for_another_process_times_out_alone_on_redis(
     assert wait.stats()["computations"] == 0 and wait.stats()["timeouts"] == 1
     leader_cache.close()
     waiter_cache.close()
+
+
+def test_generated_code_shows_its_source_in_tracebacks(cache: Cache) -> None:
+    """The hot-path wrapper and the key function are registered with `linecache`, so a
+    traceback through them shows their lines, not only `<coalesce wrapper ...>`."""
+    import traceback
+
+    @cache.cached(ttl=60, key="item:{n}")
+    def item(n: int) -> int:
+        raise LookupError(n)
+
+    with pytest.raises(LookupError) as caught:
+        item(1)
+    text = "".join(traceback.format_exception(caught.value))
+    assert "<coalesce wrapper of" in text
+    assert "return __coalesce_slow(" in text  # a generated line, read back from linecache
+
+
+def test_close_waits_for_computations_callers_left_on_their_timeout(cache: Cache) -> None:
+    release, finished = threading.Event(), threading.Event()
+
+    @cache.cached(ttl=60, timeout=0.05)
+    def slow() -> str:
+        release.wait(10)
+        finished.set()
+        return "landed"
+
+    with pytest.raises(CoalesceTimeout):
+        slow()
+    threading.Timer(0.1, release.set).start()
+    cache.close()  # waits for the computation the caller left
+    assert finished.is_set()
+    assert cache.get_entry(slow.key()) is not None
+    assert not any(t.name.startswith("coalesce-compute") for t in threading.enumerate())

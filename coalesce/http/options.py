@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn
 
 from coalesce.cache import Cache
-from coalesce.decorators import check_seconds
 from coalesce.errors import ConfigurationError
 from coalesce.http.headers import is_token
 from coalesce.http.metrics import REGISTRY, MetricsRegistry
+from coalesce.options import check_seconds
 
 
 def refuse(message: str) -> NoReturn:
