@@ -129,13 +129,12 @@ class Policy:
 
     def use(self, options: Options) -> None:
         """Keep checked options, each also as an attribute of its own (read per call)."""
-        self.options = options
         self.ttl = options.ttl
         self.stale_ttl = options.stale_ttl
         self.stale_if_error = options.stale_if_error
         self.cache_errors = options.cache_errors
         self.timeout = options.timeout
-        self.beta = options.early_beta  # 0.0: no early refresh
+        self.beta = options.early_refresh  # XFetch's beta; 0.0: no early refresh
         self.jitter = options.jitter
         self.copy = options.copy
 

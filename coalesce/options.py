@@ -49,9 +49,9 @@ class Options:
     * `cache_errors`: seconds a raised exception is cached (None: never);
     * `timeout`: seconds a caller waits for a computation before it gets the stale value
       (when one may be served) or `CoalesceTimeout`; the computation goes on;
-    * `early_refresh`: refresh a hot entry in the background before it expires (XFetch),
-      `beta` scaling how early (1.0 as in the paper, for `early_refresh=True`; larger is
-      earlier);
+    * `early_refresh`: XFetch's `beta` (0.0: off): refresh a hot entry in the background
+      before it expires, earlier the larger it is (`early_refresh=True` is 1.0, as in the
+      paper);
     * `jitter`: each stored ttl is drawn from `[ttl * (1 - jitter), ttl]`;
     * `copy`: hand each caller a private copy of the value.
     """
@@ -61,8 +61,7 @@ class Options:
     stale_if_error: float = 0.0
     cache_errors: float | None = None
     timeout: float | None = None
-    early_refresh: bool = False
-    beta: float = 1.0
+    early_refresh: float = 0.0
     jitter: float = 0.0
     copy: bool = True
 
@@ -103,13 +102,7 @@ class Options:
             stale_if_error=check_seconds("stale_if_error", stale_if_error, allow_zero=True) or 0.0,
             cache_errors=check_seconds("cache_errors", cache_errors, allow_none=True),
             timeout=check_seconds("timeout", timeout, allow_none=True),
-            early_refresh=early_refresh is not False,
-            beta=beta,
+            early_refresh=beta if early_refresh is not False else 0.0,
             jitter=float(jitter),
             copy=_check_bool("copy", copy),
         )
-
-    @property
-    def early_beta(self) -> float:
-        """The `beta` of `entry.decide`: 0 without early refresh."""
-        return self.beta if self.early_refresh else 0.0

@@ -143,3 +143,32 @@ def test_starlette_early_refresh_refreshes_a_hot_view_in_the_background() -> Non
     assert client.get("/hot").json() == {"n": 2}
     assert len(calls) == 2
     cache.close()
+
+
+def test_fastapi_early_refresh_refreshes_a_hot_route_in_the_background() -> None:
+    """A route without dependencies would answer hits before FastAPI's handling (the
+    shortcut); with early_refresh its hits go through the core, which refreshes early."""
+    clock, calls = FakeClock(), []
+    cache = Cache(clock=clock)
+    app = FastAPI()
+
+    @app.get("/hot")
+    @coalesce.fastapi.cached(ttl=10, early_refresh=100.0, cache=cache, registry=MetricsRegistry())
+    def hot() -> dict[str, int]:
+        time.sleep(0.05)  # a measurable compute time for XFetch to scale by
+        calls.append(1)
+        return {"n": len(calls)}
+
+    with TestClient(app) as client:
+        assert client.get("/hot").json() == {"n": 1}
+        assert client.get("/hot").headers["x-cache"] == "HIT"
+        clock.now += 9.9  # P(early) = exp(-0.1 / 5) per request
+        deadline = time.monotonic() + 5
+        while len(calls) < 2 and time.monotonic() < deadline:
+            assert client.get("/hot").status_code == 200
+            time.sleep(0.01)
+        while client.get("/hot").json() != {"n": 2} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.get("/hot").json() == {"n": 2}
+    assert len(calls) == 2
+    cache.close()
