@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast, overload
 
 from coalesce import decorators
+from coalesce.batch import DEFAULT_BATCH_WINDOW, DEFAULT_MAX_BATCH, make_cached_many
+from coalesce.batch.flights import BatchFlights
 from coalesce.decorators import (
     AsidePolicy,
     CachedFunction,
@@ -249,6 +251,7 @@ class Cache:
         self.store = _make_store(url, maxsize, clock, store_options)
         self.flights: ThreadFlights[Entry] = ThreadFlights()
         self.aflights = AsyncFlights()
+        self.batch_flights = BatchFlights()  # per-id flights of `cached_many` batches
         self._policies: weakref.WeakSet[Policy] = weakref.WeakSet()
         self._aside_policies: dict[str, AsidePolicy] = {}  # by stats name; under _lock
         _all_caches.add(self)
@@ -370,6 +373,42 @@ class Cache:
         Every caller of one flight receives the very same result object.
         """
         return make_decorator(self, fn, store=False, key=key, exclude=exclude, copy=False)
+
+    def cached_many(
+        self,
+        *,
+        key: str,
+        ttl: float | None = None,
+        tags: Sequence[str] = (),
+        stale_ttl: float = 0.0,
+        cache_missing: float | None = None,
+        batch_window: float = DEFAULT_BATCH_WINDOW,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        copy: bool = True,
+    ) -> Callable[[Callable[..., Any]], Any]:
+        """Cache a batch function `f(ids: list) -> dict[id, value]` per id (issue 12).
+
+        `key` is a template with one field filled with each id (`"user:{}"`); `tags` are
+        templates too. A call `f([1, 2, 3])` reads every id's entry in one pass and calls the
+        function once with only the missing ids, in the caller's order; an id being computed
+        for another caller is waited for, never computed twice (on Redis, across processes).
+        Ids the function leaves out are absent from the result and not cached, unless
+        `cache_missing` caches their absence that many seconds. `f.load(id)` gathers the
+        single-id calls of one event-loop iteration (async), or of `batch_window` seconds
+        (threads), into one batch of at most `max_batch` ids. `f.invalidate(id)` deletes
+        one id's entry, as `cache.invalidate("user:2")` does. See `coalesce.batch`.
+        """
+        return make_cached_many(
+            self,
+            key=key,
+            tags=tags,
+            cache_missing=cache_missing,
+            batch_window=batch_window,
+            max_batch=max_batch,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            copy=copy,
+        )
 
     def register(self, policy: Policy) -> None:
         self._policies.add(policy)
@@ -705,6 +744,7 @@ class Cache:
         """Fence this process's computations of `full_key` in flight."""
         self.flights.invalidate(full_key)
         self.aflights.invalidate(full_key)
+        self.batch_flights.invalidate(full_key)
 
     @contextlib.contextmanager
     def computing(self, key: str, tags: tuple[str, ...]) -> Iterator[None]:
@@ -735,6 +775,7 @@ class Cache:
         whether its result may be stored)."""
         self.flights.invalidate_all()
         self.aflights.invalidate_all()
+        self.batch_flights.invalidate_all()
 
     def _fence_tag(self, full_tag: str) -> None:
         """Fence this process's computations in flight that carry `full_tag`."""

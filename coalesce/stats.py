@@ -28,9 +28,16 @@ class Stats:
     invalidations: int = 0  # entries deleted through this function's invalidate()
     backend_errors: int = 0  # store failures that degraded to computing directly
     compute_time: float = 0.0  # seconds spent in computations, in total
+    batches: int = 0  # calls of a `cached_many` function (each with the ids it had to compute)
+    batch_ids: int = 0  # ids passed to those calls, in total (ids per batch: the ratio)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def ids_per_batch(self) -> float:
+        """Ids a `cached_many` function computed per call, on average (0.0: none)."""
+        return self.batch_ids / self.batches if self.batches else 0.0
 
     @property
     def hit_ratio(self) -> float:

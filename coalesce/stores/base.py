@@ -136,6 +136,56 @@ class Store(ABC):
         """Up to `limit` full keys matching a glob `pattern`, looking at no more than about
         `max_scanned` stored keys (None: no bound); see `KeyList.complete`."""
 
+    # -- batches (`Cache.cached_many`) -----------------------------------------------------
+
+    def get_many(self, keys: list[str]) -> list[Entry | None]:
+        """The entries under `keys`, in their order, read in one pass where the store can
+        (Redis: one `MGET` per cluster slot; the near cache first). As `get`, an entry may
+        be past its time: callers judge it."""
+        return [self.get(key) for key in keys]
+
+    async def aget_many(self, keys: list[str]) -> list[Entry | None]:
+        """`get_many` for async code."""
+        return [await self.aget(key) for key in keys]
+
+    def fill_many(
+        self,
+        keys: list[str],
+        compute: Callable[[list[str]], dict[str, Entry | None]],
+        *,
+        fences: dict[str, Fence],
+        tags: dict[str, tuple[str, ...]],
+    ) -> dict[str, Entry | None]:
+        """`fill` for several keys at once: `compute(todo)` computes the keys `todo` (a part
+        of `keys`, in their order) in one call and returns an entry per key (None: nothing to
+        store). Returns an outcome per key of `keys`.
+
+        The cache has made sure that only one caller per key in this process gets here. A
+        store not shared computes all of them and stores each unless its fence was
+        invalidated; a shared store computes only the keys no other process computes, and
+        waits for the others (see `RedisStore.fill_many`).
+        """
+        outcomes = compute(keys)
+        for key, entry in outcomes.items():
+            if entry is not None:
+                self.set(key, entry, fence=fences[key])
+        return outcomes
+
+    async def afill_many(
+        self,
+        keys: list[str],
+        compute: Callable[[list[str]], Awaitable[dict[str, Entry | None]]],
+        *,
+        fences: dict[str, Fence],
+        tags: dict[str, tuple[str, ...]],
+    ) -> dict[str, Entry | None]:
+        """`fill_many` for async code."""
+        outcomes = await compute(keys)
+        for key, entry in outcomes.items():
+            if entry is not None:
+                await self.aset(key, entry, fence=fences[key])
+        return outcomes
+
     def get_strict(self, key: str) -> Entry | None:
         """`get`, except that an entry that exists but cannot be decoded raises
         `SerializationError` instead of counting as missing (for inspection: the command

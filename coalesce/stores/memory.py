@@ -92,6 +92,16 @@ class MemoryStore(Store):
     async def aget(self, key: str) -> Entry | None:
         return self.get(key)
 
+    def get_many(self, keys: list[str]) -> list[Entry | None]:
+        """One lock-free dict lookup per key, as `get`."""
+        index, touched = self._index, self._touched
+        entries = [index.get(key) for key in keys]
+        touched.extend(key for key, entry in zip(keys, entries, strict=True) if entry is not None)
+        return entries
+
+    async def aget_many(self, keys: list[str]) -> list[Entry | None]:
+        return self.get_many(keys)
+
     def __len__(self) -> int:
         return len(self._index)
 
