@@ -26,7 +26,6 @@ import copy as _copy
 import functools
 import gc
 import inspect
-import math
 import random
 import sys
 import threading
@@ -36,7 +35,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
-from coalesce.entry import STORE_FAILED, Entry, Freshness, decide, retry_entry
+from coalesce.entry import STORE_FAILED, Entry, Freshness, decide, refresh_moment, retry_entry
 from coalesce.errors import BackendError, CoalesceTimeout, ConfigurationError
 from coalesce.keys import (
     KeyFunction,
@@ -126,6 +125,9 @@ class Policy:
         self.stats = Stats(self.stats_name)
         self.fixed_cache = cache
         self.cache: Cache | None = cache  # the default cache is bound at the first call
+        # early refresh on a shared store: key -> (fresh_until, refresh moment) of the entry
+        # last read, whose decoded copies are new objects per read (see `_moment`)
+        self.moments: dict[str, tuple[float, float]] = {}
 
     def use(self, options: Options) -> None:
         """Keep checked options, each also as an attribute of its own (read per call)."""
@@ -218,6 +220,7 @@ class AsidePolicy(Policy):
         self.stats = Stats(name)
         self.fixed_cache = cache
         self.cache = cache
+        self.moments = {}
         # this policy with other options, by the options as given (already checked)
         self._variants: dict[tuple[Any, ...], AsidePolicy] = {}
 
@@ -284,7 +287,8 @@ def _rebuild_error(spec: Any) -> Exception:
 # own parameter list: Python binds the arguments natively and the key is rendered inline
 # (see `keys.KeyPlan`). Everything else leaves it for `_slow` / `_aslow` below. The two
 # sources differ only in `async`/`await`; `{fresh}` is the hit test (`_FRESH_TEST`, or with
-# early refresh `_EARLY_TEST`, which sends the call to `_slow` once XFetch says refresh).
+# early refresh `_EARLY_TEST`, which sends the call to `_slow` once the entry's refresh
+# moment has come).
 
 _SYNC_WRAPPER = """
 def __coalesce_wrapper({params}):
@@ -336,14 +340,14 @@ async def __coalesce_wrapper({params}):
 """
 
 _FRESH_TEST = "__coalesce_e.fresh_until > __coalesce_cache.clock()"
-# `entry.decide`'s EARLY test, inlined: fresh unless now + compute_time * beta * -ln(u) has
-# reached the expiry, for u uniform in (0, 1]; and while this process refreshes the key
-# already, a plain hit until it expires (no second draw, no trip through `_slow`)
+# With early refresh: a hit until the entry's refresh moment (`entry.refresh_moment`, at or
+# before its expiry), drawn by the first read of the entry in this process (`_moment`: the
+# moment is NaN until then, and NaN compares false), then kept on the entry: one comparison
+# per hit. Once a refresh has started, the moment is moved to the expiry (`_refreshing`).
 _EARLY_TEST = (
-    "__coalesce_e.fresh_until > (__coalesce_n := __coalesce_cache.clock())"
-    " and (__coalesce_k in __coalesce_cache.refreshing"
-    " or __coalesce_e.fresh_until > __coalesce_n"
-    " - __coalesce_e.compute_time * {beta!r} * __coalesce_log(1.0 - __coalesce_random()))"
+    "(__coalesce_r := __coalesce_e.refresh_at) > (__coalesce_n := __coalesce_cache.clock())"
+    " or __coalesce_r != __coalesce_r and __coalesce_moment("
+    "__coalesce_cache, __coalesce_policy, __coalesce_k, __coalesce_e) > __coalesce_n"
 )
 
 
@@ -352,7 +356,7 @@ def _generate(policy: Policy, is_async: bool) -> Callable[..., Any]:
     params, defaults, args, kwargs = signature_source(policy.fn)
     template = _ASYNC_WRAPPER if is_async else _SYNC_WRAPPER
     guard = policy.plan.hit_guard if policy.store else "False"  # `coalesced` never reads
-    fresh = _EARLY_TEST.format(beta=policy.beta) if policy.beta else _FRESH_TEST
+    fresh = _EARLY_TEST if policy.beta else _FRESH_TEST
     source = template.format(
         params=params, args=args, kwargs=kwargs, expr=policy.plan.expr, guard=guard, fresh=fresh
     )
@@ -362,8 +366,7 @@ def _generate(policy: Policy, is_async: bool) -> Callable[..., Any]:
         "__coalesce_policy": policy,
         "__coalesce_fn": policy.fn,
         "__coalesce_stats": policy.stats,
-        "__coalesce_log": math.log,
-        "__coalesce_random": random.random,
+        "__coalesce_moment": _moment,
         "__coalesce_type": type,
         "__coalesce_Frozen": Frozen,
         "__coalesce_slow": _aslow if is_async else _slow,
@@ -383,7 +386,7 @@ def _slow(
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = cache.read(key)
         if entry is not None:
-            state = decide(entry, cache.clock(), policy.beta)
+            state = _decide(cache, policy, key, entry)
             if state is _FRESH:
                 stats.hits += 1
                 return _result(entry)
@@ -394,6 +397,8 @@ def _slow(
                     cache.refresh_in_background(
                         key, lambda: _miss(cache, policy, key, args, kwargs, entry, refresh=early)
                     )
+                if state is _EARLY:
+                    _refreshing(cache, policy, key, entry)
                 return _result(entry)
         stats.misses += 1
     return _result(_miss(cache, policy, key, args, kwargs, entry))
@@ -409,7 +414,7 @@ async def _aslow(
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = await cache.aread(key)
         if entry is not None:
-            state = decide(entry, cache.clock(), policy.beta)
+            state = _decide(cache, policy, key, entry)
             if state is _FRESH:
                 stats.hits += 1
                 return _result(entry)
@@ -420,9 +425,63 @@ async def _aslow(
                     cache.arefresh_in_background(
                         key, _amiss(cache, policy, key, args, kwargs, entry, refresh=early)
                     )
+                if state is _EARLY:
+                    _refreshing(cache, policy, key, entry)
                 return _result(entry)
         stats.misses += 1
     return _result(await _amiss(cache, policy, key, args, kwargs, entry))
+
+
+def _decide(cache: Cache, policy: Policy, key: str, entry: Entry) -> Freshness:
+    """`entry.decide` now, with early refresh at the entry's moment in this process."""
+    if not policy.beta:
+        return decide(entry, cache.clock())
+    moment = entry.refresh_at
+    if moment != moment:  # NaN: not drawn yet
+        moment = _moment(cache, policy, key, entry)
+    refreshing = key in cache.refreshing
+    return decide(entry, cache.clock(), refresh_at=moment, refreshing=refreshing)
+
+
+#: At most this many keys keep their refresh moments per function on a shared store
+_MOMENTS = 10_000
+
+
+def _moment(cache: Cache, policy: Policy, key: str, entry: Entry) -> float:
+    """The moment this process refreshes `entry` early, drawn at its first read here.
+
+    Kept on the entry (`Entry.refresh_at`): the memory store and the near cache hand every
+    reader the same object. A shared store decodes a new object per read, so the moment is
+    also kept per key in `policy.moments`, for the entry of the same `fresh_until`: one
+    draw per entry and process there too, not one per read. Written without a lock: two
+    readers drawing at once each keep a valid draw, and the last one stays. While this
+    process refreshes the key, the entry read counts as fresh until it expires, without
+    keeping that (the refresh may be about to store this very entry).
+    """
+    if key in cache.refreshing:
+        return entry.fresh_until
+    if cache.local:
+        entry.refresh_at = moment = refresh_moment(entry, policy.beta)
+        return moment
+    moments = policy.moments
+    kept = moments.get(key)
+    if kept is not None and kept[0] == entry.fresh_until:
+        moment = kept[1]
+    else:
+        moment = refresh_moment(entry, policy.beta)
+        if len(moments) >= _MOMENTS:
+            moments.clear()
+        moments[key] = (entry.fresh_until, moment)
+    entry.refresh_at = moment
+    return moment
+
+
+def _refreshing(cache: Cache, policy: Policy, key: str, entry: Entry) -> None:
+    """A refresh of `entry` has started (or another computation of its key runs): no other
+    early refresh of it in this process, its readers hit until it expires."""
+    entry.refresh_at = entry.fresh_until
+    if not cache.local:
+        policy.moments[key] = (entry.fresh_until, entry.fresh_until)
 
 
 def _served_to_refresh(policy: Policy, state: Freshness) -> None:
@@ -495,13 +554,14 @@ def _lead(
     (`previous` is `STORE_FAILED`, or this one) it computes without the store. On a shared
     store the check again is the first step of `fill` itself (Redis: the `CLAIM` script
     reads the entry atomically with taking the lease), so nothing can be stored between
-    them. An early refresh (`refresh`) does not check again: the entry is fresh.
+    them. An early refresh (`refresh`) checks only that the entry it refreshes is still the
+    one stored (a caller that read it just before the last refresh landed may start another).
     """
     failed = previous is STORE_FAILED
-    if policy.store and not failed and not refresh and cache.local:
+    if policy.store and not failed and cache.local:
         entry = cache.read(key)
-        if entry is not None and entry.fresh_until > cache.clock():
-            return _shareable(cache, policy, entry)
+        if _newer(cache, entry, previous if refresh else None):
+            return _shareable(cache, policy, cast(Entry, entry))
         failed = entry is STORE_FAILED
     if failed:
         kept = _fallback(cache, policy, key)
@@ -530,6 +590,11 @@ def _lead(
         return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
     with cache.computing(key, tags):
         return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
+
+
+def _newer(cache: Cache, entry: Entry | None, refreshed: Entry | None) -> bool:
+    """Whether a leader's check again found `entry` fresh, and not the entry it refreshes."""
+    return entry is not None and entry is not refreshed and entry.fresh_until > cache.clock()
 
 
 def _fill(
@@ -657,10 +722,10 @@ async def _alead(
 ) -> Entry:
     """The leader of this process on this loop: check again, then compute once."""
     failed = previous is STORE_FAILED
-    if policy.store and not failed and not refresh and cache.local:
+    if policy.store and not failed and cache.local:
         entry = cache.read(key)  # a local store's read: no I/O to await
-        if entry is not None and entry.fresh_until > cache.clock():
-            return _shareable(cache, policy, entry)
+        if _newer(cache, entry, previous if refresh else None):
+            return _shareable(cache, policy, cast(Entry, entry))
         failed = entry is STORE_FAILED
     if failed:
         kept = _fallback(cache, policy, key)

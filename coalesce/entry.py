@@ -6,8 +6,10 @@ without I/O, what a reader does with it (`decide`):
 * `FRESH`: serve it;
 * `EARLY`: serve it, and refresh it in the background now, before it expires (XFetch:
   Vattani, Chierichetti and Lowenstein, "Optimal Probabilistic Cache Stampede Prevention",
-  VLDB 2015: the closer the expiry and the longer the last computation took, the likelier);
-* `STALE`: within its `stale_ttl` window: serve it while one caller refreshes it;
+  VLDB 2015: the closer the expiry and the longer the last computation took, the likelier;
+  see `refresh_moment` for the form the decorators use);
+* `STALE`: within its `stale_ttl` window (or while its early refresh is landing): serve it
+  while one caller refreshes it;
 * `EXPIRED`: recompute. An expired entry may still be *kept* (`kept_until`) for
   `stale_if_error`: served only when its recomputation fails or times out
   (`usable_on_error`).
@@ -44,7 +46,8 @@ class Entry:
     `ttl` is how long the value is fresh; `stale_ttl` how much longer it may be served stale
     while one caller recomputes it; `stale_if_error` how long after its expiry it may still
     be served when recomputing it fails. `ttl=None` means it never expires by time. Entries
-    are not changed after they are made: stores share them between readers.
+    are not changed after they are made (but for the memo `refresh_at`): stores share them
+    between readers.
     """
 
     value: Any
@@ -58,9 +61,15 @@ class Entry:
     stale_if_error: float = 0.0
     #: When the value stops being fresh; derived, read on every hit.
     fresh_until: float = field(init=False, repr=False, compare=False)
+    #: With early refresh: when this process refreshes the entry (`refresh_moment`), NaN
+    #: until its first reader here draws it. The one field written after the entry is made:
+    #: by any reader without a lock, each write a whole valid moment (a float store is atomic
+    #: in CPython); the decorators set it to `fresh_until` once they started a refresh.
+    refresh_at: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.fresh_until = math.inf if self.ttl is None else self.created + self.ttl
+        self.refresh_at = math.nan
 
     @property
     def stale_until(self) -> float:
@@ -97,21 +106,67 @@ class Entry:
 
 
 def decide(
-    entry: Entry, now: float, beta: float = 0.0, draw: Callable[[], float] = random.random
+    entry: Entry,
+    now: float,
+    beta: float = 0.0,
+    draw: Callable[[], float] = random.random,
+    *,
+    refresh_at: float | None = None,
+    refreshing: bool = False,
 ) -> Freshness:
     """What a reader does with `entry` at `now` (see the module docstring).
 
-    `beta > 0` turns on early refresh: a fresh entry is `EARLY` when
-    `now + compute_time * beta * -ln(u) >= fresh_until` for `u = 1 - draw()` in (0, 1].
+    Early refresh, in one of two forms: `refresh_at` given (the moment `refresh_moment`
+    drew): a fresh entry is `EARLY` from that moment on; else `beta > 0`, XFetch drawing
+    per call: a fresh entry is `EARLY` when `now + compute_time * beta * -ln(u) >=
+    fresh_until` for `u = 1 - draw()` in (0, 1].
+
+    `refreshing`: a refresh of the key runs in this process. An early refresh lands about
+    when the entry expires; one that lands a little late (a slower computation, a busy
+    event loop) would make its callers wait, so the entry stays `STALE` for at most one
+    more computation's time after its expiry (and its `stale_ttl`) while it runs.
     """
     fresh_until = entry.fresh_until
     if now < fresh_until:
+        if refresh_at is not None:
+            return Freshness.EARLY if now >= refresh_at else Freshness.FRESH
         if beta and now - entry.compute_time * beta * math.log(1.0 - draw()) >= fresh_until:
             return Freshness.EARLY
         return Freshness.FRESH
     if now < fresh_until + entry.stale_ttl:
         return Freshness.STALE
+    if refreshing and now < fresh_until + entry.compute_time and not entry.error:
+        return Freshness.STALE
     return Freshness.EXPIRED
+
+
+def refresh_moment(entry: Entry, beta: float, draw: Callable[[], float] = random.random) -> float:
+    """When one process refreshes `entry` early: `fresh_until - compute_time * (1 + beta * x)`
+    with `x = -ln(u)`, `u = 1 - draw()` in (0, 1]: drawn once per entry and process, then
+    kept (`Entry.refresh_at`), so that a hit compares one float with the clock.
+
+    XFetch (Vattani et al., VLDB 2015) tells a read at `t` to recompute when
+    `t + compute_time * beta * x >= fresh_until`, drawing `x` (exponential) again per
+    read. Here `x` is drawn once, and the test is made for the moment the refresh would
+    land, one computation later: the refresh starts at `T` with
+    `P(T <= t) = exp(-(fresh_until - compute_time - t) / (compute_time * beta))`, XFetch's
+    probability for a read at `t + compute_time`. Why not per read: with `r` reads a second,
+    per-read draws make the first refresh come about `compute_time * beta * ln(r *
+    compute_time * beta)` before the expiry (0.1 s for a 20 ms computation read 10,000 times
+    a second), the hotter the key the earlier: several computations per ttl. That same
+    margin is what lands the paper's refresh before the expiry under load; drawn once, the
+    margin is one computation (`compute_time * 1`), the refresh lands `compute_time * beta`
+    before the expiry on average whatever the load, and the key is computed about
+    `ttl / (ttl - compute_time * beta)` times per ttl.
+
+    Across a fleet each process draws its own `x` for the entry, and the process with the
+    largest refreshes first: about `compute_time * beta * (ln(n) + 0.58)` beyond the margin
+    for `n` processes (the mean largest of `n` exponential draws). The lease (Redis
+    `CLAIM`) keeps that refresh the only one: the others pass their own moments while it
+    runs, find the lease held and keep serving the entry, and the refreshed entry gets new
+    draws. So still about one refresh per expiry for the fleet, never two at once.
+    """
+    return entry.fresh_until - entry.compute_time * (1.0 - beta * math.log(1.0 - draw()))
 
 
 #: How long a value served because its recomputation failed (`stale_if_error`) is served

@@ -392,7 +392,9 @@ def test_early_refresh_serves_the_old_value_while_refreshing(
 
     assert load() == "v1"
     refreshed.clear()
-    clock.advance(9.9)  # 0.1 s before expiry: P(early) = exp(-0.1 / 5) = 0.98 per call
+    # one computation (50 ms) before expiry: the entry's refresh moment, at most
+    # fresh_until - compute_time (`entry.refresh_moment`), has come whatever was drawn
+    clock.advance(9.95)
     for _ in range(20):
         assert load() == "v1"  # served at once; the refresh runs in the background
         if refreshed.is_set():
