@@ -35,6 +35,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
+from coalesce import otel
 from coalesce.entry import STORE_FAILED, Entry, Freshness, decide, refresh_moment, retry_entry
 from coalesce.errors import BackendError, CoalesceTimeout, ConfigurationError
 from coalesce.keys import (
@@ -569,11 +570,13 @@ def _lead(
             return kept
     tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
+    tracing = otel.tracing  # None unless coalesce.otel.instrument() was called
+    fn = policy.fn if tracing is None else tracing.traced(cache, policy, key, previous, refresh)
 
     def compute() -> Entry:
         started = _perf()
         try:
-            value = policy.fn(*args, **kwargs)
+            value = fn(*args, **kwargs)
         except Exception as exc:
             computed.append(_failed(cache, policy, exc, started, previous, raised))
             return computed[0]
@@ -733,11 +736,13 @@ async def _alead(
             return kept
     tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
+    tracing = otel.tracing  # as in `_lead`
+    fn = policy.fn if tracing is None else tracing.atraced(cache, policy, key, previous, refresh)
 
     async def compute() -> Entry:
         started = _perf()
         try:
-            value = await policy.fn(*args, **kwargs)
+            value = await fn(*args, **kwargs)
         except Exception as exc:
             computed.append(_failed(cache, policy, exc, started, previous, raised))
             return computed[0]

@@ -32,12 +32,17 @@ import concurrent.futures
 import contextlib
 import os
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from coalesce import otel
 from coalesce.errors import CoalesceTimeout, ReentrantCallError
 from coalesce.stores.base import Fence
+
+if TYPE_CHECKING:
+    from coalesce.otel.instruments import FlightTrace
 
 T = TypeVar("T")
 
@@ -64,7 +69,7 @@ def _nothing() -> None:
 class _ThreadFlight(Generic[T]):
     """One computation in flight among threads."""
 
-    __slots__ = ("abandoned", "done", "error", "fence", "thread", "value")
+    __slots__ = ("abandoned", "done", "error", "fence", "thread", "trace", "value")
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()  # the leader's thread, which creates the flight
@@ -78,6 +83,9 @@ class _ThreadFlight(Generic[T]):
         self.error: BaseException | None = None  # likewise
         self.abandoned = False  # likewise: the leader left without an outcome for others
         self.fence = Fence()  # made invalid by `ThreadFlights.invalidate`
+        # tracing (coalesce.otel, when instrumented): set by the leader's caller before the
+        # flight is published; see `FlightTrace` for who writes what in it
+        self.trace: FlightTrace | None = None
 
 
 class ThreadFlights(Generic[T]):
@@ -113,6 +121,11 @@ class ThreadFlights(Generic[T]):
                 leader = flight is None
                 if flight is None:
                     flight = self._flights[key] = _ThreadFlight()
+                    if otel.tracing is not None:
+                        flight.trace = otel.tracing.flight(key)
+                elif flight.trace is not None:
+                    flight.trace.followers += 1
+                    joined = time.time_ns()
             if leader:
                 if timeout is None or pool is None:
                     return self._lead(key, flight, compute), False
@@ -126,6 +139,8 @@ class ThreadFlights(Generic[T]):
                 continue
             if not leader:
                 on_shared()
+                if flight.trace is not None:
+                    flight.trace.followed(joined, flight.error)
             if flight.error is not None:
                 raise flight.error
             return flight.value, not leader  # type: ignore[return-value]
@@ -139,6 +154,8 @@ class ThreadFlights(Generic[T]):
             self._lead(key, flight, compute)
 
     def _lead(self, key: str, flight: _ThreadFlight[T], compute: Callable[[Fence], T]) -> T:
+        trace = flight.trace
+        entered = None if trace is None else trace.enter()
         try:
             flight.value = compute(flight.fence)
             return flight.value
@@ -152,6 +169,9 @@ class ThreadFlights(Generic[T]):
             with self._lock:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
+            if trace is not None and entered is not None:
+                trace.leave(entered)
+                trace.finish()  # out of the table: its follower count is final
             flight.done.release()
 
     def invalidate(self, key: str) -> None:
@@ -215,6 +235,7 @@ class _AsyncFlight:
         "result",
         "task",
         "timed_out",
+        "trace",
         "waiters",
     )
 
@@ -231,6 +252,7 @@ class _AsyncFlight:
         self._settled: tuple[Any, BaseException | None] | None = None
         # for callers on other loops: made by the first of them, filled when settled
         self._outcome: concurrent.futures.Future[Any] | None = None
+        self.trace: FlightTrace | None = None  # as `_ThreadFlight.trace`
 
     def done(self) -> bool:
         return self._settled is not None
@@ -326,6 +348,9 @@ class AsyncFlights:
                     flight = self._start(key, loop, compute)
                 elif flight.task is asyncio.current_task():
                     raise ReentrantCallError(key)
+                elif flight.trace is not None:
+                    flight.trace.followers += 1
+                    joined = time.time_ns()
                 flight.waiters += 1
             try:
                 if timeout is None:
@@ -338,13 +363,17 @@ class AsyncFlights:
                 raise CoalesceTimeout(key, timeout or 0.0) from None
             except _Cancelled:
                 continue  # the computation was cancelled, not this caller: start over
-            except BaseException:
+            except BaseException as exc:
                 if shared:
                     on_shared()
+                    if flight.trace is not None:
+                        flight.trace.followed(joined, exc)
                 raise
             else:
                 if shared:
                     on_shared()
+                    if flight.trace is not None:
+                        flight.trace.followed(joined, None)
                 return value, shared
             finally:
                 with self._lock:
@@ -359,15 +388,21 @@ class AsyncFlights:
     ) -> _AsyncFlight:
         fence = Fence()
         flight = _AsyncFlight(loop, fence)
+        if otel.tracing is not None:  # in the leader caller's context, the task's parent
+            flight.trace = otel.tracing.flight(key)
 
         def leave() -> None:
             with self._lock:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
+            if flight.trace is not None:
+                flight.trace.finish()  # out of the table: its follower count is final
 
         async def guarded() -> None:
             # settles the flight itself, so that its callers resume one loop iteration
             # sooner than through a done-callback
+            if flight.trace is not None:
+                flight.trace.enter()  # in this task's own context: never reset
             try:
                 value = await compute(fence)
             except Exception as exc:

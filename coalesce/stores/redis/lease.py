@@ -40,6 +40,13 @@ cluster the tag sets lie on other slots, so the leader records them with `TAG` r
 `CLAIM`, best effort: a `delete_tag` that reads the set in between (one round trip), or a
 failure of that `TAG`, lets that one computation store its result after the invalidation.
 
+Tracing (only after `coalesce.otel.instrument()`): a leader whose computation span is sampled
+writes `<token>|<traceparent>` to the sibling key `ns:{key}:trace` (`_announce`, for
+`TRACE_LEASES` lease times); a waiter reads it when it first sees a lease holder, and once more
+before returning after a wait if it had not found it, and links its wait to that span when the
+token is the holder's (`_follow_trace`). Nothing in the lease protocol reads that key, so
+processes of another version ignore it.
+
 The sync and async drivers are duplicated on purpose, side by side, to be compared line by
 line. Concurrency contract: per call, the token and the waiter belong to that call alone;
 shared state is the listener's registry (see `listener`), the renewer's table (under
@@ -49,12 +56,14 @@ its own lock, see `Renewer`) and the approximate `counts`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from coalesce import otel
 from coalesce.entry import Entry
 from coalesce.errors import BackendError, LeaderFailedError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, encode_entry
@@ -184,6 +193,9 @@ class Renewer:
                 if not ours and token in self._leases:
                     del self._leases[token]  # invalidated: the store will be refused anyway
 
+
+#: How long (in lease times) a leader's traceparent stays readable next to its lease.
+TRACE_LEASES = 10
 
 # What one `CLAIM` reply means, decided without I/O by `LeaseMixin._claim_step`.
 _LEAD, _ENTRY, _WAIT, _AGAIN = "lead", "entry", "wait", "again"
@@ -426,6 +438,8 @@ class LeaseMixin:
                     break
                 if step == _ENTRY:
                     assert entry is not None
+                    if waited and otel.tracing is not None:
+                        self._follow_trace(k, tokens)
                     return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
                     mode = CLAIM_ONLY  # the tokens seen stay: a handed entry is still theirs
@@ -436,11 +450,15 @@ class LeaseMixin:
                 seen, mode = holder, CLAIM_CHECK
                 if holder and holder not in tokens:
                     tokens.append(holder)
+                    if otel.tracing is not None:
+                        self._follow_trace(k, tokens)
                 if not subscribed:  # the first wait of this store: make sure pushes arrive
                     self._listener.ready.wait(min(wait, 1.0))
                     continue
                 entry = self._pushed(key, waiter.wait(wait), seen)
                 if entry is not None:
+                    if otel.tracing is not None:
+                        self._follow_trace(k, tokens)
                     return freeze_entry(entry, self.serializer)
         finally:
             self._listener.remove(key, waiter)
@@ -462,6 +480,8 @@ class LeaseMixin:
         self.counts["leads"] += 1
         token = lease.token
         resets = self._listener.resets
+        if otel.tracing is not None:
+            otel.tracing.announce(lambda traceparent: self._announce(k, token, traceparent))
         self._renewer.add(lease)
         try:
             entry = compute()
@@ -552,6 +572,8 @@ class LeaseMixin:
                     break
                 if step == _ENTRY:
                     assert entry is not None
+                    if waited and otel.tracing is not None:
+                        await self._afollow_trace(k, tokens)
                     return freeze_entry(entry, self.serializer)
                 if step == _AGAIN:
                     mode = CLAIM_ONLY  # the tokens seen stay: a handed entry is still theirs
@@ -562,11 +584,15 @@ class LeaseMixin:
                 seen, mode = holder, CLAIM_CHECK
                 if holder and holder not in tokens:
                     tokens.append(holder)
+                    if otel.tracing is not None:
+                        await self._afollow_trace(k, tokens)
                 if not subscribed:  # the first wait of this store: make sure pushes arrive
                     await asyncio.to_thread(self._listener.ready.wait, min(wait, 1.0))
                     continue
                 entry = self._pushed(key, await waiter.wait(wait), seen)
                 if entry is not None:
+                    if otel.tracing is not None:
+                        await self._afollow_trace(k, tokens)
                     return freeze_entry(entry, self.serializer)
         finally:
             self._listener.remove(key, waiter)
@@ -587,6 +613,10 @@ class LeaseMixin:
         self.counts["leads"] += 1
         token = lease.token
         resets = self._listener.resets
+        if otel.tracing is not None:
+            otel.tracing.announce(
+                lambda traceparent: self._in_background(self._aannounce(k, token, traceparent))
+            )
         renewer = asyncio.get_running_loop().create_task(self._arenew(lease))
         try:
             entry = await compute()
@@ -628,6 +658,49 @@ class LeaseMixin:
                         await self._conn.ascript(TAG, [tag_key], tag_args)
             except BackendError:
                 pass
+
+    # -- tracing (coalesce.otel, once instrumented; see the module docstring) -----------------
+
+    def _trace_args(self, k: Keys, token: str, traceparent: str) -> tuple[str, str, None, int]:
+        """SET's arguments for a leader's traceparent: key, value, (no EX), PX."""
+        return k.entry + ":trace", f"{token}|{traceparent}", None, self.lease_ms * TRACE_LEASES
+
+    def _announce(self, k: Keys, token: str, traceparent: str) -> None:
+        """Write the leader's traceparent for waiters of other processes (best effort)."""
+        with contextlib.suppress(BackendError):
+            self._conn.call(self._conn.sync().set, *self._trace_args(k, token, traceparent))
+
+    async def _aannounce(self, k: Keys, token: str, traceparent: str) -> None:
+        with contextlib.suppress(BackendError):
+            client = self._conn.loop_state().client
+            await self._conn.acall(client.set, *self._trace_args(k, token, traceparent))
+
+    @staticmethod
+    def _traced_leader(data: Any, tokens: list[str]) -> str | None:
+        """The traceparent in a `:trace` value, if one of the leases `tokens` wrote it."""
+        if not isinstance(data, bytes):
+            return None
+        token, _, traceparent = data.decode("ascii", "replace").partition("|")
+        return traceparent if token in tokens and traceparent else None
+
+    def _follow_trace(self, k: Keys, tokens: list[str]) -> None:
+        """A waiter: link this step to the span of the leader it waits for (best effort)."""
+        tracing = otel.tracing
+        if tracing is None or not tracing.wants_remote():
+            return
+        with contextlib.suppress(BackendError):
+            traceparent = self._traced_leader(self._conn.get(k.entry + ":trace"), tokens)
+            if traceparent is not None:
+                tracing.remote_leader(traceparent)
+
+    async def _afollow_trace(self, k: Keys, tokens: list[str]) -> None:
+        tracing = otel.tracing
+        if tracing is None or not tracing.wants_remote():
+            return
+        with contextlib.suppress(BackendError):
+            traceparent = self._traced_leader(await self._conn.aget(k.entry + ":trace"), tokens)
+            if traceparent is not None:
+                tracing.remote_leader(traceparent)
 
     def _in_background(self, job: Awaitable[None]) -> None:
         task = asyncio.ensure_future(job)
