@@ -35,7 +35,7 @@ import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
-from coalesce import otel
+import coalesce.otel.hook as otel
 from coalesce.entry import STORE_FAILED, Entry, Freshness, decide, refresh_moment, retry_entry
 from coalesce.errors import BackendError, CoalesceTimeout, ConfigurationError
 from coalesce.keys import (

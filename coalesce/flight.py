@@ -37,7 +37,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from coalesce import otel
+import coalesce.otel.hook as otel
 from coalesce.errors import CoalesceTimeout, ReentrantCallError
 from coalesce.stores.base import Fence
 

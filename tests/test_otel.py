@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import coalesce.otel
+import coalesce.otel.hook
 from coalesce import Cache, MissingDependencyError
 from coalesce.testing import FakeClock
 
@@ -270,7 +271,7 @@ def test_uninstrument_stops_spans() -> None:
     recorded = Telemetry()
     coalesce.otel.instrument(tracer_provider=recorded.tracer_provider)
     coalesce.otel.uninstrument()
-    assert coalesce.otel.tracing is None
+    assert coalesce.otel.hook.tracing is None
     cache = Cache("memory://")
     assert cache.get_or_set("k:1", lambda: 1) == 1
     assert recorded.spans() == []
@@ -418,7 +419,7 @@ async def main():
     return await asyncio.gather(*[g(2) for _ in range(10)])
 assert asyncio.run(main()) == [2] * 10
 assert cache.get_or_set("x:1", lambda: 3) == 3
-assert coalesce.otel.tracing is None
+assert coalesce.otel.hook.tracing is None
 try:
     coalesce.otel.instrument()
 except coalesce.MissingDependencyError as exc:
@@ -461,4 +462,4 @@ def test_instrument_without_the_package_names_the_extra(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "opentelemetry", None)  # type: ignore[arg-type]
     with pytest.raises(MissingDependencyError, match=r"coalesce-cache\[otel\]"):
         coalesce.otel.instrument()
-    assert coalesce.otel.tracing is None
+    assert coalesce.otel.hook.tracing is None

@@ -34,10 +34,10 @@ What is recorded (tracer and meter named `coalesce`):
   histogram `coalesce.compute.duration` (seconds). Attributes: `coalesce.function`,
   `coalesce.namespace`.
 
-How the core finds it: `tracing` below is None until `instrument()`. The miss path reads it
-once per flight (`coalesce.flight`), per leader (`coalesce.decorators`) and per Redis lease
-(`coalesce.stores.redis.lease`); hits never do. Nothing here imports `opentelemetry` before
-`instrument()` is called.
+How the core finds it: `coalesce.otel.hook.tracing` is None until `instrument()`. The miss
+path reads it once per flight (`coalesce.flight`), per leader (`coalesce.decorators`) and per
+Redis lease (`coalesce.stores.redis.lease`); hits never do. Nothing here imports
+`opentelemetry` before `instrument()` is called.
 """
 
 from __future__ import annotations
@@ -45,14 +45,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from coalesce.otel import hook
+
 if TYPE_CHECKING:
     from coalesce.cache import Cache
-    from coalesce.otel.instruments import Tracing
 
 __all__ = ["instrument", "uninstrument"]
-
-#: The active instrumentation, or None: the only thing the core reads (once per miss step).
-tracing: Tracing | None = None
 
 
 def instrument(
@@ -69,7 +67,6 @@ def instrument(
 
     Raises `MissingDependencyError` when `opentelemetry-api` is not installed.
     """
-    global tracing
     try:
         from coalesce.otel.instruments import Tracing
     except ImportError as exc:
@@ -79,14 +76,13 @@ def instrument(
             f"coalesce.otel needs opentelemetry-api ({exc}), which the 'otel' extra "
             "installs: pip install 'coalesce-cache[otel]'"
         ) from None
-    previous, tracing = tracing, Tracing(tracer_provider, meter_provider, caches)
+    previous, hook.tracing = hook.tracing, Tracing(tracer_provider, meter_provider, caches)
     if previous is not None:
         previous.close()
 
 
 def uninstrument() -> None:
     """Stop tracing and reporting (computations in flight finish their spans)."""
-    global tracing
-    previous, tracing = tracing, None
+    previous, hook.tracing = hook.tracing, None
     if previous is not None:
         previous.close()

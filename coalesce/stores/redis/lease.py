@@ -63,7 +63,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from coalesce import otel
+import coalesce.otel.hook as otel
 from coalesce.entry import Entry
 from coalesce.errors import BackendError, LeaderFailedError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, encode_entry
