@@ -118,7 +118,7 @@ def test_starlette_early_refresh_refreshes_a_hot_view_in_the_background() -> Non
     refreshed = threading.Event()
 
     @coalesce.starlette.cached(
-        ttl=10, early_refresh=100.0, stale_if_error=30, cache=cache, registry=MetricsRegistry()
+        ttl=10, early_refresh=10.0, stale_if_error=30, cache=cache, registry=MetricsRegistry()
     )
     async def hot(request: Request) -> Response:
         time.sleep(0.05)  # a measurable compute time for XFetch to scale by
@@ -131,7 +131,9 @@ def test_starlette_early_refresh_refreshes_a_hot_view_in_the_background() -> Non
     first = client.get("/hot")
     assert first.json() == {"n": 1}
     assert "stale-if-error=30" in first.headers["cache-control"]
-    clock.now += 9.9  # P(early) = exp(-0.1 / 5) per request
+    # XFetch: P(early) = exp(-left / (compute_time * beta)) = exp(-0.01 / 0.5) now, and
+    # exp(-10 / 0.5) once the refresh has landed: one refresh, not a second one
+    clock.now += 9.99
     for _ in range(20):
         assert client.get("/hot").json() in ({"n": 1}, {"n": 2})
         if refreshed.is_set():
@@ -153,7 +155,7 @@ def test_fastapi_early_refresh_refreshes_a_hot_route_in_the_background() -> None
     app = FastAPI()
 
     @app.get("/hot")
-    @coalesce.fastapi.cached(ttl=10, early_refresh=100.0, cache=cache, registry=MetricsRegistry())
+    @coalesce.fastapi.cached(ttl=10, early_refresh=10.0, cache=cache, registry=MetricsRegistry())
     def hot() -> dict[str, int]:
         time.sleep(0.05)  # a measurable compute time for XFetch to scale by
         calls.append(1)
@@ -162,7 +164,7 @@ def test_fastapi_early_refresh_refreshes_a_hot_route_in_the_background() -> None
     with TestClient(app) as client:
         assert client.get("/hot").json() == {"n": 1}
         assert client.get("/hot").headers["x-cache"] == "HIT"
-        clock.now += 9.9  # P(early) = exp(-0.1 / 5) per request
+        clock.now += 9.99  # as above: one early refresh, not a second one
         deadline = time.monotonic() + 5
         while len(calls) < 2 and time.monotonic() < deadline:
             assert client.get("/hot").status_code == 200

@@ -146,11 +146,12 @@ except ImportError as exc:  # the extra is not installed: say which one
         "pip install 'coalesce-cache[fastapi]'"
     ) from None
 
-from coalesce import Cache, ConfigurationError, get_cache
+from coalesce import Cache, ConfigurationError
 from coalesce.fastapi.admin import admin_router
 from coalesce.fastapi.keys import base_type, is_class
 from coalesce.fastapi.metrics import REGISTRY, MetricsRegistry, RouteMetrics, metrics_router
 from coalesce.fastapi.route import CachedRoute
+from coalesce.http.options import RouteOptions, check_options, route_decorator
 
 __all__ = [
     "REGISTRY",
@@ -221,8 +222,7 @@ def _decorate(route: CachedRoute) -> Callable[..., Any]:
 
     async def invalidate_all() -> int:
         """Delete every entry of this route; return how many there were."""
-        cache = route.cache or get_cache()
-        return await cache.ainvalidate_tag(route.normal(route.route_tag()))
+        return await route.ainvalidate_all()
 
     def key(*, path: str | None = None, origin: str | None = None, **params: Any) -> str:
         """The key (without namespace, `vary` part and dependency inputs) of a request with
@@ -265,60 +265,26 @@ def _refuse_if_routed(fn: Callable[..., Any], decorator: str) -> None:
             )
 
 
-def cached(
-    ttl: float | Callable[..., Any] | None = None,
-    *,
-    key: str | None = None,
-    vary: Sequence[str] = (),
-    shared: bool = False,
-    tags: Sequence[str] = (),
-    stale_ttl: float = 0.0,
-    stale_if_error: float = 0.0,
-    timeout: float | None = None,
-    early_refresh: bool | float = False,
-    jitter: float = 0.0,
-    cache: Cache | None = None,
-    cache_4xx: bool = False,
-    honor_client_no_cache: bool = False,
-    registry: MetricsRegistry | None = None,
-) -> Any:
-    """Cache a route handler's rendered responses for `ttl` seconds (see the module docstring).
+def _make_cached(fn: Callable[..., Any], options: RouteOptions) -> Any:
+    _refuse_if_routed(fn, "cached")
+    return _decorate(CachedRoute(fn, options, store=True))
 
-    `cache` defaults to `coalesce.get_cache()` at each request; `ttl` to its `default_ttl`.
-    `tags` are templates over the handler's parameters (`"item:{item_id}"`), for
-    `Cache.invalidate_tag`. `registry` collects the metrics (default `REGISTRY`).
-    `stale_if_error`, `timeout`, `early_refresh` and `jitter` mean what they mean for
-    `coalesce.cached` (`stale_if_error` is also sent as `Cache-Control: stale-if-error`).
-    """
-    if callable(ttl):  # used bare: @cached
-        return cached()(ttl)
-    seconds = ttl
 
-    def decorator(fn: F) -> F:
-        _refuse_if_routed(fn, "cached")
-        route = CachedRoute(
-            fn,
-            store=True,
-            ttl=seconds,
-            key=key,
-            vary=vary,
-            shared=shared,
-            tags=tags,
-            stale_ttl=stale_ttl,
-            freshness={
-                "stale_if_error": stale_if_error,
-                "timeout": timeout,
-                "early_refresh": early_refresh,
-                "jitter": jitter,
-            },
-            cache=cache,
-            cache_4xx=cache_4xx,
-            honor_client_no_cache=honor_client_no_cache,
-            registry=registry,
-        )
-        return cast(F, _decorate(route))
+cached = route_decorator(_make_cached, __name__)
+cached.__doc__ = """Cache a route handler's rendered responses for `ttl` seconds (see the module
+docstring).
 
-    return decorator
+`@cached`, `@cached(60)`, `@cached(ttl=60, key=..., vary=[...], shared=..., tags=[...],
+stale_ttl=..., stale_if_error=..., timeout=..., early_refresh=..., jitter=..., cache=...,
+cache_4xx=..., honor_client_no_cache=..., registry=...)`: the one signature of every edge
+(`coalesce.http.options.route_decorator`), checked when `cached(...)` is called.
+`cache` defaults to `coalesce.get_cache()` at each request; `ttl` to its `default_ttl`.
+`tags` are templates over the handler's parameters (`"item:{item_id}"`), for
+`Cache.invalidate_tag`. `registry` collects the metrics (default `REGISTRY`).
+`stale_if_error`, `timeout`, `early_refresh` and `jitter` mean what they mean for
+`Cache.get_or_set`, through which every response is computed (`stale_if_error` is also sent
+as `Cache-Control: stale-if-error`).
+"""
 
 
 def coalesced(
@@ -335,23 +301,10 @@ def coalesced(
     Followers receive the leader's rendered response (`X-Cache: COALESCED`); the same
     safety rules as `cached` decide which requests may share.
     """
+    options = check_options(key=key, vary=vary, shared=shared, cache=cache, registry=registry)
 
     def decorator(func: F) -> F:
         _refuse_if_routed(func, "coalesced")
-        route = CachedRoute(
-            func,
-            store=False,
-            ttl=None,
-            key=key,
-            vary=vary,
-            shared=shared,
-            tags=(),
-            stale_ttl=0.0,
-            cache=cache,
-            cache_4xx=False,
-            honor_client_no_cache=False,
-            registry=registry,
-        )
-        return cast(F, _decorate(route))
+        return cast(F, _decorate(CachedRoute(func, options, store=False)))
 
     return decorator(fn) if fn is not None else decorator

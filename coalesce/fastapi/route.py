@@ -12,39 +12,42 @@
        │  (covered: its header's value in the key, or a key template that reads the user's
        │  identity: the result of a dependency that reads a credential, such as `{user.id}`)
        ▼
-    key ──► read the entry ── fresh ──► HIT (the hot path: one read, nothing else)
+    key ──► `Cache.aget_fresh` ── fresh ──► HIT (the hot path: one read, nothing else)
        │
-       └─ missing / stale ──► the core's decorator on `compute` (the flight: one
-          computation per key; on Redis one per fleet), which runs the handler for one
-          request, renders it, and stores the entry ──► MISS | COALESCED | STALE
+       └─ missing / stale ──► `Cache.aget_or_set(key, run)` (the flight: one computation
+          per key; on Redis one per fleet), `run` running the handler for one request and
+          rendering it into the entry ──► MISS | COALESCED | STALE
 
 What is known of each route serving the handler (its dependency tree's inputs and
 credentials, its `Vary`, whether its entries are per user) is a `ServedRoute`, built at the
 route's first request. The shortcut lives in `coalesce.fastapi.shortcut`.
 
-Only the public API of coalesce is used: `Cache.aread` / `ainvalidate` /
-`ainvalidate_tag`, `Cache.cached` / `coalesced` (and their `.key`) on a small `compute`
-function whose key template is `"{key}"`, and `Entry`. Which request ran the handler is
-known from its `Job`; whether the others waited (COALESCED) or hit is told by the entry's
-creation time (`coalesce.http.cache_status`).
+Only the public API of coalesce is used, through `CachedEndpoint` (`coalesce.http.endpoint`,
+shared with the other edges): `Cache.aget_fresh` for hits, `Cache.aget_or_set` for the
+rest (`Cache.coalesced` for `coalesced` routes, which keep nothing), `ainvalidate` /
+`ainvalidate_tag`. Which request ran the handler is known from its `Job`; whether the others
+waited (COALESCED) or hit is told by the entry's creation time. What cannot go through
+`get_or_set`: whether a request may share at all (its credentials, `BYPASS`), and the
+per-request `private` decision, both made here before the core is asked; and the hit
+shortcut, which answers before FastAPI runs (`coalesce.fastapi.shortcut`), with
+`Cache.aget_fresh` too.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 import coalesce
-from coalesce import Cache, CoalesceError, ConfigurationError, LeaderFailedError, get_cache
-from coalesce.errors import BackendError
+from coalesce import CoalesceError, ConfigurationError, LeaderFailedError, get_cache
 from coalesce.fastapi.keys import (
     NO_INPUTS,
     REQUIRED,
@@ -60,7 +63,7 @@ from coalesce.fastapi.keys import (
     template_carries_identity,
     template_fields,
 )
-from coalesce.fastapi.metrics import MetricsRegistry, RouteMetrics
+from coalesce.fastapi.metrics import RouteMetrics
 from coalesce.fastapi.render import (
     NotShared,
     Responder,
@@ -70,16 +73,8 @@ from coalesce.fastapi.render import (
     render,
 )
 from coalesce.fastapi.shortcut import HitShortcut, served_route, shortcut_allowed
-from coalesce.http import (
-    BYPASS,
-    COALESCED,
-    CREDENTIAL_HEADERS,
-    HIT,
-    MISS,
-    STALE,
-    cache_status,
-    client_wants_fresh,
-)
+from coalesce.http import BYPASS, COALESCED, CREDENTIAL_HEADERS, HIT, client_wants_fresh
+from coalesce.http.endpoint import CachedEndpoint
 from coalesce.http.keys import (
     credential_header,
     encode_origin,
@@ -87,11 +82,10 @@ from coalesce.http.keys import (
     secret,
     secret_header,
 )
-from coalesce.http.options import check_options, refuse
+from coalesce.http.options import RouteOptions, refuse
 
 logger = logging.getLogger("coalesce.fastapi")
 
-_COUNTER = {HIT: "hits", MISS: "misses", STALE: "stale", COALESCED: "coalesced"}
 # What rendering a request's key or tags may raise: the request then runs uncached.
 _UNRENDERABLE = (CoalesceError, TypeError, ValueError, AttributeError, LookupError)
 
@@ -207,62 +201,21 @@ def _raw(fn: Callable[..., Any], template: str) -> Callable[..., str]:
     return template.format
 
 
-class CachedRoute:
+class CachedRoute(CachedEndpoint):
     """Everything decided about one decorated handler when it is decorated."""
 
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        *,
-        store: bool,
-        ttl: float | None,
-        key: str | None,
-        vary: Sequence[str],
-        shared: bool,
-        tags: Sequence[str],
-        stale_ttl: float,
-        cache: Cache | None,
-        cache_4xx: bool,
-        honor_client_no_cache: bool,
-        registry: MetricsRegistry | None,
-        freshness: dict[str, Any] | None = None,
-    ) -> None:
-        """`freshness`: `stale_if_error`, `timeout`, `early_refresh`, `jitter`, handed to
-        the core decorator (which checks them) as they were given."""
+    def __init__(self, fn: Callable[..., Any], options: RouteOptions, *, store: bool) -> None:
         if not callable(fn):
             refuse(f"@{'cached' if store else 'coalesced'} decorates a handler, not {fn!r}")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise ConfigurationError(
                 f"{fn.__qualname__} streams its response (a generator): it cannot be cached"
             )
-        options = check_options(
-            ttl=ttl,
-            stale_ttl=stale_ttl,
-            key=key,
-            vary=vary,
-            tags=tags,
-            shared=shared,
-            cache_4xx=cache_4xx,
-            honor_client_no_cache=honor_client_no_cache,
-            cache=cache,
-            registry=registry,
-        )
-        ttl, stale_ttl, vary, tags = options.ttl, options.stale_ttl, options.vary, options.tags
-        shared, cache_4xx = options.shared, options.cache_4xx
-        honor_client_no_cache = options.honor_client_no_cache
-        self.fn = fn
-        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        super().__init__(fn, options, store=store, logger=logger)
+        key, honor_client_no_cache = options.key, options.honor_client_no_cache
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = resolved_signature(fn)
         self.identity = analyse(self.signature)
-        self.store = store
-        self.ttl = ttl
-        self.cache = cache
-        self.cache_4xx = cache_4xx
-        self.honor_no_cache = honor_client_no_cache
-        self.shared = shared
-        self.registry = options.registry
-        self.vary = vary
         # Key and tag templates render the raw text: the core escapes it once, as it stores
         # it (`normal`, and the tags of `inner`), so `coalesce get 'feed:a b'` finds it.
         self.template: Callable[..., str] | None = None if key is None else _raw(fn, key)
@@ -279,14 +232,12 @@ class CachedRoute:
         self.template_secrets = frozenset(
             p.name for p in self.identity if p.sensitive and p.name in fields
         )
-        self.tag_makers: list[Callable[..., str]] = [_raw(fn, tag) for tag in tags]
-        self.stale_ttl = stale_ttl
+        self.tag_makers: list[Callable[..., str]] = [_raw(fn, tag) for tag in options.tags]
         # id(route) -> (route, what is known of it): written by a route's first requests
         # (the same object may be built twice by concurrent ones; either is right).
         self.views: dict[int, tuple[Any, ServedRoute]] = {}
         self.tree_inputs = False  # whether some route's dependencies add inputs to keys
         self.paths: set[str] = set()  # the path templates this handler has served
-        self.origins: set[str] = set()  # the `scheme://host` it served (at most 64 kept)
         # `HitShortcut`: the decorated endpoint FastAPI calls (set by `coalesce.fastapi`),
         # the ids of the routes already looked at, and whether this route could use one (a
         # key template may read anything the handler takes: only path and query values).
@@ -298,30 +249,6 @@ class CachedRoute:
             and not honor_client_no_cache
             and (key is None or all(n in identity for n in self.signature.parameters))
         )
-        self._normal: dict[str, str] = {}  # key -> the core's form of it (see `normal`)
-        self.warned: set[str] = set()  # the degradations already logged for this route
-
-        async def compute(key: str, tags: tuple[str, ...], job: Job) -> dict[str, Any]:
-            return await self.run(job)
-
-        compute.__qualname__ = compute.__name__ = f"{fn.__qualname__}[http]"
-        compute.__module__ = fn.__module__
-        tag_fields = [f"{{tags[{i}]}}" for i in range(2 + len(self.tag_makers))]
-        self.inner: Any
-        if store:
-            self.inner = (cache.cached if cache else coalesce.cached)(
-                ttl=ttl,
-                key="{key}",
-                tags=tag_fields,
-                stale_ttl=stale_ttl,
-                copy=False,
-                **(freshness or {}),
-            )(compute)
-        else:
-            self.inner = (cache.coalesced if cache else coalesce.coalesced)(key="{key}")(compute)
-        given = freshness or {}  # checked by the core decorator above
-        self.stale_if_error = float(given.get("stale_if_error", 0.0)) if store else 0.0
-        self.early_refresh = given.get("early_refresh", False) is not False
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -386,27 +313,6 @@ class CachedRoute:
         values.update(given)
         return values
 
-    def normal(self, key: str) -> str:
-        """`key` as the core stores it (escaped where unsafe, bounded in length).
-
-        Remembered for the hottest keys (at most 4096, then forgotten all at once): the core
-        builds it the same way every time.
-        """
-        known = self._normal.get(key)
-        if known is None:
-            known = cast(str, self.inner.key(key, (), None))
-            if len(self._normal) >= 4096:
-                self._normal.clear()
-            self._normal[key] = known
-        return known
-
-    def route_tag(self) -> str:
-        return f"route:{self.name}"
-
-    def request_tag(self, ident: str) -> str:
-        """The tag of every entry (each `vary` variant, each path) of one request."""
-        return f"route:{self.name}?{ident}"
-
     # -- serving ---------------------------------------------------------------------------
 
     async def call(self, kwargs: dict[str, Any]) -> Any:
@@ -419,12 +325,6 @@ class CachedRoute:
         metrics.bypassed += 1
         sub.headers["x-cache"] = BYPASS
         return await self.call(kwargs)
-
-    def warn_once(self, kind: str, message: str, *args: Any) -> None:
-        """Log a degradation of this route the first time it happens, not per request."""
-        if kind not in self.warned:
-            self.warned.add(kind)
-            logger.warning(message, *args)
 
     async def serve(self, request: Request, sub: Response, kwargs: dict[str, Any]) -> Any:
         scope = request.scope
@@ -456,56 +356,32 @@ class CachedRoute:
             ident = self.ident(kwargs)
             if self.template is None:
                 origin = encode_origin(scope.get("scheme", "http"), request.headers.get("host"))
-                if origin not in self.origins and len(self.origins) < 64:
-                    self.origins.add(origin)
+                self.add_origin(origin)
                 base = self.base_key(origin, path, ident)
             else:
                 base = self.base_key(None, None, ident)
             raw_key = base + encode_vary(self.vary, request.headers) if self.vary else base
             if self.template is None and (view.inputs.inputs or view.inputs.body):
                 raw_key += await encode_inputs(view.inputs, request)
-            key = self.normal(raw_key)
         except _UNRENDERABLE as exc:
             # No stable key for this request (an argument without a text form, a template
             # field missing): run it as if undecorated rather than fail or share wrongly.
             self.warn_once("key", "coalesce: no cache key for %s (%s); not caching it", path, exc)
             return await self.bypass(kwargs, sub, metrics)
-        headers = request.headers
-        shared_store = cache.store.shared
         if self.store:
             if self.honor_no_cache and client_wants_fresh(
-                headers.get("cache-control"), headers.get("pragma")
+                request.headers.get("cache-control"), request.headers.get("pragma")
             ):
-                try:
-                    await cache.ainvalidate(key)
-                except BackendError as exc:
-                    # The entry may still be there: computing through the cache could serve
-                    # it. Fail as the cache's other reads do (raise when failing closed),
-                    # else answer with a fresh, uncached computation.
-                    cache.backend_failed(None, exc)
-                    self.warn_once(
-                        "no-cache",
-                        "coalesce: cannot drop %s for a no-cache request (%s); running it uncached",
-                        path,
-                        exc,
-                    )
+                if not await self.adrop(cache, raw_key):
                     return await self.bypass(kwargs, sub, metrics)
             else:  # the hot path: one read, no flight, no handler
                 shortcut = getattr(route, "app", None)
                 if type(shortcut) is HitShortcut and shortcut.route is self and not private:
-                    shortcut.remember(scope, key, path)
-                full = cache.prefix + key
-                entry = await cache.aread(full) if shared_store else cache.read(full)
-                if (
-                    entry is not None
-                    and type(entry.value) is dict
-                    and entry.fresh_until > cache.clock()
-                    and not self.early_refresh
-                ):
+                    shortcut.remember(scope, raw_key, path)
+                value = await self.ahit(cache, raw_key)
+                if value is not None:
                     metrics.hits += 1
-                    return self.respond(
-                        view, entry.value, HIT, request, metrics, private, shared_store
-                    )
+                    return self.respond(view, value, HIT, request, metrics, private, cache.local)
         try:
             tags = (
                 self.route_tag(),
@@ -516,11 +392,11 @@ class CachedRoute:
             self.warn_once("tags", "coalesce: no cache tags for %s (%s); not caching it", path, exc)
             return await self.bypass(kwargs, sub, metrics)
         started = time.time()
-        job = Job(key, kwargs, request, sub, metrics, path)
+        job = Job(raw_key, kwargs, request, sub, metrics, path)
         try:
-            # The raw key: the core escapes it once, into `key` (`normal`); passing `key`
+            # The raw key: the core escapes it once (`normal`); passing `normal(raw_key)`
             # would escape its `%` again and store where reads and invalidations never look.
-            value = await self.inner(raw_key, tags, job)
+            value = await self.athrough(cache, raw_key, tags, partial(self.run, job))
         except NotShared as exc:
             if job.response is not None:  # this request ran the handler: its own response
                 metrics.misses += 1
@@ -529,20 +405,12 @@ class CachedRoute:
                 return await self.bypass(kwargs, sub, metrics)
             metrics.coalesced += 1
             return self.respond(
-                view, exc.rendered, COALESCED, request, metrics, private, True, False
+                view, exc.rendered, COALESCED, request, metrics, private, False, False
             )
         except LeaderFailedError:  # another process failed computing it: try here
             return await self.bypass(kwargs, sub, metrics)
-        status = cache_status(
-            computed_here=job.ran,
-            created=value["created"],
-            ttl=math.inf if value["ttl"] is None else value["ttl"],
-            started=started,
-            now=time.time(),
-        )
-        counter = _COUNTER[status]
-        setattr(metrics, counter, getattr(metrics, counter) + 1)
-        response = self.respond(view, value, status, request, metrics, private, shared_store)
+        status = self.status(value, job.ran, started, metrics)
+        response = self.respond(view, value, status, request, metrics, private, cache.local)
         if job.response is not None:
             response.background = job.response.background
         return response
@@ -555,9 +423,11 @@ class CachedRoute:
         request: Request,
         metrics: RouteMetrics,
         private: bool,
-        fresh_dict: bool,
+        remember: bool,
         cached: bool | None = None,
     ) -> Response:
+        """The response for an entry (`remember`: the entry is the very dict the memory
+        store keeps, so its encoded headers may be remembered)."""
         response = view.responder.respond(
             value,
             status,
@@ -565,7 +435,7 @@ class CachedRoute:
             private=private,
             if_none_match_header=request.headers.get("if-none-match"),
             head=request.scope["method"] == "HEAD",
-            remember=not fresh_dict,
+            remember=remember,
         )
         if response.status_code == 304:
             metrics.not_modified += 1
@@ -585,10 +455,11 @@ class CachedRoute:
     # -- computing -------------------------------------------------------------------------
 
     async def run(self, job: Job) -> dict[str, Any]:
-        """Run the handler for a flight's leader and make its entry (or raise)."""
+        """Run the handler for the core (the flight's leader) and make its entry (or raise)."""
         job.ran = True
         started = time.perf_counter()
         code = 500  # what an exception becomes, unless it says otherwise
+        ttl = self.ttl_now(self.cache or get_cache())
         try:
             try:
                 raw = await self.call(job.kwargs)
@@ -596,36 +467,13 @@ class CachedRoute:
                 code = exc.status_code
                 if not (self.store and self.cache_4xx and 400 <= code < 500):
                     raise
-                return exception_entry(exc, ttl=self.ttl_now())
+                return exception_entry(exc, ttl=ttl)
             job.response = await render(raw, served_route(job.request.scope), job.sub)
-            return entry_of(
-                job.response, ttl=self.ttl_now(), store=self.store, cache_4xx=self.cache_4xx
-            )
+            return entry_of(job.response, ttl=ttl, store=self.store, cache_4xx=self.cache_4xx)
         finally:
             if job.response is not None:
                 code = job.response.status_code
-            seconds = time.perf_counter() - started
-            job.metrics.record_computation(seconds, failed=code >= 500)
-            logger.log(
-                logging.WARNING if code >= 500 else logging.INFO,
-                "coalesce computed %s in %.1f ms (HTTP %s)",
-                job.key,
-                seconds * 1000,
-                code,
-                extra={
-                    "route": job.path,
-                    "key": job.key,
-                    "cache_status": MISS,
-                    "duration_ms": round(seconds * 1000, 3),
-                    "status_code": code,
-                    "handler": self.name,
-                },
-            )
-
-    def ttl_now(self) -> float | None:
-        if not self.store:
-            return None
-        return self.ttl if self.ttl is not None else (self.cache or get_cache()).default_ttl
+            self.computed(job.metrics, job.key, time.perf_counter() - started, code)
 
     # -- invalidation ----------------------------------------------------------------------
 

@@ -126,7 +126,8 @@ class HitShortcut:
         return raw, if_none_match
 
     def remember(self, scope: Scope, key: str, path: str) -> None:
-        """Record the key (and path template, for metrics) of a request gone the full way."""
+        """Record the key (as given to the core) and path template (for metrics) of a
+        request gone the full way."""
         found = self.identity(scope)
         if found is not None:
             if len(self.keys) >= 4096:
@@ -145,32 +146,25 @@ class HitShortcut:
     async def answer(
         self, scope: Scope, send: Send, key: str, path: str, etags: bytes | None
     ) -> bool:
-        """Send the response of a fresh entry of `key`, if there is one (True)."""
+        """Send the response of a fresh entry of `key` (as the full way gave it to the core,
+        unescaped), if there is one (True)."""
         route = self.route
         cache = route.cache or get_cache()
-        if not cache.enabled:
-            return False
-        shared_store = cache.store.shared
-        full = cache.prefix + key
-        entry = await cache.aread(full) if shared_store else cache.read(full)
-        if (
-            entry is None
-            or type(entry.value) is not dict
-            or entry.fresh_until <= cache.clock()
-            or route.early_refresh  # the core's hot path decides when to refresh
-            or "detail" in entry.value  # a cached exception: the full way raises it
-        ):
+        # `ahit`: `Cache.aget_fresh`, the core's read and freshness test (None with
+        # early refresh: the core decides when to refresh)
+        value = await route.ahit(cache, key)
+        if value is None or "detail" in value:  # a cached exception: the full way raises it
             return False
         metrics = route.registry.route(path)
         metrics.hits += 1
         code, body, headers = self.view.responder.parts(
-            entry.value,
+            value,
             HIT,
             cached=True,
             private=self.view.per_user,
             if_none_match_header=None if etags is None else etags.decode("latin-1"),
             head=scope["method"] == "HEAD",
-            remember=not shared_store,
+            remember=cache.local,
         )
         if code == 304:
             metrics.not_modified += 1

@@ -1,19 +1,24 @@
-"""Checks of the options the HTTP edges take, made once when decorating.
+"""The options every HTTP edge's `cached` takes, defined and checked once, when decorating.
 
-Each raises `ConfigurationError` naming the option and what it must be: a string where a
+`route_decorator` makes the `cached` of an edge (FastAPI, Starlette, Flask, Django) with the
+one signature below; `check_options` checks what it is given into a `RouteOptions`. Each
+check raises `ConfigurationError` naming the option and what it must be: a string where a
 list is expected would otherwise be read character by character, and `"false"` as true.
+The core's own options (ttl, stale_ttl, stale_if_error, timeout, early_refresh, jitter)
+are checked by the core's rule (`coalesce.options.Options.checked`), here rather than at
+the first request, and handed to `Cache.get_or_set` as `RouteOptions.aside` says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, NoReturn
 
 from coalesce.cache import Cache
 from coalesce.errors import ConfigurationError
 from coalesce.http.headers import is_token
 from coalesce.http.metrics import REGISTRY, MetricsRegistry
-from coalesce.options import check_seconds
+from coalesce.options import Options
 
 
 def refuse(message: str) -> NoReturn:
@@ -65,25 +70,52 @@ class RouteOptions(NamedTuple):
     honor_client_no_cache: bool
     cache: Cache | None
     registry: MetricsRegistry
+    stale_if_error: float = 0.0
+    timeout: float | None = None
+    early_refresh: float = 0.0  # XFetch's beta; 0.0: off
+    jitter: float = 0.0
+
+    def aside(self) -> dict[str, Any]:
+        """The keyword arguments of `Cache.get_or_set` for this route's entries (the
+        rendered responses are handed out as stored: `copy=False`)."""
+        return {
+            "ttl": self.ttl,
+            "stale_ttl": self.stale_ttl,
+            "stale_if_error": self.stale_if_error,
+            "timeout": self.timeout,
+            "early_refresh": self.early_refresh or False,
+            "jitter": self.jitter,
+            "copy": False,
+        }
 
 
 def check_options(
     *,
-    ttl: Any,
-    stale_ttl: Any,
-    key: Any,
-    vary: Any,
-    tags: Any,
-    shared: Any,
-    cache_4xx: Any,
-    honor_client_no_cache: Any,
-    cache: Any,
-    registry: Any,
+    ttl: Any = None,
+    stale_ttl: Any = 0.0,
+    key: Any = None,
+    vary: Any = (),
+    tags: Any = (),
+    shared: Any = False,
+    cache_4xx: Any = False,
+    honor_client_no_cache: Any = False,
+    cache: Any = None,
+    registry: Any = None,
+    stale_if_error: Any = 0.0,
+    timeout: Any = None,
+    early_refresh: Any = False,
+    jitter: Any = 0.0,
 ) -> RouteOptions:
     """The options of a route decorator, checked once when decorating (the core's rule):
     every response's Cache-Control is computed from them. `registry` None is `REGISTRY`."""
-    checked_ttl = check_seconds("ttl", ttl, allow_none=True)
-    checked_stale = check_seconds("stale_ttl", stale_ttl, allow_zero=True) or 0.0
+    core = Options.checked(
+        ttl=ttl,
+        stale_ttl=stale_ttl,
+        stale_if_error=stale_if_error,
+        timeout=timeout,
+        early_refresh=early_refresh,
+        jitter=jitter,
+    )
     if key is not None and not isinstance(key, str):
         refuse(f"key must be a template string such as 'item:{{item_id}}', not {key!r}")
     names = header_names(vary)
@@ -93,8 +125,8 @@ def check_options(
     if registry is not None and not isinstance(registry, MetricsRegistry):
         refuse(f"registry must be a coalesce.fastapi.MetricsRegistry, not {registry!r}")
     return RouteOptions(
-        ttl=checked_ttl,
-        stale_ttl=checked_stale,
+        ttl=core.ttl,
+        stale_ttl=core.stale_ttl,
         key=key,
         vary=names,
         tags=templates,
@@ -103,4 +135,56 @@ def check_options(
         honor_client_no_cache=flag("honor_client_no_cache", honor_client_no_cache),
         cache=cache,
         registry=REGISTRY if registry is None else registry,
+        stale_if_error=core.stale_if_error,
+        timeout=core.timeout,
+        early_refresh=core.early_refresh,
+        jitter=core.jitter,
     )
+
+
+def route_decorator(
+    make: Callable[[Callable[..., Any], RouteOptions], Any], module: str
+) -> Callable[..., Any]:
+    """The `cached` decorator of one web edge (`module`), with the one signature every edge
+    shares: its options are checked (`check_options`) when `cached(...)` is called, and
+    `make(fn, options)` makes the edge's endpoint of each function it decorates."""
+
+    def cached(
+        ttl: float | Callable[..., Any] | None = None,
+        *,
+        key: str | None = None,
+        vary: Sequence[str] = (),
+        shared: bool = False,
+        tags: Sequence[str] = (),
+        stale_ttl: float = 0.0,
+        stale_if_error: float = 0.0,
+        timeout: float | None = None,
+        early_refresh: bool | float = False,
+        jitter: float = 0.0,
+        cache: Cache | None = None,
+        cache_4xx: bool = False,
+        honor_client_no_cache: bool = False,
+        registry: MetricsRegistry | None = None,
+    ) -> Any:
+        if callable(ttl):  # used bare: @cached
+            return cached()(ttl)
+        options = check_options(
+            ttl=ttl,
+            key=key,
+            vary=vary,
+            shared=shared,
+            tags=tags,
+            stale_ttl=stale_ttl,
+            stale_if_error=stale_if_error,
+            timeout=timeout,
+            early_refresh=early_refresh,
+            jitter=jitter,
+            cache=cache,
+            cache_4xx=cache_4xx,
+            honor_client_no_cache=honor_client_no_cache,
+            registry=registry,
+        )
+        return lambda fn: make(fn, options)
+
+    cached.__module__ = module
+    return cached

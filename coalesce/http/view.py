@@ -11,11 +11,11 @@
        │  credential: X-API-Key...) not in `vary`, and not shared=True ──► BYPASS, private
        │  (no key or tag renders ──► BYPASS)
        ▼
-    key ──► read the entry ── fresh ──► HIT (one read; the view does not run)
+    key ──► `Cache.get_fresh` ── fresh ──► HIT (one read; the view does not run)
        │
-       └─ missing / stale ──► the core's decorator on `compute` (the flight: one run of
-          the view per key; on Redis one per fleet), which runs the view for one request,
-          renders its response (`Rendered`) and stores the entry ──► MISS | COALESCED | STALE
+       └─ missing / stale ──► `Cache.get_or_set(key, compute)` (the flight: one run of the
+          view per key; on Redis one per fleet), `compute` running the view for one request,
+          rendering its response (`Rendered`) into the entry ──► MISS | COALESCED | STALE
 
 The adapter gives the request's parts (`HttpRequest`), a `run` callable that runs the view
 for this request and returns the framework's response, and an `Io` that renders such a
@@ -30,45 +30,31 @@ template over the path parameters and the query's first values (path parameters 
 stored as `item:3@<module>.<view>`; a template cannot tell users apart, so a request with a
 credential still needs that header in `vary` (or `shared=True`).
 
-The core is used as the FastAPI edge uses it: `Cache.cached` on a small `compute` function
-whose key template is `"{key}"` (its `.key` gives the stored form of a key),
-`Cache.invalidate` / `invalidate_tag`, `Entry`, and what a hit needs beyond the public
-names (`Cache.read` / `aread` of `Cache.prefix + key`, `Cache.store.shared`, and
-`Cache.backend_failed` when a no-cache request cannot drop its entry). Which request ran the
-view is known from its `Job`; whether the others waited (COALESCED) or hit is told by the
-entry's creation time (`coalesce.http.cache_status`).
+The core is reached as the FastAPI edge reaches it, through `CachedEndpoint`
+(`coalesce.http.endpoint`): public names only. Which request ran the view is known from its
+`Job`; whether the others waited (COALESCED) or hit is told by the entry's creation time.
+The options and their checks are `coalesce.http.options`'s, shared with FastAPI.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import string
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar, cast
+from functools import partial
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
-import coalesce
 from coalesce import (
-    BackendError,
-    Cache,
     CoalesceError,
     ConfigurationError,
-    Entry,
     KeyTemplateError,
     LeaderFailedError,
     MissingDependencyError,
     get_cache,
 )
-from coalesce.http.headers import (
-    BYPASS,
-    COALESCED,
-    HIT,
-    MISS,
-    STALE,
-    cache_status,
-    client_wants_fresh,
-)
+from coalesce.http.endpoint import CachedEndpoint
+from coalesce.http.headers import BYPASS, COALESCED, HIT, MISS, client_wants_fresh
 from coalesce.http.keys import (
     credential_name,
     encode_origin,
@@ -79,14 +65,11 @@ from coalesce.http.keys import (
     secret_name,
     view_key,
 )
-from coalesce.http.metrics import MetricsRegistry, RouteMetrics
-from coalesce.http.options import check_options
+from coalesce.http.metrics import RouteMetrics
+from coalesce.http.options import RouteOptions, route_decorator
 from coalesce.http.render import NotShared, RawHeaders, Responder, entry_from, own_cache_control
 
 N = TypeVar("N")  # a framework's response type
-F = TypeVar("F", bound=Callable[..., Any])
-
-_COUNTER = {HIT: "hits", MISS: "misses", STALE: "stale", COALESCED: "coalesced"}
 # What rendering a request's key or tags may raise: the request then runs uncached.
 _UNRENDERABLE = (CoalesceError, TypeError, ValueError, AttributeError, LookupError)
 _ANSWERS = ("GET", "HEAD")
@@ -173,8 +156,7 @@ class Bypass(NamedTuple):
 class Step(NamedTuple):
     """A request that goes through the cache: its key, tags and how its answer is sent."""
 
-    key: str  # the core's form (`ViewCache.normal`)
-    raw_key: str  # as built; the core escapes it once into `key`
+    raw_key: str  # as built; the core escapes it once as it stores it
     tags: tuple[str, ...]
     private: bool  # the entry is for one user: `Cache-Control: private`
     metrics: RouteMetrics
@@ -211,55 +193,17 @@ def _template(key: str) -> Callable[..., str]:
     return key.format
 
 
-class ViewCache:
+class ViewCache(CachedEndpoint):
     """Everything decided about one decorated view when it is decorated, and its requests."""
 
     def __init__(
-        self,
-        fn: Callable[..., Any],
-        *,
-        framework: str,
-        is_async: bool,
-        ttl: float | None,
-        key: str | None,
-        vary: Sequence[str],
-        shared: bool,
-        tags: Sequence[str],
-        stale_ttl: float,
-        cache: Cache | None,
-        cache_4xx: bool,
-        honor_client_no_cache: bool,
-        registry: MetricsRegistry | None,
-        freshness: dict[str, Any] | None = None,
+        self, fn: Callable[..., Any], options: RouteOptions, *, framework: str, is_async: bool
     ) -> None:
-        """`freshness`: `stale_if_error`, `timeout`, `early_refresh`, `jitter`, handed to
-        the core decorator (which checks them) as they were given."""
         if not callable(fn):
             raise ConfigurationError(f"@cached decorates a view, not {fn!r}")
-        options = check_options(
-            ttl=ttl,
-            stale_ttl=stale_ttl,
-            key=key,
-            vary=vary,
-            tags=tags,
-            shared=shared,
-            cache_4xx=cache_4xx,
-            honor_client_no_cache=honor_client_no_cache,
-            cache=cache,
-            registry=registry,
-        )
-        self.fn = fn
-        self.name = f"{fn.__module__}.{fn.__qualname__}"
-        self.logger = logging.getLogger(f"coalesce.{framework}")
-        self.ttl = options.ttl
-        self.stale_ttl = options.stale_ttl
-        self.vary = options.vary
-        self.shared = options.shared
-        self.cache = options.cache
-        self.cache_4xx = options.cache_4xx
-        self.honor_no_cache = options.honor_client_no_cache
-        self.registry = options.registry
-        self.template = None if key is None else _template(key)
+        super().__init__(fn, options, store=True, logger=logging.getLogger(f"coalesce.{framework}"))
+        self.is_async = is_async
+        self.template = None if options.key is None else _template(options.key)
         self.tag_makers = [_template(tag) for tag in options.tags]
         # An entry keyed on a credential header's value is for that user only.
         self.per_user = any(secret_header(name) for name in self.vary)
@@ -268,37 +212,11 @@ class ViewCache:
         # answer a request with another one's response.
         credentials = () if self.shared else ("authorization", "cookie")
         self.vary_header = ", ".join(n.title() for n in dict.fromkeys((*self.vary, *credentials)))
-        freshness = dict(freshness or {})
-        self.origins: set[str] = set()  # the `scheme://host` it served (at most 64 kept)
         self.routes: set[str] = set()  # the route templates it served (for `stats`)
-        self._normal: dict[str, str] = {}  # key -> the core's form of it (see `normal`)
-        self.warned: set[str] = set()  # the degradations already logged for this view
-
-        def compute(key: str, tags: tuple[str, ...], job: Job[Any]) -> dict[str, Any]:
-            return self.compute(job)
-
-        async def acompute(key: str, tags: tuple[str, ...], job: Job[Any]) -> dict[str, Any]:
-            return await self.acompute(job)
-
-        leader: Callable[..., Any] = acompute if is_async else compute
-        leader.__qualname__ = leader.__name__ = f"{fn.__qualname__}[http]"
-        leader.__module__ = fn.__module__
-        tag_fields = [f"{{tags[{i}]}}" for i in range(2 + len(self.tag_makers))]
-        decorate = self.cache.cached if self.cache else coalesce.cached
-        self.inner: Any = decorate(
-            ttl=self.ttl,
-            key="{key}",
-            tags=tag_fields,
-            stale_ttl=self.stale_ttl,
-            copy=False,
-            **freshness,
-        )(leader)
-        # checked by the core decorator above
-        self.early_refresh = freshness.get("early_refresh", False) is not False
         self.responder = Responder(
             vary_header=self.vary_header.encode("latin-1"),
             stale_ttl=self.stale_ttl,
-            stale_if_error=float(freshness.get("stale_if_error", 0.0)),
+            stale_if_error=self.stale_if_error,
         )
 
     # -- keys (pure) -----------------------------------------------------------------------
@@ -344,8 +262,7 @@ class ViewCache:
             values = self.values(request) if self.template or self.tag_makers else {}
             if self.template is None:
                 origin = encode_origin(request.scheme, request.host)
-                if origin not in self.origins and len(self.origins) < 64:
-                    self.origins.add(origin)
+                self.add_origin(origin)
                 base = view_key(origin, request.path, request.query)
                 ident = self.ident(request.params)
             else:
@@ -357,32 +274,14 @@ class ViewCache:
                 self.request_tag(ident),
                 *[make(**values) for make in self.tag_makers],
             )
-            key = self.normal(raw_key)
         except _UNRENDERABLE as exc:
             # No stable key for this request: run it as if undecorated rather than fail or
             # share wrongly.
-            self.warn_once("key", "coalesce: no cache key for %s (%s); not caching it", exc)
+            self.warn_once(
+                "key", "coalesce: no cache key for %s (%s); not caching it", self.name, exc
+            )
             return Bypass(metrics, credentials=private)
-        return Step(key, raw_key, tags, private, metrics)
-
-    def normal(self, key: str) -> str:
-        """`key` as the core stores it (escaped where unsafe, bounded in length), remembered
-        for the hottest keys (at most 4096, then forgotten all at once)."""
-        known = self._normal.get(key)
-        if known is None:
-            known = str(self.inner.key(key, (), None))
-            if len(self._normal) >= 4096:
-                self._normal.clear()
-            self._normal[key] = known
-        return known
-
-    def route_tag(self) -> str:
-        return f"route:{self.name}"
-
-    def request_tag(self, ident: str) -> str:
-        """The tag of every entry (each `vary` variant, query string and host) of one path,
-        or of one template key."""
-        return f"route:{self.name}?{ident}"
+        return Step(raw_key, tags, private, metrics)
 
     def key(self, values: Mapping[str, Any], path: str | None, origin: str | None) -> str:
         """The stored key (without its `vary` part) of a template's values, or of a path
@@ -402,32 +301,12 @@ class ViewCache:
 
     # -- answers (pure but for the counters) -----------------------------------------------
 
-    def warn_once(self, kind: str, message: str, *args: Any) -> None:
-        """Log a degradation of this view the first time it happens, not per request."""
-        if kind not in self.warned:
-            self.warned.add(kind)
-            self.logger.warning(message, self.name, *args)
-
     def wants_fresh(self, request: HttpRequest) -> bool:
         """Whether to drop the entry first (`honor_client_no_cache` and the client's no-cache)."""
         headers = request.headers
         return self.honor_no_cache and client_wants_fresh(
             headers.get("cache-control"), headers.get("pragma")
         )
-
-    def cannot_drop(self, cache: Cache, exc: BackendError) -> None:
-        """The entry of a no-cache request could not be dropped: fail as the cache's other
-        reads do (raise when failing closed), else the request runs uncached."""
-        cache.backend_failed(None, exc)
-        self.warn_once("no-cache", "coalesce: cannot drop an entry of %s (%s); not caching", exc)
-
-    def fresh(self, cache: Cache, entry: Entry | None) -> dict[str, Any] | None:
-        """The rendered response of a fresh entry, or None (always None with early refresh:
-        the core's hot path decides when to refresh)."""
-        if entry is None or entry.fresh_until <= cache.clock() or self.early_refresh:
-            return None
-        value = entry.value
-        return value if type(value) is dict and "body" in value else None
 
     def bypassed(self, response: N, bypass: Bypass, io: Io[N]) -> N:
         """The view's own response to a bypassed request, saying so in `X-Cache`; with a
@@ -494,17 +373,8 @@ class ViewCache:
         started: float,
         remember: bool,
     ) -> N:
-        """The response from the flight's entry: MISS, COALESCED, STALE or HIT."""
-        status = cache_status(
-            computed_here=job.ran,
-            created=value["created"],
-            ttl=math.inf if value["ttl"] is None else value["ttl"],
-            started=started,
-            now=time.time(),
-        )
-        counter = _COUNTER[status]
-        metrics = job.step.metrics
-        setattr(metrics, counter, getattr(metrics, counter) + 1)
+        """The response from the core's entry: MISS, COALESCED, STALE or HIT."""
+        status = self.status(value, job.ran, started, job.step.metrics)
         parts = self.parts(value, status, job.step, request, io, remember=remember)
         return io.build(*parts, job.response)
 
@@ -515,40 +385,24 @@ class ViewCache:
         assert job.response is not None
         rendered = job.io.render(job.response)
         job.code = rendered.status
-        cache = self.cache or get_cache()
         return entry_from(
             rendered.status,
             rendered.headers,
             rendered.body,
-            ttl=self.ttl if self.ttl is not None else cache.default_ttl,
-            store=True,
+            ttl=self.ttl_now(self.cache or get_cache()),
+            store=self.store,
             cache_4xx=self.cache_4xx,
         )
 
     def record(self, job: Job[Any], started: float) -> None:
         """Count a computation and log one line for it."""
         seconds = time.perf_counter() - started
-        code = job.code
-        job.step.metrics.record_computation(seconds, failed=code >= 500)
-        self.logger.log(
-            logging.WARNING if code >= 500 else logging.INFO,
-            "coalesce computed %s in %.1f ms (HTTP %s)",
-            job.step.key,
-            seconds * 1000,
-            code,
-            extra={
-                "route": job.step.metrics.route,
-                "key": job.step.key,
-                "cache_status": MISS,
-                "duration_ms": round(seconds * 1000, 3),
-                "status_code": code,
-                "handler": self.name,
-            },
-        )
+        self.computed(job.step.metrics, job.step.raw_key, seconds, job.code)
 
     # -- the two drivers, side by side -----------------------------------------------------
 
     def compute(self, job: Job[Any]) -> dict[str, Any]:
+        """Run the view for the core (the flight's leader) and make its entry."""
         job.ran = True
         started = time.perf_counter()
         try:
@@ -574,30 +428,23 @@ class ViewCache:
         step = self.plan(request)
         if isinstance(step, Bypass):
             return self.bypassed(run(), step, io)
-        shared_store = cache.store.shared
         if self.wants_fresh(request):
-            try:
-                cache.invalidate(step.key)
-            except BackendError as exc:
-                self.cannot_drop(cache, exc)
+            if not self.drop(cache, step.raw_key):
                 return self.bypassed(run(), step.bypass(), io)
         else:  # the hot path: one read, no flight, no view
-            value = self.fresh(cache, cache.read(cache.prefix + step.key))
-            if value is not None:
-                step.metrics.hits += 1
-                return io.build(
-                    *self.parts(value, HIT, step, request, io, remember=not shared_store), None
-                )
+            value = self.hit(cache, step.raw_key)
+            if value is not None and "body" in value:
+                return self.answer_hit(value, step, request, io, not cache.local)
         job: Job[N] = Job(run, io, step)
         started = time.time()
         try:
-            value = self.inner(step.raw_key, step.tags, job)
+            value = self.through(cache, step.raw_key, step.tags, partial(self.compute, job))
         except NotShared as exc:
             answer = self.not_shared(exc, job, request, io)
             return self.bypassed(run(), step.bypass(), io) if answer is None else answer
         except LeaderFailedError:  # another process failed computing it: try here
             return self.bypassed(run(), step.bypass(), io)
-        return self.answer(value, job, request, io, started, not shared_store)
+        return self.answer(value, job, request, io, started, cache.local)
 
     async def aserve(self, request: HttpRequest, run: Callable[[], Awaitable[N]], io: Io[N]) -> N:
         """Answer one request of an async view (`run` runs the view for it)."""
@@ -607,30 +454,30 @@ class ViewCache:
         step = self.plan(request)
         if isinstance(step, Bypass):
             return self.bypassed(await run(), step, io)
-        shared_store = cache.store.shared
         if self.wants_fresh(request):
-            try:
-                await cache.ainvalidate(step.key)
-            except BackendError as exc:
-                self.cannot_drop(cache, exc)
+            if not await self.adrop(cache, step.raw_key):
                 return self.bypassed(await run(), step.bypass(), io)
         else:  # the hot path: one read, no flight, no view
-            value = self.fresh(cache, await cache.aread(cache.prefix + step.key))
-            if value is not None:
-                step.metrics.hits += 1
-                return io.build(
-                    *self.parts(value, HIT, step, request, io, remember=not shared_store), None
-                )
+            value = await self.ahit(cache, step.raw_key)
+            if value is not None and "body" in value:
+                return self.answer_hit(value, step, request, io, not cache.local)
         job: Job[N] = Job(run, io, step)
         started = time.time()
         try:
-            value = await self.inner(step.raw_key, step.tags, job)
+            value = await self.athrough(cache, step.raw_key, step.tags, partial(self.acompute, job))
         except NotShared as exc:
             answer = self.not_shared(exc, job, request, io)
             return self.bypassed(await run(), step.bypass(), io) if answer is None else answer
         except LeaderFailedError:  # another process failed computing it: try here
             return self.bypassed(await run(), step.bypass(), io)
-        return self.answer(value, job, request, io, started, not shared_store)
+        return self.answer(value, job, request, io, started, cache.local)
+
+    def answer_hit(
+        self, value: dict[str, Any], step: Step, request: HttpRequest, io: Io[N], shared: bool
+    ) -> N:
+        """The response of a fresh entry (`shared`: read from a shared store, a new dict)."""
+        step.metrics.hits += 1
+        return io.build(*self.parts(value, HIT, step, request, io, remember=not shared), None)
 
     # -- invalidation ----------------------------------------------------------------------
 
@@ -643,13 +490,6 @@ class ViewCache:
     async def ainvalidate(self, values: Mapping[str, Any]) -> bool:
         cache = self.cache or get_cache()
         return await cache.ainvalidate_tag(self.normal(self.request_tag(self.ident(values)))) > 0
-
-    def invalidate_all(self) -> int:
-        """Delete every entry of this view; return how many there were."""
-        return (self.cache or get_cache()).invalidate_tag(self.normal(self.route_tag()))
-
-    async def ainvalidate_all(self) -> int:
-        return await (self.cache or get_cache()).ainvalidate_tag(self.normal(self.route_tag()))
 
     def attach(self, wrapper: Any, *, awaited: bool) -> None:
         """Give a decorated view its methods: `invalidate(**values)` (awaited when `awaited`,
@@ -691,58 +531,15 @@ def view_decorator(
     is_async: Callable[[Callable[..., Any]], bool],
     wrap: Callable[[ViewCache, Callable[..., Any]], Callable[..., Any]],
 ) -> Callable[..., Any]:
-    """The `cached` decorator of one framework's edge: `wrap(view, fn)` makes the framework's
-    view from the decorated one; `is_async(fn)` says which driver (`aserve`) it uses."""
+    """The `cached` decorator of one framework's edge (`coalesce.http.options`'s one
+    signature): `wrap(view, fn)` makes the framework's view from the decorated one;
+    `is_async(fn)` says which driver (`aserve`) it uses."""
 
-    def cached(
-        ttl: float | Callable[..., Any] | None = None,
-        *,
-        key: str | None = None,
-        vary: Sequence[str] = (),
-        shared: bool = False,
-        tags: Sequence[str] = (),
-        stale_ttl: float = 0.0,
-        stale_if_error: float = 0.0,
-        timeout: float | None = None,
-        early_refresh: bool | float = False,
-        jitter: float = 0.0,
-        cache: Cache | None = None,
-        cache_4xx: bool = False,
-        honor_client_no_cache: bool = False,
-        registry: MetricsRegistry | None = None,
-    ) -> Any:
-        if callable(ttl):  # used bare: @cached
-            return cached()(ttl)
-        seconds = ttl
+    def make(fn: Callable[..., Any], options: RouteOptions) -> Callable[..., Any]:
+        view = ViewCache(fn, options, framework=framework, is_async=is_async(fn))
+        return wrap(view, fn)
 
-        def decorator(fn: F) -> F:
-            view = ViewCache(
-                fn,
-                framework=framework,
-                is_async=is_async(fn),
-                ttl=seconds,
-                key=key,
-                vary=vary,
-                shared=shared,
-                tags=tags,
-                stale_ttl=stale_ttl,
-                freshness={
-                    "stale_if_error": stale_if_error,
-                    "timeout": timeout,
-                    "early_refresh": early_refresh,
-                    "jitter": jitter,
-                },
-                cache=cache,
-                cache_4xx=cache_4xx,
-                honor_client_no_cache=honor_client_no_cache,
-                registry=registry,
-            )
-            return cast(F, wrap(view, fn))
-
-        return decorator
-
-    cached.__module__ = f"coalesce.{framework}"
-    return cached
+    return route_decorator(make, f"coalesce.{framework}")
 
 
 def missing_extra(edge: str, framework: str, exc: ImportError) -> MissingDependencyError:
