@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from coalesce import Cache, ConfigurationError, SerializationError
+from coalesce.testing import FakeClock
 
 BOUND = 10.0  # seconds: generous upper bound for anything that should happen "soon"
 
@@ -51,6 +52,18 @@ async def await_until(predicate: Callable[[], bool], timeout: float = BOUND) -> 
 @pytest.fixture
 def cache() -> Cache:
     return Cache()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The time of `timed`: expiry by `clock.advance(seconds)`, no sleeping."""
+    return FakeClock()
+
+
+@pytest.fixture
+def timed(clock: FakeClock) -> Cache:
+    """A memory cache on `clock`."""
+    return Cache(clock=clock)
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,10 +396,10 @@ async def test_async_exceptions_are_not_cached(cache: Cache) -> None:
     assert len(calls) == 2
 
 
-def test_cache_errors_caches_the_exception_then_expires(cache: Cache) -> None:
+def test_cache_errors_caches_the_exception_then_expires(timed: Cache, clock: FakeClock) -> None:
     calls = []
 
-    @cache.cached(ttl=60, cache_errors=1.0)
+    @timed.cached(ttl=60, cache_errors=1.0)
     def f(x: int) -> int:
         calls.append(x)
         raise AppError(f"bad {x}")
@@ -398,7 +411,11 @@ def test_cache_errors_caches_the_exception_then_expires(cache: Cache) -> None:
     with pytest.raises(AppError, match="bad 1"):
         f(1)
     assert calls == [1]
-    time.sleep(1.05)
+    clock.advance(0.99)
+    with pytest.raises(AppError, match="bad 1"):  # still inside cache_errors
+        f(1)
+    assert calls == [1]
+    clock.advance(0.02)
     with pytest.raises(AppError, match="bad 1"):
         f(1)
     assert calls == [1, 1]
@@ -438,10 +455,10 @@ def test_cache_errors_rebuild_the_exception_from_its_own_argument(cache: Cache) 
         assert info.value.args == ("x",)  # not "'x'", as str(KeyError("x")) would give
 
 
-async def test_async_cache_errors(cache: Cache) -> None:
+async def test_async_cache_errors(timed: Cache, clock: FakeClock) -> None:
     calls = []
 
-    @cache.cached(ttl=60, cache_errors=1.0)
+    @timed.cached(ttl=60, cache_errors=1.0)
     async def f() -> int:
         calls.append(1)
         raise AppError("down")
@@ -451,7 +468,11 @@ async def test_async_cache_errors(cache: Cache) -> None:
     with pytest.raises(AppError, match="down"):
         await f()
     assert len(calls) == 1
-    await asyncio.sleep(1.05)
+    clock.advance(0.99)
+    with pytest.raises(AppError, match="down"):  # still inside cache_errors
+        await f()
+    assert len(calls) == 1
+    clock.advance(0.02)
     with pytest.raises(AppError):
         await f()
     assert len(calls) == 2
@@ -491,59 +512,61 @@ def test_cache_errors_entry_removed_by_invalidate(cache: Cache) -> None:
 # TTL and stale-while-revalidate
 
 
-def test_ttl_expiry_recomputes(cache: Cache) -> None:
+def test_ttl_expiry_recomputes(timed: Cache, clock: FakeClock) -> None:
     calls = []
 
-    @cache.cached(ttl=1.0)
+    @timed.cached(ttl=1.0)
     def f() -> int:
         calls.append(1)
         return len(calls)
 
     assert f() == 1
+    clock.advance(0.99)
     assert f() == 1
-    time.sleep(1.05)
+    clock.advance(0.02)
     assert f() == 2
     assert f() == 2
     assert len(calls) == 2
 
 
-async def test_async_ttl_expiry_recomputes(cache: Cache) -> None:
+async def test_async_ttl_expiry_recomputes(timed: Cache, clock: FakeClock) -> None:
     calls = []
 
-    @cache.cached(ttl=1.0)
+    @timed.cached(ttl=1.0)
     async def f() -> int:
         calls.append(1)
         return len(calls)
 
     assert await f() == 1
+    clock.advance(0.99)
     assert await f() == 1
-    await asyncio.sleep(1.05)
+    clock.advance(0.02)
     assert await f() == 2
     assert len(calls) == 2
 
 
-def test_ttl_is_per_function(cache: Cache) -> None:
+def test_ttl_is_per_function(timed: Cache, clock: FakeClock) -> None:
     short_calls, long_calls = [], []
 
-    @cache.cached(ttl=0.2)
+    @timed.cached(ttl=0.2)
     def short() -> int:
         short_calls.append(1)
         return 1
 
-    @cache.cached(ttl=60)
+    @timed.cached(ttl=60)
     def long() -> int:
         long_calls.append(1)
         return 1
 
     short(), long()
-    time.sleep(0.25)
+    clock.advance(0.25)
     short(), long()
     assert len(short_calls) == 2
     assert len(long_calls) == 1
 
 
-def test_default_ttl_of_the_cache_is_used() -> None:
-    cache = Cache(default_ttl=0.2)
+def test_default_ttl_of_the_cache_is_used(clock: FakeClock) -> None:
+    cache = Cache(default_ttl=0.2, clock=clock)
     calls = []
 
     @cache.cached()
@@ -552,19 +575,20 @@ def test_default_ttl_of_the_cache_is_used() -> None:
         return 1
 
     f()
+    clock.advance(0.19)
     f()
     assert len(calls) == 1
-    time.sleep(0.25)
+    clock.advance(0.02)
     f()
     assert len(calls) == 2
 
 
-def test_stale_value_served_and_refreshed_once_sync(cache: Cache) -> None:
+def test_stale_value_served_and_refreshed_once_sync(timed: Cache, clock: FakeClock) -> None:
     release = threading.Event()
     refreshing = threading.Event()
     calls = []
 
-    @cache.cached(ttl=0.2, stale_ttl=30)
+    @timed.cached(ttl=0.2, stale_ttl=30)
     def f() -> int:
         calls.append(1)
         if len(calls) > 1:
@@ -573,7 +597,7 @@ def test_stale_value_served_and_refreshed_once_sync(cache: Cache) -> None:
         return len(calls)
 
     assert f() == 1
-    time.sleep(0.25)
+    clock.advance(0.25)
     started = time.monotonic()
     results = [f() for _ in range(20)]  # all stale hits; the refresh is blocked
     assert results == [1] * 20
@@ -596,7 +620,8 @@ def test_stale_value_served_and_refreshed_once_sync(cache: Cache) -> None:
     assert stats["computations"] == 2
 
 
-async def test_stale_value_served_and_refreshed_once_async(cache: Cache) -> None:
+async def test_stale_value_served_and_refreshed_once_async(timed: Cache, clock: FakeClock) -> None:
+    cache = timed
     release = asyncio.Event()
     calls = []
 
@@ -608,7 +633,7 @@ async def test_stale_value_served_and_refreshed_once_async(cache: Cache) -> None
         return len(calls)
 
     assert await f() == 1
-    await asyncio.sleep(0.25)
+    clock.advance(0.25)
     results = await asyncio.wait_for(asyncio.gather(*(f() for _ in range(50))), BOUND)
     assert results == [1] * 50
     await await_until(lambda: len(calls) == 2)
@@ -619,16 +644,18 @@ async def test_stale_value_served_and_refreshed_once_async(cache: Cache) -> None
     assert len(calls) == 2
 
 
-def test_after_stale_window_value_is_recomputed_in_the_caller(cache: Cache) -> None:
+def test_after_stale_window_value_is_recomputed_in_the_caller(
+    timed: Cache, clock: FakeClock
+) -> None:
     calls = []
 
-    @cache.cached(ttl=0.1, stale_ttl=0.1)
+    @timed.cached(ttl=0.1, stale_ttl=0.1)
     def f() -> int:
         calls.append(1)
         return len(calls)
 
     assert f() == 1
-    time.sleep(0.25)  # past ttl + stale_ttl: nothing to serve
+    clock.advance(0.25)  # past ttl + stale_ttl: nothing to serve
     assert f() == 2
     assert len(calls) == 2
 
@@ -909,13 +936,13 @@ def test_fn_invalidate_only_removes_that_key(cache: Cache) -> None:
     assert calls == [1, 2, 1]
 
 
-def test_fn_invalidate_of_expired_entry_reports_false(cache: Cache) -> None:
-    @cache.cached(ttl=0.1)
+def test_fn_invalidate_of_expired_entry_reports_false(timed: Cache, clock: FakeClock) -> None:
+    @timed.cached(ttl=0.1)
     def f() -> int:
         return 1
 
     f()
-    time.sleep(0.15)
+    clock.advance(0.15)
     assert f.invalidate() is False
 
 

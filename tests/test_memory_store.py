@@ -15,6 +15,7 @@ from coalesce import Cache, ConfigurationError, Entry
 from coalesce.entry import Freshness
 from coalesce.stores.base import Fence
 from coalesce.stores.memory import MemoryStore
+from coalesce.testing import FakeClock
 
 BOUND = 10.0
 
@@ -158,44 +159,57 @@ def test_fence_invalidated_during_fill_blocks_the_write(store: MemoryStore) -> N
 # time
 
 
-def test_entry_expires_after_ttl(store: MemoryStore) -> None:
-    store.set("a", entry(1, ttl=0.1))
-    assert store.get("a") is not None
-    time.sleep(0.15)
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def timed(clock: FakeClock) -> MemoryStore:
+    """A store on `clock`: time passes by `clock.advance(seconds)`."""
+    return MemoryStore(maxsize=100, clock=clock)
+
+
+def test_entry_expires_after_ttl(timed: MemoryStore, clock: FakeClock) -> None:
+    timed.set("a", Entry(1, clock.now, 0.1))
+    clock.advance(0.09)
+    assert timed.get("a") is not None
+    assert timed.keys() == ["a"]
+    clock.advance(0.02)
     # the store's contract: it may still hold an entry whose time is up (it expires them
     # lazily, on writes); readers judge freshness, and the entry reads as expired
-    found = store.get("a")
-    assert found is None or found.freshness(time.time()) is Freshness.EXPIRED
-    assert store.keys() == []
-    assert store.delete("a") is False  # it no longer "existed"
+    found = timed.get("a")
+    assert found is None or found.freshness(clock.now) is Freshness.EXPIRED
+    assert timed.keys() == []
+    assert timed.delete("a") is False  # it no longer "existed"
 
 
-def test_expired_entry_removed_by_the_next_write(store: MemoryStore) -> None:
-    store.set("a", entry(1, ttl=0.1, tags=("t",)))
-    time.sleep(0.15)
-    store.set("b", entry(2))
-    assert len(store) == 1
-    assert store.stats()["tags"] == 0
-    assert store.keys() == ["b"]
+def test_expired_entry_removed_by_the_next_write(timed: MemoryStore, clock: FakeClock) -> None:
+    timed.set("a", Entry(1, clock.now, 0.1, tags=("t",)))
+    clock.advance(0.15)
+    timed.set("b", Entry(2, clock.now, 60.0))
+    assert len(timed) == 1
+    assert timed.stats()["tags"] == 0
+    assert timed.keys() == ["b"]
 
 
-def test_stale_window_keeps_the_entry(store: MemoryStore) -> None:
-    store.set("a", entry(1, ttl=0.1, stale_ttl=30))
-    time.sleep(0.15)
-    got = store.get("a")
+def test_stale_window_keeps_the_entry(timed: MemoryStore, clock: FakeClock) -> None:
+    timed.set("a", Entry(1, clock.now, 0.1, stale_ttl=30))
+    clock.advance(0.15)
+    got = timed.get("a")
     assert got is not None
-    assert got.freshness(time.time()) is Freshness.STALE
-    store.set("b", entry(2))  # a write expires what is past its window only
-    assert store.get("a") is not None
+    assert got.freshness(clock.now) is Freshness.STALE
+    timed.set("b", Entry(2, clock.now, 60.0))  # a write expires what is past its window only
+    assert timed.get("a") is not None
 
 
-def test_entry_without_ttl_never_expires(store: MemoryStore) -> None:
-    store.set("a", entry(1, ttl=None))
-    store.set("b", entry(2, ttl=0.05))
-    time.sleep(0.1)
-    store.set("c", entry(3))
-    assert store.get("a") is not None
-    assert store.get("b") is None
+def test_entry_without_ttl_never_expires(timed: MemoryStore, clock: FakeClock) -> None:
+    timed.set("a", Entry(1, clock.now, None))
+    timed.set("b", Entry(2, clock.now, 0.05))
+    clock.advance(0.1)
+    timed.set("c", Entry(3, clock.now, 60.0))
+    assert timed.get("a") is not None
+    assert timed.get("b") is None
 
 
 def test_entry_already_past_its_window_is_not_kept(store: MemoryStore) -> None:
@@ -205,26 +219,16 @@ def test_entry_already_past_its_window_is_not_kept(store: MemoryStore) -> None:
     assert len(store) == 0
 
 
-def test_keys_pattern_and_limit(store: MemoryStore) -> None:
+def test_keys_pattern_and_limit(timed: MemoryStore, clock: FakeClock) -> None:
     for i in range(10):
-        store.set(f"ns:user:{i}", entry(i))
-    store.set("ns:other", entry(0))
-    store.set("ns:user:gone", entry(0, ttl=0.05))
-    time.sleep(0.1)
-    found = store.keys("ns:user:*")
+        timed.set(f"ns:user:{i}", Entry(i, clock.now, 60.0))
+    timed.set("ns:other", Entry(0, clock.now, 60.0))
+    timed.set("ns:user:gone", Entry(0, clock.now, 0.05))
+    clock.advance(0.1)
+    found = timed.keys("ns:user:*")
     assert sorted(found) == sorted(f"ns:user:{i}" for i in range(10))
-    assert len(store.keys("ns:*", limit=3)) == 3
-    assert store.keys("nothing*") == []
-
-
-class FakeClock:
-    """A clock the test moves by hand (the store's `clock`)."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
+    assert len(timed.keys("ns:*", limit=3)) == 3
+    assert timed.keys("nothing*") == []
 
 
 def test_expiry_follows_the_injected_clock() -> None:

@@ -344,7 +344,14 @@ async def test_async_callers_of_a_dead_redis_compute_once_per_window(
         return "value"
 
     assert await a() == "value"
+    listener = _store(cache)._listener
+    assert listener.ready.wait(10)
+    resets = listener.resets
     fresh_redis.kill()
+    # The pub/sub drop detaches the flights in progress (by design: see listener.py); wait
+    # for it, so that it cannot detach the outage's computation from its later callers.
+    # The listener's failed attempts to reconnect, which follow, must not detach it either.
+    _wait_until(lambda: listener.resets != resets)
     for _ in range(20):
         assert await asyncio.gather(*(a() for _ in range(20))) == ["value"] * 20
     assert computed[0] == 2  # once before, once for the outage
@@ -353,6 +360,40 @@ async def test_async_callers_of_a_dead_redis_compute_once_per_window(
         await cache.ainvalidate("a")  # not deleted in Redis, and says so ...
     assert await a() == "value"
     assert computed[0] == 3  # ... but never served again from the local copy
+    await cache.aclose()
+
+
+async def test_failed_reconnects_during_an_outage_do_not_detach_its_computation(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """Only the pub/sub drop detaches the flights in progress: the listener's attempts to
+    reconnect to a dead Redis, which never get subscribed, heard nothing new. A computation
+    on the fallback path that outlasts two of them keeps every later caller."""
+    cache = Cache(fresh_redis.url, namespace=unique_namespace)
+    listener = _store(cache)._listener
+    computed = [0]
+    target = [0]
+
+    @cache.cached(ttl=30, key="a")
+    async def a() -> str:
+        computed[0] += 1
+        while listener.resets < target[0]:  # computing across the listener's next attempts
+            await asyncio.sleep(0.005)
+        return "value"
+
+    assert await a() == "value"
+    assert listener.ready.wait(10)
+    resets = listener.resets
+    fresh_redis.kill()
+    _wait_until(lambda: listener.resets != resets)  # the drop (which detaches, by design)
+    target[0] = listener.resets + 2  # two failed attempts to reconnect
+    callers = [asyncio.create_task(a())]
+    while not callers[0].done():
+        callers.append(asyncio.create_task(a()))
+        await asyncio.sleep(0.005)
+    assert await asyncio.wait_for(asyncio.gather(*callers), 10) == ["value"] * len(callers)
+    assert listener.resets >= target[0]
+    assert computed[0] == 2  # once before, once for the outage
     await cache.aclose()
 
 

@@ -16,7 +16,10 @@ subscription per wait. So each store keeps one listener thread with one pub/sub 
 cleared, `on_reset` runs (the store flushes its near cache and the cache detaches its
 computations in flight, so that no new caller joins one an invalidation may have reached
 unheard; whether one did is decided by its lease token when it stores, so none of their
-results is thrown away for nothing; it runs again once re-subscribed),
+results is thrown away for nothing; it runs again once re-subscribed, but not after an
+attempt to reconnect that never got subscribed: nothing was heard since the last reset, and
+detaching again would let each attempt of a long outage start a second computation of a key
+that is still being computed on the fallback path),
 every waiter is woken to check Redis again, and the thread reconnects with a growing pause
 (up to 2 s). Waiters never depend on a message alone: they check Redis again
 after registering and at least once a second, so a lost message only costs time.
@@ -155,6 +158,9 @@ class Listener:
         self.ready = threading.Event()  # set while subscribed; cleared on any trouble
         self.generation = 0  # see the module docstring
         self.resets = 0  # how often the connection dropped (stats)
+        # Whether the connection was subscribed since `on_reset` last ran: written by the
+        # listener thread only, so without the lock.
+        self._heard = False
 
     def after_fork(self) -> None:
         """In a forked child: no thread runs here, nothing is subscribed, and the waiters
@@ -170,6 +176,7 @@ class Listener:
         if closed:
             self._closed.set()
         self.ready = threading.Event()
+        self._heard = False
         self.generation += 1  # a read begun before the fork must not fill the near cache
 
     # -- called by the store, from any thread ------------------------------------------------
@@ -251,6 +258,7 @@ class Listener:
             elif kind in ("psubscribe", "subscribe"):
                 confirmed += 1
                 if confirmed == 2:
+                    self._heard = True
                     self.ready.set()
                     self._wake_all()  # anything published before now: check again
                     if self.resets:  # invalidations sent while we were away are lost
@@ -277,7 +285,9 @@ class Listener:
         self.bump()
         self.resets += 1
         try:
-            self._on_reset()
+            if self._heard:  # else nothing can have been missed since the last `on_reset`
+                self._heard = False
+                self._on_reset()
         finally:
             self._wake_all()
 
