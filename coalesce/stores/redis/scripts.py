@@ -43,6 +43,7 @@ import msgpack  # type: ignore[import-untyped]
 __all__ = [
     "CLAIM",
     "CLAIM_CHECK",
+    "CLAIM_MANY",
     "CLAIM_ONLY",
     "CLAIM_REFRESH",
     "DELETE",
@@ -52,6 +53,7 @@ __all__ = [
     "RELEASE",
     "RENEW",
     "STORE",
+    "STORE_MANY",
     "TAG",
     "TAKE_TAG",
     "KeyLayout",
@@ -352,6 +354,120 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+""",
+)
+
+
+#: Batches (`RedisStore.fill_many`, `Cache.cached_many`): `CLAIM` and `STORE` for many keys in
+#: one round trip, all on one slot (a cluster runs one per slot group).
+#: KEYS: per key: entry, lease, waiters, then its tag sets (none on a cluster).
+#: ARGV: lease ms, mode (`CLAIM_CHECK` "1" or `CLAIM_ONLY` "0"), lease expiry (ms, the tag
+#: score), now ms, then per key: its tag count, token, member (full key).
+#: Returns one reply per key, as `CLAIM`'s: {"entry", bytes} (mode "1" only: fresh or not,
+#: the caller decides) | {"lease", ""} | {"wait", holder, pttl}. Taking a lease records the
+#: key in its tag sets; waiting flags the lease as waited for (its `STORE` pushes the
+#: entry); a foreign lease gets one lease time, as in `CLAIM`. Failure markers and handed
+#: entries are not reported: a waiter that is not answered by the push of the lease it waited
+#: for goes through `CLAIM` for that key alone.
+CLAIM_MANY = Script.of(
+    "claim_many",
+    _ADD_TAG
+    + """
+local ms = tonumber(ARGV[1])
+local out = {}
+local k, a = 1, 5
+while a <= #ARGV do
+  local ntags = tonumber(ARGV[a])
+  local reply = nil
+  if ARGV[2] == '1' then
+    local value = redis.pcall('GET', KEYS[k])
+    if type(value) == 'table' then reply = {'entry', 'foreign type'}
+    elseif value then reply = {'entry', value} end
+  end
+  if not reply then
+    local holder = redis.pcall('GET', KEYS[k + 1])
+    if not holder then
+      redis.call('SET', KEYS[k + 1], ARGV[a + 1], 'PX', ms)
+      for i = k + 3, k + 2 + ntags do add_tag(KEYS[i], ARGV[a + 2], ARGV[3], ARGV[4], true) end
+      reply = {'lease', ''}
+    else
+      local pttl = redis.call('PTTL', KEYS[k + 1])
+      if type(holder) ~= 'string' or #holder ~= 32 or not string.match(holder, '^%x+$') then
+        holder = ''
+      end
+      if pttl < 0 or pttl > ms * 100 or (holder == '' and pttl > ms) then
+        redis.call('PEXPIRE', KEYS[k + 1], ms)
+        pttl = ms
+      end
+      redis.call('SET', KEYS[k + 2], '1', 'PX', ms)
+      reply = {'wait', holder, pttl}
+    end
+  end
+  out[#out + 1] = reply
+  k = k + 3 + ntags
+  a = a + 3
+end
+return out
+""",
+)
+
+#: KEYS: per key: entry, lease, waiters, handed, then its tag sets (none on a cluster).
+#: ARGV: per key: its tag count, then `STORE`'s ARGV (token, data, px, channel, member, tag
+#: score, now ms, push, handed ms); px "-1": nothing to store, only end the lease (if still
+#: ours) and wake its waiters, as `RELEASE` does.
+#: Each key as `STORE` does it: written only while the lease is still ours (the fence), the
+#: lease ended, the wake-up published (with the entry when it was waited for and small), a
+#: refused store handed to the lease's waiters. Returns one 1 (stored) or 0 per key.
+STORE_MANY = Script.of(
+    "store_many",
+    _ADD_TAG
+    + """
+local function store_one(k, a, ntags)
+  local token = ARGV[a]
+  if ARGV[a + 2] == '-1' then
+    if redis.call('GET', KEYS[k + 1]) == token then
+      redis.call('DEL', KEYS[k + 1])
+      redis.call('PUBLISH', ARGV[a + 3], 'r')
+    end
+    return 0
+  end
+  local waited = false
+  local raise_only = token == '' and redis.call('EXISTS', KEYS[k + 1]) == 1
+  if token ~= '' then
+    if redis.call('GET', KEYS[k + 1]) ~= token then
+      if redis.call('EXISTS', KEYS[k + 2]) == 1 then
+        redis.call('SET', KEYS[k + 3], token .. '|' .. ARGV[a + 1], 'PX', ARGV[a + 8])
+        redis.call('PUBLISH', ARGV[a + 3], 'h')
+      end
+      return 0
+    end
+    redis.call('DEL', KEYS[k + 1])
+    waited = redis.call('DEL', KEYS[k + 2]) == 1
+  end
+  if ARGV[a + 2] == '0' then
+    redis.call('SET', KEYS[k], ARGV[a + 1])
+  else
+    redis.call('SET', KEYS[k], ARGV[a + 1], 'PX', ARGV[a + 2])
+  end
+  for i = k + 4, k + 3 + ntags do
+    add_tag(KEYS[i], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], raise_only)
+  end
+  if waited and ARGV[a + 7] == '1' then
+    redis.call('PUBLISH', ARGV[a + 3], 'v' .. token .. '|' .. ARGV[a + 1])
+  else
+    redis.call('PUBLISH', ARGV[a + 3], 's')
+  end
+  return 1
+end
+local out = {}
+local k, a = 1, 1
+while a <= #ARGV do
+  local ntags = tonumber(ARGV[a])
+  out[#out + 1] = store_one(k, a + 1, ntags)
+  k = k + 4 + ntags
+  a = a + 10
+end
+return out
 """,
 )
 

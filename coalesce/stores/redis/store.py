@@ -79,9 +79,10 @@ from coalesce.entry import Entry
 from coalesce.errors import ConfigurationError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, get_serializer
 from coalesce.stores.base import Fence, KeyList, Store
+from coalesce.stores.redis.batch import BatchMixin
 from coalesce.stores.redis.breaker import CircuitBreaker, RateLimitedLog
 from coalesce.stores.redis.connection import AsyncClient, RedisConnection, SyncClient
-from coalesce.stores.redis.lease import Keys, LeaseMixin, Renewer
+from coalesce.stores.redis.lease import Keys, Renewer
 from coalesce.stores.redis.listener import Listener
 from coalesce.stores.redis.near import Fallback, NearCache
 from coalesce.stores.redis.scripts import DELETE, TAKE_TAG, KeyLayout
@@ -96,7 +97,7 @@ _CHUNK = 256  # keys per DELETE script / ZREM in `delete_tag`
 SCAN_COUNT = 1000  # keys Redis looks at per SCAN call of `keys`
 
 
-class RedisStore(LeaseMixin, Store):
+class RedisStore(BatchMixin, Store):  # BatchMixin: LeaseMixin + batches (`batch`)
     """Entries in Redis, shared by every process; one computation per key across them all.
 
     `url` is `redis://[user:password@]host:port/db`, `rediss://...` or

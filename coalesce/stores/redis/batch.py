@@ -1,0 +1,539 @@
+"""Batches on Redis (`Cache.cached_many`): one read for many keys, leases per key in one script.
+
+* `get_many`: the near cache first, then one `MGET` for the rest (on a cluster
+  `mget_nonatomic`: one `MGET` per slot, pipelined per node).
+* `fill_many`, the cross-process share of a batch (the cache has made sure one caller per
+  key and process gets here): register a waiter per key with the listener *first*, then one
+  `CLAIM_MANY` per slot group (one on a single server) reports per key a stored entry (its
+  check again), a lease taken, or the holder to wait for. Stale entries are claimed again
+  (`CLAIM_ONLY`). The keys whose leases it took are computed in *one* call, renewed by the
+  store's renewer thread meanwhile, then written by one `STORE_MANY` per slot group, each
+  key fenced by its own lease token exactly as `STORE` does (an invalidation deletes the
+  lease: that id's result does not land). The keys other processes compute are waited for
+  like single keys: the holder's `STORE` pushes the entry to the waiter registered for it;
+  anything else (a marker, a timeout) sends that key to one `CLAIM` of its own that knows
+  the lease it waited for, exactly as a single key's waiter: the failure of that leader
+  raises `LeaderFailedError` (the exception reaches every caller waiting on the id), its
+  handed entry is taken, a free lease is led alone, a lease still held is waited for
+  through the single-key `fill`.
+
+So a batch miss on one server is three round trips in all: `MGET`, `CLAIM_MANY`,
+`STORE_MANY`. Sync and async side by side, as in `lease`.
+
+Concurrency contract: everything here belongs to one call (its tokens, leases and waiters);
+shared state is the listener's registry, the renewer's table and the approximate `counts`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.crc import key_slot
+
+from coalesce.entry import Entry
+from coalesce.stores.base import Fence
+from coalesce.stores.redis.lease import _ENTRY, _LEAD, _WAIT, Keys, Lease, LeaseMixin
+from coalesce.stores.redis.listener import AsyncWaiter, ThreadWaiter
+from coalesce.stores.redis.scripts import (
+    CLAIM,
+    CLAIM_CHECK,
+    CLAIM_MANY,
+    CLAIM_ONLY,
+    FAIL,
+    RELEASE,
+    STORE_MANY,
+    TAG,
+    encode_failure,
+)
+from coalesce.values import freeze_entry
+
+Outcomes = dict[str, Entry | None]
+#: What a key computed alone (the single-key `fill` fallback) stands for when the function
+#: left its id out: already expired, so `STORE` is skipped and the lease just released.
+_NOTHING = Entry(None, created=0.0, ttl=0.0)
+
+
+class _Plan:
+    """The Redis keys, token and lease of each key of one `fill_many` call."""
+
+    __slots__ = ("keys", "leases")
+
+    def __init__(self, store: LeaseMixin, keys: list[str], tags: dict[str, tuple[str, ...]]):
+        layout = store._layout
+        self.keys = {key: Keys(layout, key) for key in keys}
+        self.leases = {
+            key: Lease(
+                key, k.lease, secrets.token_hex(16), [layout.tag(t) for t in tags.get(key, ())]
+            )
+            for key, k in self.keys.items()
+        }
+
+
+class BatchMixin(LeaseMixin):
+    """`get_many` and `fill_many` (and their async twins) for `RedisStore`."""
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _mget_plan(self, keys: list[str]) -> tuple[list[Entry | None], list[int], list[str]]:
+        """(entries found in the near cache, indexes of the rest, their Redis names)."""
+        found: list[Entry | None] = [None] * len(keys)
+        todo: list[int] = []
+        names: list[str] = []
+        near = self._near
+        for index, key in enumerate(keys):
+            if not key.isascii():
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    continue  # a raw key the core stores escaped (see `RedisStore.get`)
+            entry = near.get(key) if near is not None else None
+            if entry is not None:
+                found[index] = entry
+                continue
+            todo.append(index)
+            names.append(self._layout.entry(key))
+        return found, todo, names
+
+    def _decoded(
+        self,
+        keys: list[str],
+        found: list[Entry | None],
+        todo: list[int],
+        values: list[Any],
+        generation: int,
+    ) -> list[Entry | None]:
+        near = self._near
+        for index, data in zip(todo, values, strict=True):
+            entry = self._decode(keys[index], data)
+            found[index] = entry
+            if entry is not None and near is not None:
+                near.remember(keys[index], entry, generation)
+        return found
+
+    def get_many(self, keys: list[str]) -> list[Entry | None]:
+        """The near cache, then one `MGET` (per slot on a cluster) for the rest."""
+        generation = self._listener.generation
+        found, todo, names = self._mget_plan(keys)
+        if not names:
+            return found
+        client: Any = self._conn.sync()
+        mget = client.mget_nonatomic if self.cluster else client.mget
+        return self._decoded(keys, found, todo, self._conn.call(mget, names), generation)
+
+    async def aget_many(self, keys: list[str]) -> list[Entry | None]:
+        generation = self._listener.generation
+        found, todo, names = self._mget_plan(keys)
+        if not names:
+            return found
+        client: Any = self._conn.loop_state().client
+        mget = client.mget_nonatomic if self.cluster else client.mget
+        values = await self._conn.acall(mget, names)
+        return self._decoded(keys, found, todo, values, generation)
+
+    # -- the scripts' arguments (no I/O) ------------------------------------------------------
+
+    def _groups(self, keys: list[str]) -> list[list[str]]:
+        """`keys` by cluster slot (one group on a single server), each in the given order."""
+        if not self.cluster:
+            return [keys]
+        groups: dict[int, list[str]] = {}
+        for key in keys:
+            name = self._layout.entry(key).encode("utf-8", "surrogateescape")
+            groups.setdefault(key_slot(name), []).append(key)
+        return list(groups.values())
+
+    def _claim_many_args(
+        self, group: list[str], plan: _Plan, mode: str, now: int
+    ) -> tuple[list[str], list[Any]]:
+        keys: list[str] = []
+        args: list[Any] = [self.lease_ms, mode, now + self.lease_ms, now]
+        for key in group:
+            k, lease = plan.keys[key], plan.leases[key]
+            tag_keys = [] if self.cluster else lease.tag_keys  # cluster: `_tag_leases`
+            keys += [k.entry, k.lease, k.waiters, *tag_keys]
+            args += [len(tag_keys), lease.token, key]
+        return keys, args
+
+    def _store_many_args(
+        self, group: list[tuple[str, Entry | None]], plan: _Plan
+    ) -> tuple[list[str], list[Any], list[tuple[list[str], list[str]]]]:
+        """KEYS and ARGV of `STORE_MANY`, and per key the tag sets to record separately (a
+        cluster) with the ARGV of `TAG`."""
+        keys: list[str] = []
+        args: list[Any] = []
+        separate: list[tuple[list[str], list[str]]] = []
+        for key, entry in group:
+            k, token = plan.keys[key], plan.leases[key].token
+            stored = None if entry is None else self._store_args(key, k, entry, token)
+            if stored is None:  # absent, or past its window already: only end the lease
+                keys += [k.entry, k.lease, k.waiters, k.handed]
+                args += [0, token, "", "-1", k.channel, key, "0", "0", "0", "0"]
+                separate.append(([], []))
+                continue
+            item_keys, item_args, tag_keys = stored
+            keys += item_keys
+            args += [len(item_keys) - 4, *item_args]
+            separate.append((tag_keys, self._tag_args(key, item_args[5], item_args[6], token)))
+        return keys, args, separate
+
+    def _sort_claims(
+        self,
+        group: list[str],
+        replies: list[Any],
+        outcomes: Outcomes,
+        lead: list[str],
+        wait: dict[str, tuple[str, float]],
+        again: list[str],
+    ) -> None:
+        for key, reply in zip(group, replies, strict=True):
+            step, entry, holder, seconds = self._claim_step(key, reply)
+            if step == _LEAD:
+                lead.append(key)
+            elif step == _ENTRY:
+                assert entry is not None
+                outcomes[key] = freeze_entry(entry, self.serializer)
+            elif step == _WAIT:
+                self.counts["waits"] += 1
+                wait[key] = (holder, seconds)
+            else:
+                again.append(key)  # stale, corrupt or foreign: claim without it
+
+    def _alone_args(
+        self, key: str, holder: str, tags: tuple[str, ...]
+    ) -> tuple[Keys, Lease, list[str], list[Any]]:
+        """For `_claim_alone`: the key's Redis keys, a new lease, and `CLAIM`'s KEYS and ARGV
+        (having seen `holder`)."""
+        k = Keys(self._layout, key)
+        token = secrets.token_hex(16)
+        lease = Lease(key, k.lease, token, [self._layout.tag(tag) for tag in tags])
+        seen = [holder] if holder else []
+        args = self._claim_args(key, token, CLAIM_CHECK, holder, seen)
+        return k, lease, self._claim_keys(k, lease.tag_keys), args
+
+    def _failed_args(self, lease: Lease, k: Keys, exc: Exception) -> list[Any]:
+        return [lease.token, encode_failure(lease.token, exc), self.failure_ms, k.channel]
+
+    # -- sync -------------------------------------------------------------------------------
+
+    def fill_many(
+        self,
+        keys: list[str],
+        compute: Callable[[list[str]], Outcomes],
+        *,
+        fences: dict[str, Fence],
+        tags: dict[str, tuple[str, ...]],
+    ) -> Outcomes:
+        """Compute each key once across every process sharing this Redis (module doc)."""
+        plan = _Plan(self, keys, tags)
+        waiters = {key: ThreadWaiter() for key in keys}
+        self._listener.start()
+        if not self._listener.ready.is_set():  # a new store: let pushes reach its waiters
+            self._listener.ready.wait(self._first_wait())
+        for key, waiter in waiters.items():
+            self._listener.add(key, waiter)  # subscribe first ...
+        try:
+            outcomes: Outcomes = {}
+            lead: list[str] = []
+            wait: dict[str, tuple[str, float]] = {}
+            again: list[str] = []
+            for group in self._groups(keys):
+                script_keys, args = self._claim_many_args(group, plan, CLAIM_CHECK, self._now_ms())
+                replies = self._conn.script(CLAIM_MANY, script_keys, args)  # ... then check
+                self._sort_claims(group, replies, outcomes, lead, wait, again)
+            for group in self._groups(again) if again else []:
+                script_keys, args = self._claim_many_args(group, plan, CLAIM_ONLY, self._now_ms())
+                replies = self._conn.script(CLAIM_MANY, script_keys, args)
+                self._sort_claims(group, replies, outcomes, lead, wait, [])
+            for key in (*lead, *outcomes):
+                self._listener.remove(key, waiters[key])
+            if lead:
+                outcomes.update(self._lead_many(lead, plan, compute, fences))
+            for key, (holder, seconds) in wait.items():
+                entry = self._pushed(key, waiters[key].wait(seconds), holder)
+                self._listener.remove(key, waiters[key])
+                if entry is not None:
+                    outcomes[key] = freeze_entry(entry, self.serializer)
+                    continue
+                alone = self._claim_alone(key, holder, _one(compute, key), fences[key], tags[key])
+                outcomes[key] = None if alone is _NOTHING else alone
+            return outcomes
+        finally:
+            for key, waiter in waiters.items():
+                self._listener.remove(key, waiter)
+
+    def _claim_alone(
+        self,
+        key: str,
+        holder: str,
+        compute: Callable[[], Entry],
+        fence: Fence,
+        tags: tuple[str, ...],
+    ) -> Entry:
+        """A key whose wait was not answered by the push of lease `holder`: one `CLAIM` that
+        knows that lease (its failure raises `LeaderFailedError` here, as for a single key;
+        its handed entry is taken), then lead it alone, or wait through the single-key
+        `fill`."""
+        k, lease, claim_keys, args = self._alone_args(key, holder, tags)
+        step, entry, _, _ = self._claim_step(key, self._conn.script(CLAIM, claim_keys, args))
+        if step == _ENTRY:
+            assert entry is not None
+            return freeze_entry(entry, self.serializer)
+        if step != _LEAD:
+            return self.fill(key, compute, fence=fence, tags=tags)
+        for tag_keys, tag_args in self._tag_leases([lease]):
+            for tag_key in tag_keys:
+                self._conn.quietly(TAG, [tag_key], tag_args)
+        return self._lead(key, k, lease, compute, fence)
+
+    def _lead_many(
+        self, lead: list[str], plan: _Plan, compute: Callable[[list[str]], Outcomes], fences: Any
+    ) -> Outcomes:
+        """Holding the leases of `lead`: compute them in one call, then store each fenced."""
+        self.counts["leads"] += len(lead)
+        resets = self._listener.resets
+        leases = [plan.leases[key] for key in lead]
+        for tag_keys, tag_args in self._tag_leases(leases):
+            for tag_key in tag_keys:
+                self._conn.quietly(TAG, [tag_key], tag_args)
+        pause = self._subscribe_wait()
+        if pause:
+            self._listener.ready.wait(pause)
+        for lease in leases:
+            self._renewer.add(lease)
+        try:
+            outcomes = compute(lead)
+        except Exception as exc:
+            for lease in leases:
+                self._renewer.remove(lease.token)
+                k = plan.keys[lease.key]
+                self._conn.quietly(FAIL, [k.lease, k.failed], self._failed_args(lease, k, exc))
+            raise
+        except BaseException:
+            self._release(leases, plan)
+            raise
+        finally:
+            for lease in leases:
+                self._renewer.remove(lease.token)
+        items, fenced = self._storable(lead, outcomes, fences, resets)
+        for key, entry in fenced:
+            self._hand(key, plan.keys[key], entry, plan.leases[key].token)
+        try:
+            for group in self._item_groups(items):
+                self._store_group(group, plan)
+        except BaseException:
+            self._release(leases, plan)
+            raise
+        return outcomes
+
+    def _store_group(self, group: list[tuple[str, Entry | None]], plan: _Plan) -> None:
+        keys, args, separate = self._store_many_args(group, plan)
+        generation = self._listener.generation  # before the write: see `NearCache.remember`
+        stored = self._conn.script(STORE_MANY, keys, args)
+        for (key, entry), ok, (tag_keys, tag_args) in zip(group, stored, separate, strict=True):
+            if entry is None:
+                continue
+            if not ok:
+                self.counts["fenced"] += 1
+                continue
+            for tag_key in tag_keys:
+                self._conn.script(TAG, [tag_key], tag_args)
+            if self._near is not None:
+                self._near.remember(key, entry, generation)
+
+    def _release(self, leases: list[Lease], plan: _Plan) -> None:
+        for lease in leases:
+            self._conn.quietly(RELEASE, [lease.lease], [lease.token, plan.keys[lease.key].channel])
+
+    # -- async ------------------------------------------------------------------------------
+
+    async def afill_many(
+        self,
+        keys: list[str],
+        compute: Callable[[list[str]], Awaitable[Outcomes]],
+        *,
+        fences: dict[str, Fence],
+        tags: dict[str, tuple[str, ...]],
+    ) -> Outcomes:
+        """`fill_many` for asyncio: the same steps, awaiting."""
+        plan = _Plan(self, keys, tags)
+        loop = asyncio.get_running_loop()
+        waiters = {key: AsyncWaiter(loop) for key in keys}
+        self._listener.start()
+        if not self._listener.ready.is_set():
+            await asyncio.to_thread(self._listener.ready.wait, self._first_wait())
+        for key, waiter in waiters.items():
+            self._listener.add(key, waiter)  # subscribe first ...
+        try:
+            outcomes: Outcomes = {}
+            lead: list[str] = []
+            wait: dict[str, tuple[str, float]] = {}
+            again: list[str] = []
+            for group in self._groups(keys):
+                script_keys, args = self._claim_many_args(group, plan, CLAIM_CHECK, self._now_ms())
+                replies = await self._conn.ascript(CLAIM_MANY, script_keys, args)
+                self._sort_claims(group, replies, outcomes, lead, wait, again)
+            for group in self._groups(again) if again else []:
+                script_keys, args = self._claim_many_args(group, plan, CLAIM_ONLY, self._now_ms())
+                replies = await self._conn.ascript(CLAIM_MANY, script_keys, args)
+                self._sort_claims(group, replies, outcomes, lead, wait, [])
+            for key in (*lead, *outcomes):
+                self._listener.remove(key, waiters[key])
+            if lead:
+                outcomes.update(await self._alead_many(lead, plan, compute, fences))
+            for key, (holder, seconds) in wait.items():
+                entry = self._pushed(key, await waiters[key].wait(seconds), holder)
+                self._listener.remove(key, waiters[key])
+                if entry is not None:
+                    outcomes[key] = freeze_entry(entry, self.serializer)
+                    continue
+                alone = await self._aclaim_alone(
+                    key, holder, _aone(compute, key), fences[key], tags[key]
+                )
+                outcomes[key] = None if alone is _NOTHING else alone
+            return outcomes
+        finally:
+            for key, waiter in waiters.items():
+                self._listener.remove(key, waiter)
+
+    async def _aclaim_alone(
+        self,
+        key: str,
+        holder: str,
+        compute: Callable[[], Awaitable[Entry]],
+        fence: Fence,
+        tags: tuple[str, ...],
+    ) -> Entry:
+        k, lease, claim_keys, args = self._alone_args(key, holder, tags)
+        reply = await self._conn.ascript(CLAIM, claim_keys, args)
+        step, entry, _, _ = self._claim_step(key, reply)
+        if step == _ENTRY:
+            assert entry is not None
+            return freeze_entry(entry, self.serializer)
+        if step != _LEAD:
+            return await self.afill(key, compute, fence=fence, tags=tags)
+        for tag_keys, tag_args in self._tag_leases([lease]):
+            for tag_key in tag_keys:
+                await self._conn.aquietly(TAG, [tag_key], tag_args)
+        return await self._alead(key, k, lease, compute, fence)
+
+    async def _alead_many(
+        self,
+        lead: list[str],
+        plan: _Plan,
+        compute: Callable[[list[str]], Awaitable[Outcomes]],
+        fences: Any,
+    ) -> Outcomes:
+        self.counts["leads"] += len(lead)
+        resets = self._listener.resets
+        leases = [plan.leases[key] for key in lead]
+        for tag_keys, tag_args in self._tag_leases(leases):
+            for tag_key in tag_keys:
+                await self._conn.aquietly(TAG, [tag_key], tag_args)
+        pause = self._subscribe_wait()
+        if pause:
+            await asyncio.to_thread(self._listener.ready.wait, pause)
+        for lease in leases:
+            self._renewer.add(lease)  # the renewer thread serves async leases too
+        try:
+            outcomes = await compute(lead)
+        except Exception as exc:
+            for lease in leases:
+                self._renewer.remove(lease.token)
+                k = plan.keys[lease.key]
+                await self._conn.aquietly(
+                    FAIL, [k.lease, k.failed], self._failed_args(lease, k, exc)
+                )
+            raise
+        except BaseException:  # cancelled: hand over at once, without awaiting here
+            self._in_background(asyncio.to_thread(self._release, leases, plan))
+            raise
+        finally:
+            for lease in leases:
+                self._renewer.remove(lease.token)
+        items, fenced = self._storable(lead, outcomes, fences, resets)
+        for key, entry in fenced:
+            await self._ahand(key, plan.keys[key], entry, plan.leases[key].token)
+        try:
+            for group in self._item_groups(items):
+                await self._astore_group(group, plan)
+        except BaseException:
+            self._in_background(asyncio.to_thread(self._release, leases, plan))
+            raise
+        return outcomes
+
+    async def _astore_group(self, group: list[tuple[str, Entry | None]], plan: _Plan) -> None:
+        keys, args, separate = self._store_many_args(group, plan)
+        generation = self._listener.generation
+        stored = await self._conn.ascript(STORE_MANY, keys, args)
+        for (key, entry), ok, (tag_keys, tag_args) in zip(group, stored, separate, strict=True):
+            if entry is None:
+                continue
+            if not ok:
+                self.counts["fenced"] += 1
+                continue
+            for tag_key in tag_keys:
+                await self._conn.ascript(TAG, [tag_key], tag_args)
+            if self._near is not None:
+                self._near.remember(key, entry, generation)
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def _first_wait(self) -> float:
+        """Seconds a batch waits for the listener's subscription when it is not there yet
+        (the first batch of a store, normally a few milliseconds): its waiters are woken
+        by pushes, and a push sent before the subscription is lost."""
+        return min(0.5, self.lease_ms / 3000)
+
+    @staticmethod
+    def _now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def _tag_leases(self, leases: list[Lease]) -> list[tuple[list[str], list[Any]]]:
+        """On a cluster: per lease, the tag sets to record its key in right after the claim
+        (best effort, as `fill` does; see `lease`)."""
+        found = (self._claim_tags(lease) for lease in leases)
+        return [tags for tags in found if tags is not None]
+
+    def _storable(
+        self, lead: list[str], outcomes: Outcomes, fences: dict[str, Fence], resets: int
+    ) -> tuple[list[tuple[str, Entry | None]], list[tuple[str, Entry]]]:
+        """(the (key, entry) pairs to store, None: only end the lease; the fenced pairs, whose
+        entries are handed to their waiters instead, see `HAND`)."""
+        items: list[tuple[str, Entry | None]] = []
+        fenced: list[tuple[str, Entry]] = []
+        for key in lead:
+            entry = outcomes[key]
+            if entry is not None and not self._may_store(fences[key], resets):
+                self.counts["fenced"] += 1
+                fenced.append((key, entry))
+            else:
+                items.append((key, entry))
+        return items, fenced
+
+    def _item_groups(
+        self, items: list[tuple[str, Entry | None]]
+    ) -> list[list[tuple[str, Entry | None]]]:
+        by_key = dict(items)
+        return [[(key, by_key[key]) for key in group] for group in self._groups(list(by_key))]
+
+
+def _one(compute: Callable[[list[str]], Outcomes], key: str) -> Callable[[], Entry]:
+    """`compute` for `key` alone, as the single-key `fill` wants it."""
+
+    def one() -> Entry:
+        entry = compute([key])[key]
+        return _NOTHING if entry is None else entry
+
+    return one
+
+
+def _aone(compute: Callable[[list[str]], Awaitable[Outcomes]], key: str) -> Callable[[], Any]:
+    async def one() -> Entry:
+        entry = (await compute([key]))[key]
+        return _NOTHING if entry is None else entry
+
+    return one
