@@ -133,6 +133,8 @@ class ThreadFlights(Generic[T]):
             elif flight.thread == threading.get_ident():
                 raise ReentrantCallError(key)
             if not flight.done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+                if not leader and flight.trace is not None:
+                    flight.trace.followed(joined, CoalesceTimeout(key, timeout or 0.0))
                 raise CoalesceTimeout(key, timeout or 0.0)
             flight.done.release()  # for the next waiter
             if flight.abandoned:
@@ -360,6 +362,8 @@ class AsyncFlights:
             except asyncio.TimeoutError:
                 with self._lock:
                     flight.timed_out = True
+                if shared and flight.trace is not None:
+                    flight.trace.followed(joined, CoalesceTimeout(key, timeout or 0.0))
                 raise CoalesceTimeout(key, timeout or 0.0) from None
             except _Cancelled:
                 continue  # the computation was cancelled, not this caller: start over

@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+import coalesce
 import coalesce.otel
 import coalesce.otel.hook
 from coalesce import Cache, MissingDependencyError
@@ -463,3 +464,26 @@ def test_instrument_without_the_package_names_the_extra(monkeypatch: pytest.Monk
     with pytest.raises(MissingDependencyError, match=r"coalesce-cache\[otel\]"):
         coalesce.otel.instrument()
     assert coalesce.otel.hook.tracing is None
+
+
+async def test_a_follower_that_times_out_records_its_wait_as_failed(telemetry: Telemetry) -> None:
+    cache = Cache("memory://")
+    gate = asyncio.Event()
+
+    @cache.cached(ttl=60, timeout=0.01, key="slow:{n}")
+    async def slow(n: int) -> int:
+        await gate.wait()
+        return n
+
+    leader = asyncio.create_task(slow(1))
+    while slow.stats()["misses"] < 1:
+        await asyncio.sleep(0)
+    with pytest.raises(coalesce.CoalesceTimeout):
+        await slow(1)  # joins the flight, leaves on its timeout
+    gate.set()
+    with pytest.raises(coalesce.CoalesceTimeout):
+        await leader  # the leader's own caller had the same timeout
+    await cache.aclose()
+    [wait] = telemetry.waits()
+    assert wait.status.status_code is StatusCode.ERROR
+    assert wait.status.description is not None and "CoalesceTimeout" in wait.status.description
