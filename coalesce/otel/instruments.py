@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
-from opentelemetry.metrics import CallbackOptions, Histogram, Observation
-from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry import context as otel_context  # type: ignore[import-not-found,unused-ignore]
+from opentelemetry import metrics, trace  # type: ignore[import-not-found,unused-ignore]
+from opentelemetry.metrics import CallbackOptions, Histogram, Observation  # type: ignore[import-not-found,unused-ignore]
+from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode  # type: ignore[import-not-found,unused-ignore]
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator  # type: ignore[import-not-found,unused-ignore]
 
 from coalesce import __version__
 from coalesce.entry import STORE_FAILED, Entry
