@@ -522,3 +522,62 @@ def test_a_failing_load_batch_raises_in_every_caller() -> None:
         return await asyncio.gather(users.load(1), users.load(2), return_exceptions=True)
 
     assert [type(r) for r in asyncio.run(main())] == [Boom, Boom]
+
+
+# ---------------------------------------------------------------------------------------
+# a waiter never hangs
+
+
+class Interrupt(BaseException):
+    """Stands for KeyboardInterrupt / SystemExit in a leading thread."""
+
+
+def test_a_leader_interrupted_hands_its_ids_to_a_waiter() -> None:
+    cache = Cache()
+    calls: list[list[int]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    @cache.cached_many(key="user:{}")
+    def users(ids: list[int]) -> dict[int, int]:
+        calls.append(list(ids))
+        if len(calls) == 1:
+            entered.set()
+            assert release.wait(BOUND)
+            raise Interrupt
+        return {i: i for i in ids}
+
+    first, out1 = run_thread(lambda: users([1, 2]))
+    assert entered.wait(BOUND)
+    second, out2 = run_thread(lambda: users([2, 3]))
+    wait_until(lambda: [3] in calls)
+    release.set()
+    first.join(BOUND)
+    second.join(BOUND)
+    assert isinstance(out1[0], Interrupt)
+    assert out2 == [{2: 2, 3: 3}]  # started over for 2: it did not inherit the interrupt
+    assert calls == [[1, 2], [3], [2]]
+
+
+def test_tasks_on_two_event_loops_share_one_batch() -> None:
+    cache = Cache()
+    calls: list[list[int]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    @cache.cached_many(key="user:{}")
+    async def users(ids: list[int]) -> dict[int, int]:
+        calls.append(list(ids))
+        if len(calls) == 1:
+            entered.set()
+            while not release.is_set():
+                await asyncio.sleep(0.002)
+        return {i: i for i in ids}
+
+    first, out1 = run_thread(lambda: asyncio.run(users([1, 2])))
+    assert entered.wait(BOUND)
+    second, out2 = run_thread(lambda: asyncio.run(users([2, 3])))
+    wait_until(lambda: [3] in calls)
+    release.set()
+    first.join(BOUND)
+    second.join(BOUND)
+    assert out1 == [{1: 1, 2: 2}] and out2 == [{2: 2, 3: 3}]
+    assert calls == [[1, 2], [3]]

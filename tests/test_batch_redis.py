@@ -18,12 +18,13 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import test_redis_miss_path as miss_path
-from redis_servers import RedisCluster
+from redis_servers import RedisCluster, RedisServer
 from test_batch import BOUND, run_thread, wait_until
 from test_redis_miss_path import Commands
 
-from coalesce import Cache, LeaderFailedError
+from coalesce import BackendError, Cache, LeaderFailedError
 from coalesce.stores.redis import RedisStore
 from coalesce.stores.redis.scripts import CLAIM, CLAIM_MANY, DELETE, STORE, STORE_MANY
 
@@ -226,12 +227,34 @@ def test_absent_ids_release_their_leases_and_cache_missing_stores_them(
     assert source.calls == [[-1, 1], [-1], [-1]]
 
 
+def test_a_failing_redis_degrades_to_computing_or_raises_when_failing_closed(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    open_cache = Cache(fresh_redis.url, namespace=unique_namespace, breaker_threshold=1)
+    closed = Cache(fresh_redis.url, namespace=unique_namespace, on_backend_error="raise")
+    try:
+        source = Source()
+        users = open_cache.cached_many(key="user:{}", ttl=60)(source)
+        strict = closed.cached_many(key="user:{}", ttl=60)(source)
+        assert users([1, 2]) == {1: "v1", 2: "v2"}
+        fresh_redis.stop()
+        assert users([2, 3]) == {2: "v2", 3: "v3"}  # computed directly, coalescing kept
+        assert users([3]) == {3: "v3"}  # served from what this process kept meanwhile
+        assert source.calls == [[1, 2], [2, 3]]
+        assert users.stats()["backend_errors"] >= 1
+        with pytest.raises(BackendError):
+            strict([4])
+    finally:
+        open_cache.close()
+        closed.close()
+
+
 # ---------------------------------------------------------------------------------------
 # three OS processes
 
 WORKER = r"""
 import json, os, sys, threading, time
-from coalesce import Cache, LeaderFailedError
+from coalesce import BackendError, Cache, LeaderFailedError
 
 url, ns, workdir, index = sys.argv[1:5]
 index = int(index)
