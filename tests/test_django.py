@@ -41,14 +41,14 @@ if not settings.configured:
     django.setup()
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.middleware.csrf import get_token
 from django.test import AsyncClient, Client
 from django.urls import path
 
 import coalesce
 from coalesce import Cache
-from coalesce.django import cached
+from coalesce.django import cached, coalesced
 from coalesce.http.metrics import MetricsRegistry
 
 GATE_TIMEOUT = 10.0
@@ -171,6 +171,26 @@ def news(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"lang": request.GET.get("lang"), "run": ran("news")})
 
 
+@coalesced(registry=REGISTRY)
+def together(request: HttpRequest, name: str) -> HttpResponse:
+    run = ran("together")
+    if not ALL_ARRIVED.wait(GATE_TIMEOUT):
+        return HttpResponse("the requests never overlapped", status=500)
+    return JsonResponse({"name": name, "run": run})
+
+
+@cached(ttl=60, cache_4xx=True, registry=REGISTRY)
+def lost(request: HttpRequest, item_id: int) -> HttpResponse:
+    ran("lost")
+    raise Http404(f"no item {item_id}")
+
+
+@cached(ttl=60, registry=REGISTRY)
+def lost_uncached(request: HttpRequest) -> HttpResponse:
+    ran("lost_uncached")
+    raise Http404("not here")
+
+
 def calls(request: HttpRequest) -> HttpResponse:
     return JsonResponse(dict(CALLS))
 
@@ -193,6 +213,9 @@ urlpatterns = [
     path("ame/", ame),
     path("news/", news),
     path("calls/", calls),
+    path("together/<str:name>/", together),
+    path("lost/<int:item_id>/", lost),
+    path("lost-uncached/", lost_uncached),
     path("drop/<int:item_id>/", drop),
 ]
 
@@ -341,6 +364,31 @@ async def test_async_views_on_tasks_compute_once() -> None:
     )
     assert [r.json()["user"] for r in users] == [f"u{i % 3}" for i in range(12)]
     assert CALLS["ame"] == 3
+
+
+def test_coalesced_sync_views_share_runs_and_keep_nothing(fresh_state: Cache) -> None:
+    GATE["hold_for"] = 12  # the view returns only after all 12 requests arrived
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda _: Client().get("/together/x/"), range(12)))
+    runs = CALLS["together"]
+    statuses = Counter(r["x-cache"] for r in responses)
+    # requests that joined a run get its response; one that reached the flight after it
+    # ended (a thread descheduled between arriving and joining) runs the view itself
+    assert runs < 12 and statuses == {"MISS": runs, "COALESCED": 12 - runs}
+    assert all(r.status_code == 200 and r.json()["name"] == "x" for r in responses)
+    after = Client().get("/together/x/")  # nothing was kept: it runs again
+    assert after["x-cache"] == "MISS" and CALLS["together"] == runs + 1
+    assert fresh_state.keys() == []
+
+
+def test_a_raised_http404_is_cached_with_cache_4xx() -> None:
+    client = Client()
+    first, second = client.get("/lost/3/"), client.get("/lost/3/")
+    assert [first.status_code, second.status_code] == [404, 404]  # Django's 404 page
+    assert CALLS["lost"] == 1
+    assert client.get("/lost/4/").status_code == 404 and CALLS["lost"] == 2
+    plain = [client.get("/lost-uncached/") for _ in range(2)]  # without cache_4xx
+    assert [r.status_code for r in plain] == [404, 404] and CALLS["lost_uncached"] == 2
 
 
 def test_redis_threads_and_users(redis_caches: Callable[..., Cache]) -> None:

@@ -13,10 +13,10 @@ from typing import Any
 
 import flask
 import pytest
-from flask import Flask, Response, request
+from flask import Flask, Response, abort, request
 
 from coalesce import Cache, ConfigurationError
-from coalesce.flask import cached
+from coalesce.flask import cached, coalesced
 from coalesce.http.metrics import MetricsRegistry
 
 GATE_TIMEOUT = 10.0
@@ -124,6 +124,31 @@ class App:
         def news() -> Any:  # reads the request: a refresh needs a request context too
             self.calls["news"] += 1
             return {"lang": request.args.get("lang"), "run": self.calls["news"]}
+
+        @app.get("/together/<name>")
+        @coalesced(**options)
+        def together(name: str) -> Any:
+            with self.lock:
+                self.calls["together"] += 1
+            if not self.all_arrived.wait(GATE_TIMEOUT):
+                return "the requests never overlapped", 500
+            return {"name": name}
+
+        @app.errorhandler(404)
+        def not_found(error: Any) -> Any:  # the app's own rendering of a 404
+            return {"error": error.description}, 404
+
+        @app.get("/raised/<int:item_id>")
+        @cached(ttl=60, cache_4xx=True, **options)
+        def raised(item_id: int) -> Any:
+            self.calls["raised"] += 1
+            abort(404, f"no item {item_id}")
+
+        @app.get("/raised-uncached")
+        @cached(ttl=60, **options)
+        def raised_uncached() -> Any:
+            self.calls["raised_uncached"] += 1
+            abort(404, "not here")
 
         self.item, self.product, self.slow = item, product, slow
 
@@ -272,6 +297,33 @@ def test_concurrent_threads_compute_once(target: App, client: Any) -> None:
         statuses["MISS"] == 1 and statuses["MISS"] + statuses["COALESCED"] + statuses["HIT"] == 16
     )
     assert target.slow.stats()["/slow/<name>"]["computations"] == 1
+
+
+def test_coalesced_threads_share_runs_and_keep_nothing(target: App, client: Any) -> None:
+    target.hold_for = 12  # the view returns only after all 12 requests arrived
+    responses = run_concurrently(client, "/together/x", 12)
+    runs = target.calls["together"]
+    statuses = Counter(r.headers["x-cache"] for r in responses)
+    # requests that joined the run get its response; one that reached the flight after it
+    # ended (a thread descheduled between arriving and joining) runs the view itself
+    assert runs < 12 and statuses == {"MISS": runs, "COALESCED": 12 - runs}
+    assert {r.data for r in responses} == {b'{"name":"x"}\n'}
+    after = client.get("/together/x")  # nothing was kept: it runs again
+    assert after.headers["x-cache"] == "MISS" and target.calls["together"] == runs + 1
+    assert "age" not in after.headers
+    assert target.cache.keys() == []
+
+
+def test_a_raised_404_is_cached_with_cache_4xx(target: App, client: Any) -> None:
+    first, second = client.get("/raised/3"), client.get("/raised/3")
+    assert target.calls["raised"] == 1
+    for response in (first, second):  # raised again on the hit: the app's handler renders it
+        assert (response.status_code, response.json) == (404, {"error": "no item 3"})
+    assert client.get("/raised/4").json == {"error": "no item 4"}
+    assert target.calls["raised"] == 2
+    plain = [client.get("/raised-uncached") for _ in range(2)]  # without cache_4xx
+    assert [(r.status_code, r.json) for r in plain] == [(404, {"error": "not here"})] * 2
+    assert target.calls["raised_uncached"] == 2
 
 
 def test_redis_threads_and_users(redis_caches: Callable[..., Cache]) -> None:

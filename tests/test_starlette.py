@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -21,7 +22,7 @@ from starlette.testclient import TestClient
 
 from coalesce import Cache, ConfigurationError, KeyTemplateError
 from coalesce.http.metrics import MetricsRegistry
-from coalesce.starlette import cached
+from coalesce.starlette import cached, coalesced
 
 GATE_TIMEOUT = 10.0
 
@@ -151,6 +152,24 @@ class App:
             self.calls["prices"] += 1
             return JSONResponse({"run": self.calls["prices"]})
 
+        @coalesced(**options)
+        async def together(request: Request) -> Response:
+            self.calls["together"] += 1
+            await asyncio.wait_for(self.all_arrived.wait(), GATE_TIMEOUT)
+            return JSONResponse(
+                {"name": request.path_params["name"], "run": self.calls["together"]}
+            )
+
+        @cached(ttl=60, cache_4xx=True, **options)
+        async def raised(request: Request) -> Response:
+            self.calls["raised"] += 1
+            raise HTTPException(404, detail="no such item", headers={"x-reason": "sold out"})
+
+        @cached(ttl=60, **options)
+        async def raised_uncached(request: Request) -> Response:
+            self.calls["raised_uncached"] += 1
+            raise HTTPException(404, detail="not here")
+
         self.item, self.product, self.slow = item, product, slow
         self.app = Starlette(
             routes=[
@@ -170,6 +189,9 @@ class App:
                 Route("/write", write, methods=["GET", "POST"]),
                 Route("/news", news),
                 Route("/prices", prices),
+                Route("/together/{name}", together),
+                Route("/raised", raised),
+                Route("/raised-uncached", raised_uncached),
                 Mount("/api", routes=[Route("/items/{item_id:int}", item)]),
             ]
         )
@@ -363,18 +385,54 @@ async def test_a_key_template_and_its_tags(target: App) -> None:
         assert target.cache.keys() == []
 
 
-async def test_concurrent_identical_requests_compute_once(target: App) -> None:
-    target.hold_for = 20  # the computation ends only after all 20 requests arrived
+async def overlapping(target: App, path: str, n: int) -> tuple[list[Any], Any]:
+    """`n` overlapping GETs of `path` (the endpoint returns only once all `n` arrived), then
+    one more after they all ended."""
+    target.hold_for = n
     transport = httpx.ASGITransport(app=target.asgi)
     async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as client:
-        responses = await asyncio.gather(*(client.get("/slow/x") for _ in range(20)))
-        after = await client.get("/slow/x")
+        responses = await asyncio.gather(*(client.get(path) for _ in range(n)))
+        return responses, await client.get(path)
+
+
+async def test_concurrent_identical_requests_compute_once(target: App) -> None:
+    responses, after = await overlapping(target, "/slow/x", 20)
     assert target.calls["slow"] == 1
     assert Counter(r.headers["x-cache"] for r in responses) == {"MISS": 1, "COALESCED": 19}
     assert {r.content for r in responses} == {after.content}
     assert after.headers["x-cache"] == "HIT"
     stats = target.slow.stats()["/slow/{name}"]
     assert (stats["misses"], stats["coalesced"], stats["computations"]) == (1, 19, 1)
+
+
+async def test_coalesced_shares_one_run_and_keeps_nothing(target: App) -> None:
+    responses, after = await overlapping(target, "/together/x", 12)
+    assert Counter(r.headers["x-cache"] for r in responses) == {"MISS": 1, "COALESCED": 11}
+    assert {r.content for r in responses} == {b'{"name":"x","run":1}'}
+    # nothing was kept: the next request runs the endpoint again, no max-age nor Age sent
+    assert (after.headers["x-cache"], after.json()["run"], target.calls["together"]) == (
+        "MISS",
+        2,
+        2,
+    )
+    assert "age" not in after.headers and "max-age" not in after.headers.get("cache-control", "")
+    assert target.cache.keys() == []
+
+
+def test_a_raised_4xx_is_cached_with_cache_4xx_and_raised_again(
+    target: App, client: TestClient
+) -> None:
+    first, second = client.get("/raised"), client.get("/raised")
+    assert target.calls["raised"] == 1
+    for response in (first, second):  # Starlette's handler renders it, headers and all
+        assert (response.status_code, response.text) == (404, "no such item")
+        assert response.headers["x-reason"] == "sold out"
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert second.headers["cache-control"] == "public, max-age=60"
+    # without cache_4xx a raised 404 is raised for every request, as before
+    plain = [client.get("/raised-uncached") for _ in range(2)]
+    assert [(r.status_code, r.text) for r in plain] == [(404, "not here")] * 2
+    assert target.calls["raised_uncached"] == 2
 
 
 async def test_concurrent_users_never_share_a_computation(target: App) -> None:

@@ -1,6 +1,6 @@
 """The Django edge: cache and coalesce views as rendered HTTP responses.
 
-    from coalesce.django import cached
+    from coalesce.django import cached, coalesced
 
     @cached(ttl=60, vary=["accept-language"])
     def item(request, item_id): ...                  # sync views
@@ -23,7 +23,10 @@ layer's `HttpRequest`, an `HttpResponse` to `Rendered` parts (a `TemplateRespons
 rendered first), and an entry's parts to an `HttpResponse`. A response that sets a cookie
 (`response.cookies`), or whose request modified its session or used its CSRF token (the
 middleware sets those cookies after the view), is never stored nor shared. Streaming
-responses (`StreamingHttpResponse`, `FileResponse`) are never cached. Decorate functions;
+responses (`StreamingHttpResponse`, `FileResponse`) are never cached. With `cache_4xx=True`
+a raised `Http404` is kept too and raised again on hits (Django renders its 404 page).
+`coalesced` shares one run of a view among overlapping identical requests and keeps
+nothing. Decorate functions;
 for a class-based view, decorate the function `as_view()` returns.
 """
 
@@ -32,29 +35,32 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from coalesce.http.view import missing_extra
 
 try:
     from django.http import (  # type: ignore[import-untyped]  # Django ships no types
-        HttpRequest as DjangoRequest,
+        Http404,
+        HttpResponse,
+        HttpResponseBase,
     )
-    from django.http import HttpResponse, HttpResponseBase
+    from django.http import HttpRequest as DjangoRequest
 except ImportError as exc:  # the extra is not installed: say which one
     raise missing_extra("django", "Django", exc) from None
 
 from coalesce.http.metrics import REGISTRY, MetricsRegistry
 from coalesce.http.render import RawHeaders
 from coalesce.http.view import (
+    HttpError,
     HttpRequest,
     Rendered,
     RequestHeaders,
     ViewCache,
-    view_decorator,
+    view_decorators,
 )
 
-__all__ = ["REGISTRY", "MetricsRegistry", "cached"]
+__all__ = ["REGISTRY", "MetricsRegistry", "cached", "coalesced"]
 
 #: What `render` adds to the parts of a response whose request will get a cookie from a
 #: middleware after the view (its session modified, its CSRF token used): it makes them
@@ -112,6 +118,14 @@ class DjangoIo:
     def set_header(self, response: HttpResponseBase, name: str, value: str) -> None:
         response[name] = value
 
+    def http_error(self, exc: Exception) -> HttpError | None:
+        if not isinstance(exc, Http404):
+            return None
+        return HttpError(404, str(exc), [])
+
+    def raise_error(self, error: HttpError) -> NoReturn:
+        raise Http404(error.detail)
+
 
 def request_of(request: DjangoRequest, kwargs: dict[str, Any]) -> HttpRequest:
     """A Django request's parts: its URL pattern (for metrics), path, the view's URL
@@ -155,7 +169,7 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-cached = view_decorator("django", inspect.iscoroutinefunction, _wrap)
+cached, coalesced = view_decorators("django", inspect.iscoroutinefunction, _wrap)
 cached.__doc__ = """Cache a Django view's rendered responses for `ttl` seconds (see the module
 docstring and `coalesce.http.view`).
 

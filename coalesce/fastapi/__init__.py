@@ -132,7 +132,7 @@ import functools
 import gc
 import inspect
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from coalesce import MissingDependencyError
@@ -146,12 +146,12 @@ except ImportError as exc:  # the extra is not installed: say which one
         "pip install 'coalesce-cache[fastapi]'"
     ) from None
 
-from coalesce import Cache, ConfigurationError
+from coalesce import ConfigurationError
 from coalesce.fastapi.admin import admin_router
 from coalesce.fastapi.keys import base_type, is_class
 from coalesce.fastapi.metrics import REGISTRY, MetricsRegistry, RouteMetrics, metrics_router
 from coalesce.fastapi.route import CachedRoute
-from coalesce.http.options import RouteOptions, check_options, route_decorator
+from coalesce.http.options import RouteOptions, coalescing_decorator, route_decorator
 
 __all__ = [
     "REGISTRY",
@@ -265,12 +265,12 @@ def _refuse_if_routed(fn: Callable[..., Any], decorator: str) -> None:
             )
 
 
-def _make_cached(fn: Callable[..., Any], options: RouteOptions) -> Any:
-    _refuse_if_routed(fn, "cached")
-    return _decorate(CachedRoute(fn, options, store=True))
+def _make(fn: Callable[..., Any], options: RouteOptions, store: bool) -> Any:
+    _refuse_if_routed(fn, "cached" if store else "coalesced")
+    return _decorate(CachedRoute(fn, options, store=store))
 
 
-cached = route_decorator(_make_cached, __name__)
+cached = route_decorator(_make, __name__)
 cached.__doc__ = """Cache a route handler's rendered responses for `ttl` seconds (see the module
 docstring).
 
@@ -287,24 +287,4 @@ as `Cache-Control: stale-if-error`).
 """
 
 
-def coalesced(
-    fn: Callable[..., Any] | None = None,
-    *,
-    key: str | None = None,
-    vary: Sequence[str] = (),
-    shared: bool = False,
-    cache: Cache | None = None,
-    registry: MetricsRegistry | None = None,
-) -> Any:
-    """Share one handler run among overlapping identical requests; store nothing.
-
-    Followers receive the leader's rendered response (`X-Cache: COALESCED`); the same
-    safety rules as `cached` decide which requests may share.
-    """
-    options = check_options(key=key, vary=vary, shared=shared, cache=cache, registry=registry)
-
-    def decorator(func: F) -> F:
-        _refuse_if_routed(func, "coalesced")
-        return cast(F, _decorate(CachedRoute(func, options, store=False)))
-
-    return decorator(fn) if fn is not None else decorator
+coalesced = coalescing_decorator(_make, __name__)

@@ -15,7 +15,6 @@ result of a handler that returns a `Response` is kept as it is.
 from __future__ import annotations
 
 import inspect
-import time
 from typing import Any, NoReturn
 
 from fastapi import HTTPException
@@ -24,10 +23,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import serialize_response
 
-from coalesce.http import MISS, personal
+from coalesce.http import MISS
 from coalesce.http.render import NotShared as NotShared  # kept importable from here
 from coalesce.http.render import Responder as BaseResponder
-from coalesce.http.render import entry_from, own_cache_control
+from coalesce.http.render import entry_from, error_entry, own_cache_control
 from coalesce.starlette import IO
 from coalesce.starlette import RawResponse as RawResponse  # kept importable from here
 
@@ -109,18 +108,11 @@ def exception_entry(exc: HTTPException, *, ttl: float | None) -> dict[str, Any]:
     One whose headers make it `personal` is raised again (`exc`): not stored, as without
     `cache_4xx`.
     """
-    headers = [[k, v] for k, v in (exc.headers or {}).items()]
-    if personal((k, v) for k, v in headers):
+    headers = list((exc.headers or {}).items())
+    entry = error_entry(exc.status_code, jsonable_encoder(exc.detail), headers, ttl=ttl)
+    if entry is None:
         raise exc
-    return {
-        "v": 1,
-        "status": exc.status_code,
-        "headers": headers,
-        "detail": jsonable_encoder(exc.detail),
-        "etag": "",
-        "created": time.time(),
-        "ttl": ttl,
-    }
+    return entry
 
 
 class Responder(BaseResponder):

@@ -1,6 +1,6 @@
 """The Flask edge: cache and coalesce views as rendered HTTP responses.
 
-    from coalesce.flask import cached
+    from coalesce.flask import cached, coalesced
 
     @app.get("/items/<int:item_id>")
     @cached(ttl=60, vary=["accept-language"])
@@ -17,35 +17,40 @@ This module only translates: `flask.request` to an `HttpRequest`, the view's ret
 (through `app.make_response`, as Flask would) to `Rendered` parts, and an entry's parts to
 the app's `response_class`. A response whose request modified `flask.session` is treated as
 setting a cookie (Flask adds the cookie after the view): it is never stored nor shared.
-Streamed responses are never cached. A stale entry (`stale_ttl`) is refreshed in a worker
-thread inside a request context made from the original request's WSGI environ (a new `g`).
+Streamed responses are never cached. With `cache_4xx=True` an `abort(404)` (a werkzeug HTTP
+exception, 4xx) is kept too and raised again on hits, for the app's error handlers to render.
+`coalesced` shares one run of a view among overlapping identical requests and keeps
+nothing. A stale entry (`stale_ttl`) is refreshed in a worker thread inside a request
+context made from the original request's WSGI environ (a new `g`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from coalesce.http.view import missing_extra
 
 try:
     import flask
-    from flask import Response
+    from flask import Response, abort
+    from werkzeug.exceptions import HTTPException
 except ImportError as exc:  # the extra is not installed: say which one
     raise missing_extra("flask", "Flask", exc) from None
 
 from coalesce.http.metrics import REGISTRY, MetricsRegistry
 from coalesce.http.render import RawHeaders
 from coalesce.http.view import (
+    HttpError,
     HttpRequest,
     Rendered,
     RequestHeaders,
     ViewCache,
-    view_decorator,
+    view_decorators,
 )
 
-__all__ = ["REGISTRY", "MetricsRegistry", "cached"]
+__all__ = ["REGISTRY", "MetricsRegistry", "cached", "coalesced"]
 
 #: The header `render` adds to the parts of a response whose request modified the session:
 #: it makes them `personal` (never stored, never shared), as the cookie Flask adds would.
@@ -92,6 +97,16 @@ class FlaskIo:
     def set_header(self, response: Response, name: str, value: str) -> None:
         response.headers[name] = value
 
+    def http_error(self, exc: Exception) -> HttpError | None:
+        """`abort(404)` and werkzeug's other HTTP exceptions, but one carrying a response
+        of its own (`abort(response)`)."""
+        if not isinstance(exc, HTTPException) or exc.code is None or exc.response is not None:
+            return None
+        return HttpError(exc.code, exc.description, [])
+
+    def raise_error(self, error: HttpError) -> NoReturn:
+        abort(error.status, error.detail)
+
 
 def request_of(request: flask.Request) -> HttpRequest:
     """A Flask request's parts: its URL rule (for metrics), path, view arguments, query and
@@ -135,7 +150,7 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-cached = view_decorator("flask", lambda fn: False, _wrap)
+cached, coalesced = view_decorators("flask", lambda fn: False, _wrap)
 cached.__doc__ = """Cache a Flask view's rendered responses for `ttl` seconds (see the module
 docstring and `coalesce.http.view`).
 

@@ -142,12 +142,15 @@ def check_options(
     )
 
 
-def route_decorator(
-    make: Callable[[Callable[..., Any], RouteOptions], Any], module: str
-) -> Callable[..., Any]:
+#: How an edge makes its endpoint of a decorated function: `make(fn, options, store)`,
+#: `store` False for `coalesced` (share runs, keep nothing).
+Make = Callable[[Callable[..., Any], RouteOptions, bool], Any]
+
+
+def route_decorator(make: Make, module: str) -> Callable[..., Any]:
     """The `cached` decorator of one web edge (`module`), with the one signature every edge
     shares: its options are checked (`check_options`) when `cached(...)` is called, and
-    `make(fn, options)` makes the edge's endpoint of each function it decorates."""
+    `make(fn, options, True)` makes the edge's endpoint of each function it decorates."""
 
     def cached(
         ttl: float | Callable[..., Any] | None = None,
@@ -184,7 +187,34 @@ def route_decorator(
             honor_client_no_cache=honor_client_no_cache,
             registry=registry,
         )
-        return lambda fn: make(fn, options)
+        return lambda fn: make(fn, options, True)
 
     cached.__module__ = module
     return cached
+
+
+def coalescing_decorator(make: Make, module: str) -> Callable[..., Any]:
+    """The `coalesced` decorator of one web edge (`module`): one run of the handler for
+    overlapping identical requests, nothing stored; the options that apply (checked as for
+    `cached`), `make(fn, options, False)` making the endpoint."""
+
+    def coalesced(
+        fn: Callable[..., Any] | None = None,
+        *,
+        key: str | None = None,
+        vary: Sequence[str] = (),
+        shared: bool = False,
+        cache: Cache | None = None,
+        registry: MetricsRegistry | None = None,
+    ) -> Any:
+        options = check_options(key=key, vary=vary, shared=shared, cache=cache, registry=registry)
+        if fn is not None:  # used bare: @coalesced
+            return make(fn, options, False)
+        return lambda fn: make(fn, options, False)
+
+    coalesced.__module__ = module
+    coalesced.__doc__ = """Share one run of the handler among overlapping identical requests;
+    store nothing. Followers receive the leader's rendered response (`X-Cache: COALESCED`);
+    the same rules as `cached` decide which requests may share (credentials, `vary`,
+    `shared`)."""
+    return coalesced

@@ -6,7 +6,8 @@ Redis as well as in memory)
     {"v": 1, "status": 200, "headers": [["content-type", "application/json"], ...],
      "body": b'...', "etag": '"3f2a..."', "created": 1732520000.1, "ttl": 60.0}
 
-or, for an exception the FastAPI edge keeps (`cache_4xx=True`), `"detail"` instead of a body.
+or, for a raised 4xx exception an edge keeps (`cache_4xx=True`, `error_entry`), `"detail"`
+instead of a body.
 Headers that are per response, per hop or per user are not kept (`UNSTORED_HEADERS`); the
 handler's own `Cache-Control` is, and is sent as written (`cache_control_for`).
 
@@ -87,6 +88,27 @@ def entry_from(
     if not storable(status, headers, cache_4xx=cache_4xx or not store):
         raise NotShared(rendered)
     return rendered
+
+
+def error_entry(
+    status: int, detail: Any, headers: Sequence[tuple[str, str]], *, ttl: float | None
+) -> dict[str, Any] | None:
+    """The entry of a raised 4xx exception (`cache_4xx=True`), kept to be raised again on
+    hits so that the framework's exception handlers render it: `"detail"` (msgpack-friendly,
+    as given) instead of a body. None when its headers make it `personal` (a cookie set,
+    `private`...): such an exception is not kept, as without `cache_4xx`."""
+    pairs = [[k, v] for k, v in headers]
+    if personal((k, v) for k, v in pairs):
+        return None
+    return {
+        "v": 1,
+        "status": status,
+        "headers": pairs,
+        "detail": detail,
+        "etag": "",
+        "created": time.time(),
+        "ttl": ttl,
+    }
 
 
 def own_cache_control(written: Sequence[str]) -> str:
@@ -259,16 +281,17 @@ class Responder:
     def raise_cached(
         self, value: dict[str, Any], status: str, *, cached: bool, private: bool
     ) -> NoReturn:
-        """Raise the exception an entry holds (with `"detail"` instead of a body): only the
-        FastAPI edge keeps such entries, and raises its `HTTPException` again."""
+        """Raise the exception an entry holds (with `"detail"` instead of a body): each
+        edge raises its framework's exception again (FastAPI here; the views through
+        `Io.raise_error`)."""
         raise CoalesceError(f"an entry of a raised exception (HTTP {value['status']}) has no body")
 
     def exception_headers(
         self, value: dict[str, Any], status: str, *, cached: bool, private: bool
     ) -> dict[str, str]:
         """The headers of an entry of a raised exception (`"detail"` instead of a body, kept
-        by the FastAPI edge with `cache_4xx=True`): its own and this response's caching
-        headers, for the exception raised again."""
+        with `cache_4xx=True`): its own and this response's caching headers, for the
+        exception raised again."""
         ttl: float | None = value["ttl"] if cached else None
         age = response_age(value["created"], ttl, time.time()) if cached else None
         rest, handler, expires = _split(value["headers"])

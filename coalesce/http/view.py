@@ -19,8 +19,12 @@
 
 The adapter gives the request's parts (`HttpRequest`), a `run` callable that runs the view
 for this request and returns the framework's response, and an `Io` that renders such a
-response to `Rendered` parts and builds one from the parts of an entry. Everything else (the
-key, the credentials rule, the headers, 304, metrics, logging, invalidation) is here, once.
+response to `Rendered` parts and builds one from the parts of an entry, and tells which
+raised exceptions are HTTP errors (`HttpError`: kept with `cache_4xx=True` as an entry with
+`"detail"`, raised again on hits for the framework to render). A `coalesced` view
+(`store=False`) shares runs through the core's `Cache.coalesced` and keeps nothing.
+Everything else (the key, the credentials rule, the headers, 304, metrics, logging,
+invalidation) is here, once.
 
 The default key is the request's `scheme://host`, its path and its whole query string
 (pairs sorted), then the `vary` headers (`coalesce.http.keys.view_key`): a view may read any
@@ -43,7 +47,7 @@ import string
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, NoReturn, Protocol, TypeVar
 
 from coalesce import (
     CoalesceError,
@@ -66,8 +70,15 @@ from coalesce.http.keys import (
     view_key,
 )
 from coalesce.http.metrics import RouteMetrics
-from coalesce.http.options import RouteOptions, route_decorator
-from coalesce.http.render import NotShared, RawHeaders, Responder, entry_from, own_cache_control
+from coalesce.http.options import RouteOptions, coalescing_decorator, route_decorator
+from coalesce.http.render import (
+    NotShared,
+    RawHeaders,
+    Responder,
+    entry_from,
+    error_entry,
+    own_cache_control,
+)
 
 N = TypeVar("N")  # a framework's response type
 # What rendering a request's key or tags may raise: the request then runs uncached.
@@ -145,6 +156,23 @@ class Io(Protocol[N]):
 
     def set_header(self, response: N, name: str, value: str) -> None: ...
 
+    def http_error(self, exc: Exception) -> HttpError | None:
+        """A raised exception the framework renders as an HTTP error (`abort(404)`,
+        `Http404`, Starlette's `HTTPException`), else None."""
+        ...
+
+    def raise_error(self, error: HttpError) -> NoReturn:
+        """Raise such an error again, for the framework to render (a cached one's hit)."""
+        ...
+
+
+class HttpError(NamedTuple):
+    """An HTTP error a view raised: its status, detail (text) and headers."""
+
+    status: int
+    detail: Any
+    headers: list[tuple[str, str]]
+
 
 class Bypass(NamedTuple):
     """A request that runs the view as if undecorated (`X-Cache: BYPASS`)."""
@@ -197,11 +225,19 @@ class ViewCache(CachedEndpoint):
     """Everything decided about one decorated view when it is decorated, and its requests."""
 
     def __init__(
-        self, fn: Callable[..., Any], options: RouteOptions, *, framework: str, is_async: bool
+        self,
+        fn: Callable[..., Any],
+        options: RouteOptions,
+        *,
+        framework: str,
+        is_async: bool,
+        store: bool = True,
     ) -> None:
         if not callable(fn):
-            raise ConfigurationError(f"@cached decorates a view, not {fn!r}")
-        super().__init__(fn, options, store=True, logger=logging.getLogger(f"coalesce.{framework}"))
+            decorator = "cached" if store else "coalesced"
+            raise ConfigurationError(f"@{decorator} decorates a view, not {fn!r}")
+        logger = logging.getLogger(f"coalesce.{framework}")
+        super().__init__(fn, options, store=store, logger=logger)
         self.is_async = is_async
         self.template = None if options.key is None else _template(options.key)
         self.tag_makers = [_template(tag) for tag in options.tags]
@@ -331,8 +367,17 @@ class ViewCache(CachedEndpoint):
         io: Io[N],
         *,
         remember: bool,
-        cached: bool = True,
+        cached: bool | None = None,
     ) -> tuple[int, bytes, RawHeaders]:
+        """The parts of the response for an entry (`cached`: by default, whether this view
+        stores its entries); an entry of a raised error is raised again (`Io.raise_error`)
+        with this response's caching headers."""
+        cached = self.store if cached is None else cached
+        if "detail" in value:
+            again = self.responder.exception_headers(
+                value, status, cached=cached, private=step.private
+            )
+            io.raise_error(HttpError(value["status"], value["detail"], list(again.items())))
         code, body, headers = self.responder.parts(
             value,
             status,
@@ -394,6 +439,22 @@ class ViewCache(CachedEndpoint):
             cache_4xx=self.cache_4xx,
         )
 
+    def error_entry(self, job: Job[N], exc: Exception) -> dict[str, Any]:
+        """The entry of an HTTP error the view raised, kept with `cache_4xx=True` (a 4xx whose
+        headers do not make it personal), else `exc` again."""
+        error = job.io.http_error(exc)
+        if error is None:
+            raise exc
+        job.code = error.status
+        if not (self.store and self.cache_4xx and 400 <= error.status < 500):
+            raise exc
+        entry = error_entry(
+            error.status, error.detail, error.headers, ttl=self.ttl_now(self.cache or get_cache())
+        )
+        if entry is None:
+            raise exc
+        return entry
+
     def record(self, job: Job[Any], started: float) -> None:
         """Count a computation and log one line for it."""
         seconds = time.perf_counter() - started
@@ -406,7 +467,10 @@ class ViewCache(CachedEndpoint):
         job.ran = True
         started = time.perf_counter()
         try:
-            job.response = job.run()
+            try:
+                job.response = job.run()
+            except Exception as exc:
+                return self.error_entry(job, exc)
             return self.entry(job)
         finally:
             self.record(job, started)
@@ -415,7 +479,10 @@ class ViewCache(CachedEndpoint):
         job.ran = True
         started = time.perf_counter()
         try:
-            job.response = await job.run()
+            try:
+                job.response = await job.run()
+            except Exception as exc:
+                return self.error_entry(job, exc)
             return self.entry(job)
         finally:
             self.record(job, started)
@@ -526,20 +593,21 @@ class ViewCache(CachedEndpoint):
         }
 
 
-def view_decorator(
+def view_decorators(
     framework: str,
     is_async: Callable[[Callable[..., Any]], bool],
     wrap: Callable[[ViewCache, Callable[..., Any]], Callable[..., Any]],
-) -> Callable[..., Any]:
-    """The `cached` decorator of one framework's edge (`coalesce.http.options`'s one
-    signature): `wrap(view, fn)` makes the framework's view from the decorated one;
-    `is_async(fn)` says which driver (`aserve`) it uses."""
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The `cached` and `coalesced` decorators of one framework's edge (the one signature of
+    each, `coalesce.http.options`): `wrap(view, fn)` makes the framework's view from the
+    decorated one; `is_async(fn)` says which driver (`aserve`) it uses."""
 
-    def make(fn: Callable[..., Any], options: RouteOptions) -> Callable[..., Any]:
-        view = ViewCache(fn, options, framework=framework, is_async=is_async(fn))
+    def make(fn: Callable[..., Any], options: RouteOptions, store: bool) -> Callable[..., Any]:
+        view = ViewCache(fn, options, framework=framework, is_async=is_async(fn), store=store)
         return wrap(view, fn)
 
-    return route_decorator(make, f"coalesce.{framework}")
+    module = f"coalesce.{framework}"
+    return route_decorator(make, module), coalescing_decorator(make, module)
 
 
 def missing_extra(edge: str, framework: str, exc: ImportError) -> MissingDependencyError:

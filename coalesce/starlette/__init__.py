@@ -1,6 +1,6 @@
 """The Starlette edge: cache and coalesce endpoints as rendered HTTP responses.
 
-    from coalesce.starlette import cached
+    from coalesce.starlette import cached, coalesced
 
     @cached(ttl=60, vary=["accept-language"])
     async def item(request: Request) -> Response: ...
@@ -13,6 +13,9 @@ request's key is, the credentials rule, the headers and metrics are `coalesce.ht
 shared with Flask and Django. This module only translates: a Starlette `Request` to an
 `HttpRequest`, a `Response` to `Rendered` parts and back. A sync endpoint runs in
 Starlette's thread pool, as without the decorator. Streaming responses are never cached.
+With `cache_4xx=True` a raised `HTTPException` (4xx) is kept too and raised again on hits,
+for the app's exception handlers to render. `coalesced` shares one run of an endpoint
+among overlapping identical requests and keeps nothing.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from coalesce.http.view import missing_extra
 
 try:
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import Response
 except ImportError as exc:  # the extra is not installed: say which one
@@ -34,14 +38,15 @@ except ImportError as exc:  # the extra is not installed: say which one
 from coalesce.http.metrics import REGISTRY, MetricsRegistry
 from coalesce.http.render import RawHeaders
 from coalesce.http.view import (
+    HttpError,
     HttpRequest,
     Rendered,
     RequestHeaders,
     ViewCache,
-    view_decorator,
+    view_decorators,
 )
 
-__all__ = ["REGISTRY", "MetricsRegistry", "RawResponse", "cached"]
+__all__ = ["REGISTRY", "MetricsRegistry", "RawResponse", "cached", "coalesced"]
 
 
 class RawResponse(Response):
@@ -79,6 +84,14 @@ class StarletteIo:
 
     def set_header(self, response: Response, name: str, value: str) -> None:
         response.headers[name] = value
+
+    def http_error(self, exc: Exception) -> HttpError | None:
+        if not isinstance(exc, HTTPException):
+            return None
+        return HttpError(exc.status_code, exc.detail, list((exc.headers or {}).items()))
+
+    def raise_error(self, error: HttpError) -> NoReturn:
+        raise HTTPException(error.status, detail=error.detail, headers=dict(error.headers))
 
 
 IO = StarletteIo()
@@ -120,7 +133,7 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
     return endpoint
 
 
-cached = view_decorator("starlette", lambda fn: True, _wrap)
+cached, coalesced = view_decorators("starlette", lambda fn: True, _wrap)
 cached.__doc__ = """Cache a Starlette endpoint's rendered responses for `ttl` seconds (see the
 module docstring and `coalesce.http.view`).
 
