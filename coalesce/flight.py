@@ -173,7 +173,7 @@ class ThreadFlights(Generic[T]):
                     del self._flights[key]
             if trace is not None and entered is not None:
                 trace.leave(entered)
-                trace.finish()  # out of the table: its follower count is final
+                trace.finish(flight.error)  # out of the table: its follower count is final
             flight.done.release()
 
     def invalidate(self, key: str) -> None:
@@ -395,12 +395,12 @@ class AsyncFlights:
         if otel.tracing is not None:  # in the leader caller's context, the task's parent
             flight.trace = otel.tracing.flight(key)
 
-        def leave() -> None:
+        def leave(error: BaseException | None = None) -> None:
             with self._lock:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
             if flight.trace is not None:
-                flight.trace.finish()  # out of the table: its follower count is final
+                flight.trace.finish(error)  # out of the table: its follower count is final
 
         async def guarded() -> None:
             # settles the flight itself, so that its callers resume one loop iteration
@@ -410,7 +410,7 @@ class AsyncFlights:
             try:
                 value = await compute(fence)
             except Exception as exc:
-                leave()
+                leave(exc)
                 flight.settle_error(exc)
                 return  # handed to the callers: the task itself ends without an exception
             except GeneratorExit:  # closed unfinished with its loop: nothing to settle on it

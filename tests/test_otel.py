@@ -391,6 +391,38 @@ async def test_async_waiter_on_redis_links_in_and_across_caches(
         assert linked(follower) == {ids(remote_wait), ids(computed)}
 
 
+async def test_a_failed_leader_on_redis_fails_the_linked_wait(
+    telemetry: Telemetry, redis_caches: Callable[..., Cache]
+) -> None:
+    first, second = redis_caches(), redis_caches()
+    gate = asyncio.Event()
+
+    async def compute(n: int) -> int:
+        await gate.wait()
+        raise LookupError(f"no {n}")
+
+    one = first.cached(ttl=60, key="bad:{n}")(compute)
+    other = second.cached(ttl=60, key="bad:{n}")(compute)
+    leading = asyncio.create_task(one(5))
+    while first.store.counts["leads"] < 1:  # type: ignore[attr-defined]
+        await asyncio.sleep(0.001)
+    waiting = asyncio.create_task(other(5))
+    while second.store.counts["waits"] < 1:  # type: ignore[attr-defined]
+        await asyncio.sleep(0.001)
+    gate.set()
+    with pytest.raises(LookupError):
+        await leading
+    with pytest.raises(coalesce.LeaderFailedError):
+        await waiting
+
+    [computed] = telemetry.computations()
+    assert computed.status.status_code is StatusCode.ERROR
+    [wait] = telemetry.waits()
+    assert linked(wait) == {ids(computed)}
+    assert wait.status.status_code is StatusCode.ERROR
+    assert wait.status.description is not None and "LeaderFailedError" in wait.status.description
+
+
 # -- without OpenTelemetry ---------------------------------------------------------------------
 
 WITHOUT = r"""

@@ -137,9 +137,10 @@ class FlightTrace:
     def leave(token: Token[FlightTrace | None]) -> None:
         _current.reset(token)
 
-    def finish(self) -> None:
-        """The flight has left the table: end the computation's span, or record the leader's
-        wait for another process. Once; never raises."""
+    def finish(self, error: BaseException | None = None) -> None:
+        """The flight has left the table (the leader's step raised `error`): end the
+        computation's span, or record the leader's wait for another process. Once; never
+        raises."""
         if self.done:
             return
         self.done = True
@@ -153,6 +154,8 @@ class FlightTrace:
                     attributes=self.attributes("coalesced"),
                     start_time=self.started,
                 )
+                if error is not None:  # the other process's leader failed, say
+                    _failed(span, error)
             if span is not None:
                 span.set_attribute("coalesce.followers", self.followers)
                 span.end()
