@@ -3,6 +3,7 @@
 The public names, nothing else: see the README for the guide.
 """
 
+from coalesce.batch import CachedMany
 from coalesce.cache import Cache, cached, coalesced, configure, get_cache
 from coalesce.decorators import CachedFunction, Decorator
 from coalesce.entry import Entry
@@ -28,6 +29,7 @@ __all__ = [
     "Cache",
     "CachedError",
     "CachedFunction",
+    "CachedMany",
     "CoalesceError",
     "CoalesceTimeout",
     "ConfigurationError",

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast, overload
 
 from coalesce import decorators
-from coalesce.batch import DEFAULT_BATCH_WINDOW, DEFAULT_MAX_BATCH, make_cached_many
+from coalesce.batch import DEFAULT_BATCH_WINDOW, DEFAULT_MAX_BATCH, CachedMany, make_cached_many
 from coalesce.batch.flights import BatchFlights
 from coalesce.decorators import (
     AsidePolicy,
@@ -385,7 +385,7 @@ class Cache:
         batch_window: float = DEFAULT_BATCH_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
         copy: bool = True,
-    ) -> Callable[[Callable[..., Any]], Any]:
+    ) -> Callable[[Callable[..., Any]], CachedMany]:
         """Cache a batch function `f(ids: list) -> dict[id, value]` per id (issue 12).
 
         `key` is a template with one field filled with each id (`"user:{}"`); `tags` are
@@ -646,6 +646,9 @@ class Cache:
         return policy.with_options(options), stored, full_tags
 
     # -- reads on the call path -----------------------------------------------------------
+    #
+    # For the core's own drivers (decorators, batch: full keys, `STORE_FAILED`); code
+    # outside the core reads through `get` / `get_fresh` / `get_or_set` and their a-twins.
 
     def read(self, key: str) -> Entry | None:
         """The stored entry of a full key; a failing store reads as `STORE_FAILED`, an

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coalesce.batch.loader import AsyncLoader, ThreadLoader
 from coalesce.batch.many import acall_many, call_many
@@ -23,7 +23,37 @@ from coalesce.options import Options
 if TYPE_CHECKING:
     from coalesce.cache import Cache
 
-__all__ = ["DEFAULT_BATCH_WINDOW", "DEFAULT_MAX_BATCH", "BatchPolicy", "make_cached_many"]
+__all__ = [
+    "DEFAULT_BATCH_WINDOW",
+    "DEFAULT_MAX_BATCH",
+    "BatchPolicy",
+    "CachedMany",
+    "make_cached_many",
+]
+
+
+class CachedMany(Protocol):
+    """What `Cache.cached_many` returns: the batch function (a dict of the ids found, or an
+    awaitable of it for an async function), plus `load`, `invalidate`, `key` and `stats`."""
+
+    def __call__(self, ids: Iterable[Any], /) -> Any: ...
+
+    def load(self, id_: Any, /) -> Any:
+        """One id's value (None: absent), batched with the other `load` calls; awaitable for
+        an async function."""
+        ...
+
+    def invalidate(self, id_: Any, /) -> Any:
+        """Delete one id's entry: `bool`, or an awaitable of it for an async function."""
+        ...
+
+    def key(self, id_: Any, /) -> str:
+        """The key (without namespace) of one id's entry."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """This function's counters."""
+        ...
 
 
 def make_cached_many(
@@ -35,11 +65,11 @@ def make_cached_many(
     batch_window: float,
     max_batch: int,
     **options: Any,
-) -> Callable[[Callable[..., Any]], Any]:
+) -> Callable[[Callable[..., Any]], CachedMany]:
     """The decorator `Cache.cached_many` returns; every option checked here, once."""
     checked = Options.checked(**options)
 
-    def decorator(fn: Callable[..., Any]) -> Any:
+    def decorator(fn: Callable[..., Any]) -> CachedMany:
         if not callable(fn):
             raise ConfigurationError(f"cached_many can only decorate functions, not {fn!r}")
         policy = BatchPolicy(
@@ -58,7 +88,7 @@ def make_cached_many(
     return decorator
 
 
-def _decorate(cache: Cache, policy: BatchPolicy) -> Any:
+def _decorate(cache: Cache, policy: BatchPolicy) -> CachedMany:
     fn = policy.fn
     wrapper: Any
 
@@ -99,4 +129,4 @@ def _decorate(cache: Cache, policy: BatchPolicy) -> Any:
     wrapper.key = key
     wrapper.stats = stats
     wrapper._policy = policy
-    return wrapper
+    return wrapper  # type: ignore[no-any-return]

@@ -231,8 +231,9 @@ class BatchMixin(LeaseMixin):
         plan = _Plan(self, keys, tags)
         waiters = {key: ThreadWaiter() for key in keys}
         self._listener.start()
-        if not self._listener.ready.is_set():  # a new store: let pushes reach its waiters
-            self._listener.ready.wait(self._first_wait())
+        pause = self._subscribe_wait()  # once per store: let pushes reach its waiters
+        if pause:
+            self._listener.ready.wait(pause)
         for key, waiter in waiters.items():
             self._listener.add(key, waiter)  # subscribe first ...
         try:
@@ -299,9 +300,6 @@ class BatchMixin(LeaseMixin):
         for tag_keys, tag_args in self._tag_leases(leases):
             for tag_key in tag_keys:
                 self._conn.quietly(TAG, [tag_key], tag_args)
-        pause = self._subscribe_wait()
-        if pause:
-            self._listener.ready.wait(pause)
         for lease in leases:
             self._renewer.add(lease)
         try:
@@ -363,8 +361,9 @@ class BatchMixin(LeaseMixin):
         loop = asyncio.get_running_loop()
         waiters = {key: AsyncWaiter(loop) for key in keys}
         self._listener.start()
-        if not self._listener.ready.is_set():
-            await asyncio.to_thread(self._listener.ready.wait, self._first_wait())
+        pause = self._subscribe_wait()
+        if pause:
+            await asyncio.to_thread(self._listener.ready.wait, pause)
         for key, waiter in waiters.items():
             self._listener.add(key, waiter)  # subscribe first ...
         try:
@@ -433,9 +432,6 @@ class BatchMixin(LeaseMixin):
         for tag_keys, tag_args in self._tag_leases(leases):
             for tag_key in tag_keys:
                 await self._conn.aquietly(TAG, [tag_key], tag_args)
-        pause = self._subscribe_wait()
-        if pause:
-            await asyncio.to_thread(self._listener.ready.wait, pause)
         for lease in leases:
             self._renewer.add(lease)  # the renewer thread serves async leases too
         try:
@@ -481,12 +477,6 @@ class BatchMixin(LeaseMixin):
                 self._near.remember(key, entry, generation)
 
     # -- shared --------------------------------------------------------------------------------
-
-    def _first_wait(self) -> float:
-        """Seconds a batch waits for the listener's subscription when it is not there yet
-        (the first batch of a store, normally a few milliseconds): its waiters are woken
-        by pushes, and a push sent before the subscription is lost."""
-        return min(0.5, self.lease_ms / 3000)
 
     @staticmethod
     def _now_ms() -> int:
