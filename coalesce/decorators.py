@@ -794,11 +794,11 @@ def get_or_set(
     """`key` (stored form, without namespace) from the store, else `fn()` computed once."""
     full = cache.prefix + key
     entry = cache.read(full)
+    # with early refresh: a hit until the entry's refresh moment (NaN until drawn in `_slow`)
     if (
         entry is not None
-        and entry.fresh_until > cache.clock()
+        and (entry.refresh_at if policy.beta else entry.fresh_until) > cache.clock()
         and not entry.error
-        and not policy.beta
     ):
         policy.stats.hits += 1
         value = entry.value
@@ -818,9 +818,8 @@ async def aget_or_set(
     entry = cache.read(full) if cache.local else await cache.aread(full)
     if (
         entry is not None
-        and entry.fresh_until > cache.clock()
+        and (entry.refresh_at if policy.beta else entry.fresh_until) > cache.clock()
         and not entry.error
-        and not policy.beta
     ):
         policy.stats.hits += 1
         value = entry.value

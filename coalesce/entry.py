@@ -121,10 +121,10 @@ def decide(
     per call: a fresh entry is `EARLY` when `now + compute_time * beta * -ln(u) >=
     fresh_until` for `u = 1 - draw()` in (0, 1].
 
-    `refreshing`: a refresh of the key runs in this process. An early refresh lands about
-    when the entry expires; one that lands a little late (a slower computation, a busy
-    event loop) would make its callers wait, so the entry stays `STALE` for at most one
-    more computation's time after its expiry (and its `stale_ttl`) while it runs.
+    `refreshing`: a refresh of the key runs in this process. An early refresh lands before
+    the entry expires; one that lands a little late (a slower computation, a busy event
+    loop or GIL) would make its callers wait, so while it runs the entry stays `STALE` for
+    `late_refresh_grace` after its expiry (and its `stale_ttl`).
     """
     fresh_until = entry.fresh_until
     if now < fresh_until:
@@ -135,9 +135,23 @@ def decide(
         return Freshness.FRESH
     if now < fresh_until + entry.stale_ttl:
         return Freshness.STALE
-    if refreshing and now < fresh_until + entry.compute_time and not entry.error:
+    if refreshing and now < fresh_until + late_refresh_grace(entry) and not entry.error:
         return Freshness.STALE
     return Freshness.EXPIRED
+
+
+#: The least `late_refresh_grace`: a few milliseconds of a busy event loop or of GIL
+#: hand-offs between many threads must not turn a refresh of a fast computation into a wait.
+MIN_LATE_REFRESH_GRACE = 0.05
+
+
+def late_refresh_grace(entry: Entry) -> float:
+    """How long after its expiry `entry` is still served while this process's refresh of
+    it runs: one more computation's time, at least `MIN_LATE_REFRESH_GRACE` seconds. A
+    refresh later than that (a hung source) makes its callers wait for it as at a miss.
+    Only while the store still hands out the entry: the memory store drops it at the next
+    write after its stale windows, Redis at their end (no window: at the expiry)."""
+    return max(entry.compute_time, MIN_LATE_REFRESH_GRACE)
 
 
 def refresh_moment(entry: Entry, beta: float, draw: Callable[[], float] = random.random) -> float:

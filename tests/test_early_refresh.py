@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from coalesce import Cache
-from coalesce.entry import Entry, Freshness, decide, refresh_moment
+from coalesce.entry import MIN_LATE_REFRESH_GRACE, Entry, Freshness, decide, refresh_moment
 from coalesce.testing import FakeClock
 
 BOUND = 10.0  # seconds a test waits for a background refresh at most
@@ -75,6 +75,10 @@ def test_decide_at_a_drawn_moment_and_while_a_late_refresh_lands() -> None:
     assert decide(entry, 111.0, refreshing=True) is Freshness.EXPIRED
     failure = Entry(["m", "q", "x"], created=100.0, ttl=10.0, compute_time=1.0, error=True)
     assert decide(failure, 110.5, refreshing=True) is Freshness.EXPIRED
+    # and for at least MIN_LATE_REFRESH_GRACE after the expiry of a fast computation
+    fast = Entry("v", created=100.0, ttl=10.0, compute_time=0.001)
+    assert decide(fast, 110.04, refreshing=True) is Freshness.STALE
+    assert decide(fast, 110.0 + MIN_LATE_REFRESH_GRACE, refreshing=True) is Freshness.EXPIRED
 
 
 # -- through the decorators, on the injected clock ------------------------------------------
@@ -229,4 +233,40 @@ def test_on_redis_the_moment_is_drawn_once_per_entry_not_per_read(
         assert cache.read(full) is not cache.read(full)  # decoded per read
         assert hot.stats()["misses"] == 1
     finally:
+        cache.close()
+
+
+def test_get_or_set_refreshes_at_the_moment_drawn_once() -> None:
+    clock, release = FakeClock(), threading.Event()
+    calls: list[int] = []
+    cache = Cache(clock=clock)
+
+    def load() -> int:
+        if calls:
+            assert release.wait(BOUND)
+        else:
+            time.sleep(0.05)
+        calls.append(1)
+        return len(calls)
+
+    def get() -> Any:
+        return cache.get_or_set("report:1", load, ttl=10, early_refresh=True)
+
+    try:
+        assert get() == 1 and get() == 1
+        entry = cache.read(cache.prefix + "report:1")
+        assert entry is not None
+        moment = entry.refresh_at
+        assert moment <= entry.fresh_until - entry.compute_time
+        clock.set(moment - 0.001)
+        assert [get() for _ in range(100)] == [1] * 100
+        assert entry.refresh_at == moment and len(calls) == 1
+        clock.set(moment)
+        assert [get() for _ in range(100)] == [1] * 100  # one refresh, held; all served
+        assert cache.stats()["report"]["early_refreshes"] == 1
+        release.set()
+        assert _landed(cache, "report:1", 2)
+        assert len(calls) == 2
+    finally:
+        release.set()
         cache.close()
