@@ -145,6 +145,8 @@ def test_bad_input_raises_our_errors() -> None:
         wrong([1])
     with pytest.raises(KeyBuildError, match="list of ids"):
         wrong("12")
+    with pytest.raises(KeyBuildError, match="hashable"):
+        wrong([[1]])
 
 
 def test_a_batch_asking_for_its_own_id_gets_reentrant_call_error() -> None:

@@ -32,9 +32,13 @@ def keys_of(cache: Cache, policy: BatchPolicy, ids: Iterable[Any]) -> dict[str, 
         raise KeyBuildError(
             f"{policy.name}() takes a list of ids (cached_many), not {type(ids).__name__}"
         )
+    try:
+        unique = dict.fromkeys(ids)
+    except TypeError as exc:
+        raise KeyBuildError(f"{policy.name}(): every id must be hashable ({exc})") from None
     by_key: dict[str, list[Any]] = {}
     prefix, make = cache.prefix, policy.make_key
-    for id_ in dict.fromkeys(ids):
+    for id_ in unique:
         by_key.setdefault(prefix + make(id_), []).append(id_)
     return by_key
 
