@@ -9,8 +9,9 @@ and *leads* one new flight per remaining id, which it computes as one batch. So 
 Contract (after `coalesce.flight`, whose single-key tables these mirror):
 
 * A flight's outcome is a `concurrent.futures.Future`: an `Entry`, None (the id is absent),
-  or an exception. Threads wait on it; tasks await it through `asyncio.shield`, so a
-  cancelled caller leaves alone and the batch goes on for the others, on any event loop.
+  or an exception. Threads wait on it; tasks await all of theirs at once (`settled`), with
+  nothing chained to the flights, so a cancelled caller leaves alone and the batch goes on
+  for the others, on any event loop.
 * The leader settles every flight it leads on every exit: with its entry, with the
   exception the batch raised, or with `Abandoned` (an interrupt, a cancelled batch task),
   upon which the waiters start over for those ids. A waiter never hangs.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 import weakref
@@ -63,12 +65,6 @@ class IdFlight:
     def wait(self) -> Entry | None:
         """The outcome, in a thread (raises the batch's exception, or `Abandoned`)."""
         return self.outcome.result()
-
-    async def await_(self) -> Entry | None:
-        """The outcome, awaited; cancelling the caller leaves the flight alone."""
-        if self.outcome.done():
-            return self.outcome.result()
-        return await asyncio.shield(asyncio.wrap_future(self.outcome))
 
 
 class BatchFlights:
@@ -138,6 +134,42 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+async def settled(flights: list[IdFlight]) -> None:
+    """Return once every flight has its outcome, woken once for all of them (not once per
+    flight); cancelling the caller leaves the flights alone (nothing is chained to them)."""
+    pending = [flight.outcome for flight in flights if not flight.outcome.done()]
+    if not pending:
+        return
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+    left = [len(pending)]  # under `lock`: the outcomes may be set on other threads
+    lock = threading.Lock()
+
+    def wake(_: object) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            loop.call_soon(_resolve, woken)
+        else:
+            with contextlib.suppress(RuntimeError):  # its loop closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, woken)
+
+    for outcome in pending:
+        outcome.add_done_callback(wake)
+    await woken
+
+
+def _resolve(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
 
 
 def owner_here() -> Any:

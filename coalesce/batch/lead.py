@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from coalesce.batch.flights import Abandoned, IdFlight, owner_here
+from coalesce.batch.flights import Abandoned, IdFlight, owner_here, settled
 from coalesce.batch.policy import BatchPolicy, is_absent
 from coalesce.entry import Entry
 from coalesce.errors import BackendError, ConfigurationError
@@ -151,9 +151,10 @@ async def acompute_missing(
         pending = []
         if task is not None:
             out.update(await asyncio.shield(task))
+        await settled(list(joined.values()))
         for key, flight in joined.items():
             try:
-                out[key] = await flight.await_()
+                out[key] = flight.wait()  # settled: no blocking
             except Abandoned:
                 pending.append(key)
         if joined:
