@@ -36,6 +36,7 @@ from coalesce.errors import (
 from coalesce.serialization import MsgpackSerializer, encode_entry
 from coalesce.stores.redis import RedisStore, redact
 from coalesce.stores.redis.scripts import CLAIM, PUSH_MAX, STORE, KeyLayout, pushed_entry
+from coalesce.testing import FakeClock
 
 
 @pytest.fixture
@@ -730,7 +731,7 @@ async def test_async_leader_cancelled_hands_over(caches: Callable[..., Cache]) -
 def test_lease_is_renewed_while_computing(caches: Callable[..., Cache], raw: redis.Redis) -> None:
     """A computation outliving its lease several times keeps it (renewed every third of
     it): the lease never lapses, and a caller elsewhere waits instead of taking over."""
-    a, b = caches(lease_ttl=1.0), caches(lease_ttl=1.0)
+    a, b = caches(lease_ttl=0.5), caches(lease_ttl=0.5)
     calls: list[str] = []
     started_event, release = threading.Event(), threading.Event()
 
@@ -751,7 +752,7 @@ def test_lease_is_renewed_while_computing(caches: Callable[..., Cache], raw: red
     assert started_event.wait(10)
     lease = f"{a.namespace}:{{long}}:lease"
     began = time.monotonic()
-    while time.monotonic() - began < 2.5:  # two and a half lease lifetimes
+    while time.monotonic() - began < 1.25:  # two and a half lease lifetimes
         assert raw.pttl(lease) > 0, "the lease lapsed while its computation ran"
         time.sleep(0.05)
     waiter: list[str] = []
@@ -820,7 +821,7 @@ def test_tags_delete_their_entries_and_expired_members_are_cleaned(
     ns = cache.namespace
     calls: list[tuple[int, str]] = []
 
-    @cache.cached(ttl=0.5, key="short:{i}", tags=["grp"])
+    @cache.cached(ttl=0.2, key="short:{i}", tags=["grp"])
     def short(i: int) -> int:
         calls.append((i, "short"))
         return i
@@ -833,7 +834,7 @@ def test_tags_delete_their_entries_and_expired_members_are_cleaned(
     short(1), short(2)
     tag_key = f"{ns}:tag:{{grp}}"
     assert raw.zcard(tag_key) == 2
-    time.sleep(0.55)
+    time.sleep(0.25)  # real time: the members' scores are Redis's expiry times
     orders(42)
     orders(43)
     assert sorted(raw.zrange(tag_key, 0, -1)) == [
@@ -985,15 +986,15 @@ def test_near_cache_never_outlives_the_entry(caches: Callable[..., Cache]) -> No
     near = caches(local_maxsize=100, local_ttl=10)
     n = [0]
 
-    @near.cached(ttl=1.0, key="short")
+    @near.cached(ttl=0.5, key="short")
     def short() -> int:
         n[0] += 1
         return n[0]
 
-    _subscribed(near)  # first, so that the entry's second read is well inside its 1 s
+    _subscribed(near)  # first, so that the entry's second read is well inside its 0.5 s
     short()
     assert short() == 1
-    time.sleep(1.05)
+    time.sleep(0.55)  # real time: Redis (PX) and the near cache expire on the wall clock
     assert short() == 2
 
 
@@ -1038,6 +1039,8 @@ def test_redis_stopped_and_restarted_keeps_answering(
         return i * 10
 
     assert n(1) == 10 and n(1) == 10 and calls[0] == 1
+    clock = FakeClock()
+    store.breaker.clock = clock  # its cooldown passes by advance(), not by sleeping
     fresh_redis.stop()
     started = time.monotonic()
     for _ in range(20):
@@ -1047,7 +1050,7 @@ def test_redis_stopped_and_restarted_keeps_answering(
     opened_calls = calls[0]
     assert cache.backend_errors >= 5
     fresh_redis.start()
-    time.sleep(1.1)  # the breaker's cooldown
+    clock.advance(1.1)  # past the breaker's cooldown
     assert n(2) == 20  # the probe
     _wait_until(lambda: store.breaker.state == "closed")
     before = calls[0]
@@ -1069,6 +1072,8 @@ async def test_redis_down_async_fails_open_and_breaker_fails_fast(
         return "computed"
 
     assert await a() == "computed"
+    clock = FakeClock()
+    store.breaker.clock = clock  # its cooldown passes by advance(), not by sleeping
     fresh_redis.kill()
     for _ in range(10):
         assert await a() == "computed"
@@ -1076,7 +1081,7 @@ async def test_redis_down_async_fails_open_and_breaker_fails_fast(
     with pytest.raises(BackendError, match="circuit breaker open"):
         await store.aget(cache.prefix + "a")
     fresh_redis.start()
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)  # past the breaker's cooldown
     assert await a() == "computed"
     assert store.breaker.state == "closed"
     await cache.aclose()
@@ -1097,19 +1102,24 @@ def test_fail_closed_raises_backend_error(unique_namespace: str) -> None:
 def test_breaker_opens_and_closes() -> None:
     from coalesce.stores.redis.breaker import CircuitBreaker
 
-    breaker = CircuitBreaker(threshold=3, cooldown=0.05, max_cooldown=0.2)
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=3, cooldown=0.05, max_cooldown=0.2, clock=clock)
     for _ in range(2):
         assert breaker.allow()
         assert not breaker.failure()
     assert breaker.failure() and breaker.state == "open"
     assert not breaker.allow()
-    time.sleep(0.06)
+    clock.advance(0.04)
+    assert not breaker.allow()  # still cooling down
+    clock.advance(0.02)
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # only one
     breaker.failure()
     assert breaker.state == "open" and breaker.retry_in() > 0
     assert breaker.stats()["cooldown"] == pytest.approx(0.1)  # doubled
-    time.sleep(0.11)
+    clock.advance(0.09)
+    assert not breaker.allow()
+    clock.advance(0.02)
     assert breaker.allow()
     breaker.success()
     assert breaker.state == "closed" and breaker.allow()
@@ -1548,10 +1558,14 @@ def test_a_read_begun_before_a_deletion_is_not_joined_after_it(
     late: list[Any] = []
     after = threading.Thread(target=lambda: late.append(store.get(key)))
     after.start()
-    time.sleep(0.3)  # time to join the pending read, if it (wrongly) would
+    # its own GET returns at once; a joined read would hold it until released, or for a
+    # follower's own bound (socket_timeout * 4 + 1 s = 3 s), after which it reads alone
+    after.join(1.5)
+    joined = after.is_alive()
     release.set()
     after.join(10)
     reader.join(10)
+    assert not joined
     assert late == [None]  # its own GET, after the deletion
     assert early and early[0] is not None and early[0].value == "old"  # began before: fine
 
