@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace as trace_api
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -276,6 +277,43 @@ def test_uninstrument_stops_spans() -> None:
     cache = Cache("memory://")
     assert cache.get_or_set("k:1", lambda: 1) == 1
     assert recorded.spans() == []
+
+
+class BrokenTracer(trace_api.NoOpTracer):
+    """A tracer whose every span fails to start: instrumentation must not fail the call."""
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace_api.Span:
+        raise RuntimeError("exporter misconfigured")
+
+
+class BrokenTracerProvider(trace_api.NoOpTracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace_api.Tracer:
+        return BrokenTracer()
+
+
+def test_a_failing_tracer_does_not_fail_computations() -> None:
+    coalesce.otel.instrument(tracer_provider=BrokenTracerProvider())
+    try:
+        cache = Cache("memory://")
+        gate = threading.Event()
+
+        @cache.cached(ttl=60)
+        def value(n: int) -> int:
+            gate.wait(BARRIER)
+            return n
+
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(value(4))) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: value.stats()["misses"] == 3, "three callers")
+        gate.set()
+        for thread in threads:
+            thread.join(BARRIER)
+        assert results == [4, 4, 4]
+        assert value.stats()["computations"] == 1
+    finally:
+        coalesce.otel.uninstrument()
 
 
 # -- across processes on Redis --------------------------------------------------------------------

@@ -167,7 +167,7 @@ class FlightTrace:
             contexts = [self.remote]
             if self.span is not None:
                 contexts.insert(0, self.span.get_span_context())
-            links = [Link(context) for context in contexts if context is not None]
+            links = [Link(context) for context in contexts if context and context.is_valid]
             span = self.tracing.tracer.start_span(
                 f"coalesce wait {self.name}".rstrip(),
                 links=links,
@@ -181,22 +181,29 @@ class FlightTrace:
     # -- called by the leader's step ----------------------------------------------------------
 
     def start(self) -> Span:
-        span = self.span = self.tracing.tracer.start_span(
-            f"coalesce compute {self.name}".rstrip(),
-            context=self.parent,
-            attributes=self.attributes(self.status),
-        )
+        """The computation's span, started (and announced to other processes on Redis).
+        Never raises: a failing SDK must not fail the computation."""
+        try:
+            span = self.span = self.tracing.tracer.start_span(
+                f"coalesce compute {self.name}".rstrip(),
+                context=self.parent,
+                attributes=self.attributes(self.status),
+            )
+        except Exception:
+            span = self.span = trace.INVALID_SPAN
         if self.announce is not None:
-            text = traceparent(span.get_span_context())
-            if text is not None:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                text = traceparent(span.get_span_context())
+                if text is not None:
                     self.announce(text)
         return span
 
 
 def _failed(span: Span, error: BaseException) -> None:
-    span.record_exception(error)
-    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    """Record `error` on `span`, status ERROR (never raises)."""
+    with contextlib.suppress(Exception):
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
 class Tracing:
@@ -317,7 +324,8 @@ class Tracing:
         """This step waited for another process's leader, whose span is `text` (traceparent)."""
         record = _current.get()
         if record is not None and record.remote is None:
-            record.remote = span_context_of(text)
+            with contextlib.suppress(Exception):  # a foreign value: no link
+                record.remote = span_context_of(text)
 
 
 @contextlib.contextmanager
@@ -333,4 +341,5 @@ def _computing(record: FlightTrace, duration: Histogram) -> Iterator[None]:
             raise
         finally:
             attributes = {"coalesce.function": record.name, "coalesce.namespace": record.namespace}
-            duration.record(_perf() - started, attributes)
+            with contextlib.suppress(Exception):
+                duration.record(_perf() - started, attributes)
