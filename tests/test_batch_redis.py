@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 import test_redis_miss_path as miss_path
 from redis_servers import RedisCluster, RedisServer
 from test_batch import BOUND, run_thread, wait_until
@@ -167,6 +168,23 @@ def test_invalidation_of_one_id_during_a_batch_fences_only_that_id(
     assert out == [{1: "old1", 2: "old2", 3: "old3"}]
     assert b.get("user:1") == "old1" and b.get("user:3") == "old3"
     assert b.get("user:2") is None
+
+
+def test_each_id_is_fenced_by_its_own_lease_token(redis_caches: Caches, redis_url: str) -> None:
+    a = redis_caches()
+    source = Source(block=1)
+    users = a.cached_many(key="user:{}", ttl=60)(source)
+    first, out = run_thread(lambda: users([1, 2]))
+    assert source.entered.wait(BOUND)
+    raw = redis.Redis.from_url(redis_url)
+    lease = f"{a.namespace}:{{user:2}}:lease"
+    assert raw.delete(lease) == 1  # as an invalidation whose broadcast never arrived
+    raw.close()
+    source.release.set()
+    first.join(BOUND)
+    assert out == [{1: "v1", 2: "v2"}]
+    assert a.get("user:1") == "v1" and a.get("user:2") is None
+    assert _store(a).counts["fenced"] == 1
 
 
 def test_a_tag_invalidation_during_a_batch_fences_the_tagged_ids(redis_caches: Caches) -> None:
