@@ -23,6 +23,10 @@ contract (after Go's `singleflight`):
   computation goes on for the others and ends as if nobody had left (a timeout is not a
   cancellation: an asyncio computation every caller timed out on is never cancelled). Sync
   leaders with a timeout compute on the given thread pool, so that they can leave too.
+* Tracing (only after `coalesce.otel.instrument()`): each flight carries a `FlightTrace`,
+  made in its leader caller's context; the leader's step runs inside it, followers count
+  themselves in under the table lock and record their wait once they have the outcome (or
+  leave on their timeout), and it is finished once the flight has left the table.
 """
 
 from __future__ import annotations
