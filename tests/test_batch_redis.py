@@ -370,3 +370,47 @@ def test_cluster_batches_across_slots(redis_cluster: RedisCluster, unique_namesp
     finally:
         a.close()
         b.close()
+
+
+def test_cluster_async_batches(redis_cluster: RedisCluster, unique_namespace: str) -> None:
+    a = Cache(redis_cluster.url, namespace=unique_namespace, cluster=True)
+    b = Cache(redis_cluster.url, namespace=unique_namespace, cluster=True)
+    calls: list[tuple[str, list[int]]] = []
+
+    async def main() -> None:
+        go = asyncio.Event()
+
+        @a.cached_many(key="user:{}", ttl=60)
+        async def users_a(ids: list[int]) -> dict[int, str]:
+            calls.append(("a", list(ids)))
+            await go.wait()
+            return {i: f"a{i}" for i in ids}
+
+        @b.cached_many(key="user:{}", ttl=60)
+        async def users_b(ids: list[int]) -> dict[int, str]:
+            calls.append(("b", list(ids)))
+            return {i: f"b{i}" for i in ids}
+
+        first = asyncio.create_task(users_a(list(range(1, 9))))
+        while not calls:
+            await asyncio.sleep(0.002)
+        second = asyncio.create_task(users_b(list(range(5, 11))))
+        while _store(b).counts["waits"] < 4:
+            await asyncio.sleep(0.002)
+        go.set()
+        assert await first == {i: f"a{i}" for i in range(1, 9)}
+        assert await second == {**{i: f"a{i}" for i in range(5, 9)}, 9: "b9", 10: "b10"}
+        assert await users_b(list(range(1, 11))) == {
+            **{i: f"a{i}" for i in range(1, 9)},
+            9: "b9",
+            10: "b10",
+        }
+        await a.aclose()
+        await b.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        a.close()
+        b.close()
+    assert calls == [("a", list(range(1, 9))), ("b", [9, 10])]

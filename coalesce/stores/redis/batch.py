@@ -371,13 +371,13 @@ class BatchMixin(LeaseMixin):
             lead: list[str] = []
             wait: dict[str, tuple[str, float]] = {}
             again: list[str] = []
-            for group in self._groups(keys):
-                script_keys, args = self._claim_many_args(group, plan, CLAIM_CHECK, self._now_ms())
-                replies = await self._conn.ascript(CLAIM_MANY, script_keys, args)
+            groups = self._groups(keys)
+            claimed = await self._aclaim(groups, plan, CLAIM_CHECK)  # ... then check
+            for group, replies in zip(groups, claimed, strict=True):
                 self._sort_claims(group, replies, outcomes, lead, wait, again)
-            for group in self._groups(again) if again else []:
-                script_keys, args = self._claim_many_args(group, plan, CLAIM_ONLY, self._now_ms())
-                replies = await self._conn.ascript(CLAIM_MANY, script_keys, args)
+            groups = self._groups(again) if again else []
+            claimed = await self._aclaim(groups, plan, CLAIM_ONLY)
+            for group, replies in zip(groups, claimed, strict=True):
                 self._sort_claims(group, replies, outcomes, lead, wait, [])
             for key in (*lead, *outcomes):
                 self._listener.remove(key, waiters[key])
@@ -419,6 +419,15 @@ class BatchMixin(LeaseMixin):
                 await self._conn.aquietly(TAG, [tag_key], tag_args)
         return await self._alead(key, k, lease, compute, fence)
 
+    async def _aclaim(self, groups: list[list[str]], plan: _Plan, mode: str) -> list[Any]:
+        """`CLAIM_MANY` of every slot group, at once (a cluster: no waiting group by group)."""
+        now = self._now_ms()
+        calls = []
+        for group in groups:
+            script_keys, args = self._claim_many_args(group, plan, mode, now)
+            calls.append(self._conn.ascript(CLAIM_MANY, script_keys, args))
+        return list(await asyncio.gather(*calls))
+
     async def _alead_many(
         self,
         lead: list[str],
@@ -454,8 +463,8 @@ class BatchMixin(LeaseMixin):
         for key, entry in fenced:
             await self._ahand(key, plan.keys[key], entry, plan.leases[key].token)
         try:
-            for group in self._item_groups(items):
-                await self._astore_group(group, plan)
+            # a cluster's slot groups at once: one round trip of waiting, not one per group
+            await asyncio.gather(*(self._astore_group(g, plan) for g in self._item_groups(items)))
         except BaseException:
             self._in_background(asyncio.to_thread(self._release, leases, plan))
             raise
