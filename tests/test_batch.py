@@ -583,3 +583,39 @@ def test_tasks_on_two_event_loops_share_one_batch() -> None:
     second.join(BOUND)
     assert out1 == [{1: 1, 2: 2}] and out2 == [{2: 2, 3: 3}]
     assert calls == [[1, 2], [3]]
+
+
+def test_a_thread_load_alone_runs_its_batch_after_the_window() -> None:
+    cache = Cache()
+    calls: list[list[int]] = []
+
+    @cache.cached_many(key="user:{}", batch_window=0.01)
+    def users(ids: list[int]) -> dict[int, int]:
+        calls.append(list(ids))
+        return {i: i for i in ids if i != 2}
+
+    assert users.load(1) == 1
+    assert users.load(2) is None  # absent
+    assert users.load(1) == 1 and calls == [[1], [2]]  # the second load of 1: a hit
+
+
+def test_a_cancelled_load_leaves_the_batch_to_the_others() -> None:
+    cache = Cache()
+
+    async def main() -> None:
+        go = asyncio.Event()
+
+        @cache.cached_many(key="user:{}")
+        async def users(ids: list[int]) -> dict[int, int]:
+            await go.wait()
+            return {i: i for i in ids}
+
+        left = asyncio.create_task(users.load(1))
+        stays = asyncio.create_task(users.load(1))
+        await asyncio.sleep(0.01)
+        left.cancel()
+        go.set()
+        assert await stays == 1
+        assert left.cancelled()
+
+    asyncio.run(main())
