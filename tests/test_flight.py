@@ -189,7 +189,9 @@ def test_coalesced_decorator_threads_share_and_store_nothing(cache: Cache) -> No
         nonlocal calls
         with lock:
             calls += 1
-        time.sleep(1.0)  # long enough for all 30 threads to arrive, even on a loaded machine
+        # every thread has passed start_threads' barrier: time to reach the flight's wait (as
+        # in the 50-thread test above; a late thread would compute again and fail the test)
+        time.sleep(0.2)
         return {"n": calls}
 
     threads, outcomes = start_threads(30, fetch)
@@ -477,7 +479,8 @@ async def test_wait_for_timeout_of_the_leader_while_others_wait(cache: Cache) ->
         await release.wait()
         return "ok"
 
-    leader = asyncio.create_task(asyncio.wait_for(f(), 1.0))  # followers join well before
+    # the followers join on their first step, queued before the leader's timer can fire
+    leader = asyncio.create_task(asyncio.wait_for(f(), 0.1))
     await asyncio.wait_for(started.wait(), BOUND)
     followers = [asyncio.create_task(f()) for _ in range(5)]
     with pytest.raises(asyncio.TimeoutError):

@@ -535,12 +535,12 @@ def test_stale_if_error_across_four_processes_on_redis(
 ) -> None:
     cache = Cache(redis_url, namespace=unique_namespace)
 
-    @cache.cached(ttl=0.5, stale_if_error=30, key="report")
+    @cache.cached(ttl=0.2, stale_if_error=30, key="report")
     def report() -> str:
         return "before"
 
     assert report() == "before"
-    time.sleep(0.6)  # expired in Redis; kept there for the window
+    time.sleep(0.25)  # expired in Redis (real time: PX); kept there for the window
     (tmp_path / "down").touch()
     results = _run_workers(redis_url, unique_namespace, tmp_path, seconds=3.0, window=30)
     assert [r["errors"] for r in results] == [0, 0, 0, 0]
@@ -561,7 +561,7 @@ def test_stale_if_error_ends_with_its_window_on_redis(
     cache = Cache(redis_url, namespace=unique_namespace)
     failing = False
 
-    @cache.cached(ttl=0.2, stale_if_error=0.6, key="report")
+    @cache.cached(ttl=0.1, stale_if_error=0.4, key="report")
     def report() -> str:
         if failing:
             raise ConnectionError("down")
@@ -569,9 +569,9 @@ def test_stale_if_error_ends_with_its_window_on_redis(
 
     assert report() == "before"
     failing = True
-    time.sleep(0.3)
+    time.sleep(0.15)  # real time (Redis keeps the entry by PX): expired, inside the window
     assert report() == "before"
-    time.sleep(0.7)
+    time.sleep(0.4)  # past the window
     with pytest.raises(ConnectionError):
         report()
     cache.close()
