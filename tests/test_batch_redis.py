@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -243,6 +244,36 @@ def test_absent_ids_release_their_leases_and_cache_missing_stores_them(
     assert users([-1, 1]) == {1: "v1"}  # -1 not cached: computed again, without waiting
     assert missing([-1]) == {} and missing([-1]) == {}
     assert source.calls == [[-1, 1], [-1], [-1]]
+
+
+def test_the_near_cache_serves_ids_and_forgets_an_invalidated_one(redis_caches: Caches) -> None:
+    a, b = redis_caches(local_maxsize=100), redis_caches()
+    source = Source()
+    users = a.cached_many(key="user:{}", ttl=60)(source)
+    assert users([1, 2, 3]) == {1: "v1", 2: "v2", 3: "v3"}
+    assert users([1, 2, 3]) == {1: "v1", 2: "v2", 3: "v3"}
+    assert _store(a).stats()["local_hits"] >= 3  # read from the near cache, no MGET
+    b.invalidate("user:2")  # another process: its broadcast reaches the near cache
+    wait_until(
+        lambda: _store(a)._near is not None and _store(a)._near.get(a.prefix + "user:2") is None
+    )
+    assert users([1, 2, 3]) == {1: "v1", 2: "v2", 3: "v3"}
+    assert source.calls == [[1, 2, 3], [2]]
+
+
+def test_stale_ids_on_redis_are_served_and_refreshed_once(redis_caches: Caches) -> None:
+    a = redis_caches()
+    source = Source()
+    users = a.cached_many(key="user:{}", ttl=0.2, stale_ttl=60)(source)
+    assert users([1, 2]) == {1: "v1", 2: "v2"}
+    source.value = "w"
+    entry = a.get_entry("user:1")
+    assert entry is not None
+    wait_until(lambda: entry.fresh_until < time.time())
+    assert users([1, 2]) == {1: "v1", 2: "v2"}  # stale: served at once
+    wait_until(lambda: a.get("user:1") == "w1" and a.get("user:2") == "w2")
+    assert source.calls == [[1, 2], [1, 2]]
+    assert users.stats()["stale"] == 2
 
 
 def test_a_failing_redis_degrades_to_computing_or_raises_when_failing_closed(
