@@ -28,6 +28,7 @@ from coalesce import Cache
 from coalesce.cli.output import human_seconds, one_line, preview
 from coalesce.entry import Entry
 from coalesce.serialization import encode_entry
+from coalesce.stores.memory import MemoryStore
 from coalesce.urls import redact
 
 TOKEN = "test-admin-token-5f1c"
@@ -767,9 +768,10 @@ def test_console_script_and_python_m_are_the_same_program() -> None:
 # --app: an in-memory cache, reached through the application's admin router
 
 
-@pytest.fixture
-def app_server() -> Iterator[tuple[Cache, str]]:
-    """uvicorn on loopback serving an app with the admin and metrics routers of a memory cache."""
+@pytest.fixture(scope="module")
+def app_process() -> Iterator[tuple[Cache, str]]:
+    """uvicorn on loopback serving an app with the admin and metrics routers of a memory cache,
+    started once for the module's tests (see `app_server`)."""
     import uvicorn
     from fastapi import FastAPI
 
@@ -801,6 +803,15 @@ def app_server() -> Iterator[tuple[Cache, str]]:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+@pytest.fixture
+def app_server(app_process: tuple[Cache, str]) -> tuple[Cache, str]:
+    """`app_process`, its cache emptied for this test (no test sees another's entries)."""
+    cache, url = app_process
+    assert isinstance(cache.store, MemoryStore)
+    cache.store.clear()
+    return cache, url
 
 
 def _seed_memory(cache: Cache) -> Any:
