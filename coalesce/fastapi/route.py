@@ -378,7 +378,7 @@ class CachedRoute(CachedEndpoint):
                 shortcut = getattr(route, "app", None)
                 if type(shortcut) is HitShortcut and shortcut.route is self and not private:
                     shortcut.remember(scope, raw_key, path)
-                value = await self.ahit(cache, raw_key)
+                value = self.hit(cache, raw_key) if cache.local else await self.ahit(cache, raw_key)
                 if value is not None:
                     metrics.hits += 1
                     return self.respond(view, value, HIT, request, metrics, private, cache.local)

@@ -152,7 +152,7 @@ class HitShortcut:
         cache = route.cache or get_cache()
         # `ahit`: `Cache.aget_fresh`, the core's read and freshness test (None with
         # early refresh: the core decides when to refresh)
-        value = await route.ahit(cache, key)
+        value = route.hit(cache, key) if cache.local else await route.ahit(cache, key)
         if value is None or "detail" in value:  # a cached exception: the full way raises it
             return False
         metrics = route.registry.route(path)

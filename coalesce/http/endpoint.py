@@ -140,6 +140,7 @@ class CachedEndpoint:
         return value if type(value) is dict else None
 
     async def ahit(self, cache: Cache, raw_key: str) -> dict[str, Any] | None:
+        """`hit` for async code (callers on a `local` cache may call `hit`: no I/O)."""
         if not self.store or self.early_refresh:
             return None
         value = await cache.aget_fresh(raw_key)

@@ -525,7 +525,10 @@ class ViewCache(CachedEndpoint):
             if not await self.adrop(cache, step.raw_key):
                 return self.bypassed(await run(), step.bypass(), io)
         else:  # the hot path: one read, no flight, no view
-            value = await self.ahit(cache, step.raw_key)
+            if cache.local:  # a local read: nothing to await
+                value = self.hit(cache, step.raw_key)
+            else:
+                value = await self.ahit(cache, step.raw_key)
             if value is not None and "body" in value:
                 return self.answer_hit(value, step, request, io, not cache.local)
         job: Job[N] = Job(run, io, step)
