@@ -123,7 +123,9 @@ metrics stay per process (scrape each, or sum them).
 Modules of this package: `route` (one decorated route: the request path), `shortcut` (hits
 of simple routes before FastAPI solves anything; the one private FastAPI helper), `render`
 (entries and responses), `keys` (identity inputs and key text), `metrics`, `admin`; and
-`coalesce.http` (pure header logic).
+`coalesce.http`, shared with the other edges: pure header logic, the options (one signature
+and one check for every edge) and `endpoint`, the calls into the core's public cache-aside
+path (`Cache.aget_fresh` for hits, `Cache.aget_or_set` for the rest).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HTTP layer shared by every web edge (FastAPI, Starlette, Flask, Django), without I/O.
+"""The HTTP layer shared by every web edge (FastAPI, Starlette, Flask, Django).
 
 Modules, one concern each:
 
@@ -10,7 +10,10 @@ Modules, one concern each:
 * `render`: a rendered response as a msgpack-friendly entry, and the parts (status, body,
   headers, 304) of the response for an entry;
 * `metrics`: per-route counters and compute latency (`MetricsRegistry`, `REGISTRY`);
-* `options`: the decorators' options, checked once;
+* `options`: the one signature of every edge's `cached` and `coalesced`, and the check of
+  their options, once;
+* `endpoint`: one decorated endpoint's calls into the core (`Cache.get_fresh` for hits,
+  `Cache.get_or_set` for the rest, `invalidate`), shared by FastAPI and the views;
 * `view`: one cached view (`ViewCache`) for the frameworks that hand a view a request
   (Starlette, Flask, Django): the credentials rule, the key and tags of a request, and the
   sync and async paths of one request side by side. Each framework's adapter only
