@@ -125,26 +125,6 @@ class Responder(BaseResponder):
         headers = self.exception_headers(value, status, cached=cached, private=private)
         raise HTTPException(value["status"], detail=value["detail"], headers=headers)
 
-    def respond(
-        self,
-        value: dict[str, Any],
-        status: str,
-        *,
-        cached: bool,
-        private: bool,
-        if_none_match_header: str | None,
-        head: bool,
-        remember: bool = True,
-    ) -> Response:
-        """`parts` as a `Response`."""
-        return RawResponse(
-            *self.parts(
-                value,
-                status,
-                cached=cached,
-                private=private,
-                if_none_match_header=if_none_match_header,
-                head=head,
-                remember=remember,
-            )
-        )
+    def respond(self, value: dict[str, Any], status: str, **options: Any) -> Response:
+        """`parts` (with the same keyword arguments) as a `Response`."""
+        return RawResponse(*self.parts(value, status, **options))
