@@ -4,6 +4,7 @@ near cache.
     python benchmarks/bench_redis.py              # about 1 minute; writes results/redis.md
     python benchmarks/bench_redis.py --quick      # about 20 s, noisier
     python benchmarks/bench_redis.py --peers-only # only the raw redis-py rows and the peers
+    python benchmarks/bench_redis.py --miss-only  # only the Redis miss rows (A/B of the miss)
 
 The script starts its own `redis-server` on a free loopback port (nothing kept on disk) and
 stops it at the end. It uses only coalesce's public API: `Cache("redis://...")`. Until the
@@ -1223,6 +1224,11 @@ def main() -> None:
         action="store_true",
         help="only raw redis-py and the peers (works before the Redis store exists)",
     )
+    parser.add_argument(
+        "--miss-only",
+        action="store_true",
+        help="only the Redis miss rows (writes nothing unless --output is given)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="where to write the tables")
     args = parser.parse_args()
     missing = store_missing()
@@ -1242,6 +1248,14 @@ def main() -> None:
     sections: list[Section] = []
     with RedisServer() as server:
         print(f"redis-server on {server.url}", file=sys.stderr)
+        if args.miss_only:
+            sections.append(bench_sync_misses(server, settings))
+            for cache in OPEN_CACHES:
+                cache.close()
+            print(sections[0].body)
+            if args.output is not None:
+                write_file(args.output, sections[0].body + "\n")
+            return
         sections.append(bench_sync_hits(server, settings, with_coalesce))
         sections.append(asyncio.run(bench_async_hits(server, settings, with_coalesce)))
         if with_coalesce:

@@ -36,20 +36,22 @@ from redis.crc import key_slot
 
 from coalesce.entry import Entry
 from coalesce.stores.base import Fence
-from coalesce.stores.redis.lease import _ENTRY, _LEAD, _WAIT, Keys, Lease, LeaseMixin
+from coalesce.stores.redis.lease import Call, Keys, Lease, Leases
 from coalesce.stores.redis.listener import AsyncWaiter, ThreadWaiter
 from coalesce.stores.redis.scripts import (
     CLAIM,
     CLAIM_CHECK,
     CLAIM_MANY,
     CLAIM_ONLY,
-    FAIL,
     RELEASE,
     STORE_MANY,
     TAG,
-    encode_failure,
+    KeyLayout,
 )
-from coalesce.values import freeze_entry
+from coalesce.stores.redis.steps import ENTRY, LEAD, WAIT, Claim
+
+#: A batch's claim state: every key's first `CLAIM` checks the entry.
+_CHECKING = Claim(CLAIM_CHECK)
 
 Outcomes = dict[str, Entry | None]
 #: What a key computed alone (the single-key `fill` fallback) stands for when the function
@@ -62,8 +64,7 @@ class _Plan:
 
     __slots__ = ("keys", "leases")
 
-    def __init__(self, store: LeaseMixin, keys: list[str], tags: dict[str, tuple[str, ...]]):
-        layout = store._layout
+    def __init__(self, layout: KeyLayout, keys: list[str], tags: dict[str, tuple[str, ...]]):
         self.keys = {key: Keys(layout, key) for key in keys}
         self.leases = {
             key: Lease(
@@ -73,8 +74,21 @@ class _Plan:
         }
 
 
-class BatchMixin(LeaseMixin):
-    """`get_many` and `fill_many` (and their async twins) for `RedisStore`."""
+class Batches:
+    """`get_many` and `fill_many` (and their async twins) for `RedisStore`, over its `Leases`
+    (the same connection, listener, near cache, renewer and lease protocol)."""
+
+    def __init__(self, leases: Leases) -> None:
+        self.leases = leases
+        self._conn = leases.conn
+        self._layout = leases.layout
+        self._listener = leases.listener
+        self._near = leases.near
+        self._renewer = leases.renewer
+        self.serializer = leases.serializer
+        self.counts = leases.counts
+        self.cluster = leases.cluster
+        self.lease_ms = leases.lease_ms
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -108,7 +122,7 @@ class BatchMixin(LeaseMixin):
     ) -> list[Entry | None]:
         near = self._near
         for index, data in zip(todo, values, strict=True):
-            entry = self._decode(keys[index], data)
+            entry = self.leases._decode(keys[index], data)
             found[index] = entry
             if entry is not None and near is not None:
                 near.remember(keys[index], entry, generation)
@@ -168,7 +182,7 @@ class BatchMixin(LeaseMixin):
         separate: list[tuple[list[str], list[str]]] = []
         for key, entry in group:
             k, token = plan.keys[key], plan.leases[key].token
-            stored = None if entry is None else self._store_args(key, k, entry, token)
+            stored = None if entry is None else self.leases.store_args(key, k, entry, token)
             if stored is None:  # absent, or past its window already: only end the lease
                 keys += [k.entry, k.lease, k.waiters, k.handed]
                 args += [0, token, "", "-1", k.channel, key, "0", "0", "0", "0"]
@@ -177,7 +191,8 @@ class BatchMixin(LeaseMixin):
             item_keys, item_args, tag_keys = stored
             keys += item_keys
             args += [len(item_keys) - 4, *item_args]
-            separate.append((tag_keys, self._tag_args(key, item_args[5], item_args[6], token)))
+            tag_args = self.leases.tag_args(key, item_args[5], item_args[6], token)
+            separate.append((tag_keys, tag_args))
         return keys, args, separate
 
     def _sort_claims(
@@ -190,32 +205,21 @@ class BatchMixin(LeaseMixin):
         again: list[str],
     ) -> None:
         for key, reply in zip(group, replies, strict=True):
-            step, entry, holder, seconds = self._claim_step(key, reply)
-            if step == _LEAD:
+            step, claim = self.leases.claim_step(key, reply, _CHECKING)
+            if step.kind == LEAD:
                 lead.append(key)
-            elif step == _ENTRY:
-                assert entry is not None
-                outcomes[key] = freeze_entry(entry, self.serializer)
-            elif step == _WAIT:
-                self.counts["waits"] += 1
-                wait[key] = (holder, seconds)
+            elif step.kind == ENTRY:
+                outcomes[key] = self.leases.serve(step.entry)
+            elif step.kind == WAIT:
+                wait[key] = (claim.seen, step.seconds)
             else:
                 again.append(key)  # stale, corrupt or foreign: claim without it
 
-    def _alone_args(
-        self, key: str, holder: str, tags: tuple[str, ...]
-    ) -> tuple[Keys, Lease, list[str], list[Any]]:
-        """For `_claim_alone`: the key's Redis keys, a new lease, and `CLAIM`'s KEYS and ARGV
-        (having seen `holder`)."""
-        k = Keys(self._layout, key)
-        token = secrets.token_hex(16)
-        lease = Lease(key, k.lease, token, [self._layout.tag(tag) for tag in tags])
-        seen = [holder] if holder else []
-        args = self._claim_args(key, token, CLAIM_CHECK, holder, seen)
-        return k, lease, self._claim_keys(k, lease.tag_keys), args
-
-    def _failed_args(self, lease: Lease, k: Keys, exc: Exception) -> list[Any]:
-        return [lease.token, encode_failure(lease.token, exc), self.failure_ms, k.channel]
+    def _alone(self, key: str, holder: str, tags: tuple[str, ...]) -> Call:
+        """For `_claim_alone`: a caller of `key` alone that waited for lease `holder`."""
+        call = self.leases.begin(key, tags, False)
+        call.claim = Claim(CLAIM_CHECK, holder, (holder,) if holder else (), True)
+        return call
 
     # -- sync -------------------------------------------------------------------------------
 
@@ -228,10 +232,10 @@ class BatchMixin(LeaseMixin):
         tags: dict[str, tuple[str, ...]],
     ) -> Outcomes:
         """Compute each key once across every process sharing this Redis (module doc)."""
-        plan = _Plan(self, keys, tags)
+        plan = _Plan(self._layout, keys, tags)
         waiters = {key: ThreadWaiter() for key in keys}
         self._listener.start()
-        pause = self._subscribe_wait()  # once per store: let pushes reach its waiters
+        pause = self.leases.subscribe_wait()  # once per store: let pushes reach its waiters
         if pause:
             self._listener.ready.wait(pause)
         for key, waiter in waiters.items():
@@ -254,10 +258,10 @@ class BatchMixin(LeaseMixin):
             if lead:
                 outcomes.update(self._lead_many(lead, plan, compute, fences))
             for key, (holder, seconds) in wait.items():
-                entry = self._pushed(key, waiters[key].wait(seconds), holder)
+                entry = self.leases.pushed(key, waiters[key].wait(seconds), holder)
                 self._listener.remove(key, waiters[key])
                 if entry is not None:
-                    outcomes[key] = freeze_entry(entry, self.serializer)
+                    outcomes[key] = entry
                     continue
                 alone = self._claim_alone(key, holder, _one(compute, key), fences[key], tags[key])
                 outcomes[key] = None if alone is _NOTHING else alone
@@ -278,17 +282,16 @@ class BatchMixin(LeaseMixin):
         knows that lease (its failure raises `LeaderFailedError` here, as for a single key;
         its handed entry is taken), then lead it alone, or wait through the single-key
         `fill`."""
-        k, lease, claim_keys, args = self._alone_args(key, holder, tags)
-        step, entry, _, _ = self._claim_step(key, self._conn.script(CLAIM, claim_keys, args))
-        if step == _ENTRY:
-            assert entry is not None
-            return freeze_entry(entry, self.serializer)
-        if step != _LEAD:
-            return self.fill(key, compute, fence=fence, tags=tags)
-        for tag_keys, tag_args in self._tag_leases([lease]):
-            for tag_key in tag_keys:
-                self._conn.quietly(TAG, [tag_key], tag_args)
-        return self._lead(key, k, lease, compute, fence)
+        call = self._alone(key, holder, tags)
+        reply = self._conn.script(CLAIM, call.claim_keys, self.leases.claim_args(call))
+        step = self.leases.next_step(call, reply)
+        if step.kind == ENTRY:
+            return self.leases.serve(step.entry)
+        if step.kind != LEAD:
+            return self.leases.fill(key, compute, fence=fence, tags=tags)
+        for tag_key, tag_args in self.leases.taking_over(call):
+            self._conn.quietly(TAG, [tag_key], tag_args)
+        return self.leases.lead(key, call.k, call.lease, compute, fence)
 
     def _lead_many(
         self, lead: list[str], plan: _Plan, compute: Callable[[list[str]], Outcomes], fences: Any
@@ -304,21 +307,17 @@ class BatchMixin(LeaseMixin):
             self._renewer.add(lease)
         try:
             outcomes = compute(lead)
-        except Exception as exc:
+        except BaseException as exc:  # FAIL (an exception) or RELEASE each lease
             for lease in leases:
                 self._renewer.remove(lease.token)
-                k = plan.keys[lease.key]
-                self._conn.quietly(FAIL, [k.lease, k.failed], self._failed_args(lease, k, exc))
-            raise
-        except BaseException:
-            self._release(leases, plan)
+                self._conn.quietly(*self.leases.ending(plan.keys[lease.key], lease.token, exc))
             raise
         finally:
             for lease in leases:
                 self._renewer.remove(lease.token)
         items, fenced = self._storable(lead, outcomes, fences, resets)
         for key, entry in fenced:
-            self._hand(key, plan.keys[key], entry, plan.leases[key].token)
+            self.leases.hand(key, plan.keys[key], entry, plan.leases[key].token)
         try:
             for group in self._item_groups(items):
                 self._store_group(group, plan)
@@ -357,11 +356,11 @@ class BatchMixin(LeaseMixin):
         tags: dict[str, tuple[str, ...]],
     ) -> Outcomes:
         """`fill_many` for asyncio: the same steps, awaiting."""
-        plan = _Plan(self, keys, tags)
+        plan = _Plan(self._layout, keys, tags)
         loop = asyncio.get_running_loop()
         waiters = {key: AsyncWaiter(loop) for key in keys}
         self._listener.start()
-        pause = self._subscribe_wait()
+        pause = self.leases.subscribe_wait()
         if pause:
             await asyncio.to_thread(self._listener.ready.wait, pause)
         for key, waiter in waiters.items():
@@ -384,10 +383,10 @@ class BatchMixin(LeaseMixin):
             if lead:
                 outcomes.update(await self._alead_many(lead, plan, compute, fences))
             for key, (holder, seconds) in wait.items():
-                entry = self._pushed(key, await waiters[key].wait(seconds), holder)
+                entry = self.leases.pushed(key, await waiters[key].wait(seconds), holder)
                 self._listener.remove(key, waiters[key])
                 if entry is not None:
-                    outcomes[key] = freeze_entry(entry, self.serializer)
+                    outcomes[key] = entry
                     continue
                 alone = await self._aclaim_alone(
                     key, holder, _aone(compute, key), fences[key], tags[key]
@@ -406,18 +405,16 @@ class BatchMixin(LeaseMixin):
         fence: Fence,
         tags: tuple[str, ...],
     ) -> Entry:
-        k, lease, claim_keys, args = self._alone_args(key, holder, tags)
-        reply = await self._conn.ascript(CLAIM, claim_keys, args)
-        step, entry, _, _ = self._claim_step(key, reply)
-        if step == _ENTRY:
-            assert entry is not None
-            return freeze_entry(entry, self.serializer)
-        if step != _LEAD:
-            return await self.afill(key, compute, fence=fence, tags=tags)
-        for tag_keys, tag_args in self._tag_leases([lease]):
-            for tag_key in tag_keys:
-                await self._conn.aquietly(TAG, [tag_key], tag_args)
-        return await self._alead(key, k, lease, compute, fence)
+        call = self._alone(key, holder, tags)
+        reply = await self._conn.ascript(CLAIM, call.claim_keys, self.leases.claim_args(call))
+        step = self.leases.next_step(call, reply)
+        if step.kind == ENTRY:
+            return self.leases.serve(step.entry)
+        if step.kind != LEAD:
+            return await self.leases.afill(key, compute, fence=fence, tags=tags)
+        for tag_key, tag_args in self.leases.taking_over(call):
+            await self._conn.aquietly(TAG, [tag_key], tag_args)
+        return await self.leases.alead(key, call.k, call.lease, compute, fence)
 
     async def _aclaim(self, groups: list[list[str]], plan: _Plan, mode: str) -> list[Any]:
         """`CLAIM_MANY` of every slot group, at once (a cluster: no waiting group by group)."""
@@ -448,25 +445,23 @@ class BatchMixin(LeaseMixin):
         except Exception as exc:
             for lease in leases:
                 self._renewer.remove(lease.token)
-                k = plan.keys[lease.key]
-                await self._conn.aquietly(
-                    FAIL, [k.lease, k.failed], self._failed_args(lease, k, exc)
-                )
+                ending = self.leases.ending(plan.keys[lease.key], lease.token, exc)
+                await self._conn.aquietly(*ending)
             raise
         except BaseException:  # cancelled: hand over at once, without awaiting here
-            self._in_background(asyncio.to_thread(self._release, leases, plan))
+            self.leases.in_background(asyncio.to_thread(self._release, leases, plan))
             raise
         finally:
             for lease in leases:
                 self._renewer.remove(lease.token)
         items, fenced = self._storable(lead, outcomes, fences, resets)
         for key, entry in fenced:
-            await self._ahand(key, plan.keys[key], entry, plan.leases[key].token)
+            await self.leases.ahand(key, plan.keys[key], entry, plan.leases[key].token)
         try:
             # a cluster's slot groups at once: one round trip of waiting, not one per group
             await asyncio.gather(*(self._astore_group(g, plan) for g in self._item_groups(items)))
         except BaseException:
-            self._in_background(asyncio.to_thread(self._release, leases, plan))
+            self.leases.in_background(asyncio.to_thread(self._release, leases, plan))
             raise
         return outcomes
 
@@ -494,7 +489,7 @@ class BatchMixin(LeaseMixin):
     def _tag_leases(self, leases: list[Lease]) -> list[tuple[list[str], list[Any]]]:
         """On a cluster: per lease, the tag sets to record its key in right after the claim
         (best effort, as `fill` does; see `lease`)."""
-        found = (self._claim_tags(lease) for lease in leases)
+        found = (self.leases.claim_tags(lease) for lease in leases)
         return [tags for tags in found if tags is not None]
 
     def _storable(
@@ -506,7 +501,7 @@ class BatchMixin(LeaseMixin):
         fenced: list[tuple[str, Entry]] = []
         for key in lead:
             entry = outcomes[key]
-            if entry is not None and not self._may_store(fences[key], resets):
+            if entry is not None and not self.leases.may_store(fences[key], resets):
                 self.counts["fenced"] += 1
                 fenced.append((key, entry))
             else:

@@ -6,7 +6,7 @@ the lease protocol can be read in one place. The steps (the scripts are in `scri
 1. Register with the listener for the key's wake-ups *first*, then `CLAIM`: one script that
    either takes the lease (`SET NX PX`, a random token), reports a fresh entry, reports the
    failure of the leader this caller waited for, or names the lease's holder and how long it
-   still runs. `_claim_step` turns the reply into the next step without I/O.
+   still runs. `steps.after_claim` turns the reply into the next step without I/O.
 2. A waiter sleeps until a wake-up, at most `wait_check` seconds and never past the lease's
    end (a fallback against lost messages and dead leaders). A wake-up that carries the entry
    stored by the leader of the very lease it waited for (its token is in the message) is
@@ -47,9 +47,14 @@ before returning after a wait if it had not found it, and links its wait to that
 token is the holder's (`_follow_trace`). Nothing in the lease protocol reads that key, so
 processes of another version ignore it.
 
-The sync and async drivers are duplicated on purpose, side by side, to be compared line by
-line. Concurrency contract: per call, the token and the waiter belong to that call alone;
-shared state is the listener's registry (see `listener`), the renewer's table (under
+`Leases` is the object `RedisStore` composes (as redis-py's `Lock` holds its client and
+token): it holds the connection, scripts, listener, renewer and tokens; the batch
+(`batch.Batches`) drives the same object. Its decisions are the pure functions of `steps`;
+the sync and async drivers (`fill` / `afill`, `lead` / `alead`) only do the I/O those decide,
+side by side, to be compared line by line.
+
+Concurrency contract: per call, the token, the waiter and the `Call` belong to that call
+alone; shared state is the listener's registry (see `listener`), the renewer's table (under
 its own lock, see `Renewer`) and the approximate `counts`.
 """
 
@@ -65,7 +70,7 @@ from typing import Any
 
 import coalesce.otel.hook as otel
 from coalesce.entry import Entry
-from coalesce.errors import BackendError, LeaderFailedError, SerializationError
+from coalesce.errors import BackendError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, encode_entry
 from coalesce.stores.base import Fence
 from coalesce.stores.redis.connection import RedisConnection
@@ -73,9 +78,6 @@ from coalesce.stores.redis.listener import AsyncWaiter, Listener, ThreadWaiter
 from coalesce.stores.redis.near import NearCache
 from coalesce.stores.redis.scripts import (
     CLAIM,
-    CLAIM_CHECK,
-    CLAIM_ONLY,
-    CLAIM_REFRESH,
     FAIL,
     HAND,
     PUSH_MAX,
@@ -84,10 +86,24 @@ from coalesce.stores.redis.scripts import (
     STORE,
     TAG,
     KeyLayout,
-    decode_failure,
+    Script,
     encode_failure,
-    pushed_entry,
 )
+from coalesce.stores.redis.steps import (
+    AGAIN,
+    ENTRY,
+    LEAD,
+    WAIT,
+    Claim,
+    Step,
+    after_claim,
+    after_compute,
+    after_renewal,
+    after_wake,
+    first_claim,
+)
+from coalesce.stores.redis.steps import FAIL as FAIL_STEP
+from coalesce.stores.redis.steps import HAND as HAND_STEP
 from coalesce.values import Frozen, freeze_entry
 
 
@@ -115,6 +131,21 @@ class Lease:
         self.lease = lease  # its lease's Redis key
         self.token = token
         self.tag_keys = tag_keys  # the tag sets that list the key while it is computed
+
+
+class Call:
+    """One caller of `fill` / `afill`: its key's Redis keys, the lease it would hold (its
+    token), and its progress through `CLAIM` replies (`steps.Claim`, replaced by each step).
+    Belongs to that call alone."""
+
+    __slots__ = ("claim", "claim_keys", "k", "key", "lease")
+
+    def __init__(self, key: str, k: Keys, lease: Lease, claim_keys: list[str], claim: Claim):
+        self.key = key
+        self.k = k
+        self.lease = lease
+        self.claim_keys = claim_keys
+        self.claim = claim
 
 
 class Renewer:
@@ -185,46 +216,70 @@ class Renewer:
                 self._leases[token] = (lease, now + self._interval)
                 self._cond.release()
                 try:
-                    ours = self._renew(lease)
-                except Exception:  # BackendError: try again next round, the lease may
-                    ours = True  # outlive the outage; anything else must not stop the thread
+                    answer: object = self._renew(lease)
+                except Exception as exc:  # anything must not stop the thread
+                    answer = exc
                 finally:
                     self._cond.acquire()
-                if not ours and token in self._leases:
+                if not after_renewal(answer) and token in self._leases:
                     del self._leases[token]  # invalidated: the store will be refused anyway
 
 
 #: How long (in lease times) a leader's traceparent stays readable next to its lease.
 TRACE_LEASES = 10
 
-# What one `CLAIM` reply means, decided without I/O by `LeaseMixin._claim_step`.
-_LEAD, _ENTRY, _WAIT, _AGAIN = "lead", "entry", "wait", "again"
 
+class Leases:
+    """The store's lease protocol, composed into `RedisStore`: writing entries, and computing
+    each key once across processes (`fill`, `afill`; the batch's `Batches` uses them too).
 
-class LeaseMixin:
-    """Writing entries and single-flight across processes, for `RedisStore`."""
+    It holds what the protocol needs and nothing of the store's: the connection (clients and
+    scripts), the key layout, the listener (wake-ups), the near cache (entries it wrote), the
+    renewer thread, and the token handling. The decisions are `steps`' pure functions; the
+    methods here are the I/O around them. `counts` is the store's dict (approximate).
+    """
 
-    # provided by RedisStore.__init__
-    _conn: RedisConnection
-    _layout: KeyLayout
-    _listener: Listener
-    _near: NearCache | None
-    _background: set[asyncio.Task[Any]]
-    serializer: Serializer
-    cluster: bool
-    lease_ms: int
-    failure_ms: int
-    wait_check: float
-    counts: dict[str, int]
-    _renewer: Renewer
-    _subscribe_waited: bool
+    def __init__(
+        self,
+        conn: RedisConnection,
+        layout: KeyLayout,
+        listener: Listener,
+        near: NearCache | None,
+        serializer: Serializer,
+        *,
+        decode: Callable[[str, Any], Entry | None],
+        counts: dict[str, int],
+        lease_ms: int,
+        failure_ms: int,
+        wait_check: float,
+        where: str,
+    ) -> None:
+        self.conn = conn
+        self.layout = layout
+        self.listener = listener
+        self.near = near
+        self.serializer = serializer
+        self._decode = decode  # the store's: counts hits, misses and corrupt bytes (logged)
+        self.counts = counts
+        self.cluster = conn.cluster
+        self.lease_ms = lease_ms
+        self.failure_ms = failure_ms
+        self.wait_check = wait_check
+        #: Renews the leases of sync computations (and of batches, async ones too).
+        self.renewer = Renewer(self._renew, lease_ms / 3000, f"coalesce-renew {where}")
+        # RELEASEs of cancelled leaders: each task touched only on the loop that owns it
+        self._background: set[asyncio.Task[Any]] = set()
+        self._subscribe_waited = False  # see `subscribe_wait`
 
-    def _decode(self, key: str, data: Any) -> Entry | None:
-        raise NotImplementedError  # RedisStore's
+    def after_fork(self) -> None:
+        """In a forked child: the renewer's thread and the parent's tasks are not here."""
+        self._background = set()
+        self._subscribe_waited = False
+        self.renewer.after_fork()
 
     # -- writing an entry (fenced by a lease token, or not) ---------------------------------
 
-    def _store_args(
+    def store_args(
         self, key: str, k: Keys, entry: Entry, token: str
     ) -> tuple[list[str], list[Any], list[str]] | None:
         """KEYS and ARGV of `STORE`, and the tag sets to record separately; None when the
@@ -244,7 +299,7 @@ class LeaseMixin:
         data = encode_entry(entry, self.serializer, context=key, payload=payload)
         px = "0" if keep is None else str(max(1, int(keep * 1000)))
         score = "+inf" if keep is None else str(int((now + keep) * 1000) + 1)
-        tag_keys = [self._layout.tag(tag) for tag in entry.tags]
+        tag_keys = [self.layout.tag(tag) for tag in entry.tags]
         keys = [k.entry, k.lease, k.waiters, k.handed]
         separate: list[str] = []
         if self.cluster:
@@ -252,86 +307,84 @@ class LeaseMixin:
         else:
             keys += tag_keys
         push = "1" if token and len(data) <= PUSH_MAX else "0"
-        args = [token, data, px, k.channel, key, score, str(int(now * 1000)), push, self._hand_ms]
+        args = [token, data, px, k.channel, key, score, str(int(now * 1000)), push, self.hand_ms]
         return keys, args, separate
 
     @property
-    def _hand_ms(self) -> int:
+    def hand_ms(self) -> int:
         """How long a handed entry waits for its waiters: past their next check."""
         return self.lease_ms + int(self.wait_check * 1000)
 
-    def _hand_args(self, key: str, k: Keys, entry: Entry, token: str) -> list[Any]:
+    def hand_args(self, key: str, k: Keys, entry: Entry, token: str) -> list[Any]:
         """ARGV of `HAND` (KEYS: lease, waiters, handed)."""
         value = entry.value
         payload = value.payload if type(value) is Frozen else None
         data = encode_entry(entry, self.serializer, context=key, payload=payload)
-        return [token, data, k.channel, self._hand_ms]
+        return [token, data, k.channel, self.hand_ms]
 
-    def _hand(self, key: str, k: Keys, entry: Entry, token: str) -> None:
+    def hand(self, key: str, k: Keys, entry: Entry, token: str) -> None:
         """A fenced leader: end the lease, hand the entry to its waiters (never raises)."""
         try:
-            args = self._hand_args(key, k, entry, token)
+            args = self.hand_args(key, k, entry, token)
         except Exception:  # an entry that cannot be encoded: its store would have failed too
-            self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+            self.conn.quietly(RELEASE, [k.lease], [token, k.channel])
             return
-        self._conn.quietly(HAND, [k.lease, k.waiters, k.handed], args)
+        self.conn.quietly(HAND, [k.lease, k.waiters, k.handed], args)
 
-    async def _ahand(self, key: str, k: Keys, entry: Entry, token: str) -> None:
+    async def ahand(self, key: str, k: Keys, entry: Entry, token: str) -> None:
         try:
-            args = self._hand_args(key, k, entry, token)
+            args = self.hand_args(key, k, entry, token)
         except Exception:
-            await self._conn.aquietly(RELEASE, [k.lease], [token, k.channel])
+            await self.conn.aquietly(RELEASE, [k.lease], [token, k.channel])
             return
-        await self._conn.aquietly(HAND, [k.lease, k.waiters, k.handed], args)
+        await self.conn.aquietly(HAND, [k.lease, k.waiters, k.handed], args)
 
-    def _store(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
+    def store(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
         """Write the entry (fenced by `token` unless it is empty) and record its tags."""
-        plan = self._store_args(key, k, entry, token)
+        plan = self.store_args(key, k, entry, token)
         if plan is None:
             if token:
-                self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+                self.conn.quietly(RELEASE, [k.lease], [token, k.channel])
             return False
         keys, args, separate = plan
-        generation = self._listener.generation  # before the write: see `NearCache.remember`
-        stored = bool(self._conn.script(STORE, keys, args))
+        generation = self.listener.generation  # before the write: see `NearCache.remember`
+        stored = bool(self.conn.script(STORE, keys, args))
         if stored:
             for tag_key in separate:
-                self._conn.script(TAG, [tag_key], self._tag_args(key, args[5], args[6], token))
-            if self._near is not None:
-                self._near.remember(key, entry, generation)
+                self.conn.script(TAG, [tag_key], self.tag_args(key, args[5], args[6], token))
+            if self.near is not None:
+                self.near.remember(key, entry, generation)
         else:
             self.counts["fenced"] += 1
         return stored
 
-    async def _astore(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
-        plan = self._store_args(key, k, entry, token)
+    async def astore(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
+        plan = self.store_args(key, k, entry, token)
         if plan is None:
             if token:
-                await self._conn.aquietly(RELEASE, [k.lease], [token, k.channel])
+                await self.conn.aquietly(RELEASE, [k.lease], [token, k.channel])
             return False
         keys, args, separate = plan
-        generation = self._listener.generation  # before the write: see `NearCache.remember`
-        stored = bool(await self._conn.ascript(STORE, keys, args))
+        generation = self.listener.generation  # before the write: see `NearCache.remember`
+        stored = bool(await self.conn.ascript(STORE, keys, args))
         if stored:
             for tag_key in separate:
-                await self._conn.ascript(
-                    TAG, [tag_key], self._tag_args(key, args[5], args[6], token)
-                )
-            if self._near is not None:
-                self._near.remember(key, entry, generation)
+                await self.conn.ascript(TAG, [tag_key], self.tag_args(key, args[5], args[6], token))
+            if self.near is not None:
+                self.near.remember(key, entry, generation)
         else:
             self.counts["fenced"] += 1
         return stored
 
     @staticmethod
-    def _tag_args(key: str, score: str, now: str, token: str) -> list[str]:
+    def tag_args(key: str, score: str, now: str, token: str) -> list[str]:
         """ARGV of `TAG` after a `STORE` on a cluster: a leader's store sets the score (its
         lease is over), a plain `set` only raises it (a computation may hold the lease)."""
         return ["0" if token else "1", now, key, score]
 
     # -- claim, wait, lead ------------------------------------------------------------------
 
-    def _subscribe_wait(self) -> float:
+    def subscribe_wait(self) -> float:
         """Seconds this leader waits for the listener's subscriptions before computing.
 
         Until the listener is subscribed, a remote invalidation cannot fence this process's
@@ -339,23 +392,31 @@ class LeaseMixin:
         first leader of the store waits for it (once per store, at most a third of the lease,
         a few milliseconds normally); later ones never do, even while the listener is down.
         """
-        if self._subscribe_waited or self._listener.ready.is_set():
+        if self._subscribe_waited or self.listener.ready.is_set():
             return 0.0
         self._subscribe_waited = True
         return min(0.5, self.lease_ms / 3000)
 
-    def _claim_keys(self, k: Keys, tag_keys: list[str]) -> list[str]:
+    def claim_keys(self, k: Keys, tag_keys: list[str]) -> list[str]:
         keys = [k.entry, k.lease, k.failed, k.waiters, k.handed]
         return keys if self.cluster else keys + tag_keys  # cluster: `_claim_tags`
 
-    def _claim_args(
-        self, key: str, token: str, mode: str, seen: str, tokens: list[str]
-    ) -> list[Any]:
+    def claim_args(self, call: Call) -> list[Any]:
+        """ARGV of `CLAIM` for `call` (see `scripts.CLAIM`)."""
         now = int(time.time() * 1000)
-        until = now + self.lease_ms
-        return [token, self.lease_ms, mode, seen, key, until, now, " ".join(tokens)]
+        claim = call.claim
+        return [
+            call.lease.token,
+            self.lease_ms,
+            claim.mode,
+            claim.seen,
+            call.key,
+            now + self.lease_ms,
+            now,
+            " ".join(claim.tokens),
+        ]
 
-    def _claim_tags(self, lease: Lease) -> tuple[list[str], list[Any]] | None:
+    def claim_tags(self, lease: Lease) -> tuple[list[str], list[Any]] | None:
         """On a cluster: the tag sets a new leader records its key in right after `CLAIM`,
         and the ARGV of `TAG` for each. None when there is nothing to record separately."""
         if not self.cluster or not lease.tag_keys:
@@ -363,47 +424,75 @@ class LeaseMixin:
         now = int(time.time() * 1000)
         return lease.tag_keys, ["1", now, lease.key, now + self.lease_ms]
 
-    def _pushed(self, key: str, message: bytes | None, holder: str) -> Entry | None:
-        """The fresh entry a wake-up carries from the leader of lease `holder`, else None.
+    def begin(self, key: str, tags: tuple[str, ...], refresh: bool) -> Call:
+        """A new caller of `fill`: its Redis keys, its token, its first `CLAIM`'s state."""
+        k = Keys(self.layout, key)
+        lease = Lease(key, k.lease, secrets.token_hex(16), [self.layout.tag(t) for t in tags])
+        return Call(key, k, lease, self.claim_keys(k, lease.tag_keys), first_claim(refresh))
 
-        No I/O: None (a marker, another lease's message, unreadable or stale bytes) sends the
-        waiter back to `CLAIM`, which reads Redis and reports (and logs) what is there.
-        """
-        data = pushed_entry(message, holder)
-        if data is None:
-            return None
-        try:
-            entry = decode_entry(data, self.serializer, context=key)
-        except SerializationError:
-            return None
-        if entry.fresh_until <= time.time():
+    def claim_step(self, key: str, reply: list[Any], claim: Claim) -> tuple[Step, Claim]:
+        """`steps.after_claim` with this store's decoding, clock and counts; raises
+        `LeaderFailedError` when the leader this caller waited for failed. No I/O."""
+        step, after = after_claim(
+            key,
+            claim,
+            reply,
+            decode=lambda data: self._decode(key, data),
+            now=time.time(),
+            wait_check=self.wait_check,
+            subscribed=self.listener.ready.is_set(),
+        )
+        if step.kind == WAIT and not claim.waited:
+            self.counts["waits"] += 1
+        elif step.error is not None:
+            self.counts["leader_failed"] += 1
+            raise step.error
+        return step, after
+
+    def next_step(self, call: Call, reply: list[Any]) -> Step:
+        """`claim_step` for `call`, whose state moves on."""
+        step, call.claim = self.claim_step(call.key, reply, call.claim)
+        return step
+
+    def pushed(self, key: str, message: bytes | None, holder: str) -> Entry | None:
+        """The fresh entry (frozen) a wake-up carries from the leader of lease `holder`, else
+        None: back to `CLAIM`, which reads Redis and reports (and logs) what is there."""
+        entry = after_wake(message, holder, decode=self._decode_pushed(key), now=time.time())
+        if entry is None:
             return None
         self.counts["pushed"] += 1
-        return entry
+        return freeze_entry(entry, self.serializer)
 
-    def _claim_step(self, key: str, reply: list[Any]) -> tuple[str, Entry | None, str, float]:
-        """What a `CLAIM` reply means: (step, entry, lease holder, seconds to wait); no I/O.
+    def _decode_pushed(self, key: str) -> Callable[[Any], Entry | None]:
+        def decode(data: Any) -> Entry | None:
+            try:
+                return decode_entry(data, self.serializer, context=key)
+            except SerializationError:
+                return None
 
-        Raises `LeaderFailedError` when the leader this caller waited for failed.
-        """
-        kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        if kind == "lease":
-            return _LEAD, None, "", 0.0
-        if kind in ("entry", "handed"):
-            entry = self._decode(key, reply[1])
-            if entry is not None and entry.fresh_until > time.time():
-                return _ENTRY, entry, "", 0.0
-            return _AGAIN, None, "", 0.0  # stale, corrupt or foreign: claim without it
-        if kind == "failed":
-            self.counts["leader_failed"] += 1
-            exc_type, message = decode_failure(reply[1])
-            raise LeaderFailedError(key, exc_type, message)
-        holder = reply[1].decode("ascii", "replace") if isinstance(reply[1], bytes) else ""
-        pttl = int(reply[2])  # CLAIM gives a foreign lease an expiry: never -1 here
-        wait = self.wait_check if pttl < 0 else min(self.wait_check, pttl / 1000 + 0.005)
-        if not self._listener.ready.is_set():
-            wait = min(wait, 0.2)  # no push can come: check a little more often
-        return _WAIT, None, holder, wait
+        return decode
+
+    def serve(self, entry: Entry | None) -> Entry:
+        assert entry is not None
+        return freeze_entry(entry, self.serializer)
+
+    def taking_over(self, call: Call) -> list[tuple[str, list[Any]]]:
+        """A caller that took the lease: count a takeover; on a cluster, the (tag set, ARGV of
+        `TAG`) pairs to record right after `CLAIM` (best effort, see the module docstring)."""
+        if call.claim.waited:
+            self.counts["takeovers"] += 1
+        separate = self.claim_tags(call.lease)
+        return [] if separate is None else [(tag_key, separate[1]) for tag_key in separate[0]]
+
+    def ending(self, k: Keys, token: str, error: BaseException) -> tuple[Script, list[str], Any]:
+        """The script (`FAIL` or `RELEASE`), KEYS and ARGV that end a lease whose computation
+        raised `error` (see `steps.after_compute`)."""
+        if after_compute(error, True) == FAIL_STEP:
+            marker = encode_failure(token, error)
+            return FAIL, [k.lease, k.failed], [token, marker, self.failure_ms, k.channel]
+        return RELEASE, [k.lease], [token, k.channel]
+
+    # The two drivers of one caller, side by side: the same steps, one awaiting.
 
     def fill(
         self,
@@ -416,101 +505,149 @@ class LeaseMixin:
     ) -> Entry:
         """Compute `key` once across all processes sharing this Redis (see the module doc);
         `refresh`: early, unless somebody already does (then the stored entry, at once)."""
-        k = Keys(self._layout, key)
-        token = secrets.token_hex(16)
-        lease = Lease(key, k.lease, token, [self._layout.tag(tag) for tag in tags])
-        claim_keys = self._claim_keys(k, lease.tag_keys)
+        call = self.begin(key, tags, refresh)
         waiter = ThreadWaiter()
-        self._listener.start()
-        self._listener.add(key, waiter)  # subscribe first ...
+        self.listener.start()
+        self.listener.add(key, waiter)  # subscribe first ...
         try:
-            # the first claim checks the entry too (or refreshes it early)
-            mode, seen, waited = CLAIM_REFRESH if refresh else CLAIM_CHECK, "", False
-            tokens: list[str] = []  # every lease seen: their results are good for our callers
             while True:
                 waiter.arm()
-                subscribed = self._listener.ready.is_set()
-                reply = self._conn.script(
-                    CLAIM, claim_keys, self._claim_args(key, token, mode, seen, tokens)
-                )  # ... then check
-                step, entry, holder, wait = self._claim_step(key, reply)
-                if step == _LEAD:
+                subscribed = self.listener.ready.is_set()
+                reply = self.conn.script(CLAIM, call.claim_keys, self.claim_args(call))
+                step = self.next_step(call, reply)  # ... then check
+                if step.trace and otel.tracing is not None:
+                    self._follow_trace(call.k, call.claim.tokens)
+                if step.kind == LEAD:
                     break
-                if step == _ENTRY:
-                    assert entry is not None
-                    if waited and otel.tracing is not None:
-                        self._follow_trace(k, tokens)
-                    return freeze_entry(entry, self.serializer)
-                if step == _AGAIN:
-                    mode = CLAIM_ONLY  # the tokens seen stay: a handed entry is still theirs
+                if step.kind == ENTRY:
+                    return self.serve(step.entry)
+                if step.kind == AGAIN:
                     continue
-                if not waited:
-                    self.counts["waits"] += 1
-                    waited = True
-                seen, mode = holder, CLAIM_CHECK
-                if holder and holder not in tokens:
-                    tokens.append(holder)
-                    if otel.tracing is not None:
-                        self._follow_trace(k, tokens)
                 if not subscribed:  # the first wait of this store: make sure pushes arrive
-                    self._listener.ready.wait(min(wait, 1.0))
+                    self.listener.ready.wait(min(step.seconds, 1.0))
                     continue
-                entry = self._pushed(key, waiter.wait(wait), seen)
+                entry = self.pushed(key, waiter.wait(step.seconds), call.claim.seen)
                 if entry is not None:
                     if otel.tracing is not None:
-                        self._follow_trace(k, tokens)
-                    return freeze_entry(entry, self.serializer)
+                        self._follow_trace(call.k, call.claim.tokens)
+                    return entry
         finally:
-            self._listener.remove(key, waiter)
-        separate = self._claim_tags(lease)
-        if separate is not None:  # a cluster: best effort, see the module docstring
-            for tag_key in separate[0]:
-                self._conn.quietly(TAG, [tag_key], separate[1])
-        if waited:
-            self.counts["takeovers"] += 1
-        pause = self._subscribe_wait()
+            self.listener.remove(key, waiter)
+        for tag_key, tag_args in self.taking_over(call):
+            self.conn.quietly(TAG, [tag_key], tag_args)
+        pause = self.subscribe_wait()
         if pause:
-            self._listener.ready.wait(pause)
-        return self._lead(key, k, lease, compute, fence)
+            self.listener.ready.wait(pause)
+        return self.lead(key, call.k, call.lease, compute, fence)
 
-    def _lead(
+    async def afill(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[Entry]],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
+        refresh: bool = False,
+    ) -> Entry:
+        """`fill` for asyncio: the same steps, awaiting (compare side by side)."""
+        call = self.begin(key, tags, refresh)
+        waiter = AsyncWaiter(asyncio.get_running_loop())
+        self.listener.start()
+        self.listener.add(key, waiter)  # subscribe first ...
+        try:
+            while True:
+                waiter.arm()
+                subscribed = self.listener.ready.is_set()
+                reply = await self.conn.ascript(CLAIM, call.claim_keys, self.claim_args(call))
+                step = self.next_step(call, reply)  # ... then check
+                if step.trace and otel.tracing is not None:
+                    await self._afollow_trace(call.k, call.claim.tokens)
+                if step.kind == LEAD:
+                    break
+                if step.kind == ENTRY:
+                    return self.serve(step.entry)
+                if step.kind == AGAIN:
+                    continue
+                if not subscribed:
+                    await asyncio.to_thread(self.listener.ready.wait, min(step.seconds, 1.0))
+                    continue
+                entry = self.pushed(key, await waiter.wait(step.seconds), call.claim.seen)
+                if entry is not None:
+                    if otel.tracing is not None:
+                        await self._afollow_trace(call.k, call.claim.tokens)
+                    return entry
+        finally:
+            self.listener.remove(key, waiter)
+        for tag_key, tag_args in self.taking_over(call):
+            await self.conn.aquietly(TAG, [tag_key], tag_args)
+        pause = self.subscribe_wait()
+        if pause:
+            await asyncio.to_thread(self.listener.ready.wait, pause)
+        return await self.alead(key, call.k, call.lease, compute, fence)
+
+    def lead(
         self, key: str, k: Keys, lease: Lease, compute: Callable[[], Entry], fence: Fence
     ) -> Entry:
-        """Holding the lease: compute (renewing it), then store fenced, or mark the failure."""
+        """Holding the lease: compute (renewing it), then store fenced, hand the entry to the
+        waiters (fenced), or end the lease (`ending`)."""
         self.counts["leads"] += 1
-        token = lease.token
-        resets = self._listener.resets
+        token, resets = lease.token, self.listener.resets
         if otel.tracing is not None:
             otel.tracing.announce(lambda traceparent: self._announce(k, token, traceparent))
-        self._renewer.add(lease)
+        self.renewer.add(lease)
         try:
             entry = compute()
-        except Exception as exc:
-            self._renewer.remove(token)
-            self._conn.quietly(
-                FAIL,
-                [k.lease, k.failed],
-                [token, encode_failure(token, exc), self.failure_ms, k.channel],
-            )
-            raise
-        except BaseException:
-            self._renewer.remove(token)
-            self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+        except BaseException as exc:
+            self.renewer.remove(token)
+            self.conn.quietly(*self.ending(k, token, exc))
             raise
         finally:
-            self._renewer.remove(token)
-        if not self._may_store(fence, resets):
+            self.renewer.remove(token)
+        if after_compute(None, self.may_store(fence, resets)) == HAND_STEP:
             self.counts["fenced"] += 1
-            self._hand(key, k, entry, token)
+            self.hand(key, k, entry, token)
             return entry
         try:
-            self._store(key, k, entry, token)
+            self.store(key, k, entry, token)
         except BaseException:
-            self._conn.quietly(RELEASE, [k.lease], [token, k.channel])
+            self.conn.quietly(RELEASE, [k.lease], [token, k.channel])
             raise
         return entry
 
-    def _may_store(self, fence: Fence, resets: int) -> bool:
+    async def alead(
+        self, key: str, k: Keys, lease: Lease, compute: Callable[[], Awaitable[Entry]], fence: Fence
+    ) -> Entry:
+        self.counts["leads"] += 1
+        token, resets = lease.token, self.listener.resets
+        if otel.tracing is not None:
+            otel.tracing.announce(
+                lambda traceparent: self.in_background(self._aannounce(k, token, traceparent))
+            )
+        renewer = asyncio.get_running_loop().create_task(self._arenew(lease))
+        try:
+            entry = await compute()
+        except BaseException as exc:
+            renewer.cancel()
+            job = self.conn.aquietly(*self.ending(k, token, exc))
+            if isinstance(exc, Exception):
+                await job
+            else:  # cancelled: hand over at once, without awaiting here
+                self.in_background(job)
+            raise
+        finally:
+            renewer.cancel()
+        if after_compute(None, self.may_store(fence, resets)) == HAND_STEP:
+            self.counts["fenced"] += 1
+            await self.ahand(key, k, entry, token)
+            return entry
+        try:
+            await self.astore(key, k, entry, token)
+        except BaseException:
+            self.in_background(self.conn.aquietly(RELEASE, [k.lease], [token, k.channel]))
+            raise
+        return entry
+
+    def may_store(self, fence: Fence, resets: int) -> bool:
         """Whether a leader may try its `STORE` (which its lease token fences anyway).
 
         Not when an invalidation of its key or tags reached this process (`fence`). A drop of
@@ -519,7 +656,7 @@ class LeaseMixin:
         On a cluster a tag invalidation can miss a lease recorded just after `CLAIM` (see the
         module docstring), so there a drop during the computation refuses the store too.
         """
-        return fence.valid and not (self.cluster and self._listener.resets != resets)
+        return fence.valid and not (self.cluster and self.listener.resets != resets)
 
     def _renew_args(self, lease: Lease) -> tuple[list[str], list[Any], list[Any] | None]:
         """KEYS and ARGV of `RENEW`, and on a cluster the ARGV of `TAG` for each tag set."""
@@ -534,130 +671,26 @@ class LeaseMixin:
         """Extend our lease and its tag memberships (on the renewer thread); False once the
         lease is no longer ours."""
         keys, args, tag_args = self._renew_args(lease)
-        ours = bool(self._conn.script(RENEW, keys, args))
+        ours = bool(self.conn.script(RENEW, keys, args))
         if ours and tag_args is not None:
             for tag_key in lease.tag_keys:
-                self._conn.script(TAG, [tag_key], tag_args)
+                self.conn.script(TAG, [tag_key], tag_args)
         return ours
 
-    async def afill(
-        self,
-        key: str,
-        compute: Callable[[], Awaitable[Entry]],
-        *,
-        fence: Fence,
-        tags: tuple[str, ...] = (),
-        refresh: bool = False,
-    ) -> Entry:
-        """`fill` for asyncio: the same steps, awaiting (compare side by side)."""
-        k = Keys(self._layout, key)
-        token = secrets.token_hex(16)
-        lease = Lease(key, k.lease, token, [self._layout.tag(tag) for tag in tags])
-        claim_keys = self._claim_keys(k, lease.tag_keys)
-        waiter = AsyncWaiter(asyncio.get_running_loop())
-        self._listener.start()
-        self._listener.add(key, waiter)  # subscribe first ...
-        try:
-            # the first claim checks the entry too (or refreshes it early)
-            mode, seen, waited = CLAIM_REFRESH if refresh else CLAIM_CHECK, "", False
-            tokens: list[str] = []  # every lease seen: their results are good for our callers
-            while True:
-                waiter.arm()
-                subscribed = self._listener.ready.is_set()
-                reply = await self._conn.ascript(
-                    CLAIM, claim_keys, self._claim_args(key, token, mode, seen, tokens)
-                )  # ... then check
-                step, entry, holder, wait = self._claim_step(key, reply)
-                if step == _LEAD:
-                    break
-                if step == _ENTRY:
-                    assert entry is not None
-                    if waited and otel.tracing is not None:
-                        await self._afollow_trace(k, tokens)
-                    return freeze_entry(entry, self.serializer)
-                if step == _AGAIN:
-                    mode = CLAIM_ONLY  # the tokens seen stay: a handed entry is still theirs
-                    continue
-                if not waited:
-                    self.counts["waits"] += 1
-                    waited = True
-                seen, mode = holder, CLAIM_CHECK
-                if holder and holder not in tokens:
-                    tokens.append(holder)
-                    if otel.tracing is not None:
-                        await self._afollow_trace(k, tokens)
-                if not subscribed:  # the first wait of this store: make sure pushes arrive
-                    await asyncio.to_thread(self._listener.ready.wait, min(wait, 1.0))
-                    continue
-                entry = self._pushed(key, await waiter.wait(wait), seen)
-                if entry is not None:
-                    if otel.tracing is not None:
-                        await self._afollow_trace(k, tokens)
-                    return freeze_entry(entry, self.serializer)
-        finally:
-            self._listener.remove(key, waiter)
-        separate = self._claim_tags(lease)
-        if separate is not None:  # a cluster: best effort, see the module docstring
-            for tag_key in separate[0]:
-                await self._conn.aquietly(TAG, [tag_key], separate[1])
-        if waited:
-            self.counts["takeovers"] += 1
-        pause = self._subscribe_wait()
-        if pause:
-            await asyncio.to_thread(self._listener.ready.wait, pause)
-        return await self._alead(key, k, lease, compute, fence)
-
-    async def _alead(
-        self, key: str, k: Keys, lease: Lease, compute: Callable[[], Awaitable[Entry]], fence: Fence
-    ) -> Entry:
-        self.counts["leads"] += 1
-        token = lease.token
-        resets = self._listener.resets
-        if otel.tracing is not None:
-            otel.tracing.announce(
-                lambda traceparent: self._in_background(self._aannounce(k, token, traceparent))
-            )
-        renewer = asyncio.get_running_loop().create_task(self._arenew(lease))
-        try:
-            entry = await compute()
-        except Exception as exc:
-            renewer.cancel()
-            await self._conn.aquietly(
-                FAIL,
-                [k.lease, k.failed],
-                [token, encode_failure(token, exc), self.failure_ms, k.channel],
-            )
-            raise
-        except BaseException:  # cancelled: hand over at once, without awaiting here
-            renewer.cancel()
-            self._in_background(self._conn.aquietly(RELEASE, [k.lease], [token, k.channel]))
-            raise
-        finally:
-            renewer.cancel()
-        if not self._may_store(fence, resets):
-            self.counts["fenced"] += 1
-            await self._ahand(key, k, entry, token)
-            return entry
-        try:
-            await self._astore(key, k, entry, token)
-        except BaseException:
-            self._in_background(self._conn.aquietly(RELEASE, [k.lease], [token, k.channel]))
-            raise
-        return entry
-
     async def _arenew(self, lease: Lease) -> None:
-        interval = self.lease_ms / 3000
+        """`_renew` every third of a lease (a task beside an async computation)."""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.lease_ms / 3000)
             keys, args, tag_args = self._renew_args(lease)
             try:
-                if not await self._conn.ascript(RENEW, keys, args):
-                    return
-                if tag_args is not None:
+                answer: object = await self.conn.ascript(RENEW, keys, args)
+                if answer and tag_args is not None:
                     for tag_key in lease.tag_keys:
-                        await self._conn.ascript(TAG, [tag_key], tag_args)
-            except BackendError:
-                pass
+                        await self.conn.ascript(TAG, [tag_key], tag_args)
+            except BackendError as exc:
+                answer = exc
+            if not after_renewal(answer):
+                return
 
     # -- tracing (coalesce.otel, once instrumented; see the module docstring) -----------------
 
@@ -668,41 +701,41 @@ class LeaseMixin:
     def _announce(self, k: Keys, token: str, traceparent: str) -> None:
         """Write the leader's traceparent for waiters of other processes (best effort)."""
         with contextlib.suppress(BackendError):
-            self._conn.call(self._conn.sync().set, *self._trace_args(k, token, traceparent))
+            self.conn.call(self.conn.sync().set, *self._trace_args(k, token, traceparent))
 
     async def _aannounce(self, k: Keys, token: str, traceparent: str) -> None:
         with contextlib.suppress(BackendError):
-            client = self._conn.loop_state().client
-            await self._conn.acall(client.set, *self._trace_args(k, token, traceparent))
+            client = self.conn.loop_state().client
+            await self.conn.acall(client.set, *self._trace_args(k, token, traceparent))
 
     @staticmethod
-    def _traced_leader(data: Any, tokens: list[str]) -> str | None:
+    def _traced_leader(data: Any, tokens: tuple[str, ...]) -> str | None:
         """The traceparent in a `:trace` value, if one of the leases `tokens` wrote it."""
         if not isinstance(data, bytes):
             return None
         token, _, traceparent = data.decode("ascii", "replace").partition("|")
         return traceparent if token in tokens and traceparent else None
 
-    def _follow_trace(self, k: Keys, tokens: list[str]) -> None:
+    def _follow_trace(self, k: Keys, tokens: tuple[str, ...]) -> None:
         """A waiter: link this step to the span of the leader it waits for (best effort)."""
         tracing = otel.tracing
         if tracing is None or not tracing.wants_remote():
             return
         with contextlib.suppress(BackendError):
-            traceparent = self._traced_leader(self._conn.get(k.entry + ":trace"), tokens)
+            traceparent = self._traced_leader(self.conn.get(k.entry + ":trace"), tokens)
             if traceparent is not None:
                 tracing.remote_leader(traceparent)
 
-    async def _afollow_trace(self, k: Keys, tokens: list[str]) -> None:
+    async def _afollow_trace(self, k: Keys, tokens: tuple[str, ...]) -> None:
         tracing = otel.tracing
         if tracing is None or not tracing.wants_remote():
             return
         with contextlib.suppress(BackendError):
-            traceparent = self._traced_leader(await self._conn.aget(k.entry + ":trace"), tokens)
+            traceparent = self._traced_leader(await self.conn.aget(k.entry + ":trace"), tokens)
             if traceparent is not None:
                 tracing.remote_leader(traceparent)
 
-    def _in_background(self, job: Awaitable[None]) -> None:
+    def in_background(self, job: Awaitable[None]) -> None:
         task = asyncio.ensure_future(job)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

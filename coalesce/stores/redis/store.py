@@ -3,7 +3,8 @@
 The pieces, one concern per module of this package: `scripts` (key layout and Lua scripts,
 pure), `connection` (lazy clients, errors, circuit breaker, shared reads), `listener` (the one
 pub/sub connection: wake-ups and invalidations), `near` (the optional near cache), `breaker`,
-and `lease` (writing entries and the lease protocol of `fill`, mixed into the store). This
+`lease` (writing entries and the lease protocol of `fill`: the `Leases` object the store
+composes), `steps` (the lease's decisions, pure) and `batch` (`get_many`, `fill_many`). This
 module is the store itself: reads, deletes, tags, listing.
 
 The paths, in the order of their cost:
@@ -54,20 +55,19 @@ listener and renewer "not started", near cache empty, new locks, no pending read
 clients of our own. The child then starts its threads and connections on first need.
 
 Concurrency contract of this module's own state: `counts` are plain ints bumped without a
-lock (approximate under threads, by design); `_background` (release tasks of cancelled async
-leaders) is touched only on the loop that owns each task; `_echoes` (own invalidations whose
-broadcast has not come back yet) is guarded by `_echoes_lock`. Everything else is owned by
-the helpers, whose docstrings state their contracts.
+lock (approximate under threads, by design; `Leases` bumps the same dict); `_echoes` (own
+invalidations whose broadcast has not come back yet) is guarded by `_echoes_lock`.
+Everything else is owned by the composed objects (`Leases`, `Batches`, `Listener`,
+`NearCache`, ...), whose docstrings state their contracts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
@@ -79,10 +79,10 @@ from coalesce.entry import Entry
 from coalesce.errors import ConfigurationError, SerializationError
 from coalesce.serialization import Serializer, decode_entry, get_serializer
 from coalesce.stores.base import Fence, KeyList, Store
-from coalesce.stores.redis.batch import BatchMixin
+from coalesce.stores.redis.batch import Batches, Outcomes
 from coalesce.stores.redis.breaker import CircuitBreaker, RateLimitedLog
 from coalesce.stores.redis.connection import AsyncClient, RedisConnection, SyncClient
-from coalesce.stores.redis.lease import Keys, Renewer
+from coalesce.stores.redis.lease import Keys, Leases
 from coalesce.stores.redis.listener import Listener
 from coalesce.stores.redis.near import Fallback, NearCache
 from coalesce.stores.redis.scripts import DELETE, TAKE_TAG, KeyLayout
@@ -97,7 +97,7 @@ _CHUNK = 256  # keys per DELETE script / ZREM in `delete_tag`
 SCAN_COUNT = 1000  # keys Redis looks at per SCAN call of `keys`
 
 
-class RedisStore(BatchMixin, Store):  # BatchMixin: LeaseMixin + batches (`batch`)
+class RedisStore(Store):
     """Entries in Redis, shared by every process; one computation per key across them all.
 
     `url` is `redis://[user:password@]host:port/db`, `rediss://...` or
@@ -215,9 +215,37 @@ class RedisStore(BatchMixin, Store):  # BatchMixin: LeaseMixin + batches (`batch
         self._near: NearCache | None = None
         if local_maxsize is not None:
             self._near = NearCache(local_maxsize, float(local_ttl), self._listener, self.serializer)
-        self._background: set[asyncio.Task[Any]] = set()
-        self._renewer = Renewer(self._renew, self.lease_ms / 3000, f"coalesce-renew {self.where}")
-        self._subscribe_waited = False  # see `LeaseMixin._subscribe_wait`
+        self.counts = dict.fromkeys(
+            (
+                "hits",
+                "misses",
+                "corrupt",
+                "leads",
+                "waits",
+                "pushed",
+                "takeovers",
+                "fenced",
+                "leader_failed",
+                "fallback_kept",
+            ),
+            0,
+        )
+        #: Writing entries and the lease protocol (`lease`); batches of keys (`batch`).
+        self._leases = Leases(
+            self._conn,
+            self._layout,
+            self._listener,
+            self._near,
+            self.serializer,
+            decode=self._decode,
+            counts=self.counts,
+            lease_ms=self.lease_ms,
+            failure_ms=self.failure_ms,
+            wait_check=self.wait_check,
+            where=self.where,
+        )
+        self._renewer = self._leases.renewer
+        self._batches = Batches(self._leases)
         #: Called (on the listener thread) with the full key of every invalidation by key that
         #: any process broadcasts, this one included, while the listener runs (it does while
         #: this process waits on or leads a computation, or keeps a near cache). The cache can
@@ -235,21 +263,6 @@ class RedisStore(BatchMixin, Store):  # BatchMixin: LeaseMixin + batches (`batch
         self._echoes: dict[str, int] = {}  # "k:<key>" / "t:<tag>" -> broadcasts on their way
         self._echoes_lock = threading.Lock()
         _STORES.add(self)
-        self.counts = dict.fromkeys(
-            (
-                "hits",
-                "misses",
-                "corrupt",
-                "leads",
-                "waits",
-                "pushed",
-                "takeovers",
-                "fenced",
-                "leader_failed",
-                "fallback_kept",
-            ),
-            0,
-        )
 
     def __repr__(self) -> str:
         return f"RedisStore({self.where!r}, namespace={self.namespace!r})"
@@ -343,13 +356,11 @@ class RedisStore(BatchMixin, Store):  # BatchMixin: LeaseMixin + batches (`batch
         next need, as in a new process."""
         self._echoes = {}
         self._echoes_lock = threading.Lock()
-        self._background = set()
-        self._subscribe_waited = False
+        self._leases.after_fork()
         self._log.after_fork()
         self.breaker.after_fork()
         self._conn.after_fork()
         self._listener.after_fork()
-        self._renewer.after_fork()
         if self._near is not None:
             self._near.after_fork()
         self._fallback.after_fork()
@@ -416,12 +427,67 @@ class RedisStore(BatchMixin, Store):  # BatchMixin: LeaseMixin + batches (`batch
     def set(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
         if fence is not None and not fence.valid:
             return False
-        return self._store(key, Keys(self._layout, key), entry, "")
+        return self._leases.store(key, Keys(self._layout, key), entry, "")
 
     async def aset(self, key: str, entry: Entry, *, fence: Fence | None = None) -> bool:
         if fence is not None and not fence.valid:
             return False
-        return await self._astore(key, Keys(self._layout, key), entry, "")
+        return await self._leases.astore(key, Keys(self._layout, key), entry, "")
+
+    # -- computing: the lease protocol (`lease`) and batches (`batch`) --------------------------
+
+    def fill(
+        self,
+        key: str,
+        compute: Callable[[], Entry],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
+        refresh: bool = False,
+    ) -> Entry:
+        """Compute `key` once across every process sharing this Redis (see `lease`)."""
+        return self._leases.fill(key, compute, fence=fence, tags=tags, refresh=refresh)
+
+    async def afill(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[Entry]],
+        *,
+        fence: Fence,
+        tags: tuple[str, ...] = (),
+        refresh: bool = False,
+    ) -> Entry:
+        return await self._leases.afill(key, compute, fence=fence, tags=tags, refresh=refresh)
+
+    def get_many(self, keys: list[str]) -> list[Entry | None]:
+        """The near cache, then one `MGET` (per slot on a cluster) for the rest."""
+        return self._batches.get_many(keys)
+
+    async def aget_many(self, keys: list[str]) -> list[Entry | None]:
+        return await self._batches.aget_many(keys)
+
+    def fill_many(
+        self,
+        keys: list[str],
+        compute: Callable[[list[str]], Outcomes],
+        *,
+        fences: dict[str, Fence],
+        tags: dict[str, tuple[str, ...]],
+    ) -> Outcomes:
+        """Compute each key once across every process sharing this Redis (see `batch`)."""
+        return self._batches.fill_many(keys, compute, fences=fences, tags=tags)
+
+    async def afill_many(
+        self,
+        keys: list[str],
+        compute: Callable[[list[str]], Awaitable[Outcomes]],
+        *,
+        fences: dict[str, Fence],
+        tags: dict[str, tuple[str, ...]],
+    ) -> Outcomes:
+        return await self._batches.afill_many(keys, compute, fences=fences, tags=tags)
+
+    # -- delete, tags --------------------------------------------------------------------------
 
     def _delete_args(self, key: str) -> tuple[list[str], list[str]]:
         entry = self._layout.entry(key)

@@ -1,0 +1,153 @@
+"""The Redis lease's decisions (`coalesce.stores.redis.steps`), tested directly: no Redis, no
+clock, no threads. The drivers that do the I/O in this order are covered by the Redis tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from coalesce.entry import Entry
+from coalesce.errors import LeaderFailedError
+from coalesce.serialization import MsgpackSerializer, decode_entry, encode_entry
+from coalesce.stores.redis.scripts import (
+    CLAIM_CHECK,
+    CLAIM_ONLY,
+    CLAIM_REFRESH,
+    encode_failure,
+)
+from coalesce.stores.redis.steps import (
+    AGAIN,
+    ENTRY,
+    FAIL,
+    FAILED,
+    HAND,
+    LEAD,
+    RELEASE,
+    STORE,
+    UNSUBSCRIBED_WAIT,
+    WAIT,
+    Claim,
+    after_claim,
+    after_compute,
+    after_renewal,
+    after_wake,
+    first_claim,
+    wait_seconds,
+)
+
+NOW = 1_000_000.0
+SERIALIZER = MsgpackSerializer()
+HOLDER = "a" * 32
+OTHER = "b" * 32
+
+
+def _bytes(value: Any, *, created: float = NOW, ttl: float = 30.0) -> bytes:
+    return encode_entry(Entry(value, created=created, ttl=ttl), SERIALIZER)
+
+
+def _decode(data: Any) -> Entry | None:
+    try:
+        return decode_entry(data, SERIALIZER)
+    except Exception:
+        return None
+
+
+def _claim(reply: list[Any], claim: Claim | None = None, **options: Any) -> tuple[Any, Claim]:
+    settings = {"decode": _decode, "now": NOW, "wait_check": 1.0, "subscribed": True}
+    settings.update(options)
+    return after_claim("ns:k", claim or first_claim(False), reply, **settings)
+
+
+def test_first_claim_checks_the_entry_or_refreshes() -> None:
+    assert first_claim(False) == Claim(CLAIM_CHECK, "", (), False)
+    assert first_claim(True).mode == CLAIM_REFRESH
+
+
+def test_a_free_lease_is_led_and_the_state_is_kept() -> None:
+    claim = Claim(CLAIM_CHECK, HOLDER, (HOLDER,), True)
+    step, after = _claim([b"lease", b""], claim)
+    assert step.kind == LEAD
+    assert after == claim  # the driver counts a takeover from `waited`
+
+
+@pytest.mark.parametrize("kind", [b"entry", b"handed"])
+def test_a_fresh_entry_is_served_and_traced_only_after_a_wait(kind: bytes) -> None:
+    step, _ = _claim([kind, _bytes("v")])
+    assert step.kind == ENTRY and step.entry is not None and step.entry.value == "v"
+    assert not step.trace
+    waited = Claim(CLAIM_CHECK, HOLDER, (HOLDER,), True)
+    step, after = _claim([kind, _bytes("v")], waited)
+    assert step.kind == ENTRY and step.trace and after == waited
+
+
+@pytest.mark.parametrize(
+    "data", [_bytes("old", created=NOW - 60, ttl=30), b"not an entry", b"foreign type"]
+)
+def test_a_stale_or_unreadable_entry_claims_again_without_the_check(data: bytes) -> None:
+    claim = Claim(CLAIM_CHECK, HOLDER, (HOLDER, OTHER), True)
+    step, after = _claim([b"entry", data], claim)
+    assert step.kind == AGAIN and step.entry is None
+    assert after == claim._replace(mode=CLAIM_ONLY)  # the tokens seen stay: handed entries
+
+
+def test_the_awaited_leaders_failure_becomes_its_error() -> None:
+    marker = encode_failure(HOLDER, ValueError("boom"))
+    step, after = _claim([b"failed", marker], Claim(CLAIM_CHECK, HOLDER, (HOLDER,), True))
+    assert step.kind == FAILED and isinstance(step.error, LeaderFailedError)
+    assert "ValueError" in str(step.error) and "boom" in str(step.error)
+    assert after.seen == HOLDER
+
+
+def test_a_held_lease_is_waited_for_until_about_its_end() -> None:
+    step, after = _claim([b"wait", HOLDER.encode(), 300])
+    assert step.kind == WAIT and step.seconds == pytest.approx(0.305) and step.trace
+    assert after == Claim(CLAIM_CHECK, HOLDER, (HOLDER,), True)
+    # the same lease again: nothing new to trace, the tokens are not repeated
+    step, again = _claim([b"wait", HOLDER.encode(), 5000], after)
+    assert step.seconds == 1.0 and not step.trace and again == after
+    # another leader: remembered too (its handed entry or failure is good for this caller)
+    step, third = _claim([b"wait", OTHER.encode(), 100], again)
+    assert step.trace and third.tokens == (HOLDER, OTHER) and third.seen == OTHER
+
+
+def test_a_foreign_holder_is_nobody_to_hear_from() -> None:
+    step, after = _claim([b"wait", 12, 2000])
+    assert step.kind == WAIT and not step.trace
+    assert after == Claim(CLAIM_CHECK, "", (), True)
+
+
+def test_wait_seconds() -> None:
+    assert wait_seconds(-1, 1.0, True) == 1.0
+    assert wait_seconds(250, 1.0, True) == pytest.approx(0.255)
+    assert wait_seconds(5000, 1.0, False) == UNSUBSCRIBED_WAIT  # no wake-up can come
+
+
+def test_a_wake_up_brings_only_the_awaited_leases_fresh_entry() -> None:
+    data = _bytes("pushed")
+    pushed = b"v" + HOLDER.encode() + b"|" + data
+    entry = after_wake(pushed, HOLDER, decode=_decode, now=NOW)
+    assert entry is not None and entry.value == "pushed"
+    for message, holder in (
+        (pushed, OTHER),  # another lease's entry: maybe older than our callers may see
+        (pushed, ""),  # a foreign lease
+        (b"s", HOLDER),  # a marker: check Redis
+        (None, HOLDER),  # a timeout
+        (b"v" + HOLDER.encode() + b"|garbage", HOLDER),
+    ):
+        assert after_wake(message, holder, decode=_decode, now=NOW) is None
+    assert after_wake(pushed, HOLDER, decode=_decode, now=NOW + 60) is None  # stale by now
+
+
+def test_a_leader_stores_hands_fails_or_releases() -> None:
+    assert after_compute(None, True) == STORE
+    assert after_compute(None, False) == HAND  # an invalidation reached it: waiters only
+    assert after_compute(ValueError("x"), True) == FAIL
+    assert after_compute(KeyboardInterrupt(), True) == RELEASE  # a waiter takes over at once
+    assert after_compute(GeneratorExit(), False) == RELEASE
+
+
+def test_renewal_stops_only_when_the_lease_is_not_ours() -> None:
+    assert after_renewal(1) and after_renewal(True)
+    assert after_renewal(ConnectionError("down"))  # the lease may outlive the outage
+    assert not after_renewal(0) and not after_renewal(None)
