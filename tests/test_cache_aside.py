@@ -27,6 +27,7 @@ import pytest
 
 from coalesce import Cache, ConfigurationError
 from coalesce.cache import stored_key
+from coalesce.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 20.0  # seconds any wait in these tests gives up after
@@ -208,12 +209,16 @@ def test_copy_false_shares_the_object_on_memory() -> None:
 
 
 def test_an_expired_entry_is_missing_and_a_stale_one_is_refreshed() -> None:
-    cache = Cache()
+    clock = FakeClock()
+    cache = Cache(clock=clock)
     cache.set("t:1", "old", ttl=0.05)
-    _until(lambda: cache.get("t:1") is None, "expiry")
+    clock.advance(0.04)
+    assert cache.get("t:1") == "old"
+    clock.advance(0.02)
+    assert cache.get("t:1") is None
     versions = iter(["v1", "v2"])
     assert cache.get_or_set("t:2", lambda: next(versions), ttl=0.05, stale_ttl=60) == "v1"
-    time.sleep(0.1)  # past its ttl, inside its stale window
+    clock.advance(0.1)  # past its ttl, inside its stale window
     assert cache.get_or_set("t:2", lambda: next(versions), ttl=0.05, stale_ttl=60) == "v1"
     _until(lambda: cache.stats()["t"]["computations"] == 2, "the background refresh")
     assert cache.stats()["t"]["stale"] == 1

@@ -192,7 +192,7 @@ def test_delete_tag_does_not_fence_computations_without_that_tag(
 
 def test_members_recorded_at_claim_are_cleaned_up(redis_caches: Caches, raw: redis.Redis) -> None:
     """A leader that fails stores nothing: its membership expires with its lease."""
-    a = redis_caches(lease_ttl=1.0)
+    a = redis_caches(lease_ttl=0.4)  # the set must expire with it (real time: PX)
     store = _store(a)
     key, tag = a.prefix + "k", a.prefix + "t"
     tag_set = store._layout.tag(tag)
@@ -223,7 +223,7 @@ def test_renewals_keep_a_long_computation_in_its_tag_sets(
     redis_caches: Caches, raw: redis.Redis
 ) -> None:
     """The membership lasts as long as the lease, renewed: still fenced after 2 lifetimes."""
-    a, b = redis_caches(lease_ttl=1.2), redis_caches()
+    a, b = redis_caches(lease_ttl=0.6), redis_caches()
     sa, sb = _store(a), _store(b)
     key, tag = a.prefix + "slow", a.prefix + "slow-tag"
     tag_set = sa._layout.tag(tag)
@@ -232,7 +232,7 @@ def test_renewals_keep_a_long_computation_in_its_tag_sets(
     assert compute.started.wait(10)
     first = raw.zscore(tag_set, key)
     assert first is not None
-    _until(lambda: (raw.zscore(tag_set, key) or 0) > first + 2400, "renewed for 2 lifetimes")
+    _until(lambda: (raw.zscore(tag_set, key) or 0) > first + 1200, "renewed for 2 lifetimes")
     assert raw.pttl(tag_set) > 0
     assert sb.delete_tag(tag) == 0
     compute.release.set()
