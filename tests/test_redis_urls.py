@@ -32,6 +32,8 @@ from urllib.parse import quote
 import pytest
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis_servers import RedisServer, RedisStartError, make_tls_files
 
 from coalesce import Cache
@@ -326,7 +328,11 @@ def test_a_client_alone_names_its_server_in_errors_without_the_password(
     acl_server: RedisServer, unique_namespace: str
 ) -> None:
     client = redis.Redis(
-        host=acl_server.host, port=acl_server.port, username=USER, password=WRONG_PASSWORD
+        host=acl_server.host,
+        port=acl_server.port,
+        username=USER,
+        password=WRONG_PASSWORD,
+        retry=Retry(NoBackoff(), 0),  # redis-py's default retries (~4 s) change no message
     )
     cache = Cache(client, namespace=unique_namespace, on_backend_error="raise")
 
