@@ -14,6 +14,7 @@ added to the hot path and nothing is counted twice. Metrics (counters carry `_to
   (misses that received another caller's computation), `coalesce_computations_total`,
   `coalesce_errors_total`, `coalesce_early_refreshes_total`, `coalesce_stale_on_error_total`,
   `coalesce_timeouts_total`, `coalesce_backend_errors_total`, `coalesce_invalidations_total`,
+  `coalesce_batches_total`, `coalesce_batch_ids_total`,
   `coalesce_compute_seconds_total`, each `{namespace, function}`: `function` is the key
   template, else the qualified name (as `Cache.stats()` names it);
 * `coalesce_http_requests_total{route, cache}` (`cache`: hit, miss, stale, coalesced,
@@ -58,6 +59,8 @@ _PER_FUNCTION = (
     ("backend_errors", "backend_errors", "Store failures that degraded to computing directly."),
     ("invalidations", "invalidations", "Entries deleted through the function's invalidate()."),
     ("compute_seconds", "compute_time", "Seconds spent in computations."),
+    ("batches", "batches", "Calls of a cached_many function (the ids it had to compute)."),
+    ("batch_ids", "batch_ids", "Ids passed to a cached_many function's calls."),
 )
 _HTTP_RESULTS = (
     ("hit", "hits"),

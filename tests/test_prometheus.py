@@ -63,6 +63,24 @@ def test_function_counters_are_scraped_with_their_labels() -> None:
     assert value("coalesce_compute_seconds_total") >= 0.2
 
 
+def test_batch_counters_of_a_cached_many_function() -> None:
+    cache = Cache(namespace="shop")
+    registry = CollectorRegistry()
+    register(caches=[cache], registry=registry)
+
+    @cache.cached_many(ttl=60, key="user:{}")
+    def load_users(ids: list[int]) -> dict[int, int]:
+        return {i: i * 10 for i in ids}
+
+    assert load_users([1, 2, 3]) == {1: 10, 2: 20, 3: 30}
+    assert load_users([2, 3, 4, 5]) == {2: 20, 3: 30, 4: 40, 5: 50}
+    samples = scrape(registry)
+    labels = (("function", "user:{}"), ("namespace", "shop"))
+    assert samples[("coalesce_batches_total", labels)] == 2
+    assert samples[("coalesce_batch_ids_total", labels)] == 5  # 1, 2, 3, then 4, 5
+    assert samples[("coalesce_hits_total", labels)] == 2
+
+
 def test_route_counters_of_the_fastapi_edge() -> None:
     cache = Cache()
     routes = MetricsRegistry()
