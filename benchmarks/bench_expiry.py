@@ -235,6 +235,7 @@ class HotRun:
     calls: Calls
     executions: int
     max_running: int
+    waited: int | None = None  # coalesce: calls that waited for a computation (its stats)
 
     @property
     def p50(self) -> float:
@@ -421,11 +422,13 @@ async def _run_async_row(
     # CALLERS concurrent hits: a Redis client opens its pool's connections here, not timed
     await asyncio.gather(*(hot() for _ in range(CALLERS)))
     source.max_running = 0
+    waited_before = _waited(hot)
     start = time.perf_counter()
     calls = await hammer_async(hot, duration, seed, think)
     executions = source.executions(start, start + duration)
+    waited = _waited(hot)
     await close() if asyncio.iscoroutinefunction(close) else close()
-    return HotRun(calls, executions, source.max_running)
+    return HotRun(calls, executions, source.max_running, _minus(waited, waited_before))
 
 
 def _run_thread_row(make: Callable[[Source], Any], duration: float, seed: int) -> HotRun:
@@ -433,18 +436,34 @@ def _run_thread_row(make: Callable[[Source], Any], duration: float, seed: int) -
     hot, close = make(source)
     hot()
     source.max_running = 0
+    waited_before = _waited(hot)
     start = time.perf_counter()
     calls = hammer_threads(hot, duration, seed)
     executions = source.executions(start, start + duration)
+    waited = _waited(hot)
     close()
-    return HotRun(calls, executions, source.max_running)
+    return HotRun(calls, executions, source.max_running, _minus(waited, waited_before))
+
+
+def _waited(hot: Any) -> int | None:
+    """How many calls of a coalesce function waited for a computation so far (misses and
+    followers, from its stats); None for a peer."""
+    stats = getattr(hot, "stats", None)
+    if stats is None:
+        return None
+    counts = stats()
+    return int(counts["misses"] + counts["coalesced"])
+
+
+def _minus(after: int | None, before: int | None) -> int | None:
+    return None if after is None or before is None else after - before
 
 
 def bench_hot_key(settings: Settings, server: BenchRedis | None) -> list[HotRow]:
     """Every row once, then the goal's two coalesce rows of each harness again, alternating,
     until they have `settings.rounds` runs each."""
     rows: list[HotRow] = []
-    harnesses = [
+    harnesses: list[tuple[str, list[Any], bool, BenchRedis | None]] = [
         ("asyncio, 200 tasks", _async_rows(), True, None),
         ("threads, 200 threads", _thread_rows(), False, None),
     ]
@@ -471,6 +490,13 @@ def bench_hot_key(settings: Settings, server: BenchRedis | None) -> list[HotRow]
                 row.runs.append(run)
                 print(f"  {harness}: {row.name} {row.config} (round {round_no + 1})", flush=True)
     return rows
+
+
+def _waited_cell(row: HotRow) -> str:
+    waited = [run.waited for run in row.runs]
+    if any(count is None for count in waited):
+        return "n/a"
+    return f"{sum(count or 0 for count in waited):,}"
 
 
 def fmt_latency(seconds: float) -> str:
@@ -515,7 +541,7 @@ def hot_key_table(rows: list[HotRow], settings: Settings) -> tuple[str, list[lis
                 [
                     f"hot key, early_refresh, {row.harness}",
                     f"p99 {fmt_ratio(ratio)} the hit's ({p99s}); "
-                    f"{per_expiry:.2f} executions/expiry",
+                    f"{per_expiry:.2f} executions/expiry; {_waited_cell(row)} calls waited",
                     goal,
                     result,
                 ]
@@ -535,6 +561,7 @@ def hot_key_table(rows: list[HotRow], settings: Settings) -> tuple[str, list[lis
                 fmt_ratio(row.p99 / own.p99),
                 per_expiry_cell,
                 str(max(run.max_running for run in row.runs)),
+                _waited_cell(row),
                 goal,
                 result,
             ]
@@ -552,6 +579,7 @@ def hot_key_table(rows: list[HotRow], settings: Settings) -> tuple[str, list[lis
         "p99 / own hit p99",
         "executions / expiry",
         "max at once",
+        "calls that waited",
         "goal",
         "result",
     ]
@@ -730,7 +758,8 @@ def main() -> None:
     print("A hot key expiring under load", flush=True)
     server: BenchRedis | None = None
     if not args.no_redis and shutil.which("redis-server"):
-        server = BenchRedis().start()
+        server = BenchRedis()
+        server.start()
     try:
         hot_rows = bench_hot_key(settings, server)
     finally:
@@ -764,7 +793,9 @@ def main() -> None:
             f"{THINK_S[0] * 1000:g}-{THINK_S[1] * 1000:g} ms (uniform) and calls again, for "
             f"{settings.duration:g} s after the first value is stored. `executions / expiry` "
             f"is the source's executions started in those {settings.duration:g} s over "
-            f"{settings.expiries}; `max at once` is the most executions running together. "
+            f"{settings.expiries}; `max at once` is the most executions running together; "
+            "`calls that waited` counts the timed calls of a coalesce row that waited for a "
+            "computation (its `misses` and `coalesced` stats; n/a for peers). "
             f"The goal's two coalesce rows of each harness (all hits, early_refresh) run "
             f"{settings.rounds} times, alternating; their p50 and p99 are medians over the "
             "runs, and their `p99 / coalesce hit p99` the median of each run's ratio to the "
