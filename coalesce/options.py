@@ -50,8 +50,9 @@ class Options:
     * `timeout`: seconds a caller waits for a computation before it gets the stale value
       (when one may be served) or `CoalesceTimeout`; the computation goes on;
     * `early_refresh`: XFetch's `beta` (0.0: off): refresh a hot entry in the background
-      before it expires, earlier the larger it is (`early_refresh=True` is 1.0, as in the
-      paper);
+      before it expires, at a moment each process draws once per entry
+      (`entry.refresh_moment`), earlier the larger `beta` is (`early_refresh=True` is 1.0,
+      as in the paper);
     * `jitter`: each stored ttl is drawn from `[ttl * (1 - jitter), ttl]`;
     * `copy`: hand each caller a private copy of the value.
     """
