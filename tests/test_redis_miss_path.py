@@ -30,11 +30,13 @@ from coalesce.cache import Cache
 from coalesce.entry import Entry
 from coalesce.stores.base import Fence
 from coalesce.stores.redis import RedisStore
-from coalesce.stores.redis.scripts import CLAIM, DELETE, STORE
+from coalesce.stores.redis.scripts import CLAIM, CLAIM_MANY, DELETE, STORE, STORE_MANY
 
 Caches = Callable[..., Cache]
 
-_SCRIPTS = {script.sha: script.name.upper() for script in (CLAIM, STORE, DELETE)}
+_SCRIPTS = {
+    script.sha: script.name.upper() for script in (CLAIM, STORE, DELETE, CLAIM_MANY, STORE_MANY)
+}
 _MARK = "coalesce-test-mark"
 
 
@@ -81,12 +83,12 @@ class Commands:
             assert found, "the MONITOR connection never reported a mark"
             return next(i for i, c in enumerate(self._seen) if c["command"] == f"ECHO {text}")
 
-    def _names(self, start: int, end: int) -> list[str]:
+    def _names(self, start: int, end: int, lua: bool = False) -> list[str]:
         names = []
         with self._cond:
             window = self._seen[start + 1 : end]
         for command in window:
-            if command["client_type"] == "lua":
+            if command["client_type"] == "lua" and not lua:
                 continue
             words = command["command"].split()
             name = words[0].upper()
@@ -95,10 +97,11 @@ class Commands:
             names.append(name)
         return names
 
-    def during(self, action: Callable[[], Any]) -> list[str]:
+    def during(self, action: Callable[[], Any], *, lua: bool = False) -> list[str]:
+        """The round trips of `action`; with `lua`, also the commands its scripts ran."""
         start = self._mark()
         action()
-        return self._names(start, self._mark())
+        return self._names(start, self._mark(), lua)
 
     async def aduring(self, action: Callable[[], Awaitable[Any]]) -> list[str]:
         start = self._mark()  # blocks the loop briefly: nothing else runs on it meanwhile
@@ -224,6 +227,34 @@ def test_get_or_set_miss_is_get_claim_store(own_caches: Caches, commands: Comman
     assert cache.get_or_set("warm", lambda: 0, ttl=60) == 0
     assert commands.during(lambda: cache.get_or_set("user:1", lambda: 1, ttl=60)) == MISS
     assert commands.during(lambda: cache.get_or_set("user:1", lambda: 2, ttl=60)) == ["GET"]
+
+
+def test_a_miss_nobody_waits_for_publishes_no_wake_up(
+    own_caches: Caches, commands: Commands
+) -> None:
+    """Every process of the namespace hears every wake-up (one pattern subscription each):
+    `STORE` and `STORE_MANY` publish one only when a waiter flagged the lease, and a plain
+    `set` only while somebody waits for a lease of its key (`test_redis_store` checks that
+    waiters still get theirs)."""
+    store = _store(own_caches())
+    key = store.namespace + ":user:"
+    store.fill(key + "0", Counted(0), fence=Fence())  # scripts loaded, listener started
+    single = commands.during(lambda: store.fill(key + "1", Counted(1), fence=Fence()), lua=True)
+    assert "STORE" in single and "PUBLISH" not in single
+    plain = commands.during(lambda: store.set(key + "2", _entry(2)), lua=True)
+    assert "STORE" in plain and "PUBLISH" not in plain
+    keys = [key + "3", key + "4"]
+    batch = commands.during(
+        lambda: store.fill_many(
+            keys,
+            lambda todo: {k: _entry(k) for k in todo},
+            fences={k: Fence() for k in keys},
+            tags={k: () for k in keys},
+        ),
+        lua=True,
+    )
+    assert "STORE_MANY" in batch and "PUBLISH" not in batch
+    assert [store.get(k).value for k in keys] == keys  # type: ignore[union-attr]
 
 
 def test_refresh_round_trips(own_caches: Caches, commands: Commands) -> None:

@@ -15,13 +15,14 @@ the lease protocol can be read in one place. The steps (the scripts are in `scri
    without an entry (its leader died or was fenced) goes to exactly one claimant.
 3. The leader computes while a renewer (the store's one renewer thread for sync, a task for
    async) extends the lease every `lease_ttl / 3`; then `STORE` writes the entry only if the
-   lease is still its own (the invalidation fence), ends the lease and publishes the wake-up
-   (with the entry, when somebody waits and it is small). On an exception it leaves a failure
-   marker (`FAIL`) instead; on any other exit (cancellation, interrupt) it just ends the lease
-   (`RELEASE`), so a waiter takes over at once. A result that may not be stored (an
-   invalidation reached the leader, or deleted its lease) is handed to the lease's waiters
-   (`HAND`, or the refused `STORE`): each waiter remembers every lease token it saw, and its
-   next `CLAIM` returns that result to it, so an invalidation storm cannot starve it.
+   lease is still its own (the invalidation fence), ends the lease and, when somebody waits
+   for it, publishes the wake-up (with the entry, when it is small). On an exception it
+   leaves a failure marker (`FAIL`) instead; on any other exit (cancellation, interrupt) it
+   just ends the lease (`RELEASE`), so a waiter takes over at once. A result that may not be
+   stored (an invalidation reached the leader, or deleted its lease) is handed to the
+   lease's waiters (`HAND`, or the refused `STORE`): each waiter remembers every lease token
+   it saw, and its next `CLAIM` returns that result to it, so an invalidation storm cannot
+   starve it.
 4. A foreign lease (not one of our tokens, or without a sane expiry) gets one lease time.
 
 Early refresh (`fill(..., refresh=True)`): the caller holds a fresh entry and wants it

@@ -7,7 +7,7 @@ and every key belonging to one cache key lives on one slot:
     ns:{user:42}            the entry (bytes written by `encode_entry`)
     ns:{user:42}:lease      the cross-process lease: a random token, SET NX PX
     ns:{user:42}:failed     a short-lived failure marker: "<lease token>|<msgpack [type, msg]>"
-    ns:{user:42}:waiters    "someone waits for this lease" (set by CLAIM, PX = lease ms)
+    ns:{user:42}:waiters    "someone waits for this lease" (set by CLAIM, PX = 2 lease ms)
     ns:{user:42}:handed     "<lease token>|<entry>": a result that could not be stored,
                             for the waiters that saw that lease (see `HAND`)
     ns:{user:42}:done       the wake-up channel (pub/sub), published when a lease ends
@@ -26,7 +26,12 @@ for and the entry is at most `PUSH_MAX` bytes: then the message carries the entr
 `v<lease token>|<entry bytes>`, and a waiter of that very lease takes it without asking Redis
 again (`pushed_entry`). A marker, a foreign token or unreadable bytes mean: check Redis.
 Every process of the namespace receives every message (one pattern subscription each), which
-is why values are pushed only when a waiter asked for it (`...:waiters`) and only small ones.
+is why `STORE` publishes only when a waiter asked for it (`...:waiters`; a miss nobody waits
+for publishes nothing), and pushes only small values. No waiter can miss its wake-up: the
+flag is set by the same `CLAIM` that tells it to wait, so a `STORE` either runs after it (and
+publishes) or before it (and that `CLAIM`, checking the entry first, returns the entry); the
+flag outlives every wait (two lease times, a wait is at most one lease time and 5 ms), and
+every wait is bounded anyway, after which the waiter claims again.
 
 Scripts. Every decision that must be atomic on the server is one script, run with EVALSHA
 (loaded on NOSCRIPT). They touch only the keys they are given, all on one slot, so they run
@@ -125,7 +130,8 @@ end
 #: reports the stored entry instead of waiting, and waits as mode "0" when there is none.
 #: The failure marker is reported only to a waiter that saw the failed leader's token, so a
 #: caller arriving after a failure computes afresh instead of inheriting the error. A caller
-#: told to wait also flags the lease as waited for, so that its `STORE` pushes the entry.
+#: told to wait also flags the lease as waited for (for two lease times, longer than any
+#: wait), so that its `STORE` publishes the wake-up (with the entry when small).
 #: A caller taking the lease records the key in the tag sets of the entry it will compute
 #: (score: the lease's expiry), so that a `delete_tag` from now on deletes the lease too and
 #: fences the computation. (On a cluster the tag sets lie on other slots: no tag KEYS here,
@@ -176,7 +182,7 @@ if ARGV[3] == 'r' then
   local value = redis.pcall('GET', KEYS[1])
   if type(value) == 'string' then return {'entry', value} end  -- somebody refreshes it
 end
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
+redis.call('SET', KEYS[4], '1', 'PX', 2 * ms)  -- outlasts this caller's wait (<= pttl + 5 ms)
 return {'wait', holder, pttl}
 """,
 )
@@ -186,8 +192,10 @@ return {'wait', holder, pttl}
 #: data is small enough to travel in the wake-up), handed ms.
 #: The fence: with a token, the entry is written only while the lease is still ours; a
 #: `DELETE` removes the lease with the entry, so a computation that began before an
-#: invalidation cannot store after it (and a fenced leader publishes nothing). The wake-up
-#: carries the entry when the lease was waited for and `push` allows it, else the marker `s`.
+#: invalidation cannot store after it (and a fenced leader publishes nothing). A wake-up is
+#: published only when somebody waits: for the lease (flagged by `CLAIM`; the message carries
+#: the entry when `push` allows it, else the marker `s`), or, for a plain write (no token),
+#: for any lease of the key (the marker `s`); nobody waiting, nothing is published.
 #: The tag scores become the entry's expiry; without a token they are only raised while
 #: somebody holds the lease (its computation's membership must last as long as the lease).
 #: A refused store still hands the entry to the lease's waiters (as `HAND` does).
@@ -208,6 +216,8 @@ if ARGV[1] ~= '' then
   end
   redis.call('DEL', KEYS[2])
   waited = redis.call('DEL', KEYS[3]) == 1
+else
+  waited = redis.call('EXISTS', KEYS[3]) == 1  -- a plain set while somebody waits for a lease
 end
 if ARGV[3] == '0' then
   redis.call('SET', KEYS[1], ARGV[2])
@@ -217,7 +227,7 @@ end
 for i = 5, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], raise_only) end
 if waited and ARGV[8] == '1' then
   redis.call('PUBLISH', ARGV[4], 'v' .. ARGV[1] .. '|' .. ARGV[2])
-else
+elseif waited then
   redis.call('PUBLISH', ARGV[4], 's')
 end
 return 1
@@ -399,7 +409,7 @@ while a <= #ARGV do
         redis.call('PEXPIRE', KEYS[k + 1], ms)
         pttl = ms
       end
-      redis.call('SET', KEYS[k + 2], '1', 'PX', ms)
+      redis.call('SET', KEYS[k + 2], '1', 'PX', 2 * ms)  -- outlasts the caller's wait
       reply = {'wait', holder, pttl}
     end
   end
@@ -416,7 +426,7 @@ return out
 #: score, now ms, push, handed ms); px "-1": nothing to store, only end the lease (if still
 #: ours) and wake its waiters, as `RELEASE` does.
 #: Each key as `STORE` does it: written only while the lease is still ours (the fence), the
-#: lease ended, the wake-up published (with the entry when it was waited for and small), a
+#: lease ended, the wake-up published only when somebody waits (with the entry when small), a
 #: refused store handed to the lease's waiters. Returns one 1 (stored) or 0 per key.
 STORE_MANY = Script.of(
     "store_many",
@@ -443,6 +453,8 @@ local function store_one(k, a, ntags)
     end
     redis.call('DEL', KEYS[k + 1])
     waited = redis.call('DEL', KEYS[k + 2]) == 1
+  else
+    waited = redis.call('EXISTS', KEYS[k + 2]) == 1
   end
   if ARGV[a + 2] == '0' then
     redis.call('SET', KEYS[k], ARGV[a + 1])
@@ -454,7 +466,7 @@ local function store_one(k, a, ntags)
   end
   if waited and ARGV[a + 7] == '1' then
     redis.call('PUBLISH', ARGV[a + 3], 'v' .. token .. '|' .. ARGV[a + 1])
-  else
+  elseif waited then
     redis.call('PUBLISH', ARGV[a + 3], 's')
   end
   return 1

@@ -18,14 +18,14 @@ The paths, in the order of their cost:
   `GET`, `CLAIM`, `STORE` (tests/test_redis_miss_path.py counts them). The lease holder (the
   leader) computes, renewing the lease every `lease_ttl / 3` from the store's renewer thread
   (sync) or a task (async), then one `STORE` script writes the entry *only if the lease is
-  still its own*, ends the lease and publishes a wake-up, which carries the entry itself when
-  somebody waits for that lease and it is small (`PUSH_MAX`). Everyone else waits: registered
-  with the listener first, then checking again (`CLAIM` also reports a fresh entry, or the
-  failure of the leader it waited for), then sleeping until a wake-up, at most `wait_check`
-  seconds or until the lease would run out. A wake-up carrying the entry of the awaited lease
-  is the answer, with no further round trip; any other wake-up means `CLAIM` again. When the
-  lease vanished without an entry (the leader died, or was fenced), `CLAIM` hands it to
-  exactly one of them. Nobody polls in a tight loop.
+  still its own*, ends the lease and, only when somebody waits for that lease, publishes a
+  wake-up, which carries the entry itself when it is small (`PUSH_MAX`). Everyone else
+  waits: registered with the listener first, then checking again (`CLAIM` also reports a
+  fresh entry, or the failure of the leader it waited for), then sleeping until a wake-up,
+  at most `wait_check` seconds or until the lease would run out. A wake-up carrying the
+  entry of the awaited lease is the answer, with no further round trip; any other wake-up
+  means `CLAIM` again. When the lease vanished without an entry (the leader died, or was
+  fenced), `CLAIM` hands it to exactly one of them. Nobody polls in a tight loop.
 * early refresh (`fill(..., refresh=True)`, the caller holds a fresh entry): `CLAIM` takes a
   free lease whatever is stored; when somebody holds it already, it returns the stored entry
   and the caller neither computes nor waits (see `lease`).
