@@ -151,3 +151,40 @@ def test_renewal_stops_only_when_the_lease_is_not_ours() -> None:
     assert after_renewal(1) and after_renewal(True)
     assert after_renewal(ConnectionError("down"))  # the lease may outlive the outage
     assert not after_renewal(0) and not after_renewal(None)
+
+
+# -- the renewer thread's schedule (real threads, no Redis) ------------------------------------
+
+
+def test_a_lease_added_while_the_renewer_lingers_is_renewed_in_time() -> None:
+    """The renewer is not woken when a lease is added while it lingers after the last one
+    went (a stream of short misses must not wake it each time); the new lease, due later
+    than the end of the linger, is still renewed every interval."""
+    import threading
+    import time
+
+    from coalesce.stores.redis.lease import Lease, Renewer
+
+    renewed: list[tuple[str, float]] = []
+    second = threading.Event()
+
+    def renew(lease: Lease) -> bool:
+        renewed.append((lease.token, time.monotonic()))
+        if sum(token == "b" for token, _ in renewed) >= 2:
+            second.set()
+        return True
+
+    renewer = Renewer(renew, 0.1, "test-renewer")
+    try:
+        for token in ("x", "y", "z"):  # short computations: gone long before their renewal
+            renewer.add(Lease("k", "k:lease", token, []))
+            renewer.remove(token)
+        time.sleep(0.05)  # the thread lingers now, not idle
+        added = time.monotonic()
+        renewer.add(Lease("k", "k:lease", "b", []))
+        assert second.wait(10), "a lease added during the linger was never renewed"
+        times = [at for token, at in renewed if token == "b"]
+        assert times[0] >= added + 0.1  # not before its interval
+        assert all(token == "b" for token, _ in renewed)  # removed leases are never renewed
+    finally:
+        renewer.close()

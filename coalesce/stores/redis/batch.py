@@ -331,15 +331,9 @@ class Batches:
         generation = self._listener.generation  # before the write: see `NearCache.remember`
         stored = self._conn.script(STORE_MANY, keys, args)
         for (key, entry), ok, (tag_keys, tag_args) in zip(group, stored, separate, strict=True):
-            if entry is None:
-                continue
-            if not ok:
-                self.counts["fenced"] += 1
-                continue
-            for tag_key in tag_keys:
-                self._conn.script(TAG, [tag_key], tag_args)
-            if self._near is not None:
-                self._near.remember(key, entry, generation)
+            if entry is not None and self.leases.stored(key, entry, ok, generation):
+                for tag_key in tag_keys:
+                    self._conn.script(TAG, [tag_key], tag_args)
 
     def _release(self, leases: list[Lease], plan: _Plan) -> None:
         for lease in leases:
@@ -470,15 +464,9 @@ class Batches:
         generation = self._listener.generation
         stored = await self._conn.ascript(STORE_MANY, keys, args)
         for (key, entry), ok, (tag_keys, tag_args) in zip(group, stored, separate, strict=True):
-            if entry is None:
-                continue
-            if not ok:
-                self.counts["fenced"] += 1
-                continue
-            for tag_key in tag_keys:
-                await self._conn.ascript(TAG, [tag_key], tag_args)
-            if self._near is not None:
-                self._near.remember(key, entry, generation)
+            if entry is not None and self.leases.stored(key, entry, ok, generation):
+                for tag_key in tag_keys:
+                    await self._conn.ascript(TAG, [tag_key], tag_args)
 
     # -- shared --------------------------------------------------------------------------------
 

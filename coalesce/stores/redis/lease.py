@@ -155,11 +155,16 @@ class Renewer:
     A thread per computation would be started (and waited for: `Thread.start` blocks until it
     runs) between taking the lease and computing, on every miss; this one starts once. `add`
     and `remove` are a dict update under `_cond`; the thread is woken only when it sleeps
-    without a deadline. Every lease is renewed `interval` seconds after it was added or last
+    without a deadline, which it does only after a whole `interval` without any lease added:
+    a stream of short computations (each removed long before its renewal) wakes it about once
+    per interval, not once per miss. (Waking it is never needed otherwise: a lease added later
+    is due later than every lease already there, and the lingering thread looks again within
+    an interval.) Every lease is renewed `interval` seconds after it was added or last
     renewed, until removed or no longer ours. Renewals run one after the other, outside the
     lock: a slow Redis delays the others by at most its socket timeout, well inside a lease.
 
-    Concurrency contract: `_leases`, `_idle`, `_thread` and `_closed` are guarded by `_cond`.
+    Concurrency contract: `_leases`, `_adds`, `_idle`, `_thread` and `_closed` are guarded by
+    `_cond`.
     """
 
     def __init__(self, renew: Callable[[Lease], bool], interval: float, name: str) -> None:
@@ -176,12 +181,14 @@ class Renewer:
         self._leases: dict[str, tuple[Lease, float]] = {}  # token -> (lease, renew at)
         self._thread: threading.Thread | None = None
         self._idle = True  # sleeping without a deadline: `add` must wake it
+        self._adds = 0  # leases added so far (the thread lingers while this moves)
 
     def add(self, lease: Lease) -> None:
         due = time.monotonic() + self._interval
         token = lease.token
         with self._cond:
             self._leases[token] = (lease, due)
+            self._adds += 1
             thread = self._thread
             if (thread is None or not thread.is_alive()) and not self._closed:
                 # first use (or a forked child, where the parent's thread does not exist)
@@ -202,12 +209,17 @@ class Renewer:
             self._cond.notify()
 
     def _run(self) -> None:
+        seen = -1  # `_adds` when the thread last found no lease
         with self._cond:
             while not self._closed:
                 if not self._leases:
-                    self._idle = True
-                    self._cond.wait()
-                    self._idle = False
+                    if self._adds == seen:  # none added for a whole interval: sleep until one is
+                        self._idle = True
+                        self._cond.wait()
+                        self._idle = False
+                    else:  # linger: leases added meanwhile are due after it ends
+                        seen = self._adds
+                        self._cond.wait(self._interval)
                     continue
                 token, (lease, due) = min(self._leases.items(), key=lambda item: item[1][1])
                 now = time.monotonic()
@@ -349,14 +361,9 @@ class Leases:
             return False
         keys, args, separate = plan
         generation = self.listener.generation  # before the write: see `NearCache.remember`
-        stored = bool(self.conn.script(STORE, keys, args))
-        if stored:
-            for tag_key in separate:
-                self.conn.script(TAG, [tag_key], self.tag_args(key, args[5], args[6], token))
-            if self.near is not None:
-                self.near.remember(key, entry, generation)
-        else:
-            self.counts["fenced"] += 1
+        stored = self.stored(key, entry, self.conn.script(STORE, keys, args), generation)
+        for tag_key in separate if stored else ():
+            self.conn.script(TAG, [tag_key], self.tag_args(key, args[5], args[6], token))
         return stored
 
     async def astore(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
@@ -367,15 +374,20 @@ class Leases:
             return False
         keys, args, separate = plan
         generation = self.listener.generation  # before the write: see `NearCache.remember`
-        stored = bool(await self.conn.ascript(STORE, keys, args))
-        if stored:
-            for tag_key in separate:
-                await self.conn.ascript(TAG, [tag_key], self.tag_args(key, args[5], args[6], token))
-            if self.near is not None:
-                self.near.remember(key, entry, generation)
-        else:
-            self.counts["fenced"] += 1
+        stored = self.stored(key, entry, await self.conn.ascript(STORE, keys, args), generation)
+        for tag_key in separate if stored else ():
+            await self.conn.ascript(TAG, [tag_key], self.tag_args(key, args[5], args[6], token))
         return stored
+
+    def stored(self, key: str, entry: Entry, answer: Any, generation: int) -> bool:
+        """After `STORE` answered `answer` for `key`: keep the entry in the near cache (read
+        `generation` before the write, see `NearCache.remember`), or count it fenced."""
+        if not answer:
+            self.counts["fenced"] += 1
+            return False
+        if self.near is not None:
+            self.near.remember(key, entry, generation)
+        return True
 
     @staticmethod
     def tag_args(key: str, score: str, now: str, token: str) -> list[str]:
