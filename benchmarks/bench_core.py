@@ -2,6 +2,7 @@
 
     python benchmarks/bench_core.py           # about 30 s; writes benchmarks/results/core.md
     python benchmarks/bench_core.py --quick   # a few seconds, noisier
+    python benchmarks/bench_core.py --only misses   # one table, printed, no file written
 
 Every number is the median of several repeats, the repeats of the cases in one table
 interleaved. PASS/FAIL compares with the goals of issue 2 and is information only: the
@@ -450,6 +451,13 @@ def bench_stampedes(settings: Settings) -> tuple[str, dict[str, float]]:
 
 # -- main ------------------------------------------------------------------------------------
 
+TABLES: dict[str, Callable[[Settings], tuple[str, dict[str, float]]]] = {
+    "sync-hits": bench_sync_hits,
+    "async-hits": lambda settings: asyncio.run(bench_async_hits(settings)),
+    "misses": bench_misses,
+    "stampedes": bench_stampedes,
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -457,12 +465,22 @@ def main() -> None:
     parser.add_argument(
         "--output", type=Path, default=RESULTS / "core.md", help="where to write the table"
     )
+    parser.add_argument(
+        "--only",
+        choices=sorted(TABLES),
+        help="run one table and print it (for comparing changes; writes no file)",
+    )
     args = parser.parse_args()
     settings = (
         Settings(repeat=3, target_s=0.02, stampede_runs=2)
         if args.quick
         else Settings(repeat=7, target_s=0.25, stampede_runs=5)
     )
+    if args.only is not None:
+        table, ratios = TABLES[args.only](settings)
+        print(table)
+        print(", ".join(f"{name}: {fmt_ratio(ratio)}" for name, ratio in ratios.items()))
+        return
 
     sync_table, sync_ratios = bench_sync_hits(settings)
     async_table, async_ratios = asyncio.run(bench_async_hits(settings))

@@ -283,6 +283,16 @@ def test_eviction_is_lru_whatever_the_ttls() -> None:
     assert sorted(store.keys()) == ["a", "f"]
 
 
+def test_len_and_stats_count_only_live_entries(timed: MemoryStore, clock: FakeClock) -> None:
+    timed.set("a", Entry(1, clock.now, 10.0, tags=("t",)))
+    timed.set("b", Entry(2, clock.now, 60.0))
+    clock.advance(30.0)  # no write since: "a" may linger, but no count sees it
+    assert len(timed) == 1
+    assert timed.stats() == {"entries": 1, "maxsize": 100, "tags": 0}
+    assert timed.keys() == ["b"]
+    assert timed.get("a") is None  # counting swept it out
+
+
 # ---------------------------------------------------------------------------------------
 # LRU
 
