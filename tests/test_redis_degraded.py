@@ -391,7 +391,9 @@ async def test_failed_reconnects_during_an_outage_do_not_detach_its_computation(
     _wait_until(lambda: listener.resets != resets)  # the drop (which detaches, by design)
     target[0] = listener.resets + 2  # two failed attempts to reconnect
     callers = [asyncio.create_task(a())]
+    deadline = time.monotonic() + 10
     while not callers[0].done():
+        assert time.monotonic() < deadline, "the listener stopped trying to reconnect"
         callers.append(asyncio.create_task(a()))
         await asyncio.sleep(0.005)
     assert await asyncio.wait_for(asyncio.gather(*callers), 10) == ["value"] * len(callers)
