@@ -222,10 +222,14 @@ class _AsyncFlight:
     """One computation in flight, running on the event loop of the caller that started it.
 
     Callers never await the task itself: the task settles the flight as its last step
-    (`settle_value`, `settle_error`), copying its outcome into `result` (for callers on the
-    task's loop) and, for callers on other loops, into `outcome`, a
+    (`settle_value`, `settle_error`), setting the outcome on each waiting caller's own
+    future (`waiting`: callers on the task's loop; a caller cancelled meanwhile cancelled
+    its own, and is skipped) and, for callers on other loops, on `outcome`, a
     `concurrent.futures.Future` made by the first of them (most flights have none); a task
-    cancelled before its first step is settled by its done-callback (`settle`). A cancelled
+    cancelled before its first step is settled by its done-callback (`settle`). A future
+    per caller, set directly, resumes each caller in the next loop iteration; one shared
+    future awaited through `asyncio.shield` would take two more (its callback, then the
+    shield's). A cancelled
     computation (or one interrupted by `KeyboardInterrupt` / `SystemExit`, which escape the
     event loop itself) is turned into `_Cancelled`: its callers start over. So a
     `CancelledError` a caller receives is always its own, and telling the two apart needs no
@@ -238,19 +242,19 @@ class _AsyncFlight:
         "_settled",
         "fence",
         "loop",
-        "result",
         "task",
         "timed_out",
         "trace",
         "waiters",
+        "waiting",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fence: Fence) -> None:
         self.task: asyncio.Task[Any]  # the shared computation; cancelled only when nobody
         # waits; set by `AsyncFlights._start` right after, before any caller sees the flight
-        self.loop = loop  # the task's loop: only it may touch `task` and `result`
+        self.loop = loop  # the task's loop: only it may touch `task` and `waiting`
         self.fence = fence
-        self.result: asyncio.Future[Any] = loop.create_future()
+        self.waiting: list[asyncio.Future[Any]] = []  # one per caller on `loop`
         self.waiters = 0  # callers awaiting the outcome; guarded by `AsyncFlights._lock`
         self.timed_out = False  # a caller left on its timeout: never cancel; likewise
         self._lock = threading.Lock()  # guards _outcome and _settled
@@ -264,13 +268,16 @@ class _AsyncFlight:
         return self._settled is not None
 
     def settle_value(self, value: Any) -> None:
-        self.result.set_result(value)
         self._settle(value, None)
+        for waiter in self.waiting:
+            if not waiter.done():  # else cancelled with its caller
+                waiter.set_result(value)
 
     def settle_error(self, error: BaseException) -> None:
-        self.result.set_exception(error)
-        self.result.exception()  # retrieved: nobody may be left to await it
         self._settle(None, error)
+        for waiter in self.waiting:
+            if not waiter.done():
+                waiter.set_exception(error)
 
     def settle(self, task: asyncio.Task[Any]) -> None:
         """Settle from the ended task (its done-callback, when it never ran a step)."""
@@ -302,7 +309,15 @@ class _AsyncFlight:
         Raises `_Cancelled` when the computation was cancelled.
         """
         if loop is self.loop:
-            return await asyncio.shield(self.result)
+            settled = self._settled
+            if settled is not None:  # ended before this caller came to wait
+                value, error = settled
+                if error is not None:
+                    raise error
+                return value
+            waiter = loop.create_future()  # cancelled with this caller alone
+            self.waiting.append(waiter)
+            return await waiter
         return await asyncio.shield(asyncio.wrap_future(self._outcome_for_other_loops()))
 
     def cancel(self) -> None:
@@ -318,9 +333,10 @@ class AsyncFlights:
     """Single-flight for asyncio, across the event loops of one process.
 
     The computation runs as a task on the loop of the caller that started it. Callers on
-    that loop await its `result`; callers on other loops (other threads) await a
-    `concurrent.futures.Future` the task's outcome is copied into when it ends. Should the
-    starting loop shut down first, the task is cancelled and those callers start over.
+    that loop await a future of their own, which the task sets; callers on other loops
+    (other threads) await a `concurrent.futures.Future` the task's outcome is copied into
+    when it ends. Should the starting loop shut down first, the task is cancelled and those
+    callers start over.
     """
 
     def __init__(self) -> None:

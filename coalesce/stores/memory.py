@@ -134,15 +134,17 @@ class MemoryStore(Store):
             if fence is not None and not fence.valid:
                 return False
             now = self.clock()
-            if self._writes * 4 >= len(self._index):
+            if now >= self._next_expiry and self._writes * 4 >= len(self._index):
                 self._sweep(now)
             self._writes += 1
-            self._replay_reads()
+            if self._touched:
+                self._replay_reads()
             kept_until = entry.kept_until
             if kept_until <= now:  # already past its stale windows: replaces the key by nothing
                 self._remove(key)
                 return True
-            self._forget(key)
+            if key in self._index:
+                self._forget(key)
             self._lru[key] = entry  # evicts the least recently used key when full
             self._index[key] = entry
             for tag in entry.tags:
