@@ -37,7 +37,7 @@ from redis.crc import key_slot
 from coalesce.entry import Entry
 from coalesce.stores.base import Fence
 from coalesce.stores.redis.lease import Call, Keys, Lease, Leases
-from coalesce.stores.redis.listener import AsyncWaiter, ThreadWaiter
+from coalesce.stores.redis.listener import AsyncWaiter, Listener, ThreadWaiter
 from coalesce.stores.redis.scripts import (
     CLAIM,
     CLAIM_CHECK,
@@ -72,6 +72,23 @@ class _Plan:
             )
             for key, k in self.keys.items()
         }
+
+
+class _Claims:
+    """What the `CLAIM_MANY` replies of one `fill_many` call said, key by key (that call's)."""
+
+    __slots__ = ("lead", "outcomes", "wait")
+
+    def __init__(self) -> None:
+        self.outcomes: Outcomes = {}  # entries found (stored, fresh)
+        self.lead: list[str] = []  # leases taken
+        self.wait: dict[str, tuple[str, float]] = {}  # key -> (lease holder, seconds)
+
+    def settle(self, listener: Listener, waiters: dict[str, Any]) -> tuple[list[str], Outcomes]:
+        """Unregister the waiters of the keys not waiting; (keys to lead, outcomes so far)."""
+        for key in (*self.lead, *self.outcomes):
+            listener.remove(key, waiters[key])
+        return self.lead, self.outcomes
 
 
 class Batches:
@@ -196,24 +213,27 @@ class Batches:
         return keys, args, separate
 
     def _sort_claims(
-        self,
-        group: list[str],
-        replies: list[Any],
-        outcomes: Outcomes,
-        lead: list[str],
-        wait: dict[str, tuple[str, float]],
-        again: list[str],
-    ) -> None:
-        for key, reply in zip(group, replies, strict=True):
-            step, claim = self.leases.claim_step(key, reply, _CHECKING)
-            if step.kind == LEAD:
-                lead.append(key)
-            elif step.kind == ENTRY:
-                outcomes[key] = self.leases.serve(step.entry)
-            elif step.kind == WAIT:
-                wait[key] = (claim.seen, step.seconds)
-            else:
-                again.append(key)  # stale, corrupt or foreign: claim without it
+        self, groups: list[list[str]], replies: list[Any], claims: _Claims
+    ) -> list[str]:
+        """Sort each key by its `CLAIM_MANY` reply (`replies`: one list per group); return
+        the keys to claim again without the check (stale, corrupt or foreign entries)."""
+        again: list[str] = []
+        for group, group_replies in zip(groups, replies, strict=True):
+            for key, reply in zip(group, group_replies, strict=True):
+                step, claim = self.leases.claim_step(key, reply, _CHECKING)
+                if step.kind == LEAD:
+                    claims.lead.append(key)
+                elif step.kind == ENTRY:
+                    claims.outcomes[key] = self.leases.serve(step.entry)
+                elif step.kind == WAIT:
+                    claims.wait[key] = (claim.seen, step.seconds)
+                else:
+                    again.append(key)
+        return again
+
+    def _claim_group(self, group: list[str], plan: _Plan, mode: str) -> Any:
+        script_keys, args = self._claim_many_args(group, plan, mode, self._now_ms())
+        return self._conn.script(CLAIM_MANY, script_keys, args)
 
     def _alone(self, key: str, holder: str, tags: tuple[str, ...]) -> Call:
         """For `_claim_alone`: a caller of `key` alone that waited for lease `holder`."""
@@ -241,23 +261,15 @@ class Batches:
         for key, waiter in waiters.items():
             self._listener.add(key, waiter)  # subscribe first ...
         try:
-            outcomes: Outcomes = {}
-            lead: list[str] = []
-            wait: dict[str, tuple[str, float]] = {}
-            again: list[str] = []
-            for group in self._groups(keys):
-                script_keys, args = self._claim_many_args(group, plan, CLAIM_CHECK, self._now_ms())
-                replies = self._conn.script(CLAIM_MANY, script_keys, args)  # ... then check
-                self._sort_claims(group, replies, outcomes, lead, wait, again)
-            for group in self._groups(again) if again else []:
-                script_keys, args = self._claim_many_args(group, plan, CLAIM_ONLY, self._now_ms())
-                replies = self._conn.script(CLAIM_MANY, script_keys, args)
-                self._sort_claims(group, replies, outcomes, lead, wait, [])
-            for key in (*lead, *outcomes):
-                self._listener.remove(key, waiters[key])
+            claims, todo = _Claims(), keys
+            for mode in (CLAIM_CHECK, CLAIM_ONLY):  # ... then check; claim the stale again
+                groups = self._groups(todo) if todo else []
+                replies = [self._claim_group(group, plan, mode) for group in groups]
+                todo = self._sort_claims(groups, replies, claims)
+            lead, outcomes = claims.settle(self._listener, waiters)
             if lead:
                 outcomes.update(self._lead_many(lead, plan, compute, fences))
-            for key, (holder, seconds) in wait.items():
+            for key, (holder, seconds) in claims.wait.items():
                 entry = self.leases.pushed(key, waiters[key].wait(seconds), holder)
                 self._listener.remove(key, waiters[key])
                 if entry is not None:
@@ -360,23 +372,15 @@ class Batches:
         for key, waiter in waiters.items():
             self._listener.add(key, waiter)  # subscribe first ...
         try:
-            outcomes: Outcomes = {}
-            lead: list[str] = []
-            wait: dict[str, tuple[str, float]] = {}
-            again: list[str] = []
-            groups = self._groups(keys)
-            claimed = await self._aclaim(groups, plan, CLAIM_CHECK)  # ... then check
-            for group, replies in zip(groups, claimed, strict=True):
-                self._sort_claims(group, replies, outcomes, lead, wait, again)
-            groups = self._groups(again) if again else []
-            claimed = await self._aclaim(groups, plan, CLAIM_ONLY)
-            for group, replies in zip(groups, claimed, strict=True):
-                self._sort_claims(group, replies, outcomes, lead, wait, [])
-            for key in (*lead, *outcomes):
-                self._listener.remove(key, waiters[key])
+            claims, todo = _Claims(), keys
+            for mode in (CLAIM_CHECK, CLAIM_ONLY):  # ... then check; claim the stale again
+                groups = self._groups(todo) if todo else []
+                replies = await self._aclaim(groups, plan, mode)  # a cluster's groups at once
+                todo = self._sort_claims(groups, replies, claims)
+            lead, outcomes = claims.settle(self._listener, waiters)
             if lead:
                 outcomes.update(await self._alead_many(lead, plan, compute, fences))
-            for key, (holder, seconds) in wait.items():
+            for key, (holder, seconds) in claims.wait.items():
                 entry = self.leases.pushed(key, await waiters[key].wait(seconds), holder)
                 self._listener.remove(key, waiters[key])
                 if entry is not None:

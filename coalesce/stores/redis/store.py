@@ -436,28 +436,15 @@ class RedisStore(Store):
 
     # -- computing: the lease protocol (`lease`) and batches (`batch`) --------------------------
 
-    def fill(
-        self,
-        key: str,
-        compute: Callable[[], Entry],
-        *,
-        fence: Fence,
-        tags: tuple[str, ...] = (),
-        refresh: bool = False,
-    ) -> Entry:
+    # The options are `Store`'s (fence, tags, refresh; fences, tags), passed on unchanged.
+    def fill(self, key: str, compute: Callable[[], Entry], **options: Any) -> Entry:
         """Compute `key` once across every process sharing this Redis (see `lease`)."""
-        return self._leases.fill(key, compute, fence=fence, tags=tags, refresh=refresh)
+        return self._leases.fill(key, compute, **options)
 
     async def afill(
-        self,
-        key: str,
-        compute: Callable[[], Awaitable[Entry]],
-        *,
-        fence: Fence,
-        tags: tuple[str, ...] = (),
-        refresh: bool = False,
+        self, key: str, compute: Callable[[], Awaitable[Entry]], **options: Any
     ) -> Entry:
-        return await self._leases.afill(key, compute, fence=fence, tags=tags, refresh=refresh)
+        return await self._leases.afill(key, compute, **options)
 
     def get_many(self, keys: list[str]) -> list[Entry | None]:
         """The near cache, then one `MGET` (per slot on a cluster) for the rest."""
@@ -467,25 +454,15 @@ class RedisStore(Store):
         return await self._batches.aget_many(keys)
 
     def fill_many(
-        self,
-        keys: list[str],
-        compute: Callable[[list[str]], Outcomes],
-        *,
-        fences: dict[str, Fence],
-        tags: dict[str, tuple[str, ...]],
+        self, keys: list[str], compute: Callable[[list[str]], Outcomes], **options: Any
     ) -> Outcomes:
         """Compute each key once across every process sharing this Redis (see `batch`)."""
-        return self._batches.fill_many(keys, compute, fences=fences, tags=tags)
+        return self._batches.fill_many(keys, compute, **options)
 
     async def afill_many(
-        self,
-        keys: list[str],
-        compute: Callable[[list[str]], Awaitable[Outcomes]],
-        *,
-        fences: dict[str, Fence],
-        tags: dict[str, tuple[str, ...]],
+        self, keys: list[str], compute: Callable[[list[str]], Awaitable[Outcomes]], **options: Any
     ) -> Outcomes:
-        return await self._batches.afill_many(keys, compute, fences=fences, tags=tags)
+        return await self._batches.afill_many(keys, compute, **options)
 
     # -- delete, tags --------------------------------------------------------------------------
 
