@@ -411,8 +411,9 @@ class Leases:
         return min(0.5, self.lease_ms / 3000)
 
     def claim_keys(self, k: Keys, tag_keys: list[str]) -> list[str]:
+        """KEYS of `CLAIM` (see `scripts.CLAIM`)."""
         keys = [k.entry, k.lease, k.failed, k.waiters, k.handed]
-        return keys if self.cluster else keys + tag_keys  # cluster: `_claim_tags`
+        return keys if self.cluster else keys + tag_keys  # cluster: `claim_tags`
 
     def claim_args(self, call: Call) -> list[Any]:
         """ARGV of `CLAIM` for `call` (see `scripts.CLAIM`)."""
@@ -486,6 +487,7 @@ class Leases:
         return decode
 
     def serve(self, entry: Entry | None) -> Entry:
+        """An entry read from Redis (a step's ENTRY), frozen for this process's callers."""
         assert entry is not None
         return freeze_entry(entry, self.serializer)
 

@@ -237,7 +237,7 @@ return 1
 #: KEYS: one tag set. ARGV: "1" to only raise scores (else set them), now ms, then member,
 #: score pairs. On a cluster, where tag sets lie on other slots than their entries, this
 #: records what `CLAIM`, `RENEW` and `STORE` record themselves on one server; `delete_tag`
-#: also uses it to put back members it could not delete.
+#: also uses it to put back members it could not delete. Returns 1.
 TAG = Script.of(
     "tag",
     _ADD_TAG
@@ -296,6 +296,7 @@ return n
 )
 
 #: KEYS: lease. ARGV: token, channel. Ends our lease (if still ours) and wakes the waiters.
+#: Returns 1 if it was ours, else 0.
 RELEASE = Script.of(
     "release",
     """
@@ -339,7 +340,8 @@ return 1
 )
 
 #: KEYS: lease, failed. ARGV: token, marker, marker ms, channel. The leader's computation
-#: raised: leave a short-lived marker for the waiters, end the lease and wake them.
+#: raised: leave a short-lived marker for the waiters, end the lease and wake them. Returns 1
+#: if the lease was still ours, else 0 (nothing written).
 FAIL = Script.of(
     "fail",
     """
@@ -355,6 +357,7 @@ return 0
 
 #: KEYS: lease, tag sets... ARGV: token, lease ms, member, lease expiry (ms), now ms.
 #: Extends our lease while we compute, and the key's membership in its tag sets with it.
+#: Returns 1 while the lease is ours, else 0 (the renewer stops, see `steps.after_renewal`).
 RENEW = Script.of(
     "renew",
     _ADD_TAG
