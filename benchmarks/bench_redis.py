@@ -517,7 +517,8 @@ def bench_sync_misses(server: RedisServer, settings: Settings) -> Section:
         "Every call passes a new user id: a miss that computes and stores a small flat dict. "
         "Round trips are counted through MONITOR (commands run by Lua scripts left out): raw "
         "GET + SET, coalesce GET + CLAIM + STORE (the lease taken and the entry checked in "
-        "one script, the write fenced by the lease, the wake-up published)."
+        "one script, the write fenced by the lease; a wake-up is published only when "
+        "somebody waits for the lease, so none here)."
     )
     return Section(
         "Redis miss, sync (every call a new key)",
