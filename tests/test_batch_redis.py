@@ -23,7 +23,7 @@ import pytest
 import redis
 import test_redis_miss_path as miss_path
 from redis_servers import RedisCluster, RedisServer
-from test_batch import BOUND, run_thread, wait_until
+from test_batch import BOUND, Boom, await_until, run_thread, wait_until
 from test_redis_miss_path import Commands
 
 from coalesce import BackendError, Cache, LeaderFailedError
@@ -231,6 +231,101 @@ def test_a_failing_remote_batch_reaches_the_callers_waiting_on_its_ids(
     assert isinstance(out_b[0], LeaderFailedError) and "down" in str(out_b[0])
     assert users_b([2, 3]) == {2: 2, 3: 3}  # a later caller computes afresh
     assert calls == [[3], [2]]
+
+
+def test_an_error_reaches_only_the_callers_of_the_batch_that_raised(redis_caches: Caches) -> None:
+    """This process's batch raises for [1, 2], whose id 1 another process computes: a caller
+    waiting here on id 1 alone gets the other process's value, not this batch's error."""
+    a, b = redis_caches(), redis_caches()
+    source_a = Source(block=1, value="a")
+    users_a = a.cached_many(key="user:{}", ttl=60)(source_a)
+    first, out_a = run_thread(lambda: users_a([1]))
+    assert source_a.entered.wait(BOUND)
+
+    async def main() -> None:
+        go = asyncio.Event()
+        entered: list[list[int]] = []
+
+        @b.cached_many(key="user:{}", ttl=60)
+        async def users_b(ids: list[int]) -> dict[int, str]:
+            entered.append(list(ids))
+            await go.wait()
+            raise Boom(ids)
+
+        both = asyncio.create_task(users_b([1, 2]))  # leads 1 and 2 here; 1 waits for a
+        await await_until(lambda: entered == [[2]] and _store(b).counts["waits"] == 1)
+        one = asyncio.create_task(users_b([1]))  # joins this process's flight of 1
+        await await_until(lambda: users_b.stats()["misses"] == 3)
+        go.set()
+        source_a.release.set()
+        assert await one == {1: "a1"}
+        with pytest.raises(Boom):
+            await both
+
+    asyncio.run(main())
+    first.join(BOUND)
+    assert out_a == [{1: "a1"}]
+
+
+def test_a_sync_batch_error_reaches_only_its_ids(redis_caches: Caches) -> None:
+    a, b = redis_caches(), redis_caches()
+    source_a = Source(block=1, value="a")
+    users_a = a.cached_many(key="user:{}", ttl=60)(source_a)
+    first, _ = run_thread(lambda: users_a([1]))
+    assert source_a.entered.wait(BOUND)
+    entered, go = threading.Event(), threading.Event()
+
+    def failing(ids: list[int]) -> dict[int, str]:
+        entered.set()
+        assert go.wait(BOUND)
+        raise Boom(ids)
+
+    users_b = b.cached_many(key="user:{}", ttl=60)(failing)
+    both, out_both = run_thread(lambda: users_b([1, 2]))
+    assert entered.wait(BOUND)
+    one, out_one = run_thread(lambda: users_b([1]))
+    wait_until(lambda: _joined(b, "user:1"))
+    go.set()
+    source_a.release.set()
+    for thread in (first, both, one):
+        thread.join(BOUND)
+    assert out_one == [{1: "a1"}]
+    assert isinstance(out_both[0], Boom)
+
+
+def test_a_failed_remote_leader_reaches_only_the_callers_of_its_id(redis_caches: Caches) -> None:
+    """Id 1's leader elsewhere fails: `LeaderFailedError` reaches the callers of id 1 here,
+    while a caller of id 2 alone, computed by the same batch here, gets its value."""
+    a, b = redis_caches(), redis_caches()
+    entered, release = threading.Event(), threading.Event()
+
+    def failing(ids: list[int]) -> dict[int, str]:
+        entered.set()
+        assert release.wait(BOUND)
+        raise RuntimeError("down")
+
+    users_a = a.cached_many(key="user:{}")(failing)
+    first, _ = run_thread(lambda: users_a([1]))
+    assert entered.wait(BOUND)
+    source_b = Source(block=2, value="b")
+    users_b = b.cached_many(key="user:{}")(source_b)
+    both, out_both = run_thread(lambda: users_b([1, 2]))
+    assert source_b.entered.wait(BOUND)
+    two, out_two = run_thread(lambda: users_b([2]))
+    wait_until(lambda: _joined(b, "user:2"))
+    release.set()
+    first.join(BOUND)
+    source_b.release.set()
+    both.join(BOUND)
+    two.join(BOUND)
+    assert out_two == [{2: "b2"}]
+    assert isinstance(out_both[0], LeaderFailedError)
+
+
+def _joined(cache: Cache, key: str) -> bool:
+    """Whether a thread waits on this process's flight of `key`."""
+    flight = cache.batch_flights._flights.get(cache.prefix + key)
+    return flight is not None and bool(flight.outcome._condition._waiters)  # type: ignore[attr-defined]
 
 
 def test_absent_ids_release_their_leases_and_cache_missing_stores_them(

@@ -43,6 +43,17 @@ class Abandoned(Exception):
     """The batch computing an id left without an outcome: its waiters start over."""
 
 
+class PartlyFailed(Exception):
+    """Raised by a store's `fill_many` when some of its keys failed and the others did not:
+    an exception reaches exactly the callers of the keys it belongs to (the batch that
+    raised, or the leader elsewhere that failed), never those of the other keys."""
+
+    def __init__(self, outcomes: dict[str, Entry | None], errors: dict[str, Exception]):
+        super().__init__(next(iter(errors.values())))
+        self.outcomes = outcomes  # the keys that did not fail
+        self.errors = errors  # failed key -> its exception, this batch's first
+
+
 class IdFlight:
     """The computation of one id, part of one batch."""
 

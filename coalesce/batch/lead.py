@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from coalesce.batch.flights import Abandoned, IdFlight, owner_here, settled
+from coalesce.batch.flights import Abandoned, IdFlight, PartlyFailed, owner_here, settled
 from coalesce.batch.policy import BatchPolicy, is_absent
 from coalesce.entry import Entry
 from coalesce.errors import BackendError, ConfigurationError
@@ -78,17 +78,21 @@ def _lead(
     failed: bool,
 ) -> Outcomes:
     done: Outcomes = {}
-    error: BaseException = Abandoned()
+    errors: dict[str, BaseException] = {}
     try:
         todo = _checked_again(cache, led, failed, done)
         if todo:
             done.update(_fill(cache, policy, todo, led, by_key, failed))
         return done
+    except PartlyFailed as exc:  # some ids failed: this caller waited on them all
+        done.update(exc.outcomes)
+        errors.update(exc.errors)
     except Exception as exc:
-        error = exc
+        errors.update(dict.fromkeys(led, exc))
         raise
     finally:
-        _settle(cache, led, done, error)
+        _settle(cache, led, done, errors)
+    raise next(iter(errors.values()))
 
 
 def _fill(
@@ -180,17 +184,21 @@ async def _alead(
     failed: bool,
 ) -> Outcomes:
     done: Outcomes = {}
-    error: BaseException = Abandoned()
+    errors: dict[str, BaseException] = {}
     try:
         todo = _checked_again(cache, led, failed, done)
         if todo:
             done.update(await _afill(cache, policy, todo, led, by_key, failed))
         return done
+    except PartlyFailed as exc:  # some ids failed: this caller waited on them all
+        done.update(exc.outcomes)
+        errors.update(exc.errors)
     except Exception as exc:
-        error = exc
+        errors.update(dict.fromkeys(led, exc))
         raise
     finally:
-        _settle(cache, led, done, error)
+        _settle(cache, led, done, errors)
+    raise next(iter(errors.values()))
 
 
 async def _afill(
@@ -272,14 +280,17 @@ def _checked_again(
     return [key for key in led if key not in done]
 
 
-def _settle(cache: Cache, led: dict[str, IdFlight], done: Outcomes, error: BaseException) -> None:
-    """Take the led flights off the table, then hand each its outcome or `error`."""
+def _settle(
+    cache: Cache, led: dict[str, IdFlight], done: Outcomes, errors: dict[str, BaseException]
+) -> None:
+    """Take the led flights off the table, then hand each its outcome, its own error, or
+    `Abandoned` (the batch left without either: an interrupt, a cancellation)."""
     cache.batch_flights.finish(led)
     for key, flight in led.items():
         if key in done:
             flight.settle(done[key])
         else:
-            flight.settle(error=error)
+            flight.settle(error=errors.get(key) or Abandoned())
 
 
 def _remember(cache: Cache, outcomes: Outcomes, fences: dict[str, Any]) -> Outcomes:

@@ -13,9 +13,11 @@
   like single keys: the holder's `STORE` pushes the entry to the waiter registered for it;
   anything else (a marker, a timeout) sends that key to one `CLAIM` of its own that knows
   the lease it waited for, exactly as a single key's waiter: the failure of that leader
-  raises `LeaderFailedError` (the exception reaches every caller waiting on the id), its
-  handed entry is taken, a free lease is led alone, a lease still held is waited for
-  through the single-key `fill`.
+  raises `LeaderFailedError` for that key, its handed entry is taken, a free lease is led
+  alone, a lease still held is waited for through the single-key `fill`.
+* An exception belongs to the keys it was raised for: when this call's computation raises,
+  or a leader elsewhere failed, the other keys are still waited for, and `PartlyFailed`
+  carries both (the cache hands each key's callers their key's own outcome).
 
 So a batch miss on one server is three round trips in all: `MGET`, `CLAIM_MANY`,
 `STORE_MANY`. Sync and async side by side, as in `lease`.
@@ -27,14 +29,17 @@ shared state is the listener's registry, the renewer's table and the approximate
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from redis.crc import key_slot
 
+from coalesce.batch.flights import PartlyFailed
 from coalesce.entry import Entry
+from coalesce.errors import BackendError
 from coalesce.stores.base import Fence
 from coalesce.stores.redis.lease import Call, Keys, Lease, Leases
 from coalesce.stores.redis.listener import AsyncWaiter, Listener, ThreadWaiter
@@ -267,17 +272,22 @@ class Batches:
                 replies = [self._claim_group(group, plan, mode) for group in groups]
                 todo = self._sort_claims(groups, replies, claims)
             lead, outcomes = claims.settle(self._listener, waiters)
+            errors: dict[str, Exception] = {}
             if lead:
-                outcomes.update(self._lead_many(lead, plan, compute, fences))
+                with _errors_of(lead, errors):
+                    outcomes.update(self._lead_many(lead, plan, compute, fences))
             for key, (holder, seconds) in claims.wait.items():
                 entry = self.leases.pushed(key, waiters[key].wait(seconds), holder)
                 self._listener.remove(key, waiters[key])
                 if entry is not None:
                     outcomes[key] = entry
                     continue
-                alone = self._claim_alone(key, holder, _one(compute, key), fences[key], tags[key])
-                outcomes[key] = None if alone is _NOTHING else alone
-            return outcomes
+                with _errors_of([key], errors):
+                    alone = self._claim_alone(
+                        key, holder, _one(compute, key), fences[key], tags[key]
+                    )
+                    outcomes[key] = None if alone is _NOTHING else alone
+            return _outcomes(outcomes, errors)
         finally:
             for key, waiter in waiters.items():
                 self._listener.remove(key, waiter)
@@ -378,19 +388,22 @@ class Batches:
                 replies = await self._aclaim(groups, plan, mode)  # a cluster's groups at once
                 todo = self._sort_claims(groups, replies, claims)
             lead, outcomes = claims.settle(self._listener, waiters)
+            errors: dict[str, Exception] = {}
             if lead:
-                outcomes.update(await self._alead_many(lead, plan, compute, fences))
+                with _errors_of(lead, errors):
+                    outcomes.update(await self._alead_many(lead, plan, compute, fences))
             for key, (holder, seconds) in claims.wait.items():
                 entry = self.leases.pushed(key, await waiters[key].wait(seconds), holder)
                 self._listener.remove(key, waiters[key])
                 if entry is not None:
                     outcomes[key] = entry
                     continue
-                alone = await self._aclaim_alone(
-                    key, holder, _aone(compute, key), fences[key], tags[key]
-                )
-                outcomes[key] = None if alone is _NOTHING else alone
-            return outcomes
+                with _errors_of([key], errors):
+                    alone = await self._aclaim_alone(
+                        key, holder, _aone(compute, key), fences[key], tags[key]
+                    )
+                    outcomes[key] = None if alone is _NOTHING else alone
+            return _outcomes(outcomes, errors)
         finally:
             for key, waiter in waiters.items():
                 self._listener.remove(key, waiter)
@@ -505,6 +518,26 @@ class Batches:
     ) -> list[list[tuple[str, Entry | None]]]:
         by_key = dict(items)
         return [[(key, by_key[key]) for key in group] for group in self._groups(list(by_key))]
+
+
+@contextlib.contextmanager
+def _errors_of(keys: list[str], errors: dict[str, Exception]) -> Iterator[None]:
+    """An exception of the computation of `keys` (here, or the `LeaderFailedError` of their
+    leader elsewhere) becomes theirs alone: the other keys of the call go on. A failing
+    store (`BackendError`) and cancellations still end the whole call."""
+    try:
+        yield
+    except BackendError:
+        raise
+    except Exception as exc:
+        errors.update(dict.fromkeys(keys, exc))
+
+
+def _outcomes(outcomes: Outcomes, errors: dict[str, Exception]) -> Outcomes:
+    """`outcomes`, or `PartlyFailed` when some keys have an exception instead."""
+    if errors:
+        raise PartlyFailed(outcomes, errors)
+    return outcomes
 
 
 def _one(compute: Callable[[list[str]], Outcomes], key: str) -> Callable[[], Entry]:
