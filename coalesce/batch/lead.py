@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import coalesce.otel.hook as otel
 from coalesce.batch.flights import Abandoned, IdFlight, PartlyFailed, owner_here, settled
 from coalesce.batch.policy import BatchPolicy, is_absent
 from coalesce.entry import Entry
@@ -105,12 +106,14 @@ def _fill(
 ) -> Outcomes:
     tags = {key: policy.tag_names(cache, by_key[key], {}) for key in keys}
     computed: Outcomes = {}
+    tracing = otel.tracing  # None unless coalesce.otel.instrument() was called
+    fn = policy.fn if tracing is None else tracing.traced_batch(cache, policy)
 
     def compute(todo: list[str]) -> Outcomes:
         ids = [by_key[key][0] for key in todo]
         started = _perf()
         try:
-            got = policy.fn(ids)
+            got = fn(ids)
         except Exception:
             policy.count_batch(len(ids), _perf() - started, failed=True)
             raise
@@ -211,12 +214,14 @@ async def _afill(
 ) -> Outcomes:
     tags = {key: policy.tag_names(cache, by_key[key], {}) for key in keys}
     computed: Outcomes = {}
+    tracing = otel.tracing  # None unless coalesce.otel.instrument() was called
+    fn = policy.fn if tracing is None else tracing.traced_batch(cache, policy)
 
     async def compute(todo: list[str]) -> Outcomes:
         ids = [by_key[key][0] for key in todo]
         started = _perf()
         try:
-            got = await policy.fn(ids)
+            got = await fn(ids)
         except Exception:
             policy.count_batch(len(ids), _perf() - started, failed=True)
             raise

@@ -9,6 +9,8 @@ one `Tracing` object through a handful of calls, each on the miss path:
   each follower counts itself in at joining and calls `followed()` once it has the outcome.
 * `coalesce.decorators`, in the leader's step: `traced` / `atraced` wrap the function so that
   its run is the computation span.
+* `coalesce.batch.lead`, in a batch's leader: `traced_batch` wraps the function so that each
+  run is one computation span of the batch.
 * `coalesce.stores.redis.lease`: `announce` (a leader on Redis: how to publish its span's
   traceparent) and `remote_leader` (a waiter: the traceparent of the other process's leader).
 
@@ -20,6 +22,7 @@ run in that same context.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
@@ -303,6 +306,36 @@ class Tracing:
 
         return computation
 
+    # -- coalesce.batch.lead: a batch's computation --------------------------------------------
+
+    def traced_batch(self, cache: Cache, policy: Policy) -> Callable[[list[Any]], Any]:
+        """`policy.fn` of a `cached_many` function for one batch's leader: each run is a
+        `coalesce compute` span (`coalesce.batch.ids`: the ids it computes), a child of the
+        current context (the leading caller's, or its batch task's)."""
+        fn = policy.fn
+        name = f"coalesce compute {policy.stats_name}"
+        attributes = {"coalesce.function": policy.stats_name, "coalesce.cache": "miss"}
+        metric = {"coalesce.function": policy.stats_name, "coalesce.namespace": cache.namespace}
+
+        def span(ids: list[Any]) -> contextlib.AbstractContextManager[None]:
+            return _batch_computing(
+                self, name, {**attributes, "coalesce.batch.ids": len(ids)}, metric
+            )
+
+        if inspect.iscoroutinefunction(fn):
+
+            async def acomputation(ids: list[Any]) -> Any:
+                with span(ids):
+                    return await fn(ids)
+
+            return acomputation
+
+        def computation(ids: list[Any]) -> Any:
+            with span(ids):
+                return fn(ids)
+
+        return computation
+
     # -- coalesce.stores.redis.lease -----------------------------------------------------------
 
     @staticmethod
@@ -331,8 +364,31 @@ class Tracing:
 @contextlib.contextmanager
 def _computing(record: FlightTrace, duration: Histogram) -> Iterator[None]:
     """The function's run as the computation span (current meanwhile), and its duration."""
-    span = record.start()
-    with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+    metric = {"coalesce.function": record.name, "coalesce.namespace": record.namespace}
+    with _running(record.start(), duration, metric, end=False):
+        yield
+
+
+@contextlib.contextmanager
+def _batch_computing(
+    tracing: Tracing, name: str, attributes: dict[str, Any], metric: dict[str, str]
+) -> Iterator[None]:
+    """A batch's run as its computation span (current meanwhile, ended with it), and its
+    duration. A failing SDK does not fail the computation."""
+    try:
+        span = tracing.tracer.start_span(name, attributes=attributes)
+    except Exception:
+        span = trace.INVALID_SPAN
+    with _running(span, tracing.duration, metric, end=True):
+        yield
+
+
+@contextlib.contextmanager
+def _running(span: Span, duration: Histogram, metric: dict[str, str], end: bool) -> Iterator[None]:
+    """A run with `span` current: an exception recorded on it, the seconds in `duration`."""
+    with trace.use_span(
+        span, end_on_exit=end, record_exception=False, set_status_on_exception=False
+    ):
         started = _perf()
         try:
             yield
@@ -340,6 +396,5 @@ def _computing(record: FlightTrace, duration: Histogram) -> Iterator[None]:
             _failed(span, exc)
             raise
         finally:
-            attributes = {"coalesce.function": record.name, "coalesce.namespace": record.namespace}
             with contextlib.suppress(Exception):
-                duration.record(_perf() - started, attributes)
+                duration.record(_perf() - started, metric)
