@@ -155,9 +155,6 @@ class Policy:
         with _count_lock:
             self.stats.coalesced += 1
 
-    def ttl_for(self, cache: Cache) -> float | None:
-        return cache.default_ttl if self.ttl is None else self.ttl
-
     def tag_names(self, cache: Cache, args: Any, kwargs: Any) -> tuple[str, ...]:
         """The full names of the tags a call's entry carries."""
         if not self.tag_keys:
@@ -168,7 +165,7 @@ class Policy:
         elapsed = _perf() - started
         if self.store and (self.copy or cache.store.shared):
             value = freeze(value, cache.serializer, self.name)
-        ttl = self.ttl_for(cache)
+        ttl = cache.default_ttl if self.ttl is None else self.ttl
         if self.jitter and ttl is not None:  # uniform in [ttl * (1 - jitter), ttl]
             ttl -= ttl * self.jitter * random.random()
         now = cache.clock()

@@ -93,10 +93,12 @@ def _is_flat(value: Any) -> bool:
 def freeze(value: Any, serializer: Serializer, context: str = "") -> Any:
     """Check that `value` can be stored and return the form to keep: itself or a `Frozen`."""
     payload = dump_value(serializer, value, context)
-    if is_immutable(value):
+    cls = type(value)
+    if cls in _FLAT:
+        if _is_flat(value):
+            return Frozen(payload, value.copy(), cls.copy)
+    elif is_immutable(value):
         return value
-    if type(value) in _FLAT and _is_flat(value):
-        return Frozen(payload, snapshot=value.copy(), copy=type(value).copy)
     return Frozen(payload, loads=serializer.loads)
 
 
