@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from coalesce.batch.lead import Outcomes, acompute_missing, compute_missing, usable
-from coalesce.batch.policy import BatchPolicy
+from coalesce.batch.lead import Outcomes, acompute_missing, compute_missing
+from coalesce.batch.policy import BatchPolicy, usable
 from coalesce.entry import STORE_FAILED, Entry
 from coalesce.errors import BackendError, KeyBuildError
 from coalesce.values import Frozen

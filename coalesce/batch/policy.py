@@ -47,6 +47,13 @@ def is_absent(entry: Entry) -> bool:
     return list(value) == ABSENT if isinstance(value, (list, tuple)) else False
 
 
+def usable(entry: Entry | None, now: float) -> bool:
+    """Whether a stored entry answers for its id now: fresh, or a fresh absence."""
+    if entry is None or entry.fresh_until <= now:
+        return False
+    return not entry.error or is_absent(entry)
+
+
 def id_template(template: str, what: str) -> str:
     """`template` with each field rooted at the parameter `id` (`user:{}` -> `user:{id}`);
     `KeyTemplateError` for a field naming anything but the id."""
