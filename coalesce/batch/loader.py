@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 
@@ -48,6 +49,22 @@ def _deliver(
             future.set_exception(error)
         else:
             future.set_result(None if result is None else result.get(id_))
+
+
+@contextlib.contextmanager
+def _delivering(futures: dict[Any, Any]) -> Iterator[dict[Any, Any]]:
+    """Run a batch: the dict it fills is delivered to `futures`, or the exception it raised
+    is (an `Exception` ends here; an interrupt or a cancellation goes on)."""
+    result: dict[Any, Any] = {}
+    try:
+        yield result
+    except Exception as exc:
+        _deliver(futures, None, exc)
+        return
+    except BaseException as exc:
+        _deliver(futures, None, exc)
+        raise
+    _deliver(futures, result, None)
 
 
 class ThreadLoader:
@@ -81,15 +98,8 @@ class ThreadLoader:
         return future.result()
 
     def _run(self, batch: _Batch) -> None:
-        try:
-            result = self._many(list(batch.futures))
-        except Exception as exc:
-            _deliver(batch.futures, None, exc)
-            return
-        except BaseException as exc:
-            _deliver(batch.futures, None, exc)
-            raise
-        _deliver(batch.futures, result, None)
+        with _delivering(batch.futures) as result:
+            result.update(self._many(list(batch.futures)))
 
 
 class AsyncLoader:
@@ -127,12 +137,5 @@ class AsyncLoader:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: _Batch) -> None:
-        try:
-            result = await self._many(list(batch.futures))
-        except Exception as exc:
-            _deliver(batch.futures, None, exc)
-            return
-        except BaseException as exc:
-            _deliver(batch.futures, None, exc)
-            raise
-        _deliver(batch.futures, result, None)
+        with _delivering(batch.futures) as result:
+            result.update(await self._many(list(batch.futures)))

@@ -25,8 +25,10 @@ from coalesce.values import Frozen
 if TYPE_CHECKING:
     from coalesce.cache import Cache
 
+Ids = dict[str, list[Any]]  # full key -> its ids (`keys_of`)
 
-def keys_of(cache: Cache, policy: BatchPolicy, ids: Iterable[Any]) -> dict[str, list[Any]]:
+
+def keys_of(cache: Cache, policy: BatchPolicy, ids: Iterable[Any]) -> Ids:
     """Full key -> the ids rendering to it, in the order the ids were given."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise KeyBuildError(
@@ -78,8 +80,7 @@ def _read(cache: Cache, policy: BatchPolicy, keys: list[str]) -> list[Entry | No
     try:
         return cache.store.get_many(keys)
     except BackendError as exc:
-        cache.backend_failed(policy, exc)  # raises when failing closed
-        return [cache.fallback(key) for key in keys]
+        return _fallbacks(cache, policy, keys, exc)
 
 
 async def _aread(cache: Cache, policy: BatchPolicy, keys: list[str]) -> list[Entry | None]:
@@ -88,12 +89,34 @@ async def _aread(cache: Cache, policy: BatchPolicy, keys: list[str]) -> list[Ent
     try:
         return await cache.store.aget_many(keys)
     except BackendError as exc:
-        cache.backend_failed(policy, exc)
-        return [cache.fallback(key) for key in keys]
+        return _fallbacks(cache, policy, keys, exc)
 
 
-def _subset(by_key: dict[str, list[Any]], keys: list[str]) -> dict[str, list[Any]]:
+def _fallbacks(
+    cache: Cache, policy: BatchPolicy, keys: list[str], exc: BackendError
+) -> list[Entry | None]:
+    """The read failed: what this process kept (raises when failing closed)."""
+    cache.backend_failed(policy, exc)
+    return [cache.fallback(key) for key in keys]
+
+
+def _decide(
+    cache: Cache, policy: BatchPolicy, by_key: Ids, entries: list[Entry | None]
+) -> tuple[Outcomes, Ids, Ids, bool]:
+    """(served outcomes, the stale ids to refresh, the missing ids to compute, whether the
+    read failed), the reads counted; no I/O."""
+    served, stale, missing = sort(list(by_key), entries, cache.clock())
+    policy.count_reads(len(served) - len(stale), len(stale), len(missing))
+    failed = any(entry is STORE_FAILED for entry in entries)
+    return served, _subset(by_key, stale), _subset(by_key, missing), failed
+
+
+def _subset(by_key: Ids, keys: list[str]) -> Ids:
     return {key: by_key[key] for key in keys}
+
+
+# ---------------------------------------------------------------------------------------
+# the two drivers
 
 
 def call_many(policy: BatchPolicy, ids: Iterable[Any]) -> dict[Any, Any]:
@@ -103,18 +126,14 @@ def call_many(policy: BatchPolicy, ids: Iterable[Any]) -> dict[Any, Any]:
     if not cache.enabled:
         return policy.fn(list(ids))  # type: ignore[no-any-return]
     by_key = keys_of(cache, policy, ids)
-    keys = list(by_key)
-    entries = _read(cache, policy, keys)
-    served, stale, missing = sort(keys, entries, cache.clock())
-    policy.count_reads(len(served) - len(stale), len(stale), len(missing))
+    entries = _read(cache, policy, list(by_key))
+    served, stale, missing, failed = _decide(cache, policy, by_key, entries)
     if stale:
-        todo = _subset(by_key, stale)
         cache.refresh_in_background(
-            stale[0], lambda: compute_missing(cache, policy, todo, failed=False)
+            next(iter(stale)), lambda: compute_missing(cache, policy, stale, failed=False)
         )
     if missing:
-        failed = any(entry is STORE_FAILED for entry in entries)
-        served.update(compute_missing(cache, policy, _subset(by_key, missing), failed))
+        served.update(compute_missing(cache, policy, missing, failed))
     return assemble(by_key, served)
 
 
@@ -125,14 +144,11 @@ async def acall_many(policy: BatchPolicy, ids: Iterable[Any]) -> dict[Any, Any]:
     if not cache.enabled:
         return await policy.fn(list(ids))  # type: ignore[no-any-return]
     by_key = keys_of(cache, policy, ids)
-    keys = list(by_key)
-    entries = await _aread(cache, policy, keys)
-    served, stale, missing = sort(keys, entries, cache.clock())
-    policy.count_reads(len(served) - len(stale), len(stale), len(missing))
+    entries = await _aread(cache, policy, list(by_key))
+    served, stale, missing, failed = _decide(cache, policy, by_key, entries)
     if stale:
-        todo = _subset(by_key, stale)
-        cache.arefresh_in_background(stale[0], acompute_missing(cache, policy, todo, False))
+        refresh = acompute_missing(cache, policy, stale, False)
+        cache.arefresh_in_background(next(iter(stale)), refresh)
     if missing:
-        failed = any(entry is STORE_FAILED for entry in entries)
-        served.update(await acompute_missing(cache, policy, _subset(by_key, missing), failed))
+        served.update(await acompute_missing(cache, policy, missing, failed))
     return assemble(by_key, served)
