@@ -79,21 +79,54 @@ class _Plan:
         }
 
 
-class _Claims:
-    """What the `CLAIM_MANY` replies of one `fill_many` call said, key by key (that call's)."""
+class _Fill:
+    """One `fill_many` call: its plan, its waiters, what its claims said and what came of
+    each key. Belongs to that call (its thread or task) only."""
 
-    __slots__ = ("lead", "outcomes", "wait")
+    __slots__ = ("errors", "lead", "outcomes", "plan", "todo", "wait", "waiters")
 
-    def __init__(self) -> None:
-        self.outcomes: Outcomes = {}  # entries found (stored, fresh)
+    def __init__(
+        self,
+        layout: KeyLayout,
+        keys: list[str],
+        tags: dict[str, tuple[str, ...]],
+        waiters: dict[str, Any],
+    ) -> None:
+        self.plan = _Plan(layout, keys, tags)
+        self.waiters = waiters  # key -> its ThreadWaiter or AsyncWaiter
+        self.todo = keys  # to claim (again, without the check)
+        self.outcomes: Outcomes = {}  # entries found (stored, fresh, pushed) or computed
         self.lead: list[str] = []  # leases taken
         self.wait: dict[str, tuple[str, float]] = {}  # key -> (lease holder, seconds)
+        self.errors: dict[str, Exception] = {}  # key -> the exception that is its outcome
 
-    def settle(self, listener: Listener, waiters: dict[str, Any]) -> tuple[list[str], Outcomes]:
-        """Unregister the waiters of the keys not waiting; (keys to lead, outcomes so far)."""
+    def claimed(self, listener: Listener) -> list[str]:
+        """The claims are done: unregister the waiters of the keys not waiting; the keys to
+        lead."""
         for key in (*self.lead, *self.outcomes):
-            listener.remove(key, waiters[key])
-        return self.lead, self.outcomes
+            listener.remove(key, self.waiters[key])
+        return self.lead
+
+    def alone(self, key: str, entry: Entry) -> None:
+        self.outcomes[key] = None if entry is _NOTHING else entry
+
+    @contextlib.contextmanager
+    def errors_of(self, keys: list[str]) -> Iterator[None]:
+        """An exception of the computation of `keys` (here, or the `LeaderFailedError` of
+        their leader elsewhere) becomes theirs alone: the other keys of the call go on. A
+        failing store (`BackendError`) and cancellations still end the whole call."""
+        try:
+            yield
+        except BackendError:
+            raise
+        except Exception as exc:
+            self.errors.update(dict.fromkeys(keys, exc))
+
+    def result(self) -> Outcomes:
+        """Every key's outcome, or `PartlyFailed` when some keys have an exception instead."""
+        if self.errors:
+            raise PartlyFailed(self.outcomes, self.errors)
+        return self.outcomes
 
 
 class Batches:
@@ -174,6 +207,8 @@ class Batches:
 
     def _groups(self, keys: list[str]) -> list[list[str]]:
         """`keys` by cluster slot (one group on a single server), each in the given order."""
+        if not keys:
+            return []
         if not self.cluster:
             return [keys]
         groups: dict[int, list[str]] = {}
@@ -217,11 +252,10 @@ class Batches:
             separate.append((tag_keys, tag_args))
         return keys, args, separate
 
-    def _sort_claims(
-        self, groups: list[list[str]], replies: list[Any], claims: _Claims
-    ) -> list[str]:
-        """Sort each key by its `CLAIM_MANY` reply (`replies`: one list per group); return
-        the keys to claim again without the check (stale, corrupt or foreign entries)."""
+    def _sort_claims(self, groups: list[list[str]], replies: list[Any], claims: _Fill) -> None:
+        """Sort each key by its `CLAIM_MANY` reply (`replies`: one list per group) into
+        `claims`, whose `todo` becomes the keys to claim again without the check (stale,
+        corrupt or foreign entries)."""
         again: list[str] = []
         for group, group_replies in zip(groups, replies, strict=True):
             for key, reply in zip(group, group_replies, strict=True):
@@ -234,7 +268,7 @@ class Batches:
                     claims.wait[key] = (claim.seen, step.seconds)
                 else:
                     again.append(key)
-        return again
+        claims.todo = again
 
     def _claim_group(self, group: list[str], plan: _Plan, mode: str) -> Any:
         script_keys, args = self._claim_many_args(group, plan, mode, self._now_ms())
@@ -257,40 +291,26 @@ class Batches:
         tags: dict[str, tuple[str, ...]],
     ) -> Outcomes:
         """Compute each key once across every process sharing this Redis (module doc)."""
-        plan = _Plan(self._layout, keys, tags)
-        waiters = {key: ThreadWaiter() for key in keys}
-        self._listener.start()
-        pause = self.leases.subscribe_wait()  # once per store: let pushes reach its waiters
+        call = _Fill(self._layout, keys, tags, {key: ThreadWaiter() for key in keys})
+        pause = self._start()
         if pause:
             self._listener.ready.wait(pause)
-        for key, waiter in waiters.items():
-            self._listener.add(key, waiter)  # subscribe first ...
-        try:
-            claims, todo = _Claims(), keys
+        with self._listening(call):  # subscribe first ...
             for mode in (CLAIM_CHECK, CLAIM_ONLY):  # ... then check; claim the stale again
-                groups = self._groups(todo) if todo else []
-                replies = [self._claim_group(group, plan, mode) for group in groups]
-                todo = self._sort_claims(groups, replies, claims)
-            lead, outcomes = claims.settle(self._listener, waiters)
-            errors: dict[str, Exception] = {}
+                groups = self._groups(call.todo)
+                replies = [self._claim_group(group, call.plan, mode) for group in groups]
+                self._sort_claims(groups, replies, call)
+            lead = call.claimed(self._listener)
             if lead:
-                with _errors_of(lead, errors):
-                    outcomes.update(self._lead_many(lead, plan, compute, fences))
-            for key, (holder, seconds) in claims.wait.items():
-                entry = self.leases.pushed(key, waiters[key].wait(seconds), holder)
-                self._listener.remove(key, waiters[key])
-                if entry is not None:
-                    outcomes[key] = entry
+                with call.errors_of(lead):
+                    call.outcomes.update(self._lead_many(lead, call.plan, compute, fences))
+            for key, (holder, seconds) in call.wait.items():
+                if self._pushed(call, key, call.waiters[key].wait(seconds), holder):
                     continue
-                with _errors_of([key], errors):
-                    alone = self._claim_alone(
-                        key, holder, _one(compute, key), fences[key], tags[key]
-                    )
-                    outcomes[key] = None if alone is _NOTHING else alone
-            return _outcomes(outcomes, errors)
-        finally:
-            for key, waiter in waiters.items():
-                self._listener.remove(key, waiter)
+                with call.errors_of([key]):
+                    one = _one(compute, key)
+                    call.alone(key, self._claim_alone(key, holder, one, fences[key], tags[key]))
+            return call.result()
 
     def _claim_alone(
         self,
@@ -319,24 +339,17 @@ class Batches:
         self, lead: list[str], plan: _Plan, compute: Callable[[list[str]], Outcomes], fences: Any
     ) -> Outcomes:
         """Holding the leases of `lead`: compute them in one call, then store each fenced."""
-        self.counts["leads"] += len(lead)
-        resets = self._listener.resets
-        leases = [plan.leases[key] for key in lead]
-        for tag_keys, tag_args in self._tag_leases(leases):
-            for tag_key in tag_keys:
-                self._conn.quietly(TAG, [tag_key], tag_args)
-        for lease in leases:
-            self._renewer.add(lease)
+        leases, resets, tag_writes = self._leading(lead, plan)
+        for tag_key, tag_args in tag_writes:
+            self._conn.quietly(TAG, [tag_key], tag_args)
         try:
             outcomes = compute(lead)
         except BaseException as exc:  # FAIL (an exception) or RELEASE each lease
-            for lease in leases:
-                self._renewer.remove(lease.token)
-                self._conn.quietly(*self.leases.ending(plan.keys[lease.key], lease.token, exc))
+            for ending in self._endings(leases, plan, exc):
+                self._conn.quietly(*ending)
             raise
         finally:
-            for lease in leases:
-                self._renewer.remove(lease.token)
+            self._not_renewing(leases)
         items, fenced = self._storable(lead, outcomes, fences, resets)
         for key, entry in fenced:
             self.leases.hand(key, plan.keys[key], entry, plan.leases[key].token)
@@ -352,10 +365,8 @@ class Batches:
         keys, args, separate = self._store_many_args(group, plan)
         generation = self._listener.generation  # before the write: see `NearCache.remember`
         stored = self._conn.script(STORE_MANY, keys, args)
-        for (key, entry), ok, (tag_keys, tag_args) in zip(group, stored, separate, strict=True):
-            if entry is not None and self.leases.stored(key, entry, ok, generation):
-                for tag_key in tag_keys:
-                    self._conn.script(TAG, [tag_key], tag_args)
+        for tag_key, tag_args in self._stored_tags(group, stored, separate, generation):
+            self._conn.script(TAG, [tag_key], tag_args)
 
     def _release(self, leases: list[Lease], plan: _Plan) -> None:
         for lease in leases:
@@ -372,41 +383,28 @@ class Batches:
         tags: dict[str, tuple[str, ...]],
     ) -> Outcomes:
         """`fill_many` for asyncio: the same steps, awaiting."""
-        plan = _Plan(self._layout, keys, tags)
         loop = asyncio.get_running_loop()
-        waiters = {key: AsyncWaiter(loop) for key in keys}
-        self._listener.start()
-        pause = self.leases.subscribe_wait()
+        call = _Fill(self._layout, keys, tags, {key: AsyncWaiter(loop) for key in keys})
+        pause = self._start()
         if pause:
             await asyncio.to_thread(self._listener.ready.wait, pause)
-        for key, waiter in waiters.items():
-            self._listener.add(key, waiter)  # subscribe first ...
-        try:
-            claims, todo = _Claims(), keys
+        with self._listening(call):  # subscribe first ...
             for mode in (CLAIM_CHECK, CLAIM_ONLY):  # ... then check; claim the stale again
-                groups = self._groups(todo) if todo else []
-                replies = await self._aclaim(groups, plan, mode)  # a cluster's groups at once
-                todo = self._sort_claims(groups, replies, claims)
-            lead, outcomes = claims.settle(self._listener, waiters)
-            errors: dict[str, Exception] = {}
+                groups = self._groups(call.todo)
+                replies = await self._aclaim(groups, call.plan, mode)  # a cluster's at once
+                self._sort_claims(groups, replies, call)
+            lead = call.claimed(self._listener)
             if lead:
-                with _errors_of(lead, errors):
-                    outcomes.update(await self._alead_many(lead, plan, compute, fences))
-            for key, (holder, seconds) in claims.wait.items():
-                entry = self.leases.pushed(key, await waiters[key].wait(seconds), holder)
-                self._listener.remove(key, waiters[key])
-                if entry is not None:
-                    outcomes[key] = entry
+                with call.errors_of(lead):
+                    call.outcomes.update(await self._alead_many(lead, call.plan, compute, fences))
+            for key, (holder, seconds) in call.wait.items():
+                if self._pushed(call, key, await call.waiters[key].wait(seconds), holder):
                     continue
-                with _errors_of([key], errors):
-                    alone = await self._aclaim_alone(
-                        key, holder, _aone(compute, key), fences[key], tags[key]
-                    )
-                    outcomes[key] = None if alone is _NOTHING else alone
-            return _outcomes(outcomes, errors)
-        finally:
-            for key, waiter in waiters.items():
-                self._listener.remove(key, waiter)
+                with call.errors_of([key]):
+                    one = _aone(compute, key)
+                    alone = await self._aclaim_alone(key, holder, one, fences[key], tags[key])
+                    call.alone(key, alone)
+            return call.result()
 
     async def _aclaim_alone(
         self,
@@ -443,28 +441,20 @@ class Batches:
         compute: Callable[[list[str]], Awaitable[Outcomes]],
         fences: Any,
     ) -> Outcomes:
-        self.counts["leads"] += len(lead)
-        resets = self._listener.resets
-        leases = [plan.leases[key] for key in lead]
-        for tag_keys, tag_args in self._tag_leases(leases):
-            for tag_key in tag_keys:
-                await self._conn.aquietly(TAG, [tag_key], tag_args)
-        for lease in leases:
-            self._renewer.add(lease)  # the renewer thread serves async leases too
+        leases, resets, tag_writes = self._leading(lead, plan)  # renewed by the thread too
+        for tag_key, tag_args in tag_writes:
+            await self._conn.aquietly(TAG, [tag_key], tag_args)
         try:
             outcomes = await compute(lead)
         except Exception as exc:
-            for lease in leases:
-                self._renewer.remove(lease.token)
-                ending = self.leases.ending(plan.keys[lease.key], lease.token, exc)
+            for ending in self._endings(leases, plan, exc):
                 await self._conn.aquietly(*ending)
             raise
         except BaseException:  # cancelled: hand over at once, without awaiting here
             self.leases.in_background(asyncio.to_thread(self._release, leases, plan))
             raise
         finally:
-            for lease in leases:
-                self._renewer.remove(lease.token)
+            self._not_renewing(leases)
         items, fenced = self._storable(lead, outcomes, fences, resets)
         for key, entry in fenced:
             await self.leases.ahand(key, plan.keys[key], entry, plan.leases[key].token)
@@ -480,12 +470,77 @@ class Batches:
         keys, args, separate = self._store_many_args(group, plan)
         generation = self._listener.generation
         stored = await self._conn.ascript(STORE_MANY, keys, args)
-        for (key, entry), ok, (tag_keys, tag_args) in zip(group, stored, separate, strict=True):
-            if entry is not None and self.leases.stored(key, entry, ok, generation):
-                for tag_key in tag_keys:
-                    await self._conn.ascript(TAG, [tag_key], tag_args)
+        for tag_key, tag_args in self._stored_tags(group, stored, separate, generation):
+            await self._conn.ascript(TAG, [tag_key], tag_args)
 
     # -- shared --------------------------------------------------------------------------------
+
+    def _start(self) -> float:
+        """Start the listener; how long to wait for it to subscribe (once per store, so that
+        pushes reach its waiters), 0: no wait."""
+        self._listener.start()
+        return self.leases.subscribe_wait()
+
+    @contextlib.contextmanager
+    def _listening(self, call: _Fill) -> Iterator[None]:
+        """`call`'s waiters registered with the listener meanwhile (before any claim)."""
+        for key, waiter in call.waiters.items():
+            self._listener.add(key, waiter)
+        try:
+            yield
+        finally:
+            for key, waiter in call.waiters.items():
+                self._listener.remove(key, waiter)
+
+    def _pushed(self, call: _Fill, key: str, message: bytes | None, holder: str) -> bool:
+        """Whether the wait for `key` ended with the entry lease `holder` pushed (kept)."""
+        self._listener.remove(key, call.waiters[key])
+        entry = self.leases.pushed(key, message, holder)
+        if entry is not None:
+            call.outcomes[key] = entry
+        return entry is not None
+
+    def _leading(
+        self, lead: list[str], plan: _Plan
+    ) -> tuple[list[Lease], int, list[tuple[str, list[Any]]]]:
+        """The leases of `lead` taken: counted and renewed from now on; (those leases, the
+        listener's resets now, the tag writes a cluster records right after the claim)."""
+        self.counts["leads"] += len(lead)
+        resets = self._listener.resets
+        leases = [plan.leases[key] for key in lead]
+        writes = [
+            (tag_key, tag_args)
+            for tag_keys, tag_args in self._tag_leases(leases)
+            for tag_key in tag_keys
+        ]
+        for lease in leases:
+            self._renewer.add(lease)
+        return leases, resets, writes
+
+    def _not_renewing(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            self._renewer.remove(lease.token)
+
+    def _endings(
+        self, leases: list[Lease], plan: _Plan, exc: BaseException
+    ) -> list[tuple[Any, list[str], Any]]:
+        """The computation raised `exc`: the script ending each lease (FAIL or RELEASE)."""
+        self._not_renewing(leases)
+        return [self.leases.ending(plan.keys[lease.key], lease.token, exc) for lease in leases]
+
+    def _stored_tags(
+        self,
+        group: list[tuple[str, Entry | None]],
+        stored: list[Any],
+        separate: list[tuple[list[str], list[str]]],
+        generation: int,
+    ) -> list[tuple[str, list[str]]]:
+        """After `STORE_MANY` answered `stored`: the tag writes of the entries it stored."""
+        writes: list[tuple[str, list[str]]] = []
+        for (key, entry), ok, (tag_keys, tag_args) in zip(group, stored, separate, strict=True):
+            if entry is not None and self.leases.stored(key, entry, ok, generation):
+                writes += [(tag_key, tag_args) for tag_key in tag_keys]
+        return writes
 
     @staticmethod
     def _now_ms() -> int:
@@ -518,26 +573,6 @@ class Batches:
     ) -> list[list[tuple[str, Entry | None]]]:
         by_key = dict(items)
         return [[(key, by_key[key]) for key in group] for group in self._groups(list(by_key))]
-
-
-@contextlib.contextmanager
-def _errors_of(keys: list[str], errors: dict[str, Exception]) -> Iterator[None]:
-    """An exception of the computation of `keys` (here, or the `LeaderFailedError` of their
-    leader elsewhere) becomes theirs alone: the other keys of the call go on. A failing
-    store (`BackendError`) and cancellations still end the whole call."""
-    try:
-        yield
-    except BackendError:
-        raise
-    except Exception as exc:
-        errors.update(dict.fromkeys(keys, exc))
-
-
-def _outcomes(outcomes: Outcomes, errors: dict[str, Exception]) -> Outcomes:
-    """`outcomes`, or `PartlyFailed` when some keys have an exception instead."""
-    if errors:
-        raise PartlyFailed(outcomes, errors)
-    return outcomes
 
 
 def _one(compute: Callable[[list[str]], Outcomes], key: str) -> Callable[[], Entry]:
