@@ -149,8 +149,8 @@ def late_refresh_grace(entry: Entry) -> float:
     """How long after its expiry `entry` is still served while this process's refresh of
     it runs: one more computation's time, at least `MIN_LATE_REFRESH_GRACE` seconds. A
     refresh later than that (a hung source) makes its callers wait for it as at a miss.
-    Only while the store still hands out the entry: the memory store drops it at the next
-    write after its stale windows, Redis at their end (no window: at the expiry)."""
+    Only while the store still hands out the entry: the memory store drops it lazily, at a
+    write some time after its stale windows, Redis at their end (no window: at the expiry)."""
     return max(entry.compute_time, MIN_LATE_REFRESH_GRACE)
 
 
