@@ -188,6 +188,27 @@ def test_each_id_is_fenced_by_its_own_lease_token(redis_caches: Caches, redis_ur
     assert _store(a).counts["fenced"] == 1
 
 
+def test_a_batch_whose_ids_were_all_fenced_sends_no_store(
+    own_caches: Caches, commands: Commands
+) -> None:
+    cache = own_caches()
+    source = Source(block=1)
+    users = cache.cached_many(key="user:{}", ttl=60)(source)
+    users([0])  # warm: the connections, the scripts and the listener
+
+    def fenced_batch() -> None:
+        first, out = run_thread(lambda: users([1]))
+        assert source.entered.wait(BOUND)
+        cache.invalidate("user:1")
+        source.release.set()
+        first.join(BOUND)
+        assert out == [{1: "v1"}]
+
+    seen = _named(commands.during(fenced_batch))
+    assert "CLAIM_MANY" in seen and "STORE_MANY" not in seen
+    assert cache.get("user:1") is None
+
+
 def test_a_tag_invalidation_during_a_batch_fences_the_tagged_ids(redis_caches: Caches) -> None:
     a, b = redis_caches(), redis_caches()
     source = Source(block=1)
