@@ -1,10 +1,10 @@
 """Batch loading: `Cache.cached_many`, one backend call per missing id among overlapping callers.
 
 Modules: `policy` (keys and tags per id, options, the absent marker), `flights` (per-id
-flights of batches), `many` (a call: read in one pass, sort, assemble), `lead` (computing
-the missing ids, sync and async side by side), `loader` (`load(id)` batching, DataLoader
-style). The stores' share is `Store.get_many` / `fill_many` (Redis: `MGET` per slot, leases
-per id in one script).
+flights of batches), `many` (a call: read in one pass, sort, assemble), `leader` (one led
+batch: the steps both drivers share), `lead` (computing the missing ids, sync and async
+side by side), `loader` (`load(id)` batching, DataLoader style). The stores' share is
+`Store.get_many` / `fill_many` (Redis: `MGET` per slot, leases per id in one script).
 """
 
 from __future__ import annotations
