@@ -293,6 +293,21 @@ def test_len_and_stats_count_only_live_entries(timed: MemoryStore, clock: FakeCl
     assert timed.get("a") is None  # counting swept it out
 
 
+def test_entries_expiring_one_by_one_are_swept_by_later_writes() -> None:
+    clock = FakeClock()
+    store = MemoryStore(maxsize=200, clock=clock)
+    for i in range(100):  # deadlines 1, 2, ..., 100 s from now
+        store.set(f"old{i}", Entry(i, clock.now, 1.0 + i))
+    for i in range(150):  # one old entry expires per write: sweeps are spaced out
+        clock.advance(1.0)
+        store.set(f"new{i}", Entry(i, clock.now, 1_000.0))
+        held = [store.get(f"old{j}") for j in range(100)]
+        lingering = [e for e in held if e is not None and e.kept_until <= clock.now]
+        assert len(lingering) <= 50  # at most a quarter of the store's size in writes
+    assert all(store.get(f"old{j}") is None for j in range(100))
+    assert len(store) == 150
+
+
 # ---------------------------------------------------------------------------------------
 # LRU
 
