@@ -38,7 +38,7 @@ from coalesce.entry import STORE_FAILED, Clock, Entry
 from coalesce.errors import BackendError, ConfigurationError
 from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.keys import MAX_KEY_LENGTH, escape, is_safe_key, shorten
-from coalesce.options import check_seconds
+from coalesce.options import CachedOptions, check_option_names, check_seconds
 from coalesce.serialization import Serializer, get_serializer
 from coalesce.stores.base import Fence, KeyList, Store
 from coalesce.stores.memory import MemoryStore
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis as AsyncRedis
     from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
     from redis.cluster import RedisCluster
+    from typing_extensions import Unpack  # PEP 692 (typing.Unpack from 3.11, kwargs 3.12)
 
 logger = logging.getLogger("coalesce")
 P = ParamSpec("P")
@@ -288,40 +289,10 @@ class Cache:
     def cached(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
 
     @overload
-    def cached(
-        self,
-        fn: None = None,
-        /,
-        *,
-        ttl: float | None = None,
-        key: str | None = None,
-        exclude: Sequence[str] = (),
-        tags: Sequence[str] = (),
-        stale_ttl: float = 0.0,
-        stale_if_error: float = 0.0,
-        cache_errors: float | None = None,
-        timeout: float | None = None,
-        early_refresh: bool | float = False,
-        jitter: float = 0.0,
-        copy: bool = True,
-    ) -> Decorator: ...
+    def cached(self, fn: None = None, /, **options: Unpack[CachedOptions]) -> Decorator: ...
 
     def cached(
-        self,
-        fn: Callable[..., Any] | None = None,
-        /,
-        *,
-        ttl: float | None = None,
-        key: str | None = None,
-        exclude: Sequence[str] = (),
-        tags: Sequence[str] = (),
-        stale_ttl: float = 0.0,
-        stale_if_error: float = 0.0,
-        cache_errors: float | None = None,
-        timeout: float | None = None,
-        early_refresh: bool | float = False,
-        jitter: float = 0.0,
-        copy: bool = True,
+        self, fn: Callable[..., Any] | None = None, /, **options: Unpack[CachedOptions]
     ) -> Any:
         """Cache a function's results for `ttl` seconds, sharing concurrent computations.
 
@@ -338,22 +309,9 @@ class Cache:
         default). `copy=False` hands every caller the same stored object instead of a
         private copy. Every option is checked here (`ConfigurationError` naming it).
         """
-        return make_decorator(
-            self,
-            fn,
-            store=True,
-            key=key,
-            exclude=exclude,
-            tags=tags,
-            ttl=ttl,
-            stale_ttl=stale_ttl,
-            stale_if_error=stale_if_error,
-            cache_errors=cache_errors,
-            timeout=timeout,
-            early_refresh=early_refresh,
-            jitter=jitter,
-            copy=copy,
-        )
+        check_option_names("cached", options, CachedOptions.__annotations__)
+        decorator = make_decorator(self, None, store=True, **options)
+        return decorator if fn is None else decorator(fn)
 
     @overload
     def coalesced(self, fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
@@ -1068,57 +1026,14 @@ def cached(fn: Callable[P, R], /) -> CachedFunction[P, R]: ...
 
 
 @overload
-def cached(
-    fn: None = None,
-    /,
-    *,
-    ttl: float | None = None,
-    key: str | None = None,
-    exclude: Sequence[str] = (),
-    tags: Sequence[str] = (),
-    stale_ttl: float = 0.0,
-    stale_if_error: float = 0.0,
-    cache_errors: float | None = None,
-    timeout: float | None = None,
-    early_refresh: bool | float = False,
-    jitter: float = 0.0,
-    copy: bool = True,
-) -> Decorator: ...
+def cached(fn: None = None, /, **options: Unpack[CachedOptions]) -> Decorator: ...
 
 
-def cached(
-    fn: Callable[..., Any] | None = None,
-    /,
-    *,
-    ttl: float | None = None,
-    key: str | None = None,
-    exclude: Sequence[str] = (),
-    tags: Sequence[str] = (),
-    stale_ttl: float = 0.0,
-    stale_if_error: float = 0.0,
-    cache_errors: float | None = None,
-    timeout: float | None = None,
-    early_refresh: bool | float = False,
-    jitter: float = 0.0,
-    copy: bool = True,
-) -> Any:
+def cached(fn: Callable[..., Any] | None = None, /, **options: Unpack[CachedOptions]) -> Any:
     """`Cache.cached` on the default cache (see `configure`)."""
-    return make_decorator(
-        None,
-        fn,
-        store=True,
-        key=key,
-        exclude=exclude,
-        tags=tags,
-        ttl=ttl,
-        stale_ttl=stale_ttl,
-        stale_if_error=stale_if_error,
-        cache_errors=cache_errors,
-        timeout=timeout,
-        early_refresh=early_refresh,
-        jitter=jitter,
-        copy=copy,
-    )
+    check_option_names("cached", options, CachedOptions.__annotations__)
+    decorator = make_decorator(None, None, store=True, **options)
+    return decorator if fn is None else decorator(fn)
 
 
 @overload

@@ -7,9 +7,41 @@ option, so a mistake shows at import time, not at the first call in production.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from coalesce.errors import ConfigurationError
+
+
+class CachedOptions(TypedDict, total=False):
+    """The keyword options of `cached` (`Cache.cached` and the module-level one), as a user
+    gives them; written once here, the decorators take them as `**options`. What each
+    means and its default: `Cache.cached`'s docstring (and the README's Options table)."""
+
+    ttl: float | None
+    key: str | None
+    exclude: Sequence[str]
+    tags: Sequence[str]
+    stale_ttl: float
+    stale_if_error: float
+    cache_errors: float | None
+    timeout: float | None
+    early_refresh: bool | float
+    jitter: float
+    copy: bool
+
+
+def check_option_names(decorator: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """`ConfigurationError` naming an option `decorator` does not take (a typo such as
+    `tll=60` would otherwise be a bare `TypeError`)."""
+    known = set(allowed)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"{decorator} has no option {unknown[0]!r} (its options: {', '.join(sorted(known))})"
+        )
+
 
 MAX_SECONDS = 315_360_000  # 10 years: a longer time (or inf) is a mistake, and overflows stores
 
