@@ -278,7 +278,7 @@ class Cache:
             self.store.on_invalidated_tag = self._fence_tag
             self.store.on_missed_invalidations = self._fence_all
         if self.local:
-            self.read = self.store.get  # type: ignore[method-assign]
+            self._read = self.store.get  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"Cache({redact(self.url)!r}, namespace={self.namespace!r}, enabled={self.enabled})"
@@ -463,14 +463,14 @@ class Cache:
         full = self.prefix + text_key(self._checked(key))
         if not self.enabled:
             return default
-        return served(self.read(full), default, self.clock())
+        return served(self._read(full), default, self.clock())
 
     async def aget(self, key: str, default: Any = None) -> Any:
         """`get` for async code."""
         full = self.prefix + text_key(self._checked(key))
         if not self.enabled:
             return default
-        entry = self.read(full) if self.local else await self.aread(full)
+        entry = self._read(full) if self.local else await self._aread(full)
         return served(entry, default, self.clock())
 
     def get_fresh(self, key: str, default: Any = None) -> Any:
@@ -491,7 +491,7 @@ class Cache:
             full = self._fresh_key(key)
         if not self.enabled:
             return default
-        entry = self.read(full)
+        entry = self._read(full)
         if entry is None or entry.error or entry.fresh_until <= self.clock():
             return default
         value = entry.value
@@ -504,7 +504,7 @@ class Cache:
         full = self._fresh_key(key)
         if not self.enabled:
             return default
-        entry = await self.aread(full)
+        entry = await self._aread(full)
         if entry is None or entry.error or entry.fresh_until <= self.clock():
             return default
         value = entry.value
@@ -546,7 +546,7 @@ class Cache:
             self.store.delete(full)  # on Redis, deletes the lease: fences other processes
             return self.store.set(full, entry)
         except BackendError as exc:
-            self.backend_failed(None, exc)  # raises when failing closed
+            self._backend_failed(None, exc)  # raises when failing closed
             self.remember(full, entry, Fence())
             return False
         finally:
@@ -573,7 +573,7 @@ class Cache:
             await self.store.adelete(full)
             return await self.store.aset(full, entry)
         except BackendError as exc:
-            self.backend_failed(None, exc)
+            self._backend_failed(None, exc)
             self.remember(full, entry, Fence())
             return False
         finally:
@@ -623,22 +623,22 @@ class Cache:
     # For the core's own drivers (decorators, batch: full keys, `STORE_FAILED`); code
     # outside the core reads through `get` / `get_fresh` / `get_or_set` and their a-twins.
 
-    def read(self, key: str) -> Entry | None:
+    def _read(self, key: str) -> Entry | None:
         """The stored entry of a full key; a failing store reads as `STORE_FAILED`, an
         expired entry (or raises when failing closed)."""
         try:
             return self.store.get(key)
         except BackendError as exc:
-            self.backend_failed(None, exc)  # raises when failing closed
+            self._backend_failed(None, exc)  # raises when failing closed
             return self.fallback(key)
 
-    async def aread(self, key: str) -> Entry | None:
+    async def _aread(self, key: str) -> Entry | None:
         if not self.store.shared:
             return self.store.get(key)
         try:
             return await self.store.aget(key)
         except BackendError as exc:
-            self.backend_failed(None, exc)  # raises when failing closed
+            self._backend_failed(None, exc)  # raises when failing closed
             return self.fallback(key)
 
     def fallback(self, key: str) -> Entry:
@@ -651,7 +651,7 @@ class Cache:
         """Hand an entry computed because the store failed to the store's fallback."""
         self.store.remember(key, entry, fence=fence)
 
-    def backend_failed(self, policy: Policy | None, exc: BackendError) -> None:
+    def _backend_failed(self, policy: Policy | None, exc: BackendError) -> None:
         """Count and (at most every 30 s) log a store failure; re-raise if failing closed."""
         self.backend_errors += 1
         if policy is not None:

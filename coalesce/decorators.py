@@ -297,7 +297,7 @@ def __coalesce_wrapper({params}):
         __coalesce_k = __coalesce_cache.prefix + {expr}
     except Exception:  # a huge int, a field that cannot render: the slow path says why
         return __coalesce_slow(__coalesce_cache, __coalesce_policy, "", None, {args}, {kwargs})
-    __coalesce_e = __coalesce_cache.read(__coalesce_k) if {guard} else None
+    __coalesce_e = __coalesce_cache._read(__coalesce_k) if {guard} else None
     if __coalesce_e is not None and ({fresh}) and not __coalesce_e.error:
         __coalesce_stats.hits += 1
         __coalesce_v = __coalesce_e.value
@@ -323,9 +323,9 @@ async def __coalesce_wrapper({params}):
     if not {guard}:
         __coalesce_e = None
     elif __coalesce_cache.local:
-        __coalesce_e = __coalesce_cache.read(__coalesce_k)
+        __coalesce_e = __coalesce_cache._read(__coalesce_k)
     else:
-        __coalesce_e = await __coalesce_cache.aread(__coalesce_k)
+        __coalesce_e = await __coalesce_cache._aread(__coalesce_k)
     if __coalesce_e is not None and ({fresh}) and not __coalesce_e.error:
         __coalesce_stats.hits += 1
         __coalesce_v = __coalesce_e.value
@@ -382,7 +382,7 @@ def _slow(
     key = cache.prefix + policy.make_key(*args, **kwargs)
     if policy.store:
         if key != raw_key or not policy.plan.guard_holds(raw_key):
-            entry = cache.read(key)
+            entry = cache._read(key)
         if entry is not None:
             state = _decide(cache, policy, key, entry)
             if state is _FRESH:
@@ -410,7 +410,7 @@ async def _aslow(
     key = cache.prefix + policy.make_key(*args, **kwargs)
     if policy.store:
         if key != raw_key or not policy.plan.guard_holds(raw_key):
-            entry = await cache.aread(key)
+            entry = await cache._aread(key)
         if entry is not None:
             state = _decide(cache, policy, key, entry)
             if state is _FRESH:
@@ -557,7 +557,7 @@ def _lead(
     """
     failed = previous is STORE_FAILED
     if policy.store and not failed and cache.local:
-        entry = cache.read(key)
+        entry = cache._read(key)
         if _newer(cache, entry, previous if refresh else None):
             return _shareable(cache, policy, cast(Entry, entry))
         failed = entry is STORE_FAILED
@@ -614,7 +614,7 @@ def _fill(
             cache, policy, cache.store.fill(key, compute, fence=fence, tags=tags, **options)
         )
     except BackendError as exc:
-        cache.backend_failed(policy, exc)
+        cache._backend_failed(policy, exc)
         entry = computed[0] if computed else compute()
         cache.remember(key, entry, fence)
         return entry
@@ -723,7 +723,7 @@ async def _alead(
     """The leader of this process on this loop: check again, then compute once."""
     failed = previous is STORE_FAILED
     if policy.store and not failed and cache.local:
-        entry = cache.read(key)  # a local store's read: no I/O to await
+        entry = cache._read(key)  # a local store's read: no I/O to await
         if _newer(cache, entry, previous if refresh else None):
             return _shareable(cache, policy, cast(Entry, entry))
         failed = entry is STORE_FAILED
@@ -774,7 +774,7 @@ async def _afill(
         entry = await cache.store.afill(key, compute, fence=fence, tags=tags, **options)
         return _shareable(cache, policy, entry)
     except BackendError as exc:
-        cache.backend_failed(policy, exc)
+        cache._backend_failed(policy, exc)
         entry = computed[0] if computed else await compute()
         cache.remember(key, entry, fence)
         return entry
@@ -790,7 +790,7 @@ def get_or_set(
 ) -> Any:
     """`key` (stored form, without namespace) from the store, else `fn()` computed once."""
     full = cache.prefix + key
-    entry = cache.read(full)
+    entry = cache._read(full)
     # with early refresh: a hit until the entry's refresh moment (NaN until drawn in `_slow`)
     if (
         entry is not None
@@ -812,7 +812,7 @@ async def aget_or_set(
 ) -> Any:
     """`get_or_set` for async code: `await fn()` computed once."""
     full = cache.prefix + key
-    entry = cache.read(full) if cache.local else await cache.aread(full)
+    entry = cache._read(full) if cache.local else await cache._aread(full)
     if (
         entry is not None
         and (entry.refresh_at if policy.beta else entry.fresh_until) > cache.clock()

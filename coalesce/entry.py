@@ -209,7 +209,7 @@ def retry_entry(previous: Entry, now: float) -> Entry:
     )
 
 
-#: What `Cache.read` returns when the store failed: an entry that is always expired (so every
+#: What `Cache._read` returns when the store failed: an entry that is always expired (so every
 #: reader treats it as a miss), telling the rest of the call not to try the store again: one
 #: wait for a hung Redis per call, not one per step.
 STORE_FAILED = Entry(None, created=0.0, ttl=0.0)

@@ -28,7 +28,7 @@ BOUND = 10.0  # seconds a test waits for a background refresh at most
 def _stored(cache: Cache, fn: Any) -> Entry:
     """The entry object the memory store hands every reader of `fn()`'s key (`get_entry`
     returns a copy)."""
-    entry = cache.read(cache.prefix + fn.key())
+    entry = cache._read(cache.prefix + fn.key())
     assert entry is not None
     return entry
 
@@ -230,7 +230,7 @@ def test_on_redis_the_moment_is_drawn_once_per_entry_not_per_read(
         assert [hot() for _ in range(50)] == ["v"] * 50
         assert hot._policy.moments == kept  # type: ignore[attr-defined]
         full = cache.prefix + "hot"
-        assert cache.read(full) is not cache.read(full)  # decoded per read
+        assert cache._read(full) is not cache._read(full)  # decoded per read
         assert hot.stats()["misses"] == 1
     finally:
         cache.close()
@@ -254,7 +254,7 @@ def test_get_or_set_refreshes_at_the_moment_drawn_once() -> None:
 
     try:
         assert get() == 1 and get() == 1
-        entry = cache.read(cache.prefix + "report:1")
+        entry = cache._read(cache.prefix + "report:1")
         assert entry is not None
         moment = entry.refresh_at
         assert moment <= entry.fresh_until - entry.compute_time

@@ -41,7 +41,7 @@ def age_entry(cache: Cache, seconds: float) -> None:
     """Make the route's only entry `seconds` older: the memory store hands out the very
     dict it keeps, and `Age` is computed from its `created`."""
     (key,) = cache.keys()
-    entry = cache.read(cache.prefix + key)
+    entry = cache._read(cache.prefix + key)
     assert entry is not None
     entry.value["created"] -= seconds
 

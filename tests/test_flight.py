@@ -224,7 +224,7 @@ def _pause_first_read_of(
 ) -> list[bool]:
     """Make caller B's first store read (its hot-path miss) wait, after reading, for `until`."""
     paused: list[bool] = []
-    real_read, real_aread = cache.read, cache.aread
+    real_read, real_aread = cache._read, cache._aread
 
     def read(key: str) -> Any:
         entry = real_read(key)
@@ -240,8 +240,8 @@ def _pause_first_read_of(
             until()
         return entry
 
-    cache.read = read  # type: ignore[method-assign]
-    cache.aread = aread  # type: ignore[method-assign]
+    cache._read = read  # type: ignore[method-assign]
+    cache._aread = aread  # type: ignore[method-assign]
     return paused
 
 
@@ -296,11 +296,11 @@ async def test_caller_arriving_just_after_completion_does_not_recompute_async(
     key = cache.prefix + f.key()
     a = asyncio.create_task(f())
     await asyncio.wait_for(started.wait(), BOUND)
-    assert cache.read(key) is None  # what B's hot path sees now
+    assert cache._read(key) is None  # what B's hot path sees now
     release.set()
     assert await asyncio.wait_for(a, BOUND) == "v"
     # B goes on with the miss it saw a moment ago: its first read is that stale miss.
-    real_read, real_aread = cache.read, cache.aread
+    real_read, real_aread = cache._read, cache._aread
     miss_once = [True]
 
     def read(k: str) -> Any:
@@ -315,8 +315,8 @@ async def test_caller_arriving_just_after_completion_does_not_recompute_async(
             return None
         return await real_aread(k)
 
-    cache.read = read  # type: ignore[method-assign]
-    cache.aread = aread  # type: ignore[method-assign]
+    cache._read = read  # type: ignore[method-assign]
+    cache._aread = aread  # type: ignore[method-assign]
     assert await asyncio.wait_for(f(), BOUND) == "v"
     assert not miss_once  # B did see a miss first
     assert calls == 1  # and found the value when checking again inside its flight
@@ -334,7 +334,7 @@ def test_caller_seeing_a_stale_miss_does_not_recompute_sync(cache: Cache) -> Non
 
     assert f() == 5
     key = cache.prefix + f.key()
-    real_read = cache.read
+    real_read = cache._read
     miss_once = [True]
 
     def read(k: str) -> Any:
@@ -343,7 +343,7 @@ def test_caller_seeing_a_stale_miss_does_not_recompute_sync(cache: Cache) -> Non
             return None
         return real_read(k)
 
-    cache.read = read  # type: ignore[method-assign]
+    cache._read = read  # type: ignore[method-assign]
     assert f() == 5
     assert not miss_once
     assert calls == 1

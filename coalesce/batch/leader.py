@@ -135,7 +135,7 @@ class Leader:
 
     def store_failed(self, exc: BackendError) -> None:
         """`fill_many` failed on the store: count it (raises when failing closed)."""
-        self.cache.backend_failed(self.policy, exc)
+        self.cache._backend_failed(self.policy, exc)
 
     def uncomputed(self, keys: list[str]) -> list[str]:
         return [key for key in keys if key not in self.computed]

@@ -96,7 +96,7 @@ def _fallbacks(
     cache: Cache, policy: BatchPolicy, keys: list[str], exc: BackendError
 ) -> list[Entry | None]:
     """The read failed: what this process kept (raises when failing closed)."""
-    cache.backend_failed(policy, exc)
+    cache._backend_failed(policy, exc)
     return [cache.fallback(key) for key in keys]
 
 
