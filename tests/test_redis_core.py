@@ -43,7 +43,7 @@ async def test_entry_found_by_the_leaders_recheck_is_copied_for_followers(
     async def load(n: int) -> dict[str, Any]:
         raise AssertionError("the entry is in Redis: nothing computes here")
 
-    real_aread = cache.aread
+    real_aread = cache._aread
     misses = 0
 
     async def late_aread(key: str) -> Entry | None:
@@ -58,7 +58,7 @@ async def test_entry_found_by_the_leaders_recheck_is_copied_for_followers(
             return None
         return await real_aread(key)
 
-    cache.aread = late_aread  # type: ignore[method-assign]
+    cache._aread = late_aread  # type: ignore[method-assign]
     results = await asyncio.gather(*(load(1) for _ in range(10)))
     assert len({id(r) for r in results}) == 10
     results[0]["items"].append("mine")
