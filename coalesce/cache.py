@@ -255,9 +255,8 @@ class Cache:
         self.batch_flights = BatchFlights()  # per-id flights of `cached_many` batches
         self._policies: weakref.WeakSet[Policy] = weakref.WeakSet()
         self._aside_policies: dict[str, AsidePolicy] = {}  # by stats name; under _lock
-        # `get_fresh`'s text keys -> their full stored names, for the hottest (at most
-        # 4096, then forgotten at once); written without a lock: one dict operation each
-        self._fresh_keys: dict[str, str] = {}
+        # text keys -> their full stored names, for the hottest (see `_full_key`)
+        self._full_keys: dict[str, str] = {}
         _all_caches.add(self)
         self._refresher: ThreadPoolExecutor | None = None
         self._computer: ThreadPoolExecutor | None = None
@@ -460,14 +459,14 @@ class Cache:
         serve it (fresh, or stale within its `stale_ttl`), else `default`. A failure cached
         with `cache_errors` is raised. A failing store reads as missing (unless failing
         closed); a disabled cache reads nothing."""
-        full = self.prefix + text_key(self._checked(key))
+        full = self._full_key(key)
         if not self.enabled:
             return default
         return served(self._read(full), default, self.clock())
 
     async def aget(self, key: str, default: Any = None) -> Any:
         """`get` for async code."""
-        full = self.prefix + text_key(self._checked(key))
+        full = self._full_key(key)
         if not self.enabled:
             return default
         entry = self._read(full) if self.local else await self._aread(full)
@@ -486,36 +485,37 @@ class Cache:
         `get_or_set` on every request: it decides when to refresh early. Fails closed as
         `get` does (with `on_backend_error="raise"` a failing store raises `BackendError`).
         """
-        full = self._fresh_keys.get(key) if type(key) is str else None
-        if full is None:
-            full = self._fresh_key(key)
+        full = self._full_key(key)
         if not self.enabled:
             return default
-        entry = self._read(full)
-        if entry is None or entry.error or entry.fresh_until <= self.clock():
-            return default
-        value = entry.value
-        return value.thaw() if type(value) is Frozen else value
+        return self._fresh_value(self._read(full), default)
 
     async def aget_fresh(self, key: str, default: Any = None) -> Any:
         """`get_fresh` for async code (on Redis the read is awaited)."""
-        if self.local:
-            return self.get_fresh(key, default)
-        full = self._fresh_key(key)
+        full = self._full_key(key)
         if not self.enabled:
             return default
-        entry = await self._aread(full)
+        entry = self._read(full) if self.local else await self._aread(full)
+        return self._fresh_value(entry, default)
+
+    def _fresh_value(self, entry: Entry | None, default: Any) -> Any:
+        """`get_fresh`'s answer for the entry it read (the hot path's test: fresh, no error)."""
         if entry is None or entry.error or entry.fresh_until <= self.clock():
             return default
         value = entry.value
         return value.thaw() if type(value) is Frozen else value
 
-    def _fresh_key(self, key: str) -> str:
-        """The full stored name of a text key, as `get_or_set` stores it, remembered."""
-        full = self.prefix + text_key(self._checked(key))
-        if len(self._fresh_keys) >= 4096:
-            self._fresh_keys.clear()
-        self._fresh_keys[key] = full
+    def _full_key(self, key: str) -> str:
+        """The full stored name of a text key, as `get_or_set` stores it. The names of the
+        hottest keys (at most 4096, then forgotten at once) are remembered: the web edges
+        ask for the same keys on every hit. Written without a lock: one dict operation."""
+        full = self._full_keys.get(key) if type(key) is str else None
+        if full is None:
+            full = self.prefix + text_key(self._checked(key))
+            if type(key) is str:
+                if len(self._full_keys) >= 4096:
+                    self._full_keys.clear()
+                self._full_keys[key] = full
         return full
 
     def set(
