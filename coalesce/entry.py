@@ -106,20 +106,12 @@ class Entry:
 
 
 def decide(
-    entry: Entry,
-    now: float,
-    beta: float = 0.0,
-    draw: Callable[[], float] = random.random,
-    *,
-    refresh_at: float | None = None,
-    refreshing: bool = False,
+    entry: Entry, now: float, *, refresh_at: float | None = None, refreshing: bool = False
 ) -> Freshness:
     """What a reader does with `entry` at `now` (see the module docstring).
 
-    Early refresh, in one of two forms: `refresh_at` given (the moment `refresh_moment`
-    drew): a fresh entry is `EARLY` from that moment on; else `beta > 0`, XFetch drawing
-    per call: a fresh entry is `EARLY` when `now + compute_time * beta * -ln(u) >=
-    fresh_until` for `u = 1 - draw()` in (0, 1].
+    Early refresh: with `refresh_at` (the moment `refresh_moment` drew for the entry), a
+    fresh entry is `EARLY` from that moment on.
 
     `refreshing`: a refresh of the key runs in this process. An early refresh lands before
     the entry expires; one that lands a little late (a slower computation, a busy event
@@ -130,8 +122,6 @@ def decide(
     if now < fresh_until:
         if refresh_at is not None:
             return Freshness.EARLY if now >= refresh_at else Freshness.FRESH
-        if beta and now - entry.compute_time * beta * math.log(1.0 - draw()) >= fresh_until:
-            return Freshness.EARLY
         return Freshness.FRESH
     if now < fresh_until + entry.stale_ttl:
         return Freshness.STALE

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from coalesce import Cache, CoalesceError, CoalesceTimeout, ConfigurationError
-from coalesce.entry import Entry, Freshness, decide, retry_entry
+from coalesce.entry import Entry, Freshness, decide, refresh_moment, retry_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,12 +77,18 @@ def test_decide_covers_every_state_of_an_entry() -> None:
     assert decide(entry, 105.0) is Freshness.FRESH
     assert decide(entry, 111.0) is Freshness.STALE
     assert decide(entry, 116.0) is Freshness.EXPIRED
-    # XFetch: a draw near 1 (-ln(1 - u) large) refreshes early, near 0 never does
-    assert decide(entry, 105.0, beta=1.0, draw=lambda: 0.999999) is Freshness.EARLY
-    assert decide(entry, 105.0, beta=1.0, draw=lambda: 0.0) is Freshness.FRESH
+    # XFetch, drawn once: a draw near 1 (-ln(1 - u) large) refreshes early, near 0 only one
+    # computation ahead of the expiry
+    early = refresh_moment(entry, 1.0, lambda: 0.999999)
+    assert decide(entry, 105.0, refresh_at=early) is Freshness.EARLY
+    late = refresh_moment(entry, 1.0, lambda: 0.0)
+    assert late == 109.0
+    assert decide(entry, 105.0, refresh_at=late) is Freshness.FRESH
+    assert decide(entry, 109.0, refresh_at=late) is Freshness.EARLY
     # without compute time there is nothing to refresh ahead of
     instant = Entry("v", created=100.0, ttl=10.0)
-    assert decide(instant, 109.9, beta=1.0, draw=lambda: 0.999999) is Freshness.FRESH
+    moment = refresh_moment(instant, 1.0, lambda: 0.999999)
+    assert decide(instant, 109.9, refresh_at=moment) is Freshness.FRESH
 
 
 def test_early_refresh_probability_grows_as_expiry_nears() -> None:
@@ -90,10 +96,12 @@ def test_early_refresh_probability_grows_as_expiry_nears() -> None:
     draws = [i / 1000 for i in range(1000)]
 
     def early_share(now: float) -> float:
-        early = [decide(entry, now, 1.0, lambda u=u: u) is Freshness.EARLY for u in draws]
+        moments = [refresh_moment(entry, 1.0, lambda u=u: u) for u in draws]
+        early = [decide(entry, now, refresh_at=m) is Freshness.EARLY for m in moments]
         return sum(early) / len(early)
 
-    far, near, nearer = early_share(80.0), early_share(97.0), early_share(99.5)
+    # XFetch's probabilities for a read one computation (2 s) later
+    far, near, nearer = early_share(78.0), early_share(95.0), early_share(97.5)
     assert far == 0.0  # 20 s ahead of a 2 s computation: exp(-10) is below 1/1000
     assert 0.15 < near < 0.35  # exp(-3 / 2) = 0.22
     assert nearer > 0.7  # exp(-0.5 / 2) = 0.78

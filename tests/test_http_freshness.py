@@ -131,8 +131,9 @@ def test_starlette_early_refresh_refreshes_a_hot_view_in_the_background() -> Non
     first = client.get("/hot")
     assert first.json() == {"n": 1}
     assert "stale-if-error=30" in first.headers["cache-control"]
-    # XFetch: P(early) = exp(-left / (compute_time * beta)) = exp(-0.01 / 0.5) now, and
-    # exp(-10 / 0.5) once the refresh has landed: one refresh, not a second one
+    # XFetch drawn once per entry: the refresh moment is at least one computation (~0.05 s)
+    # before the expiry, so 0.01 s before it the entry refreshes; the refreshed entry's
+    # moment is already past with probability exp(-(10 - 0.05) / 0.5): one refresh, not two
     clock.now += 9.99
     for _ in range(20):
         assert client.get("/hot").json() in ({"n": 1}, {"n": 2})
