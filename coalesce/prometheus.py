@@ -59,8 +59,8 @@ _PER_FUNCTION = (
     ("backend_errors", "backend_errors", "Store failures that degraded to computing directly."),
     ("invalidations", "invalidations", "Entries deleted through the function's invalidate()."),
     ("compute_seconds", "compute_time", "Seconds spent in computations."),
-    ("batches", "batches", "Calls of a cached_many function (the ids it had to compute)."),
-    ("batch_ids", "batch_ids", "Ids passed to a cached_many function's calls."),
+    ("batches", "batches", "Runs of a cached_many function (ids missing from the cache)."),
+    ("batch_ids", "batch_ids", "Ids passed to those runs, in total."),
 )
 _HTTP_RESULTS = (
     ("hit", "hits"),

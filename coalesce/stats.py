@@ -28,7 +28,7 @@ class Stats:
     invalidations: int = 0  # entries deleted through this function's invalidate()
     backend_errors: int = 0  # store failures that degraded to computing directly
     compute_time: float = 0.0  # seconds spent in computations, in total
-    batches: int = 0  # calls of a `cached_many` function (each with the ids it had to compute)
+    batches: int = 0  # runs of a `cached_many` function (calls all of whose ids hit: none)
     batch_ids: int = 0  # ids passed to those calls, in total (ids per batch: the ratio)
 
     def as_dict(self) -> dict[str, Any]:

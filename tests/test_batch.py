@@ -106,6 +106,9 @@ def test_cache_missing_stores_the_absence_for_that_long() -> None:
     assert users([1, 2]) == {1: 1}
     assert users([1, 2]) == {1: 1}
     assert calls == [[1, 2]]
+    with pytest.raises(KeyError):  # the stored absence, as the README says
+        cache.get("user:2")
+    assert cache.get("user:1") == 1
     clock.advance(6)
     assert users([1, 2]) == {1: 1}
     assert calls == [[1, 2], [2]]

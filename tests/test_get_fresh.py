@@ -36,6 +36,9 @@ def test_a_fresh_value_is_what_get_or_set_returns_without_computing() -> None:
     assert cache.get("page:a b") == stored  # `get` still serves it stale
     clock.advance(30)
     assert cache.get_fresh("page:a b", MISSING) is MISSING
+    # it never counted: the counts are get_or_set's two calls (a miss, then a hit)
+    counts = cache.stats()["page"]
+    assert (counts["hits"], counts["misses"], counts["stale"]) == (1, 1, 0)
 
 
 def test_copied_values_come_back_as_private_copies() -> None:

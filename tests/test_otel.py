@@ -231,14 +231,29 @@ def test_stale_refresh_and_early_refresh_statuses(telemetry: Telemetry) -> None:
     def page(n: int) -> int:
         return n
 
+    @cache.cached(ttl=10, early_refresh=True, key="hot:{n}")
+    def hot(n: int) -> int:
+        time.sleep(0.01)  # a compute time for XFetch to scale by
+        return n
+
     page(1)
-    clock.advance(20)  # stale: served, refreshed in the background
+    hot(1)
+    clock.advance(10 - 1e-6)  # hot: past any moment drawn (at least one computation early)
+    hot(1)
+    clock.advance(10)  # page: stale, served, refreshed in the background
     page(1)
-    cache.close()  # waits for the background refresh
-    assert [s.attributes["coalesce.cache"] for s in telemetry.computations()] == [  # type: ignore[index]
-        "miss",
-        "stale",
-    ]
+    cache.close()  # waits for the background refreshes
+    statuses = {
+        (s.attributes["coalesce.function"], s.attributes["coalesce.cache"])  # type: ignore[index]
+        for s in telemetry.computations()
+    }
+    assert statuses == {
+        ("page:{n}", "miss"),
+        ("hot:{n}", "miss"),
+        ("hot:{n}", "refresh"),
+        ("page:{n}", "stale"),
+    }
+    assert len(telemetry.computations()) == 4
 
 
 def test_metrics_through_the_meter_provider(telemetry: Telemetry) -> None:

@@ -107,7 +107,7 @@ def _decide(
     read failed), the reads counted; no I/O."""
     served, stale, missing = sort(list(by_key), entries, cache.clock())
     policy.count_reads(len(served) - len(stale), len(stale), len(missing))
-    failed = any(entry is STORE_FAILED for entry in entries)
+    failed = bool(missing) and any(entry is STORE_FAILED for entry in entries)  # a miss
     return served, _subset(by_key, stale), _subset(by_key, missing), failed
 
 
