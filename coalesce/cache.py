@@ -370,7 +370,7 @@ class Cache:
             copy=copy,
         )
 
-    def register(self, policy: Policy) -> None:
+    def _register(self, policy: Policy) -> None:
         self._policies.add(policy)
 
     # -- cache-aside ------------------------------------------------------------------------
@@ -547,7 +547,7 @@ class Cache:
             return self.store.set(full, entry)
         except BackendError as exc:
             self._backend_failed(None, exc)  # raises when failing closed
-            self.remember(full, entry, Fence())
+            self._remember(full, entry, Fence())
             return False
         finally:
             self._fence(full)
@@ -574,7 +574,7 @@ class Cache:
             return await self.store.aset(full, entry)
         except BackendError as exc:
             self._backend_failed(None, exc)
-            self.remember(full, entry, Fence())
+            self._remember(full, entry, Fence())
             return False
         finally:
             self._fence(full)
@@ -615,7 +615,7 @@ class Cache:
                 policy = self._aside_policies.get(name)
                 if policy is None:
                     policy = self._aside_policies[name] = AsidePolicy(self, name)
-                    self.register(policy)
+                    self._register(policy)
         return policy.with_options(options), stored, full_tags
 
     # -- reads on the call path -----------------------------------------------------------
@@ -630,7 +630,7 @@ class Cache:
             return self.store.get(key)
         except BackendError as exc:
             self._backend_failed(None, exc)  # raises when failing closed
-            return self.fallback(key)
+            return self._fallback(key)
 
     async def _aread(self, key: str) -> Entry | None:
         if not self.store.shared:
@@ -639,15 +639,15 @@ class Cache:
             return await self.store.aget(key)
         except BackendError as exc:
             self._backend_failed(None, exc)  # raises when failing closed
-            return self.fallback(key)
+            return self._fallback(key)
 
-    def fallback(self, key: str) -> Entry:
+    def _fallback(self, key: str) -> Entry:
         """After a failed read (failing open): what this process computed for `key` while
         the store was unavailable (its fallback, no I/O), else `STORE_FAILED`."""
         entry = self.store.fallback(key)
         return STORE_FAILED if entry is None else entry
 
-    def remember(self, key: str, entry: Entry, fence: Fence) -> None:
+    def _remember(self, key: str, entry: Entry, fence: Fence) -> None:
         """Hand an entry computed because the store failed to the store's fallback."""
         self.store.remember(key, entry, fence=fence)
 
@@ -668,7 +668,7 @@ class Cache:
                 exc,
             )
 
-    def refresh_in_background(self, key: str, job: Callable[[], Any]) -> None:
+    def _refresh_in_background(self, key: str, job: Callable[[], Any]) -> None:
         """Refresh `key`'s entry (stale, or early) in a worker thread, unless a refresh of
         it is already pending here (the flight then keeps computations to one at a time).
         After `close()`, nothing is refreshed in the background."""
@@ -687,7 +687,7 @@ class Cache:
             with self._lock:
                 self.refreshing.discard(key)
 
-    def compute_pool(self) -> ThreadPoolExecutor:
+    def _compute_pool(self) -> ThreadPoolExecutor:
         """The threads sync computations with a `timeout` run on, so that their callers
         (the leader's included) can stop waiting; bounded: a computation beyond its size
         waits for a thread, and its callers time out meanwhile."""
@@ -698,8 +698,8 @@ class Cache:
                 )
             return self._computer
 
-    def arefresh_in_background(self, key: str, job: Coroutine[Any, Any, Any]) -> None:
-        """Refresh `key`'s entry in a task of the running loop (see `refresh_in_background`);
+    def _arefresh_in_background(self, key: str, job: Coroutine[Any, Any, Any]) -> None:
+        """Refresh `key`'s entry in a task of the running loop (see `_refresh_in_background`);
         `aclose()` cancels the tasks still running."""
         with self._lock:
             if self._closed or key in self.refreshing:
@@ -739,7 +739,7 @@ class Cache:
                 ) from None
         return key
 
-    def after_fork(self) -> None:
+    def _after_fork(self) -> None:
         """In a forked child: fresh locks, no refresh pool, no tags in flight (the flight
         tables reset themselves)."""
         self._lock = threading.Lock()
@@ -756,7 +756,7 @@ class Cache:
         self.batch_flights.invalidate(full_key)
 
     @contextlib.contextmanager
-    def computing(self, key: str, tags: tuple[str, ...]) -> Iterator[None]:
+    def _computing(self, key: str, tags: tuple[str, ...]) -> Iterator[None]:
         """Mark `key` as computing with `tags`, so an invalidation of a tag fences it."""
         if not tags:
             yield
@@ -965,7 +965,7 @@ def _reset_after_fork() -> None:
     global _default_lock
     _default_lock = threading.Lock()
     for cache in list(_all_caches):
-        cache.after_fork()
+        cache._after_fork()
 
 
 if hasattr(os, "register_at_fork"):
@@ -992,7 +992,7 @@ def configure(url_or_cache: str | Cache = "memory://", **options: Any) -> Cache:
         _default = cache
         for policy in list(_default_policies):
             policy.cache = None
-            cache.register(policy)
+            cache._register(policy)
     return cache
 
 
@@ -1013,7 +1013,7 @@ def bind_default(policy: Policy) -> Cache:
     cache = get_cache()
     with _default_lock:
         _default_policies.add(policy)
-        cache.register(policy)
+        cache._register(policy)
         policy.cache = cache
     return cache
 

@@ -392,7 +392,7 @@ def _slow(
                 _served_to_refresh(policy, state)
                 if not cache.flights.running(key):
                     early = state is _EARLY
-                    cache.refresh_in_background(
+                    cache._refresh_in_background(
                         key, lambda: _miss(cache, policy, key, args, kwargs, entry, refresh=early)
                     )
                 if state is _EARLY:
@@ -420,7 +420,7 @@ async def _aslow(
                 _served_to_refresh(policy, state)
                 if not cache.aflights.running(key):
                     early = state is _EARLY
-                    cache.arefresh_in_background(
+                    cache._arefresh_in_background(
                         key, _amiss(cache, policy, key, args, kwargs, entry, refresh=early)
                     )
                 if state is _EARLY:
@@ -514,7 +514,7 @@ def _miss(
             lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised, previous, refresh),
             policy.count_shared,
             policy.timeout,
-            cache.compute_pool() if policy.timeout is not None else None,
+            cache._compute_pool() if policy.timeout is not None else None,
         )
     except CoalesceTimeout as exc:
         return _after_timeout(cache, policy, previous, exc)
@@ -584,11 +584,11 @@ def _lead(
     if not policy.store:
         return compute()
     if failed:
-        cache.remember(key, compute(), fence)
+        cache._remember(key, compute(), fence)
         return computed[0]
     if not tags:  # nothing for a tag invalidation to fence: no need to mark it computing
         return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
-    with cache.computing(key, tags):
+    with cache._computing(key, tags):
         return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
 
 
@@ -616,7 +616,7 @@ def _fill(
     except BackendError as exc:
         cache._backend_failed(policy, exc)
         entry = computed[0] if computed else compute()
-        cache.remember(key, entry, fence)
+        cache._remember(key, entry, fence)
         return entry
 
 
@@ -750,11 +750,11 @@ async def _alead(
     if not policy.store:
         return await compute()
     if failed:
-        cache.remember(key, await compute(), fence)
+        cache._remember(key, await compute(), fence)
         return computed[0]
     if not tags:  # as in `_lead`
         return await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
-    with cache.computing(key, tags):
+    with cache._computing(key, tags):
         return await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
 
 
@@ -776,7 +776,7 @@ async def _afill(
     except BackendError as exc:
         cache._backend_failed(policy, exc)
         entry = computed[0] if computed else await compute()
-        cache.remember(key, entry, fence)
+        cache._remember(key, entry, fence)
         return entry
 
 
@@ -1008,7 +1008,7 @@ def make_decorator(
             store=store,
         )
         if cache is not None:
-            cache.register(policy)
+            cache._register(policy)
         return cast(F, decorate(policy))
 
     if fn is not None:

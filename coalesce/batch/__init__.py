@@ -82,7 +82,7 @@ def make_cached_many(
             batch_window=batch_window,
             max_batch=max_batch,
         )
-        cache.register(policy)
+        cache._register(policy)
         return _decorate(cache, policy)
 
     return decorator

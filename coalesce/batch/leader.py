@@ -95,7 +95,7 @@ class Leader:
         with contextlib.ExitStack() as stack:
             for key, names in self.tags.items():
                 if names:
-                    stack.enter_context(self.cache.computing(key, names))
+                    stack.enter_context(self.cache._computing(key, names))
             yield
 
     # -- one run of the function ---------------------------------------------------------------
@@ -145,7 +145,7 @@ class Leader:
         outcomes = {key: self.computed[key] for key in keys}
         for key, entry in outcomes.items():
             if entry is not None:
-                self.cache.remember(key, entry, self.led[key].fence)
+                self.cache._remember(key, entry, self.led[key].fence)
         return outcomes
 
     # -- every exit ----------------------------------------------------------------------------

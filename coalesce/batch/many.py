@@ -97,7 +97,7 @@ def _fallbacks(
 ) -> list[Entry | None]:
     """The read failed: what this process kept (raises when failing closed)."""
     cache._backend_failed(policy, exc)
-    return [cache.fallback(key) for key in keys]
+    return [cache._fallback(key) for key in keys]
 
 
 def _decide(
@@ -129,7 +129,7 @@ def call_many(policy: BatchPolicy, ids: Iterable[Any]) -> dict[Any, Any]:
     entries = _read(cache, policy, list(by_key))
     served, stale, missing, failed = _decide(cache, policy, by_key, entries)
     if stale:
-        cache.refresh_in_background(
+        cache._refresh_in_background(
             next(iter(stale)), lambda: compute_missing(cache, policy, stale, failed=False)
         )
     if missing:
@@ -148,7 +148,7 @@ async def acall_many(policy: BatchPolicy, ids: Iterable[Any]) -> dict[Any, Any]:
     served, stale, missing, failed = _decide(cache, policy, by_key, entries)
     if stale:
         refresh = acompute_missing(cache, policy, stale, False)
-        cache.arefresh_in_background(next(iter(stale)), refresh)
+        cache._arefresh_in_background(next(iter(stale)), refresh)
     if missing:
         served.update(await acompute_missing(cache, policy, missing, failed))
     return assemble(by_key, served)
