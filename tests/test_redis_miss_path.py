@@ -229,6 +229,29 @@ def test_get_or_set_miss_is_get_claim_store(own_caches: Caches, commands: Comman
     assert commands.during(lambda: cache.get_or_set("user:1", lambda: 2, ttl=60)) == ["GET"]
 
 
+def test_checks_in_fill_only_without_a_near_cache(own_caches: Caches, commands: Commands) -> None:
+    """`checks_in_fill`: `fill` alone (no `get` first) is one `CLAIM` that serves an entry
+    stored meanwhile, and a `CLAIM` and a `STORE` for a miss; with a near cache it is False
+    (`get` may answer without any I/O)."""
+    store = _store(own_caches())
+    assert store.checks_in_fill is True
+    assert _store(own_caches(local_maxsize=10)).checks_in_fill is False
+    key = store.namespace + ":user:"
+    store.fill(key + "0", Counted(0), fence=Fence())  # scripts loaded, listener started
+    store.set(key + "1", _entry("stored"))
+    compute = Counted("computed")
+    got: list[Entry] = []
+    assert commands.during(lambda: got.append(store.fill(key + "1", compute, fence=Fence()))) == [
+        "CLAIM"
+    ]
+    assert got[0].value == "stored" and compute.calls == 0
+    assert commands.during(lambda: store.fill(key + "2", compute, fence=Fence())) == [
+        "CLAIM",
+        "STORE",
+    ]
+    assert compute.calls == 1
+
+
 def test_a_miss_nobody_waits_for_publishes_no_wake_up(
     own_caches: Caches, commands: Commands
 ) -> None:

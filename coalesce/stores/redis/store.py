@@ -110,6 +110,12 @@ class RedisStore(Store):
     unavailable, a fail-open cache serves what it computed meanwhile for at most
     `fallback_ttl` seconds, keeping at most `fallback_maxsize` entries. Nothing connects
     before the first call.
+
+    `checks_in_fill` is True when the store has no near cache (`local_maxsize` not set):
+    `fill`'s first step (`CLAIM`) reads the entry atomically with taking the lease and serves
+    it when it is fresh, and `get` has no local copy to answer from, so a caller that expects
+    a miss may skip `get` and call `fill` at once (one round trip fewer; only `get` counts
+    a miss in `stats()`). With a near cache it is False: `get` may answer without any I/O.
     """
 
     shared = True
@@ -215,6 +221,8 @@ class RedisStore(Store):
         self._near: NearCache | None = None
         if local_maxsize is not None:
             self._near = NearCache(local_maxsize, float(local_ttl), self._listener, self.serializer)
+        #: See the class docstring: `fill` checks the entry itself and no near cache answers.
+        self.checks_in_fill: bool = self._near is None
         self.counts = dict.fromkeys(
             (
                 "hits",
