@@ -885,6 +885,23 @@ async def test_4xx_is_cached_only_when_asked(cache: Cache) -> None:
     assert r[1].status_code == 410 and r[1].headers["x-cache"] == "HIT"
 
 
+@pytest.mark.parametrize("status", [503, 302])
+async def test_cache_4xx_keeps_no_other_raised_status(cache: Cache, status: int) -> None:
+    app = FastAPI()
+    calls = Counter()
+
+    @app.get("/down")
+    @cached(ttl=30, cache=cache, cache_4xx=True, registry=MetricsRegistry())
+    async def down() -> dict[str, int]:
+        calls.bump()
+        raise HTTPException(status, "not now")
+
+    async with client(app) as c:
+        responses = [await c.get("/down") for _ in range(2)]
+    assert [r.status_code for r in responses] == [status, status]
+    assert calls.n == 2 and cache.keys() == []  # raised to every request, never kept
+
+
 async def test_responses_setting_cookies_are_never_stored_nor_shared(cache: Cache) -> None:
     app = FastAPI()
     calls = Counter()

@@ -435,6 +435,21 @@ def test_a_raised_4xx_is_cached_with_cache_4xx_and_raised_again(
     assert target.calls["raised_uncached"] == 2
 
 
+@pytest.mark.parametrize("status", [503, 302])
+def test_cache_4xx_keeps_no_other_raised_status(status: int) -> None:
+    cache, calls = Cache(), Counter[str]()
+
+    @cached(ttl=60, cache=cache, cache_4xx=True, registry=MetricsRegistry())
+    async def down(request: Request) -> Response:
+        calls["down"] += 1
+        raise HTTPException(status, detail="not now")
+
+    with TestClient(Starlette(routes=[Route("/down", down)])) as client:
+        responses = [client.get("/down", follow_redirects=False) for _ in range(2)]
+    assert [r.status_code for r in responses] == [status, status]
+    assert calls["down"] == 2 and cache.keys() == []  # raised to every request, never kept
+
+
 async def test_concurrent_users_never_share_a_computation(target: App) -> None:
     transport = httpx.ASGITransport(app=target.asgi)
     async with httpx.AsyncClient(transport=transport, base_url="http://shop.example") as client:

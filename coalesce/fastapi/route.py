@@ -465,7 +465,7 @@ class CachedRoute(CachedEndpoint):
                 raw = await self.call(job.kwargs)
             except HTTPException as exc:
                 code = exc.status_code
-                if not (self.store and self.cache_4xx and 400 <= code < 500):
+                if not self.keeps_error(code):
                     raise
                 return exception_entry(exc, ttl=ttl)
             job.response = await render(raw, served_route(job.request.scope), job.sub)

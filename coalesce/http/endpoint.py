@@ -124,6 +124,13 @@ class CachedEndpoint:
             self.warned.add(kind)
             self.logger.warning(message, *args)
 
+    def keeps_error(self, status: int) -> bool:
+        """Whether an HTTP error of `status` the handler raised may be kept as an entry (and
+        raised again on hits): a 4xx, on a route that stores, with `cache_4xx=True` (unless
+        its headers make it personal: `coalesce.http.render.error_entry`); else it is raised
+        on. The same option keeps a returned 4xx (`coalesce.http.render.entry_from`)."""
+        return self.store and self.cache_4xx and 400 <= status < 500
+
     def ttl_now(self, cache: Cache) -> float | None:
         """The ttl an entry made now carries (None: a `coalesced` route keeps nothing)."""
         if not self.store:

@@ -446,7 +446,7 @@ class ViewCache(CachedEndpoint):
         if error is None:
             raise exc
         job.code = error.status
-        if not (self.store and self.cache_4xx and 400 <= error.status < 500):
+        if not self.keeps_error(error.status):
             raise exc
         entry = error_entry(
             error.status, error.detail, error.headers, ttl=self.ttl_now(self.cache or get_cache())
