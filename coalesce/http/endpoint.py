@@ -57,7 +57,9 @@ class CachedEndpoint:
         self.fn = fn
         self.name = f"{fn.__module__}.{fn.__qualname__}"
         self.logger = logger
-        self.store = store  # False for `coalesced`: share runs, keep nothing
+        # False for `coalesced`: share runs, keep nothing. Its options are those `coalesced`
+        # takes; the others keep their defaults (no `cache_4xx`, `stale_if_error`...).
+        self.store = store
         self.ttl = options.ttl
         self.stale_ttl = options.stale_ttl
         self.vary = options.vary
@@ -66,7 +68,7 @@ class CachedEndpoint:
         self.cache_4xx = options.cache_4xx
         self.honor_no_cache = options.honor_client_no_cache
         self.registry = options.registry
-        self.stale_if_error = options.stale_if_error if store else 0.0
+        self.stale_if_error = options.stale_if_error
         self.early_refresh = bool(options.early_refresh)
         self.aside = {**options.aside(), "name": f"{self.name}[http]"}
         self.origins: set[str] = set()  # the `scheme://host` it served (at most 64 kept)
@@ -126,10 +128,10 @@ class CachedEndpoint:
 
     def keeps_error(self, status: int) -> bool:
         """Whether an HTTP error of `status` the handler raised may be kept as an entry (and
-        raised again on hits): a 4xx, on a route that stores, with `cache_4xx=True` (unless
-        its headers make it personal: `coalesce.http.render.error_entry`); else it is raised
-        on. The same option keeps a returned 4xx (`coalesce.http.render.entry_from`)."""
-        return self.store and self.cache_4xx and 400 <= status < 500
+        raised again on hits): a 4xx, with `cache_4xx=True` (which only `cached` takes),
+        unless its headers make it personal (`coalesce.http.render.error_entry`); else it is
+        raised on. The same option keeps a returned 4xx (`coalesce.http.render.entry_from`)."""
+        return self.cache_4xx and 400 <= status < 500
 
     def ttl_now(self, cache: Cache) -> float | None:
         """The ttl an entry made now carries (None: a `coalesced` route keeps nothing)."""
