@@ -156,7 +156,7 @@ class ServedRoute:
 class Job:
     """One request's part in a computation: its arguments, and whether it ran the handler."""
 
-    __slots__ = ("key", "kwargs", "metrics", "path", "ran", "request", "response", "sub")
+    __slots__ = ("key", "kwargs", "metrics", "path", "ran", "request", "response", "sub", "ttl")
 
     def __init__(
         self,
@@ -166,6 +166,7 @@ class Job:
         sub: Response,
         metrics: RouteMetrics,
         path: str,
+        ttl: float | None,
     ) -> None:
         self.key = key
         self.kwargs = kwargs
@@ -173,6 +174,7 @@ class Job:
         self.sub = sub  # FastAPI's sub-response: status/headers set by the handler or deps
         self.metrics = metrics
         self.path = path
+        self.ttl = ttl  # of the entry it makes (`CachedEndpoint.ttl_now`)
         self.ran = False  # set when this request's computation started (it is the leader)
         self.response: Response | None = None  # its rendered response, once there is one
 
@@ -392,7 +394,7 @@ class CachedRoute(CachedEndpoint):
             self.warn_once("tags", "coalesce: no cache tags for %s (%s); not caching it", path, exc)
             return await self.bypass(kwargs, sub, metrics)
         started = time.time()
-        job = Job(raw_key, kwargs, request, sub, metrics, path)
+        job = Job(raw_key, kwargs, request, sub, metrics, path, self.ttl_now(cache))
         try:
             # The raw key: the core escapes it once (`normal`); passing `normal(raw_key)`
             # would escape its `%` again and store where reads and invalidations never look.
@@ -459,7 +461,6 @@ class CachedRoute(CachedEndpoint):
         job.ran = True
         started = time.perf_counter()
         code = 500  # what an exception becomes, unless it says otherwise
-        ttl = self.ttl_now(self.cache or get_cache())
         try:
             try:
                 raw = await self.call(job.kwargs)
@@ -467,9 +468,9 @@ class CachedRoute(CachedEndpoint):
                 code = exc.status_code
                 if not self.keeps_error(code):
                     raise
-                return exception_entry(exc, ttl=ttl)
+                return exception_entry(exc, ttl=job.ttl)
             job.response = await render(raw, served_route(job.request.scope), job.sub)
-            return entry_of(job.response, ttl=ttl, store=self.store, cache_4xx=self.cache_4xx)
+            return entry_of(job.response, ttl=job.ttl, store=self.store, cache_4xx=self.cache_4xx)
         finally:
             if job.response is not None:
                 code = job.response.status_code

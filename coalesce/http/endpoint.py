@@ -134,7 +134,10 @@ class CachedEndpoint:
         return self.cache_4xx and 400 <= status < 500
 
     def ttl_now(self, cache: Cache) -> float | None:
-        """The ttl an entry made now carries (None: a `coalesced` route keeps nothing)."""
+        """The ttl of the entry a request to `cache` makes (None: a `coalesced` route keeps
+        nothing). Asked per request: without `cache=`, the cache is the default one of the
+        moment (`configure` may replace it), and the core too reads `default_ttl` as it
+        makes an entry."""
         if not self.store:
             return None
         return self.ttl if self.ttl is not None else cache.default_ttl

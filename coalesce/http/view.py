@@ -196,12 +196,13 @@ class Step(NamedTuple):
 class Job(Generic[N]):
     """One request's part in a computation: how to run its view, and whether it did."""
 
-    __slots__ = ("code", "io", "ran", "response", "run", "step")
+    __slots__ = ("code", "io", "ran", "response", "run", "step", "ttl")
 
-    def __init__(self, run: Callable[[], Any], io: Io[N], step: Step) -> None:
+    def __init__(self, run: Callable[[], Any], io: Io[N], step: Step, ttl: float | None) -> None:
         self.run = run
         self.io = io
         self.step = step
+        self.ttl = ttl  # of the entry it makes (`CachedEndpoint.ttl_now`)
         self.ran = False  # set when this request's computation started (it is the leader)
         self.response: N | None = None  # its view's response, once there is one
         self.code = 500  # the status it answered (an exception stays a 500)
@@ -434,7 +435,7 @@ class ViewCache(CachedEndpoint):
             rendered.status,
             rendered.headers,
             rendered.body,
-            ttl=self.ttl_now(self.cache or get_cache()),
+            ttl=job.ttl,
             store=self.store,
             cache_4xx=self.cache_4xx,
         )
@@ -448,9 +449,7 @@ class ViewCache(CachedEndpoint):
         job.code = error.status
         if not self.keeps_error(error.status):
             raise exc
-        entry = error_entry(
-            error.status, error.detail, error.headers, ttl=self.ttl_now(self.cache or get_cache())
-        )
+        entry = error_entry(error.status, error.detail, error.headers, ttl=job.ttl)
         if entry is None:
             raise exc
         return entry
@@ -502,7 +501,7 @@ class ViewCache(CachedEndpoint):
             value = self.hit(cache, step.raw_key)
             if value is not None and "body" in value:
                 return self.answer_hit(value, step, request, io, not cache.local)
-        job: Job[N] = Job(run, io, step)
+        job: Job[N] = Job(run, io, step, self.ttl_now(cache))
         started = time.time()
         try:
             value = self.through(cache, step.raw_key, step.tags, partial(self.compute, job))
@@ -531,7 +530,7 @@ class ViewCache(CachedEndpoint):
                 value = await self.ahit(cache, step.raw_key)
             if value is not None and "body" in value:
                 return self.answer_hit(value, step, request, io, not cache.local)
-        job: Job[N] = Job(run, io, step)
+        job: Job[N] = Job(run, io, step, self.ttl_now(cache))
         started = time.time()
         try:
             value = await self.athrough(cache, step.raw_key, step.tags, partial(self.acompute, job))
