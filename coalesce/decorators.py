@@ -157,8 +157,6 @@ class Policy:
 
     def tag_names(self, cache: Cache, args: Any, kwargs: Any) -> tuple[str, ...]:
         """The full names of the tags a call's entry carries."""
-        if not self.tag_keys:
-            return ()
         return tuple(cache.prefix + make(*args, **kwargs) for make in self.tag_keys)
 
     def make_entry(self, cache: Cache, value: Any, started: float, tags: tuple[str, ...]) -> Entry:
@@ -565,7 +563,7 @@ def _lead(
         kept = _fallback(cache, policy, key)
         if kept is not None:
             return kept
-    tags = policy.tag_names(cache, args, kwargs)
+    tags = policy.tag_names(cache, args, kwargs) if policy.tag_keys else ()
     computed: list[Entry] = []
     tracing = otel.tracing  # None unless coalesce.otel.instrument() was called
     fn = policy.fn if tracing is None else tracing.traced(cache, policy, key, previous, refresh)
@@ -587,6 +585,8 @@ def _lead(
         cache._remember(key, compute(), fence)
         return computed[0]
     if not tags:  # nothing for a tag invalidation to fence: no need to mark it computing
+        if cache.local:  # a memory store: it cannot fail, and it keeps entries frozen
+            return cache.store.fill(key, compute, fence=fence)
         return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
     with cache._computing(key, tags):
         return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
@@ -731,7 +731,7 @@ async def _alead(
         kept = _fallback(cache, policy, key)
         if kept is not None:
             return kept
-    tags = policy.tag_names(cache, args, kwargs)
+    tags = policy.tag_names(cache, args, kwargs) if policy.tag_keys else ()
     computed: list[Entry] = []
     tracing = otel.tracing  # as in `_lead`
     fn = policy.fn if tracing is None else tracing.atraced(cache, policy, key, previous, refresh)
@@ -753,6 +753,8 @@ async def _alead(
         cache._remember(key, await compute(), fence)
         return computed[0]
     if not tags:  # as in `_lead`
+        if cache.local:
+            return await cache.store.afill(key, compute, fence=fence)
         return await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
     with cache._computing(key, tags):
         return await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
