@@ -385,6 +385,19 @@ async def test_a_key_template_and_its_tags(target: App) -> None:
         assert target.cache.keys() == []
 
 
+def test_a_views_key_is_of_the_only_origin_it_served(target: App, client: TestClient) -> None:
+    with pytest.raises(ConfigurationError, match=r"which origin\?.* \(this process served none\)"):
+        target.item.key(path="/items/3")
+    client.get("/items/3")
+    shop = target.item.key(path="/items/3")
+    assert [shop] == target.cache.keys()
+    client.get("/items/3", headers={"host": "other.example"})
+    with pytest.raises(ConfigurationError, match=r"served http://other\.example, http://shop"):
+        target.item.key(path="/items/3")
+    other = target.item.key(path="/items/3", origin="http://other.example")
+    assert sorted(target.cache.keys()) == [other, shop]
+
+
 async def overlapping(target: App, path: str, n: int) -> tuple[list[Any], Any]:
     """`n` overlapping GETs of `path` (the endpoint returns only once all `n` arrived), then
     one more after they all ended."""

@@ -276,20 +276,12 @@ class CachedRoute(CachedEndpoint):
         if self.template is not None:
             return f"{ident}@{self.name}"
         if path is None:
-            path = self._only("path", self.paths, "'/items/{item_id}'")
+            path = self.only("path", self.paths, "'/items/{item_id}'")
         if origin is None:
-            origin = self._only("origin", self.origins, "'https://shop.example'")
+            origin = self.only("origin", self.origins, "'https://shop.example'")
         # `<item_id>` for `{item_id}`: braces would be escaped (they cut Redis Cluster hash
         # tags short), and the key should stay readable in `coalesce keys`
         return f"{origin}{path.replace('{', '<').replace('}', '>')}?{ident}"
-
-    def _only(self, what: str, seen: set[str], example: str) -> str:
-        if len(seen) == 1:
-            return next(iter(seen))
-        raise ConfigurationError(
-            f"{self.name}: which {what}? pass {what}={example} (this process served "
-            f"{'none' if not seen else ', '.join(sorted(seen))})"
-        )
 
     def view(self, api_route: Any) -> ServedRoute:
         """What is known of a route serving this handler (`ServedRoute`), built once."""

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import coalesce
-from coalesce import BackendError, Cache, get_cache
+from coalesce import BackendError, Cache, ConfigurationError, get_cache
 from coalesce.cache import text_key
 from coalesce.http.headers import COALESCED, HIT, MISS, STALE, cache_status
 from coalesce.http.options import RouteOptions
@@ -115,6 +115,17 @@ class CachedEndpoint:
         """The tag of every entry (each `vary` variant, path, query string and host) of one
         request, or of one template key."""
         return f"route:{self.name}?{ident}"
+
+    def only(self, what: str, seen: set[str], example: str) -> str:
+        """The one `what` (an origin, a path) of `seen` this process served, for a key or an
+        invalidation that names none; `ConfigurationError` when it served none or several
+        (the message asks for `what=example`)."""
+        if len(seen) == 1:
+            return next(iter(seen))
+        raise ConfigurationError(
+            f"{self.name}: which {what}? pass {what}={example} (this process served "
+            f"{'none' if not seen else ', '.join(sorted(seen))})"
+        )
 
     def add_origin(self, origin: str) -> None:
         if origin not in self.origins and len(self.origins) < 64:

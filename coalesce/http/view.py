@@ -328,12 +328,7 @@ class ViewCache(CachedEndpoint):
         if path is None:
             raise ConfigurationError(f"{self.name}.key: which path? pass path='/items/3'")
         if origin is None:
-            if len(self.origins) != 1:
-                raise ConfigurationError(
-                    f"{self.name}.key: which origin? pass origin='https://shop.example' "
-                    f"(this process served {', '.join(sorted(self.origins)) or 'none'})"
-                )
-            origin = next(iter(self.origins))
+            origin = self.only("origin", self.origins, "'https://shop.example'")
         return self.normal(view_key(origin, path, [(k, str(v)) for k, v in values.items()]))
 
     # -- answers (pure but for the counters) -----------------------------------------------
