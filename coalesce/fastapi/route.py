@@ -156,7 +156,7 @@ class ServedRoute:
 class Job:
     """One request's part in a computation: its arguments, and whether it ran the handler."""
 
-    __slots__ = ("key", "kwargs", "metrics", "path", "ran", "request", "response", "sub", "ttl")
+    __slots__ = ("key", "kwargs", "metrics", "ran", "request", "response", "sub", "ttl")
 
     def __init__(
         self,
@@ -165,7 +165,6 @@ class Job:
         request: Request,
         sub: Response,
         metrics: RouteMetrics,
-        path: str,
         ttl: float | None,
     ) -> None:
         self.key = key
@@ -173,7 +172,6 @@ class Job:
         self.request = request
         self.sub = sub  # FastAPI's sub-response: status/headers set by the handler or deps
         self.metrics = metrics
-        self.path = path
         self.ttl = ttl  # of the entry it makes (`CachedEndpoint.ttl_now`)
         self.ran = False  # set when this request's computation started (it is the leader)
         self.response: Response | None = None  # its rendered response, once there is one
@@ -386,7 +384,7 @@ class CachedRoute(CachedEndpoint):
             self.warn_once("tags", "coalesce: no cache tags for %s (%s); not caching it", path, exc)
             return await self.bypass(kwargs, sub, metrics)
         started = time.time()
-        job = Job(raw_key, kwargs, request, sub, metrics, path, self.ttl_now(cache))
+        job = Job(raw_key, kwargs, request, sub, metrics, self.ttl_now(cache))
         try:
             # The raw key: the core escapes it once (`normal`); passing `normal(raw_key)`
             # would escape its `%` again and store where reads and invalidations never look.
