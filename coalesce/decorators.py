@@ -104,6 +104,11 @@ bind_default: Callable[[Policy], Cache] | None = None
 class Policy:
     """Everything decided about one decorated function when it is decorated."""
 
+    #: Whether the hot path skips its read while `expect_miss` (see `_may_skip_reads`).
+    skips_reads = False
+    #: A hint, written by any thread without a lock: the last read of this function missed.
+    expect_miss = False
+
     def __init__(
         self,
         fn: Callable[..., Any],
@@ -157,6 +162,8 @@ class Policy:
 
     def tag_names(self, cache: Cache, args: Any, kwargs: Any) -> tuple[str, ...]:
         """The full names of the tags a call's entry carries."""
+        if not self.tag_keys:
+            return ()
         return tuple(cache.prefix + make(*args, **kwargs) for make in self.tag_keys)
 
     def make_entry(self, cache: Cache, value: Any, started: float, tags: tuple[str, ...]) -> Entry:
@@ -352,6 +359,9 @@ def _generate(policy: Policy, is_async: bool) -> Callable[..., Any]:
     params, defaults, args, kwargs = signature_source(policy.fn)
     template = _ASYNC_WRAPPER if is_async else _SYNC_WRAPPER
     guard = policy.plan.hit_guard if policy.store else "False"  # `coalesced` never reads
+    policy.skips_reads = _may_skip_reads(policy)
+    if policy.skips_reads:
+        guard = f"(({guard}) and not __coalesce_policy.expect_miss)"
     fresh = _EARLY_TEST if policy.beta else _FRESH_TEST
     source = template.format(
         params=params, args=args, kwargs=kwargs, expr=policy.plan.expr, guard=guard, fresh=fresh
@@ -381,6 +391,9 @@ def _slow(
     if policy.store:
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = cache._read(key)
+        elif entry is None and policy.expect_miss:  # the hot path skipped its read
+            stats.misses += 1  # until the claim finds the entry (`_found_unread`)
+            return _result(_miss(cache, policy, key, args, kwargs, unread=True))
         if entry is not None:
             state = _decide(cache, policy, key, entry)
             if state is _FRESH:
@@ -396,6 +409,8 @@ def _slow(
                 if state is _EARLY:
                     _refreshing(cache, policy, key, entry)
                 return _result(entry)
+        elif policy.skips_reads:
+            policy.expect_miss = True
         stats.misses += 1
     return _result(_miss(cache, policy, key, args, kwargs, entry))
 
@@ -409,6 +424,9 @@ async def _aslow(
     if policy.store:
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = await cache._aread(key)
+        elif entry is None and policy.expect_miss:
+            stats.misses += 1
+            return _result(await _amiss(cache, policy, key, args, kwargs, unread=True))
         if entry is not None:
             state = _decide(cache, policy, key, entry)
             if state is _FRESH:
@@ -424,6 +442,8 @@ async def _aslow(
                 if state is _EARLY:
                     _refreshing(cache, policy, key, entry)
                 return _result(entry)
+        elif policy.skips_reads:
+            policy.expect_miss = True
         stats.misses += 1
     return _result(await _amiss(cache, policy, key, args, kwargs, entry))
 
@@ -497,11 +517,13 @@ def _miss(
     previous: Entry | None = None,
     *,
     refresh: bool = False,
+    unread: bool = False,
 ) -> Entry:
     """Compute `key` once in this process (and across processes on a shared store).
 
     `previous` is what this call read (`STORE_FAILED`: the store failed, so its leader
-    computes without it); `refresh`: it is fresh, refresh it anyway (early refresh).
+    computes without it); `refresh`: it is fresh, refresh it anyway (early refresh);
+    `unread`: the call skipped its read (`_may_skip_reads`), the store's claim reads.
     """
     raised: list[Exception] = []
     if refresh:
@@ -509,7 +531,9 @@ def _miss(
     try:
         entry, _ = cache.flights.run(
             key,
-            lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised, previous, refresh),
+            lambda fence: _lead(
+                cache, policy, key, fence, args, kwargs, raised, previous, refresh, unread
+            ),
             policy.count_shared,
             policy.timeout,
             cache._compute_pool() if policy.timeout is not None else None,
@@ -542,6 +566,7 @@ def _lead(
     raised: list[Exception],
     previous: Entry | None = None,
     refresh: bool = False,
+    unread: bool = False,
 ) -> Entry:
     """The leader of this process: check again, then compute once (across processes).
 
@@ -563,7 +588,7 @@ def _lead(
         kept = _fallback(cache, policy, key)
         if kept is not None:
             return kept
-    tags = policy.tag_names(cache, args, kwargs) if policy.tag_keys else ()
+    tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
     tracing = otel.tracing  # None unless coalesce.otel.instrument() was called
     fn = policy.fn if tracing is None else tracing.traced(cache, policy, key, previous, refresh)
@@ -587,9 +612,46 @@ def _lead(
     if not tags:  # nothing for a tag invalidation to fence: no need to mark it computing
         if cache.local:  # a memory store: it cannot fail, and it keeps entries frozen
             return cache.store.fill(key, compute, fence=fence)
-        return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
-    with cache._computing(key, tags):
-        return _fill(cache, policy, key, fence, tags, refresh, compute, computed)
+        entry = _fill(cache, policy, key, fence, tags, refresh, compute, computed)
+    else:
+        with cache._computing(key, tags):
+            entry = _fill(cache, policy, key, fence, tags, refresh, compute, computed)
+    if unread and not computed:
+        _found_unread(policy)
+    return entry
+
+
+def _may_skip_reads(policy: Policy) -> bool:
+    """Whether the hot path may skip its read while this function's reads keep missing.
+
+    On a store whose `fill` reads the entry in its claim (`Store.checks_in_fill`: Redis
+    without a near cache), a function that has no use for an entry that is not fresh (no
+    stale windows, no early refresh) needs nothing of a read that the claim does not tell:
+    after a miss (`_slow` sets `expect_miss`) the next call goes straight to the claim, so
+    a run of misses costs the claim and the store, not a read besides. When the claim finds
+    the entry, the call is a hit after all and reads resume (`_found_unread`); so do they
+    after a store failure (a failing store's reads serve its fallback). The cache must be
+    known when decorating: the default cache is looked up at the first call.
+    """
+    cache = policy.fixed_cache
+    return (
+        cache is not None
+        and cache.store.checks_in_fill
+        and policy.store
+        and not policy.stale_ttl
+        and not policy.stale_if_error
+        and not policy.beta
+    )
+
+
+def _found_unread(policy: Policy) -> None:
+    """A call that skipped its read found the entry through the claim: count it as the hit
+    it is (`_slow` counted a miss), and read again."""
+    policy.expect_miss = False
+    stats = policy.stats
+    with _count_lock:
+        stats.misses -= 1
+        stats.hits += 1
 
 
 def _newer(cache: Cache, entry: Entry | None, refreshed: Entry | None) -> bool:
@@ -615,6 +677,7 @@ def _fill(
         )
     except BackendError as exc:
         cache._backend_failed(policy, exc)
+        policy.expect_miss = False  # read again: a failing store's reads serve its fallback
         entry = computed[0] if computed else compute()
         cache._remember(key, entry, fence)
         return entry
@@ -689,6 +752,7 @@ async def _amiss(
     previous: Entry | None = None,
     *,
     refresh: bool = False,
+    unread: bool = False,
 ) -> Entry:
     raised: list[Exception] = []
     if refresh:
@@ -697,7 +761,7 @@ async def _amiss(
         entry, _ = await cache.aflights.run(
             key,
             lambda fence: _alead(
-                cache, policy, key, fence, args, kwargs, raised, previous, refresh
+                cache, policy, key, fence, args, kwargs, raised, previous, refresh, unread
             ),
             policy.count_shared,
             policy.timeout,
@@ -719,6 +783,7 @@ async def _alead(
     raised: list[Exception],
     previous: Entry | None = None,
     refresh: bool = False,
+    unread: bool = False,
 ) -> Entry:
     """The leader of this process on this loop: check again, then compute once."""
     failed = previous is STORE_FAILED
@@ -731,7 +796,7 @@ async def _alead(
         kept = _fallback(cache, policy, key)
         if kept is not None:
             return kept
-    tags = policy.tag_names(cache, args, kwargs) if policy.tag_keys else ()
+    tags = policy.tag_names(cache, args, kwargs)
     computed: list[Entry] = []
     tracing = otel.tracing  # as in `_lead`
     fn = policy.fn if tracing is None else tracing.atraced(cache, policy, key, previous, refresh)
@@ -755,9 +820,13 @@ async def _alead(
     if not tags:  # as in `_lead`
         if cache.local:
             return await cache.store.afill(key, compute, fence=fence)
-        return await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
-    with cache._computing(key, tags):
-        return await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
+        entry = await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
+    else:
+        with cache._computing(key, tags):
+            entry = await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
+    if unread and not computed:
+        _found_unread(policy)
+    return entry
 
 
 async def _afill(
@@ -777,6 +846,7 @@ async def _afill(
         return _shareable(cache, policy, entry)
     except BackendError as exc:
         cache._backend_failed(policy, exc)
+        policy.expect_miss = False
         entry = computed[0] if computed else await compute()
         cache._remember(key, entry, fence)
         return entry

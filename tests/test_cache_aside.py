@@ -193,6 +193,23 @@ def test_get_set_roundtrip_hands_out_copies(make_cache: Callable[..., Cache]) ->
     assert cache.get("cfg:1") is None
 
 
+def test_get_or_set_entries_carry_their_tags(make_cache: Callable[..., Cache]) -> None:
+    """A computed entry carries the call's tags (stored, and invalidated by them), sync and
+    async: the tags of a cache-aside call come from the call, not from a decorator."""
+    cache = make_cache()
+    assert cache.get_or_set("user:1", lambda: 1, tags=["team:a"]) == 1
+
+    async def two() -> int:
+        return 2
+
+    assert asyncio.run(cache.aget_or_set("user:2", two, tags=["team:a"])) == 2
+    for key in ("user:1", "user:2"):
+        entry = cache.get_entry(key)
+        assert entry is not None and entry.tags == ("team:a",)
+    assert cache.invalidate_tag("team:a") == 2
+    assert cache.get("user:1") is None and cache.get("user:2") is None
+
+
 def test_set_refuses_what_the_decorators_refuse(make_cache: Callable[..., Cache]) -> None:
     from coalesce import SerializationError
 

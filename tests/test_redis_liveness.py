@@ -77,6 +77,9 @@ def test_a_miss_costs_one_get_one_claim_and_one_store(
         assert client.sent == ["get", "evalsha", "evalsha"]  # GET, CLAIM, STORE
         client.sent.clear()
         assert k() == 1
+        assert client.sent == ["evalsha"]  # after a miss the claim reads (test_miss_streak)
+        client.sent.clear()
+        assert k() == 1
         assert client.sent == ["get"]  # a hit is one GET
     finally:
         cache.close()

@@ -3,6 +3,7 @@
 Issue 10 ("a cheap miss"): a miss on a `RedisStore` costs three round trips, the caller's
 `GET`, one `CLAIM` script (which takes the lease *and* reads the entry, atomically) and one
 `STORE` script (fenced write and wake-up); a hit costs one `GET`, none with a near cache.
+(The misses that follow a miss skip the `GET`: `tests/test_miss_streak.py`.)
 The commands are seen through a `MONITOR` connection to a server of the test's own, so a
 round trip added back anywhere (core or store) fails these tests. Commands run by the
 scripts themselves (Lua) are not round trips and are left out.
@@ -15,6 +16,7 @@ Two caches made by `redis_caches` meet only in Redis, like two processes.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import threading
 import time
 import uuid
@@ -82,6 +84,20 @@ class Commands:
             )
             assert found, "the MONITOR connection never reported a mark"
             return next(i for i, c in enumerate(self._seen) if c["command"] == f"ECHO {text}")
+
+    def arguments(self, action: Callable[[], Any]) -> dict[str, int]:
+        """How many arguments each round trip of `action` sent (its command and, for a
+        script, its SHA and key count included), by name (as `during`)."""
+        start = self._mark()
+        action()
+        end = self._mark()
+        with self._cond:
+            window = [
+                c["command"] for c in self._seen[start + 1 : end] if c["client_type"] != "lua"
+            ]
+        return dict(
+            zip(self._names(start, end), (len(shlex.split(c)) for c in window), strict=True)
+        )
 
     def _names(self, start: int, end: int, lua: bool = False) -> list[str]:
         names = []
@@ -198,7 +214,9 @@ def test_sync_miss_is_get_claim_store(own_caches: Caches, commands: Commands, ne
         return {"id": user_id}
 
     assert load(0) == {"id": 0}  # connections, listener, scripts loaded: not counted
+    assert load(0) == {"id": 0}  # a hit: the next miss reads first (see test_miss_streak)
     assert commands.during(lambda: load(1)) == MISS
+    assert commands.during(lambda: load(1)) == ([] if near else ["CLAIM"])  # after a miss
     assert commands.during(lambda: load(1)) == ([] if near else ["GET"])
     assert calls == [0, 1]
 
@@ -216,7 +234,9 @@ async def test_async_miss_is_get_claim_store(
         return {"id": user_id}
 
     assert await load(0) == {"id": 0}  # this loop's connection, listener, scripts
+    assert await load(0) == {"id": 0}  # a hit: the next miss reads first
     assert await commands.aduring(lambda: load(1)) == MISS
+    assert await commands.aduring(lambda: load(1)) == ([] if near else ["CLAIM"])
     assert await commands.aduring(lambda: load(1)) == ([] if near else ["GET"])
     assert calls == [0, 1]
     await cache.aclose()
@@ -250,6 +270,20 @@ def test_checks_in_fill_only_without_a_near_cache(own_caches: Caches, commands: 
         "STORE",
     ]
     assert compute.calls == 1
+
+
+def test_a_miss_sends_the_scripts_only_what_every_miss_needs(
+    own_caches: Caches, commands: Commands
+) -> None:
+    """Issue 10: each argument costs the client (redis-py packs it) and the server (Lua
+    builds it). A first `CLAIM` without tags sends KEYS entry, lease, waiters and ARGV token,
+    lease ms, mode; a `STORE` without tags KEYS entry, lease, waiters, handed and ARGV token,
+    data, px, handed ms (see `scripts`): the rest only when a wait or tags need it."""
+    store = _store(own_caches())
+    key = store.namespace + ":user:"
+    store.fill(key + "0", Counted(0), fence=Fence())  # scripts loaded, listener started
+    sent = commands.arguments(lambda: store.fill(key + "1", Counted(1), fence=Fence()))
+    assert sent == {"CLAIM": 3 + 3 + 3, "STORE": 3 + 4 + 4}
 
 
 def test_a_miss_nobody_waits_for_publishes_no_wake_up(

@@ -50,6 +50,11 @@ class Store(ABC):
     #: True when the store is shared between processes (its `fill` coordinates them).
     shared: bool = False
 
+    #: True when `fill`'s first step reads the entry itself, atomically with its claim, and
+    #: `get` has no local copy to answer from: a caller expecting a miss may skip `get`
+    #: and go straight to `fill`, which then returns the stored entry if there is one.
+    checks_in_fill: bool = False
+
     #: Called with the full key of every invalidation broadcast through a shared store (by
     #: any process), so the cache can fence its own computations of that key in flight.
     on_invalidated: Callable[[str], None] | None = None

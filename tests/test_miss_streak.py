@@ -1,0 +1,172 @@
+"""A run of misses on Redis skips the read that the claim makes anyway (issue 10).
+
+A decorated function on a Redis cache without a near cache, with no use for an entry that is
+not fresh (no stale windows, no early refresh), skips its `GET` after a miss: the `CLAIM`
+script reads the entry atomically with taking the lease, so a run of misses costs `CLAIM`
+and `STORE`, two round trips instead of three. A call that finds the entry through the claim
+is counted as the hit it is, and reads resume; so they do after a store failure (a failing
+store's reads serve what the process kept). Seen command by command through `MONITOR` on a
+server of the test's own (`Commands`), never through mocks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis_servers import RedisServer
+from test_redis_miss_path import Caches, Commands
+
+from coalesce.cache import Cache
+
+MISS = ["GET", "CLAIM", "STORE"]
+UNREAD_MISS = ["CLAIM", "STORE"]
+
+
+@pytest.fixture
+def watched(fresh_redis: RedisServer, unique_namespace: str) -> Iterator[tuple[Caches, Commands]]:
+    """Caches on the test's own server, and the commands that server runs."""
+    made: list[Cache] = []
+
+    def make(**options: Any) -> Cache:
+        made.append(Cache(fresh_redis.url, namespace=unique_namespace, **options))
+        return made[-1]
+
+    seen = Commands(fresh_redis)
+    yield make, seen
+    seen.close()
+    for cache in made:
+        cache.close()
+
+
+def _counted(cache: Cache, **options: Any) -> tuple[Any, list[int]]:
+    calls: list[int] = []
+
+    @cache.cached(ttl=60, **options)
+    def load(user_id: int) -> dict[str, int]:
+        calls.append(user_id)
+        return {"id": user_id}
+
+    return load, calls
+
+
+def test_a_run_of_misses_skips_the_read_and_a_hit_brings_it_back(
+    watched: tuple[Caches, Commands],
+) -> None:
+    caches, commands = watched
+    load, calls = _counted(caches())
+    assert load(0) == {"id": 0}  # connections, listener, scripts loaded: not counted
+    assert commands.during(lambda: load(1)) == UNREAD_MISS  # load(0) missed
+    assert commands.during(lambda: load(2)) == UNREAD_MISS
+    assert commands.during(lambda: load(1)) == ["CLAIM"]  # found by the claim: a hit
+    assert commands.during(lambda: load(1)) == ["GET"]  # reads are back
+    assert commands.during(lambda: load(3)) == MISS
+    assert commands.during(lambda: load(4)) == UNREAD_MISS
+    assert calls == [0, 1, 2, 3, 4]
+    stats = load.stats()
+    assert (stats["hits"], stats["misses"], stats["computations"]) == (2, 5, 5)
+
+
+async def test_an_async_run_of_misses_skips_the_read(watched: tuple[Caches, Commands]) -> None:
+    caches, commands = watched
+    cache = caches()
+    calls: list[int] = []
+
+    @cache.cached(ttl=60)
+    async def load(user_id: int) -> dict[str, int]:
+        calls.append(user_id)
+        return {"id": user_id}
+
+    assert await load(0) == {"id": 0}  # this loop's connection, listener, scripts
+    assert await commands.aduring(lambda: load(1)) == UNREAD_MISS
+    assert await commands.aduring(lambda: load(1)) == ["CLAIM"]
+    assert await commands.aduring(lambda: load(1)) == ["GET"]
+    assert calls == [0, 1]
+    stats = load.stats()
+    assert (stats["hits"], stats["misses"]) == (2, 2)
+    await cache.aclose()
+
+
+@pytest.mark.parametrize(
+    ("cache_options", "options"),
+    [
+        ({}, {"stale_ttl": 30}),
+        ({}, {"stale_if_error": 30}),
+        ({}, {"early_refresh": True}),
+        ({"local_maxsize": 100}, {}),
+    ],
+    ids=["stale_ttl", "stale_if_error", "early_refresh", "near-cache"],
+)
+def test_functions_that_need_the_entry_always_read(
+    watched: tuple[Caches, Commands], cache_options: dict[str, Any], options: Any
+) -> None:
+    """A stale entry is served (or kept for errors, or refreshed early) only if the call
+    reads it; a near cache answers before Redis: these functions never skip the read."""
+    caches, commands = watched
+    load, calls = _counted(caches(**cache_options), **options)
+    load(0)
+    assert commands.during(lambda: load(1)) == MISS
+    assert commands.during(lambda: load(2)) == MISS
+    assert calls == [0, 1, 2]
+
+
+def test_an_entry_another_process_stored_is_served_by_the_claim(redis_caches: Caches) -> None:
+    """Two caches meet only in Redis, like two processes."""
+    mine, other = redis_caches(), redis_caches()
+    load, calls = _counted(mine)
+    theirs, their_calls = _counted(other)
+    load(0)  # a miss: the next call skips its read
+    assert theirs(7) == {"id": 7}
+    assert load(7) == {"id": 7}
+    assert calls == [0] and their_calls == [7]
+    assert load.stats()["hits"] == 1
+
+
+def test_overlapping_callers_in_two_processes_still_compute_once(redis_caches: Caches) -> None:
+    """The claim coalesces skipped reads across processes as it does any miss."""
+    caches = [redis_caches(), redis_caches()]
+    started = threading.Event()
+    calls: list[int] = []
+    loads = []
+    for cache in caches:
+
+        @cache.cached(ttl=60, key="user:{user_id}")
+        def load(user_id: int) -> dict[str, int]:
+            calls.append(user_id)
+            started.set()
+            time.sleep(0.2)  # long enough for every caller to be waiting on the lease
+            return {"id": user_id}
+
+        load(-1 - len(loads))  # a miss each: both now skip their reads
+        loads.append(load)
+    calls.clear()
+    got: list[dict[str, int]] = []
+    threads = [
+        threading.Thread(target=lambda f=f: got.append(f(5)), daemon=True)
+        for f in loads
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert calls == [5]
+    assert got == [{"id": 5}] * 8
+
+
+def test_after_a_store_failure_reads_resume_and_serve_the_fallback(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    cache = Cache(fresh_redis.url, namespace=unique_namespace, fallback_ttl=30)
+    try:
+        load, calls = _counted(cache)
+        load(0)  # a miss: the next call skips its read
+        fresh_redis.kill()
+        assert load(1) == {"id": 1}  # the claim fails: computed without the store ...
+        assert load(1) == {"id": 1}  # ... and the read, failing, serves what was kept
+        assert calls == [0, 1]
+    finally:
+        cache.close()
