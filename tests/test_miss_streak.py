@@ -73,20 +73,17 @@ def test_a_run_of_misses_skips_the_read_and_a_hit_brings_it_back(
 async def test_an_async_run_of_misses_skips_the_read(watched: tuple[Caches, Commands]) -> None:
     caches, commands = watched
     cache = caches()
-    calls: list[int] = []
 
-    @cache.cached(ttl=60)
-    async def load(user_id: int) -> dict[str, int]:
-        calls.append(user_id)
-        return {"id": user_id}
+    @cache.cached(ttl=60, key="user:{user_id}")
+    async def user(user_id: int) -> int:
+        return user_id * 10
 
-    assert await load(0) == {"id": 0}  # this loop's connection, listener, scripts
-    assert await commands.aduring(lambda: load(1)) == UNREAD_MISS
-    assert await commands.aduring(lambda: load(1)) == ["CLAIM"]
-    assert await commands.aduring(lambda: load(1)) == ["GET"]
-    assert calls == [0, 1]
-    stats = load.stats()
-    assert (stats["hits"], stats["misses"]) == (2, 2)
+    assert await user(0) == 0  # this loop's connection, listener, scripts: not counted
+    for user_id in (1, 2, 3):
+        assert await commands.aduring(lambda u=user_id: user(u)) == UNREAD_MISS
+    assert await commands.aduring(lambda: user(2)) == ["CLAIM"]
+    assert await user(2) == 20
+    assert (user.stats()["hits"], user.stats()["misses"]) == (2, 4)
     await cache.aclose()
 
 
