@@ -53,7 +53,7 @@ def _decode(data: Any) -> Entry | None:
         return None
 
 
-def _claim(reply: list[Any], claim: Claim | None = None, **options: Any) -> tuple[Any, Claim]:
+def _claim(reply: Any, claim: Claim | None = None, **options: Any) -> tuple[Any, Claim]:
     settings = {"decode": _decode, "now": NOW, "wait_check": 1.0, "subscribed": True}
     settings.update(options)
     return after_claim("ns:k", claim or first_claim(False), reply, **settings)
@@ -66,18 +66,19 @@ def test_first_claim_checks_the_entry_or_refreshes() -> None:
 
 def test_a_free_lease_is_led_and_the_state_is_kept() -> None:
     claim = Claim(CLAIM_CHECK, HOLDER, (HOLDER,), True)
-    step, after = _claim([b"lease", b""], claim)
+    step, after = _claim(1, claim)
     assert step.kind == LEAD
     assert after == claim  # the driver counts a takeover from `waited`
 
 
-@pytest.mark.parametrize("kind", [b"entry", b"handed"])
-def test_a_fresh_entry_is_served_and_traced_only_after_a_wait(kind: bytes) -> None:
-    step, _ = _claim([kind, _bytes("v")])
+@pytest.mark.parametrize("handed", [False, True], ids=["stored", "handed"])
+def test_a_fresh_entry_is_served_and_traced_only_after_a_wait(handed: bool) -> None:
+    reply: Any = [b"handed", _bytes("v")] if handed else _bytes("v")  # see `scripts.CLAIM`
+    step, _ = _claim(reply)
     assert step.kind == ENTRY and step.entry is not None and step.entry.value == "v"
     assert not step.trace
     waited = Claim(CLAIM_CHECK, HOLDER, (HOLDER,), True)
-    step, after = _claim([kind, _bytes("v")], waited)
+    step, after = _claim(reply, waited)
     assert step.kind == ENTRY and step.trace and after == waited
 
 
@@ -86,7 +87,7 @@ def test_a_fresh_entry_is_served_and_traced_only_after_a_wait(kind: bytes) -> No
 )
 def test_a_stale_or_unreadable_entry_claims_again_without_the_check(data: bytes) -> None:
     claim = Claim(CLAIM_CHECK, HOLDER, (HOLDER, OTHER), True)
-    step, after = _claim([b"entry", data], claim)
+    step, after = _claim(data, claim)
     assert step.kind == AGAIN and step.entry is None
     assert after == claim._replace(mode=CLAIM_ONLY)  # the tokens seen stay: handed entries
 

@@ -242,13 +242,12 @@ class Batches:
             stored = None if entry is None else self.leases.store_args(key, k, entry, token)
             if stored is None:  # absent, or past its window already: only end the lease
                 keys += [k.entry, k.lease, k.waiters, k.handed]
-                args += [0, token, "", "-1", k.channel, key, "0", "0", "0", "0"]
+                args += [0, token, "", "-1", 0]
                 separate.append(([], []))
                 continue
-            item_keys, item_args, tag_keys = stored
+            item_keys, item_args, tag_keys, tag_args = stored
             keys += item_keys
             args += [len(item_keys) - 4, *item_args]
-            tag_args = self.leases.tag_args(key, item_args[5], item_args[6], token)
             separate.append((tag_keys, tag_args))
         return keys, args, separate
 
@@ -325,7 +324,7 @@ class Batches:
         its handed entry is taken), then lead it alone, or wait through the single-key
         `fill`."""
         call = self._alone(key, holder, tags)
-        reply = self._conn.script(CLAIM, call.claim_keys, self.leases.claim_args(call))
+        reply = self._conn.script(CLAIM, *self.leases.claim_args(call))
         step = self.leases.next_step(call, reply)
         if step.kind == ENTRY:
             return self.leases.serve(step.entry)
@@ -415,7 +414,7 @@ class Batches:
         tags: tuple[str, ...],
     ) -> Entry:
         call = self._alone(key, holder, tags)
-        reply = await self._conn.ascript(CLAIM, call.claim_keys, self.leases.claim_args(call))
+        reply = await self._conn.ascript(CLAIM, *self.leases.claim_args(call))
         step = self.leases.next_step(call, reply)
         if step.kind == ENTRY:
             return self.leases.serve(step.entry)

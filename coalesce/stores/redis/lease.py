@@ -81,7 +81,6 @@ from coalesce.stores.redis.scripts import (
     CLAIM,
     FAIL,
     HAND,
-    PUSH_MAX,
     RELEASE,
     RENEW,
     STORE,
@@ -109,17 +108,27 @@ from coalesce.values import Frozen, freeze_entry
 
 
 class Keys:
-    """The Redis keys of one cache key (see `scripts.KeyLayout`)."""
+    """The Redis keys of one cache key (see `scripts.KeyLayout`): those of every miss, and
+    (made when asked for) those of the rarer steps."""
 
-    __slots__ = ("channel", "entry", "failed", "handed", "lease", "waiters")
+    __slots__ = ("entry", "lease", "waiters")
 
     def __init__(self, layout: KeyLayout, key: str) -> None:
-        self.entry = layout.entry(key)
-        self.lease = layout.lease(self.entry)
-        self.failed = layout.failed(self.entry)
-        self.waiters = layout.waiters(self.entry)
-        self.handed = layout.handed(self.entry)
-        self.channel = layout.channel(self.entry)
+        self.entry = entry = layout.entry(key)
+        self.lease = KeyLayout.lease(entry)
+        self.waiters = KeyLayout.waiters(entry)
+
+    @property
+    def failed(self) -> str:
+        return KeyLayout.failed(self.entry)
+
+    @property
+    def handed(self) -> str:
+        return KeyLayout.handed(self.entry)
+
+    @property
+    def channel(self) -> str:
+        return KeyLayout.channel(self.entry)
 
 
 class Lease:
@@ -139,13 +148,12 @@ class Call:
     token), and its progress through `CLAIM` replies (`steps.Claim`, replaced by each step).
     Belongs to that call alone."""
 
-    __slots__ = ("claim", "claim_keys", "k", "key", "lease")
+    __slots__ = ("claim", "k", "key", "lease")
 
-    def __init__(self, key: str, k: Keys, lease: Lease, claim_keys: list[str], claim: Claim):
+    def __init__(self, key: str, k: Keys, lease: Lease, claim: Claim):
         self.key = key
         self.k = k
         self.lease = lease
-        self.claim_keys = claim_keys
         self.claim = claim
 
 
@@ -278,6 +286,8 @@ class Leases:
         self.lease_ms = lease_ms
         self.failure_ms = failure_ms
         self.wait_check = wait_check
+        #: How long a handed entry waits for its waiters: past their next check.
+        self.hand_ms = lease_ms + int(wait_check * 1000)
         #: Renews the leases of sync computations (and of batches, async ones too).
         self.renewer = Renewer(self._renew, lease_ms / 3000, f"coalesce-renew {where}")
         # RELEASEs of cancelled leaders: each task touched only on the loop that owns it
@@ -294,14 +304,15 @@ class Leases:
 
     def store_args(
         self, key: str, k: Keys, entry: Entry, token: str
-    ) -> tuple[list[str], list[Any], list[str]] | None:
-        """KEYS and ARGV of `STORE`, and the tag sets to record separately; None when the
-        entry is already past its stale window.
+    ) -> tuple[list[str], list[Any], list[str], list[str]] | None:
+        """KEYS and ARGV of `STORE`, the tag sets to record separately and the ARGV of `TAG`
+        for them; None when the entry is already past its stale window.
 
         On one server the tags are recorded by the same script, atomically with the entry. On
         a cluster the tag sets live on other slots, so they are recorded right after the
-        entry (`_tag_args`): an `invalidate_tag` running in between misses that one new entry
-        unless its leader had recorded the key at `CLAIM` (as `fill` does).
+        entry (`tag_args`): an `invalidate_tag` running in between misses that one new entry
+        unless its leader had recorded the key at `CLAIM` (as `fill` does). An entry without
+        tags sends only what every `STORE` needs (see `scripts.STORE`).
         """
         now = time.time()
         keep = entry.keep_for(now)
@@ -311,22 +322,16 @@ class Leases:
         payload = value.payload if type(value) is Frozen else None
         data = encode_entry(entry, self.serializer, context=key, payload=payload)
         px = "0" if keep is None else str(max(1, int(keep * 1000)))
-        score = "+inf" if keep is None else str(int((now + keep) * 1000) + 1)
-        tag_keys = [self.layout.tag(tag) for tag in entry.tags]
         keys = [k.entry, k.lease, k.waiters, k.handed]
-        separate: list[str] = []
-        if self.cluster:
-            separate = tag_keys  # other slots: recorded one by one after the entry
-        else:
-            keys += tag_keys
-        push = "1" if token and len(data) <= PUSH_MAX else "0"
-        args = [token, data, px, k.channel, key, score, str(int(now * 1000)), push, self.hand_ms]
-        return keys, args, separate
-
-    @property
-    def hand_ms(self) -> int:
-        """How long a handed entry waits for its waiters: past their next check."""
-        return self.lease_ms + int(self.wait_check * 1000)
+        args: list[Any] = [token, data, px, self.hand_ms]
+        if not entry.tags:
+            return keys, args, [], []
+        score = "+inf" if keep is None else str(int((now + keep) * 1000) + 1)
+        now_ms = str(int(now * 1000))
+        tag_keys = [self.layout.tag(tag) for tag in entry.tags]
+        if self.cluster:  # other slots: recorded one by one after the entry
+            return keys, args, tag_keys, self.tag_args(key, score, now_ms, token)
+        return keys + tag_keys, [*args, key, score, now_ms], [], []
 
     def hand_args(self, key: str, k: Keys, entry: Entry, token: str) -> list[Any]:
         """ARGV of `HAND` (KEYS: lease, waiters, handed)."""
@@ -359,11 +364,11 @@ class Leases:
             if token:
                 self.conn.quietly(RELEASE, [k.lease], [token, k.channel])
             return False
-        keys, args, separate = plan
+        keys, args, separate, tag_args = plan
         generation = self.listener.generation  # before the write: see `NearCache.remember`
         stored = self.stored(key, entry, self.conn.script(STORE, keys, args), generation)
         for tag_key in separate if stored else ():
-            self.conn.script(TAG, [tag_key], self.tag_args(key, args[5], args[6], token))
+            self.conn.script(TAG, [tag_key], tag_args)
         return stored
 
     async def astore(self, key: str, k: Keys, entry: Entry, token: str) -> bool:
@@ -372,11 +377,11 @@ class Leases:
             if token:
                 await self.conn.aquietly(RELEASE, [k.lease], [token, k.channel])
             return False
-        keys, args, separate = plan
+        keys, args, separate, tag_args = plan
         generation = self.listener.generation  # before the write: see `NearCache.remember`
         stored = self.stored(key, entry, await self.conn.ascript(STORE, keys, args), generation)
         for tag_key in separate if stored else ():
-            await self.conn.ascript(TAG, [tag_key], self.tag_args(key, args[5], args[6], token))
+            await self.conn.ascript(TAG, [tag_key], tag_args)
         return stored
 
     def stored(self, key: str, entry: Entry, answer: Any, generation: int) -> bool:
@@ -410,25 +415,21 @@ class Leases:
         self._subscribe_waited = True
         return min(0.5, self.lease_ms / 3000)
 
-    def claim_keys(self, k: Keys, tag_keys: list[str]) -> list[str]:
-        """KEYS of `CLAIM` (see `scripts.CLAIM`)."""
-        keys = [k.entry, k.lease, k.failed, k.waiters, k.handed]
-        return keys if self.cluster else keys + tag_keys  # cluster: `claim_tags`
-
-    def claim_args(self, call: Call) -> list[Any]:
-        """ARGV of `CLAIM` for `call` (see `scripts.CLAIM`)."""
-        now = int(time.time() * 1000)
-        claim = call.claim
-        return [
-            call.lease.token,
-            self.lease_ms,
-            claim.mode,
-            claim.seen,
-            call.key,
-            now + self.lease_ms,
-            now,
-            " ".join(claim.tokens),
-        ]
+    def claim_args(self, call: Call) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of `CLAIM` for `call` (see `scripts.CLAIM`): a caller that has seen a
+        lease holder adds what its checks of that lease need, a leader-to-be with tags (on
+        one server) what recording them needs."""
+        k, lease, claim = call.k, call.lease, call.claim
+        keys = [k.entry, k.lease, k.waiters]
+        args: list[Any] = [lease.token, self.lease_ms, claim.mode]
+        if claim.tokens:
+            keys += (k.failed, k.handed)
+            args += (claim.seen, " ".join(claim.tokens))
+        if lease.tag_keys and not self.cluster:  # cluster: `claim_tags`
+            now = int(time.time() * 1000)
+            keys += lease.tag_keys
+            args += (call.key, now + self.lease_ms, now)
+        return keys, args
 
     def claim_tags(self, lease: Lease) -> tuple[list[str], list[Any]] | None:
         """On a cluster: the tag sets a new leader records its key in right after `CLAIM`,
@@ -442,9 +443,9 @@ class Leases:
         """A new caller of `fill`: its Redis keys, its token, its first `CLAIM`'s state."""
         k = Keys(self.layout, key)
         lease = Lease(key, k.lease, secrets.token_hex(16), [self.layout.tag(t) for t in tags])
-        return Call(key, k, lease, self.claim_keys(k, lease.tag_keys), first_claim(refresh))
+        return Call(key, k, lease, first_claim(refresh))
 
-    def claim_step(self, key: str, reply: list[Any], claim: Claim) -> tuple[Step, Claim]:
+    def claim_step(self, key: str, reply: Any, claim: Claim) -> tuple[Step, Claim]:
         """`steps.after_claim` with this store's decoding, clock and counts; raises
         `LeaderFailedError` when the leader this caller waited for failed. No I/O."""
         step, after = after_claim(
@@ -463,7 +464,7 @@ class Leases:
             raise step.error
         return step, after
 
-    def next_step(self, call: Call, reply: list[Any]) -> Step:
+    def next_step(self, call: Call, reply: Any) -> Step:
         """`claim_step` for `call`, whose state moves on."""
         step, call.claim = self.claim_step(call.key, reply, call.claim)
         return step
@@ -528,7 +529,7 @@ class Leases:
             while True:
                 waiter.arm()
                 subscribed = self.listener.ready.is_set()
-                reply = self.conn.script(CLAIM, call.claim_keys, self.claim_args(call))
+                reply = self.conn.script(CLAIM, *self.claim_args(call))
                 step = self.next_step(call, reply)  # ... then check
                 if step.trace and otel.tracing is not None:
                     self._follow_trace(call.k, call.claim.tokens)
@@ -573,7 +574,7 @@ class Leases:
             while True:
                 waiter.arm()
                 subscribed = self.listener.ready.is_set()
-                reply = await self.conn.ascript(CLAIM, call.claim_keys, self.claim_args(call))
+                reply = await self.conn.ascript(CLAIM, *self.claim_args(call))
                 step = self.next_step(call, reply)  # ... then check
                 if step.trace and otel.tracing is not None:
                     await self._afollow_trace(call.k, call.claim.tokens)

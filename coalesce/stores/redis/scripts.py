@@ -114,13 +114,17 @@ local function add_tag(tagkey, member, score, now, raise_only)
 end
 """
 
-#: KEYS: entry, lease, failed, waiters, handed, tag sets... ARGV: token, lease ms, mode
-#: (`CLAIM_CHECK` "1", `CLAIM_ONLY` "0", `CLAIM_REFRESH` "r"), seen lease token, member (full
-#: key), lease expiry (ms, the tag score), now ms, every lease token this caller has seen
-#: (space-separated, "" for none).
-#: Returns {"entry", bytes} | {"handed", bytes} | {"failed", marker} | {"lease", ""} |
-#: {"wait", holder, pttl}. "handed": the entry computed under one of the seen leases, which
-#: could not be stored (an invalidation came after that computation began), see `HAND`.
+#: KEYS: entry, lease, waiters, then (only for a caller that has seen a lease holder: its
+#: `tokens` below are not empty) failed, handed, then the tag sets. ARGV: token, lease ms,
+#: mode (`CLAIM_CHECK` "1", `CLAIM_ONLY` "0", `CLAIM_REFRESH` "r"), then (for such a caller)
+#: the lease token it waited for last ("" for a foreign one) and every lease token it has
+#: seen (space-separated), then (only with tag sets) member (full key), lease expiry (ms, the
+#: tag score), now ms. So a first claim without tags sends three KEYS and three ARGV; the
+#: script tells the layouts apart by the ARGV count (3, 5, 6 or 8).
+#: Returns 1 (the lease is taken) | the entry's bytes | {"handed", bytes} | {"failed",
+#: marker} | {"wait", holder, pttl}: the common replies are the cheapest to send and parse.
+#: "handed": the entry computed under one of the seen leases, which could not be stored (an
+#: invalidation came after that computation began), see `HAND`.
 #: Mode "1" (check) reports the entry (fresh or not: the caller decides, and claims again
 #: with mode "0" when it is not) before anything else, so a leader's first claim is also
 #: its check again: an entry stored just before it is found, never computed twice. A value
@@ -145,29 +149,30 @@ CLAIM = Script.of(
     "claim",
     _ADD_TAG
     + """
+local n = (#ARGV == 5 or #ARGV == 8) and 5 or 3  -- KEYS (and ARGV) before the tags' ones
 if ARGV[3] == '1' then
   local value = redis.pcall('GET', KEYS[1])
-  if type(value) == 'table' then return {'entry', 'foreign type'} end  -- WRONGTYPE: a miss
-  if value then return {'entry', value} end
+  if type(value) == 'table' then return 'foreign type' end  -- WRONGTYPE: a miss
+  if value then return value end
 end
-if ARGV[8] ~= '' then
+if n == 5 then
   local handed = redis.pcall('GET', KEYS[5])
   if type(handed) == 'string' and string.sub(handed, 33, 33) == '|'
-      and string.find(' ' .. ARGV[8] .. ' ', ' ' .. string.sub(handed, 1, 32) .. ' ', 1, true) then
+      and string.find(' ' .. ARGV[5] .. ' ', ' ' .. string.sub(handed, 1, 32) .. ' ', 1, true) then
     return {'handed', string.sub(handed, 34)}
   end
-end
-if ARGV[4] ~= '' then
-  local failed = redis.pcall('GET', KEYS[3])  -- a foreign type under it: no marker
-  if type(failed) == 'string' and string.sub(failed, 1, #ARGV[4] + 1) == ARGV[4] .. '|' then
-    return {'failed', failed}
+  if ARGV[4] ~= '' then
+    local failed = redis.pcall('GET', KEYS[4])  -- a foreign type under it: no marker
+    if type(failed) == 'string' and string.sub(failed, 1, #ARGV[4] + 1) == ARGV[4] .. '|' then
+      return {'failed', failed}
+    end
   end
 end
 local holder = redis.pcall('GET', KEYS[2])
 if not holder then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  for i = 6, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], true) end
-  return {'lease', ''}
+  for i = n + 1, #KEYS do add_tag(KEYS[i], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3], true) end
+  return 1
 end
 local pttl = redis.call('PTTL', KEYS[2])
 local ms = tonumber(ARGV[2])
@@ -180,22 +185,22 @@ if pttl < 0 or pttl > ms * 100 or (holder == '' and pttl > ms) then
 end
 if ARGV[3] == 'r' then
   local value = redis.pcall('GET', KEYS[1])
-  if type(value) == 'string' then return {'entry', value} end  -- somebody refreshes it
+  if type(value) == 'string' then return value end  -- somebody refreshes it
 end
-redis.call('SET', KEYS[4], '1', 'PX', 2 * ms)  -- outlasts this caller's wait (<= pttl + 5 ms)
+redis.call('SET', KEYS[3], '1', 'PX', 2 * ms)  -- outlasts this caller's wait (<= pttl + 5 ms)
 return {'wait', holder, pttl}
 """,
 )
 
 #: KEYS: entry, lease, waiters, handed, tag sets... ARGV: token ("" = no lease check), data,
-#: px ("0" = no expiry), wake-up channel, member (full key), tag score, now ms, push ("1":
-#: data is small enough to travel in the wake-up), handed ms.
+#: px ("0" = no expiry), handed ms, then (only with tag sets) member (full key), tag score,
+#: now ms. The wake-up channel is the entry's `...:done`.
 #: The fence: with a token, the entry is written only while the lease is still ours; a
 #: `DELETE` removes the lease with the entry, so a computation that began before an
 #: invalidation cannot store after it (and a fenced leader publishes nothing). A wake-up is
 #: published only when somebody waits: for the lease (flagged by `CLAIM`; the message carries
-#: the entry when `push` allows it, else the marker `s`), or, for a plain write (no token),
-#: for any lease of the key (the marker `s`); nobody waiting, nothing is published.
+#: the entry when it is at most `PUSH_MAX` bytes, else the marker `s`), or, for a plain write
+#: (no token), for any lease of the key (the marker `s`); nobody waiting, nothing is published.
 #: The tag scores become the entry's expiry; without a token they are only raised while
 #: somebody holds the lease (its computation's membership must last as long as the lease).
 #: A refused store still hands the entry to the lease's waiters (as `HAND` does).
@@ -205,12 +210,11 @@ STORE = Script.of(
     _ADD_TAG
     + """
 local waited = false
-local raise_only = ARGV[1] == '' and redis.call('EXISTS', KEYS[2]) == 1
 if ARGV[1] ~= '' then
   if redis.call('GET', KEYS[2]) ~= ARGV[1] then
     if redis.call('EXISTS', KEYS[3]) == 1 then
-      redis.call('SET', KEYS[4], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[9])
-      redis.call('PUBLISH', ARGV[4], 'h')
+      redis.call('SET', KEYS[4], ARGV[1] .. '|' .. ARGV[2], 'PX', ARGV[4])
+      redis.call('PUBLISH', KEYS[1] .. ':done', 'h')
     end
     return 0
   end
@@ -224,14 +228,17 @@ if ARGV[3] == '0' then
 else
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 end
-for i = 5, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], raise_only) end
-if waited and ARGV[8] == '1' then
-  redis.call('PUBLISH', ARGV[4], 'v' .. ARGV[1] .. '|' .. ARGV[2])
+if #KEYS > 4 then  -- a plain set only raises the scores while somebody computes
+  local raise_only = ARGV[1] == '' and redis.call('EXISTS', KEYS[2]) == 1
+  for i = 5, #KEYS do add_tag(KEYS[i], ARGV[5], ARGV[6], ARGV[7], raise_only) end
+end
+if waited and ARGV[1] ~= '' and #ARGV[2] <= PUSH_MAX then
+  redis.call('PUBLISH', KEYS[1] .. ':done', 'v' .. ARGV[1] .. '|' .. ARGV[2])
 elseif waited then
-  redis.call('PUBLISH', ARGV[4], 's')
+  redis.call('PUBLISH', KEYS[1] .. ':done', 's')
 end
 return 1
-""",
+""".replace("PUSH_MAX", str(PUSH_MAX)),
 )
 
 #: KEYS: one tag set. ARGV: "1" to only raise scores (else set them), now ms, then member,
@@ -376,8 +383,8 @@ return 0
 #: KEYS: per key: entry, lease, waiters, then its tag sets (none on a cluster).
 #: ARGV: lease ms, mode (`CLAIM_CHECK` "1" or `CLAIM_ONLY` "0"), lease expiry (ms, the tag
 #: score), now ms, then per key: its tag count, token, member (full key).
-#: Returns one reply per key, as `CLAIM`'s: {"entry", bytes} (mode "1" only: fresh or not,
-#: the caller decides) | {"lease", ""} | {"wait", holder, pttl}. Taking a lease records the
+#: Returns one reply per key, as `CLAIM`'s: the entry's bytes (mode "1" only: fresh or not,
+#: the caller decides) | 1 (the lease is taken) | {"wait", holder, pttl}. Taking a lease records the
 #: key in its tag sets; waiting flags the lease as waited for (its `STORE` pushes the
 #: entry); a foreign lease gets one lease time, as in `CLAIM`. Failure markers and handed
 #: entries are not reported: a waiter that is not answered by the push of the lease it waited
@@ -394,15 +401,15 @@ while a <= #ARGV do
   local reply = nil
   if ARGV[2] == '1' then
     local value = redis.pcall('GET', KEYS[k])
-    if type(value) == 'table' then reply = {'entry', 'foreign type'}
-    elseif value then reply = {'entry', value} end
+    if type(value) == 'table' then reply = 'foreign type'
+    elseif value then reply = value end
   end
   if not reply then
     local holder = redis.pcall('GET', KEYS[k + 1])
     if not holder then
       redis.call('SET', KEYS[k + 1], ARGV[a + 1], 'PX', ms)
       for i = k + 3, k + 2 + ntags do add_tag(KEYS[i], ARGV[a + 2], ARGV[3], ARGV[4], true) end
-      reply = {'lease', ''}
+      reply = 1
     else
       local pttl = redis.call('PTTL', KEYS[k + 1])
       if type(holder) ~= 'string' or #holder ~= 32 or not string.match(holder, '^%x+$') then
@@ -425,9 +432,9 @@ return out
 )
 
 #: KEYS: per key: entry, lease, waiters, handed, then its tag sets (none on a cluster).
-#: ARGV: per key: its tag count, then `STORE`'s ARGV (token, data, px, channel, member, tag
-#: score, now ms, push, handed ms); px "-1": nothing to store, only end the lease (if still
-#: ours) and wake its waiters, as `RELEASE` does.
+#: ARGV: per key: its tag count, then `STORE`'s ARGV (token, data, px, handed ms, then only
+#: with tag sets: member, tag score, now ms); px "-1": nothing to store, only end the lease
+#: (if still ours) and wake its waiters, as `RELEASE` does.
 #: Each key as `STORE` does it: written only while the lease is still ours (the fence), the
 #: lease ended, the wake-up published only when somebody waits (with the entry when small), a
 #: refused store handed to the lease's waiters. Returns one 1 (stored) or 0 per key.
@@ -437,10 +444,11 @@ STORE_MANY = Script.of(
     + """
 local function store_one(k, a, ntags)
   local token = ARGV[a]
+  local channel = KEYS[k] .. ':done'
   if ARGV[a + 2] == '-1' then
     if redis.call('GET', KEYS[k + 1]) == token then
       redis.call('DEL', KEYS[k + 1])
-      redis.call('PUBLISH', ARGV[a + 3], 'r')
+      redis.call('PUBLISH', channel, 'r')
     end
     return 0
   end
@@ -449,8 +457,8 @@ local function store_one(k, a, ntags)
   if token ~= '' then
     if redis.call('GET', KEYS[k + 1]) ~= token then
       if redis.call('EXISTS', KEYS[k + 2]) == 1 then
-        redis.call('SET', KEYS[k + 3], token .. '|' .. ARGV[a + 1], 'PX', ARGV[a + 8])
-        redis.call('PUBLISH', ARGV[a + 3], 'h')
+        redis.call('SET', KEYS[k + 3], token .. '|' .. ARGV[a + 1], 'PX', ARGV[a + 3])
+        redis.call('PUBLISH', channel, 'h')
       end
       return 0
     end
@@ -467,10 +475,10 @@ local function store_one(k, a, ntags)
   for i = k + 4, k + 3 + ntags do
     add_tag(KEYS[i], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], raise_only)
   end
-  if waited and ARGV[a + 7] == '1' then
-    redis.call('PUBLISH', ARGV[a + 3], 'v' .. token .. '|' .. ARGV[a + 1])
+  if waited and token ~= '' and #ARGV[a + 1] <= PUSH_MAX then
+    redis.call('PUBLISH', channel, 'v' .. token .. '|' .. ARGV[a + 1])
   elseif waited then
-    redis.call('PUBLISH', ARGV[a + 3], 's')
+    redis.call('PUBLISH', channel, 's')
   end
   return 1
 end
@@ -480,10 +488,10 @@ while a <= #ARGV do
   local ntags = tonumber(ARGV[a])
   out[#out + 1] = store_one(k, a + 1, ntags)
   k = k + 4 + ntags
-  a = a + 10
+  a = a + (ntags > 0 and 8 or 5)
 end
 return out
-""",
+""".replace("PUSH_MAX", str(PUSH_MAX)),
 )
 
 

@@ -102,7 +102,7 @@ def wait_seconds(pttl_ms: int, wait_check: float, subscribed: bool) -> float:
 def after_claim(
     key: str,
     claim: Claim,
-    reply: list[Any],
+    reply: Any,
     *,
     decode: Decode,
     now: float,
@@ -111,16 +111,19 @@ def after_claim(
 ) -> tuple[Step, Claim]:
     """The step a `CLAIM` (or one item of `CLAIM_MANY`) reply calls for, and the state after.
 
+    The reply (see `scripts.CLAIM`): 1 (the lease is ours), the stored entry's bytes, or a
+    list naming its kind ("handed", "failed", "wait") first.
+
     An entry, stored or handed, is served only while fresh (`now`, wall-clock seconds);
     otherwise the caller claims again without the check (CLAIM_ONLY), keeping the tokens it
     saw (a handed entry is still theirs). A failure marker (reported only for the lease this
     caller waited for) becomes `LeaderFailedError`. A lease held elsewhere is waited for.
     """
-    kind = _text(reply[0])
-    if kind == "lease":
+    if type(reply) is int:  # 1: the lease is taken
         return Step(LEAD), claim
+    kind = "entry" if isinstance(reply, bytes) else _text(reply[0])
     if kind in ("entry", "handed"):
-        entry = decode(reply[1])
+        entry = decode(reply if kind == "entry" else reply[1])
         if entry is not None and entry.fresh_until > now:
             return Step(ENTRY, entry, trace=claim.waited), claim
         return Step(AGAIN), claim._replace(mode=CLAIM_ONLY)
