@@ -213,6 +213,7 @@ def test_sync_hit_is_exactly_one_get(fresh_redis: RedisServer, unique_namespace:
         return {"id": uid, "roles": ["a", "b"]}
 
     assert user(42) == {"id": 42, "roles": ["a", "b"]}
+    assert user(42) == {"id": 42, "roles": ["a", "b"]}  # after a miss: a CLAIM (test_miss_streak)
     client = fresh_redis.client()
     before = commandstats(client)
     for _ in range(10):
@@ -236,6 +237,7 @@ async def test_async_hit_is_one_get_shared_by_concurrent_callers(
         return [i, i]
 
     assert await item(3) == [3, 3]
+    assert await item(3) == [3, 3]  # after a miss: a CLAIM (test_miss_streak)
     client = fresh_redis.client()
     before = commandstats(client)
     results = await asyncio.gather(*[item(3) for _ in range(25)])
