@@ -32,6 +32,7 @@ from coalesce.stores.redis.steps import (
     after_compute,
     after_renewal,
     after_wake,
+    encodable,
     first_claim,
     wait_seconds,
 )
@@ -189,3 +190,8 @@ def test_a_lease_added_while_the_renewer_lingers_is_renewed_in_time() -> None:
         assert all(token == "b" for token, _ in renewed)  # removed leases are never renewed
     finally:
         renewer.close()
+
+
+def test_encodable_keys_are_those_utf_8_can_carry() -> None:
+    assert encodable("user:42") and encodable("user:é") and encodable("user:🙂")
+    assert not encodable("user:\udcff")  # a lone surrogate: the core stores it escaped

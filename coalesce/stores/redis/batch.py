@@ -53,7 +53,7 @@ from coalesce.stores.redis.scripts import (
     TAG,
     KeyLayout,
 )
-from coalesce.stores.redis.steps import ENTRY, LEAD, WAIT, Claim
+from coalesce.stores.redis.steps import ENTRY, LEAD, WAIT, Claim, encodable
 
 #: A batch's claim state: every key's first `CLAIM` checks the entry.
 _CHECKING = Claim(CLAIM_CHECK)
@@ -154,11 +154,8 @@ class Batches:
         names: list[str] = []
         near = self._near
         for index, key in enumerate(keys):
-            if not key.isascii():
-                try:
-                    key.encode("utf-8")
-                except UnicodeEncodeError:
-                    continue  # a raw key the core stores escaped (see `RedisStore.get`)
+            if not encodable(key):
+                continue  # a raw key the core stores escaped (see `RedisStore.get`)
             entry = near.get(key) if near is not None else None
             if entry is not None:
                 found[index] = entry
@@ -523,8 +520,8 @@ class Batches:
     def _endings(
         self, leases: list[Lease], plan: _Plan, exc: BaseException
     ) -> list[tuple[Any, list[str], Any]]:
-        """The computation raised `exc`: the script ending each lease (FAIL or RELEASE)."""
-        self._not_renewing(leases)
+        """The computation raised `exc`: the script ending each lease (FAIL or RELEASE).
+        (The caller's `finally` takes the leases off the renewer.)"""
         return [self.leases.ending(plan.keys[lease.key], lease.token, exc) for lease in leases]
 
     def _stored_tags(

@@ -48,6 +48,7 @@ __all__ = [
     "after_compute",
     "after_renewal",
     "after_wake",
+    "encodable",
     "first_claim",
     "wait_seconds",
 ]
@@ -81,6 +82,18 @@ class Step(NamedTuple):
     seconds: float = 0.0  # WAIT: the longest sleep before claiming again
     error: LeaderFailedError | None = None  # FAILED: what to raise
     trace: bool = False  # look for the leader's traceparent now (see `lease`, tracing)
+
+
+def encodable(key: str) -> bool:
+    """Whether `key` can be sent to Redis (as UTF-8): not so with a lone surrogate, a raw key
+    the core stores escaped (the store reads it as missing; the caller asks for that next)."""
+    if key.isascii():
+        return True
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def first_claim(refresh: bool) -> Claim:

@@ -86,6 +86,7 @@ from coalesce.stores.redis.lease import Keys, Leases
 from coalesce.stores.redis.listener import Listener
 from coalesce.stores.redis.near import Fallback, NearCache
 from coalesce.stores.redis.scripts import DELETE, TAKE_TAG, KeyLayout
+from coalesce.stores.redis.steps import encodable
 from coalesce.urls import redact, scheme_of
 
 __all__ = ["RedisStore", "redact"]
@@ -385,7 +386,7 @@ class RedisStore(Store):
 
     def get(self, key: str) -> Entry | None:
         """One `GET` (shared by the threads reading the same key at the same moment)."""
-        if not key.isascii() and not _encodable(key):
+        if not key.isascii() and not encodable(key):
             return None  # a raw key the core stores escaped: the caller asks for that next
         near = self._near
         if near is None:
@@ -400,7 +401,7 @@ class RedisStore(Store):
 
     async def aget(self, key: str) -> Entry | None:
         """One `GET` (shared by the tasks of this loop reading the same key at once)."""
-        if not key.isascii() and not _encodable(key):
+        if not key.isascii() and not encodable(key):
             return None
         near = self._near
         if near is None:
@@ -665,15 +666,6 @@ class RedisStore(Store):
         """Close this loop's asyncio client (if the store created it), then the rest."""
         await self._conn.aclose()
         self.close()
-
-
-def _encodable(key: str) -> bool:
-    """Whether `key` can be sent to Redis (UTF-8): not so with a lone surrogate."""
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 #: Every store of this process, for `_after_fork_in_child`.
