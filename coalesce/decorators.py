@@ -127,6 +127,8 @@ class Policy:
         self.plan = plan_key(fn, key, exclude)
         self.make_key: KeyFunction = self.plan.make
         self.tag_keys: list[KeyFunction] = [template_key_function(fn, tag) for tag in tags]
+        self.tagged = bool(tags)  # whether entries may carry tags (else `tag_names` is ())
+        self.skips_reads = self.expect_miss = False
         self.store = store  # False for `coalesced`: share calls, keep nothing
         self.stats = Stats(self.stats_name)
         self.fixed_cache = cache
@@ -219,6 +221,7 @@ class AsidePolicy(Policy):
         self.plan = _GIVEN_KEY
         self.make_key = _given_key
         self.tag_keys = []
+        self.tagged = True  # tags come with each call (`tag_names`)
         self.store = True
         self.stats = Stats(name)
         self.fixed_cache = cache
@@ -386,32 +389,21 @@ def _slow(
     cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
 ) -> Any:
     """Everything but a fresh hit: escaped keys, entries to refresh, cached errors, misses."""
-    stats = policy.stats
     key = cache.prefix + policy.make_key(*args, **kwargs)
     if policy.store:
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = cache._read(key)
         elif entry is None and policy.expect_miss:  # the hot path skipped its read
-            stats.misses += 1  # until the claim finds the entry (`_found_unread`)
+            policy.stats.misses += 1  # until the claim finds the entry (`_found_unread`)
             return _result(_miss(cache, policy, key, args, kwargs, unread=True))
-        if entry is not None:
-            state = _decide(cache, policy, key, entry)
-            if state is _FRESH:
-                stats.hits += 1
-                return _result(entry)
-            if state is _EARLY or state is _STALE:
-                _served_to_refresh(policy, state)
-                if not cache.flights.running(key):
-                    early = state is _EARLY
-                    cache._refresh_in_background(
-                        key, lambda: _miss(cache, policy, key, args, kwargs, entry, refresh=early)
-                    )
-                if state is _EARLY:
-                    _refreshing(cache, policy, key, entry)
-                return _result(entry)
-        elif policy.skips_reads:
-            policy.expect_miss = True
-        stats.misses += 1
+        state = _served(cache, policy, key, entry)
+        if state is not None:
+            if state is not _FRESH and not cache.flights.running(key):
+                early = state is _EARLY
+                cache._refresh_in_background(
+                    key, lambda: _miss(cache, policy, key, args, kwargs, entry, refresh=early)
+                )
+            return _result(cast(Entry, entry))  # a state: an entry was read
     return _result(_miss(cache, policy, key, args, kwargs, entry))
 
 
@@ -419,33 +411,48 @@ async def _aslow(
     cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
 ) -> Any:
     """`_slow` for async functions."""
-    stats = policy.stats
     key = cache.prefix + policy.make_key(*args, **kwargs)
     if policy.store:
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = await cache._aread(key)
         elif entry is None and policy.expect_miss:
-            stats.misses += 1
+            policy.stats.misses += 1
             return _result(await _amiss(cache, policy, key, args, kwargs, unread=True))
-        if entry is not None:
-            state = _decide(cache, policy, key, entry)
-            if state is _FRESH:
-                stats.hits += 1
-                return _result(entry)
-            if state is _EARLY or state is _STALE:
-                _served_to_refresh(policy, state)
-                if not cache.aflights.running(key):
-                    early = state is _EARLY
-                    cache._arefresh_in_background(
-                        key, _amiss(cache, policy, key, args, kwargs, entry, refresh=early)
-                    )
-                if state is _EARLY:
-                    _refreshing(cache, policy, key, entry)
-                return _result(entry)
-        elif policy.skips_reads:
-            policy.expect_miss = True
-        stats.misses += 1
+        state = _served(cache, policy, key, entry)
+        if state is not None:
+            if state is not _FRESH and not cache.aflights.running(key):
+                early = state is _EARLY
+                cache._arefresh_in_background(
+                    key, _amiss(cache, policy, key, args, kwargs, entry, refresh=early)
+                )
+            return _result(cast(Entry, entry))
     return _result(await _amiss(cache, policy, key, args, kwargs, entry))
+
+
+def _served(cache: Cache, policy: Policy, key: str, entry: Entry | None) -> Freshness | None:
+    """What a call that read `entry` serves, counted: `_FRESH` (a hit), `_EARLY` (a hit, to
+    refresh early) or `_STALE` (stale), served while its caller starts a refresh in the
+    background unless one runs; None: a miss to compute (nothing read, an expired entry, a
+    failed read). A read that found nothing tells the hot path to skip the next one
+    (`_may_skip_reads`)."""
+    stats = policy.stats
+    if entry is None:
+        if policy.skips_reads:
+            policy.expect_miss = True
+    else:
+        state = _decide(cache, policy, key, entry)
+        if state is _FRESH:
+            stats.hits += 1
+            return state
+        if state is _EARLY:
+            stats.hits += 1
+            _refreshing(cache, policy, key, entry)
+            return state
+        if state is _STALE:
+            stats.stale += 1
+            return state
+    stats.misses += 1
+    return None
 
 
 def _decide(cache: Cache, policy: Policy, key: str, entry: Entry) -> Freshness:
@@ -498,14 +505,6 @@ def _refreshing(cache: Cache, policy: Policy, key: str, entry: Entry) -> None:
     entry.refresh_at = entry.fresh_until
     if not cache.local:
         policy.moments[key] = (entry.fresh_until, entry.fresh_until)
-
-
-def _served_to_refresh(policy: Policy, state: Freshness) -> None:
-    """Count a call served an entry that is being refreshed: early (a hit) or stale."""
-    if state is _EARLY:
-        policy.stats.hits += 1
-    else:
-        policy.stats.stale += 1
 
 
 def _miss(
@@ -588,7 +587,7 @@ def _lead(
         kept = _fallback(cache, policy, key)
         if kept is not None:
             return kept
-    tags = policy.tag_names(cache, args, kwargs)
+    tags = policy.tag_names(cache, args, kwargs) if policy.tagged else ()
     computed: list[Entry] = []
     tracing = otel.tracing  # None unless coalesce.otel.instrument() was called
     fn = policy.fn if tracing is None else tracing.traced(cache, policy, key, previous, refresh)
@@ -796,7 +795,7 @@ async def _alead(
         kept = _fallback(cache, policy, key)
         if kept is not None:
             return kept
-    tags = policy.tag_names(cache, args, kwargs)
+    tags = policy.tag_names(cache, args, kwargs) if policy.tagged else ()
     computed: list[Entry] = []
     tracing = otel.tracing  # as in `_lead`
     fn = policy.fn if tracing is None else tracing.atraced(cache, policy, key, previous, refresh)
