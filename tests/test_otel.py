@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -30,6 +31,7 @@ import coalesce
 import coalesce.otel
 import coalesce.otel.hook
 from coalesce import Cache, MissingDependencyError
+from coalesce.stores.redis.lease import TRACE_LEASES
 from coalesce.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -474,6 +476,46 @@ async def test_a_failed_leader_on_redis_fails_the_linked_wait(
     assert linked(wait) == {ids(computed)}
     assert wait.status.status_code is StatusCode.ERROR
     assert wait.status.description is not None and "LeaderFailedError" in wait.status.description
+
+
+def _leader_trace(redis_url: str, key: str) -> tuple[bytes | None, int]:
+    """The value and PTTL (ms) of the traceparent key a Redis leader of `key` wrote."""
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: raw.exists(key) == 1, "the leader's traceparent in Redis")
+        return raw.get(key), int(raw.pttl(key))
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_leaders_traceparent_on_redis_expires(
+    telemetry: Telemetry, redis_caches: Callable[..., Cache], redis_url: str, is_async: bool
+) -> None:
+    """`ns:{key}:trace` (the traced leader's "<token>|<traceparent>" for waiters elsewhere)
+    is deleted by nobody: it expires `TRACE_LEASES` lease times after it was written."""
+    cache = redis_caches(lease_ttl=0.5)
+    gate = threading.Event()
+
+    def compute(n: int) -> int:
+        assert gate.wait(BARRIER)
+        return n
+
+    async def acompute(n: int) -> int:
+        return await asyncio.to_thread(compute, n)
+
+    leader = cache.cached(ttl=60, key="traced:{n}")(acompute if is_async else compute)
+    thread = threading.Thread(
+        target=lambda: asyncio.run(leader(1)) if is_async else leader(1), daemon=True
+    )
+    thread.start()
+    try:
+        value, pttl = _leader_trace(redis_url, f"{cache.namespace}:{{traced:1}}:trace")
+    finally:
+        gate.set()
+        thread.join(BARRIER)
+    assert value is not None and b"|00-" in value  # "<token>|<W3C traceparent>"
+    assert 0 < pttl <= 500 * TRACE_LEASES
 
 
 # -- without OpenTelemetry ---------------------------------------------------------------------
