@@ -286,6 +286,19 @@ def test_a_miss_sends_the_scripts_only_what_every_miss_needs(
     assert sent == {"CLAIM": 3 + 3 + 3, "STORE": 3 + 4 + 4}
 
 
+def test_a_miss_runs_few_commands_inside_its_scripts(
+    own_caches: Caches, commands: Commands
+) -> None:
+    """Each command a script runs costs the server a call: a miss nobody waits for takes its
+    free lease with one `SET NX` and ends it with one `DEL` (of the lease and the waiters'
+    flag together)."""
+    store = _store(own_caches())
+    key = store.namespace + ":user:"
+    store.fill(key + "0", Counted(0), fence=Fence())  # scripts loaded, listener started
+    ran = commands.during(lambda: store.fill(key + "1", Counted(1), fence=Fence()), lua=True)
+    assert sorted(ran) == sorted(["CLAIM", "GET", "SET", "STORE", "GET", "DEL", "SET"])
+
+
 def test_a_miss_nobody_waits_for_publishes_no_wake_up(
     own_caches: Caches, commands: Commands
 ) -> None:

@@ -168,12 +168,11 @@ if n == 5 then
     end
   end
 end
-local holder = redis.pcall('GET', KEYS[2])
-if not holder then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then  -- the lease was free
   for i = n + 1, #KEYS do add_tag(KEYS[i], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3], true) end
   return 1
 end
+local holder = redis.pcall('GET', KEYS[2])
 local pttl = redis.call('PTTL', KEYS[2])
 local ms = tonumber(ARGV[2])
 if type(holder) ~= 'string' or #holder ~= 32 or not string.match(holder, '^%x+$') then
@@ -218,8 +217,7 @@ if ARGV[1] ~= '' then
     end
     return 0
   end
-  redis.call('DEL', KEYS[2])
-  waited = redis.call('DEL', KEYS[3]) == 1
+  waited = redis.call('DEL', KEYS[2], KEYS[3]) == 2  -- our lease, and the waiters' flag?
 else
   waited = redis.call('EXISTS', KEYS[3]) == 1  -- a plain set while somebody waits for a lease
 end
@@ -405,12 +403,11 @@ while a <= #ARGV do
     elseif value then reply = value end
   end
   if not reply then
-    local holder = redis.pcall('GET', KEYS[k + 1])
-    if not holder then
-      redis.call('SET', KEYS[k + 1], ARGV[a + 1], 'PX', ms)
+    if redis.call('SET', KEYS[k + 1], ARGV[a + 1], 'NX', 'PX', ms) then  -- the lease was free
       for i = k + 3, k + 2 + ntags do add_tag(KEYS[i], ARGV[a + 2], ARGV[3], ARGV[4], true) end
       reply = 1
     else
+      local holder = redis.pcall('GET', KEYS[k + 1])
       local pttl = redis.call('PTTL', KEYS[k + 1])
       if type(holder) ~= 'string' or #holder ~= 32 or not string.match(holder, '^%x+$') then
         holder = ''
@@ -462,8 +459,7 @@ local function store_one(k, a, ntags)
       end
       return 0
     end
-    redis.call('DEL', KEYS[k + 1])
-    waited = redis.call('DEL', KEYS[k + 2]) == 1
+    waited = redis.call('DEL', KEYS[k + 1], KEYS[k + 2]) == 2
   else
     waited = redis.call('EXISTS', KEYS[k + 2]) == 1
   end
