@@ -108,6 +108,8 @@ class Policy:
     skips_reads = False
     #: A hint, written by any thread without a lock: the last read of this function missed.
     expect_miss = False
+    #: Whether entries may carry tags (else `tag_names` is ()): set by each kind of policy.
+    tagged = False
 
     def __init__(
         self,
@@ -394,8 +396,9 @@ def _slow(
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = cache._read(key)
         elif entry is None and policy.expect_miss:  # the hot path skipped its read
-            policy.stats.misses += 1  # until the claim finds the entry (`_found_unread`)
-            return _result(_miss(cache, policy, key, args, kwargs, unread=True))
+            began = cache.clock()
+            policy.stats.misses += 1  # until it turns out a hit (`_unread`)
+            return _result(_unread(policy, _miss(cache, policy, key, args, kwargs), began))
         state = _served(cache, policy, key, entry)
         if state is not None:
             if state is not _FRESH and not cache.flights.running(key):
@@ -416,8 +419,9 @@ async def _aslow(
         if key != raw_key or not policy.plan.guard_holds(raw_key):
             entry = await cache._aread(key)
         elif entry is None and policy.expect_miss:
+            began = cache.clock()
             policy.stats.misses += 1
-            return _result(await _amiss(cache, policy, key, args, kwargs, unread=True))
+            return _result(_unread(policy, await _amiss(cache, policy, key, args, kwargs), began))
         state = _served(cache, policy, key, entry)
         if state is not None:
             if state is not _FRESH and not cache.aflights.running(key):
@@ -516,13 +520,11 @@ def _miss(
     previous: Entry | None = None,
     *,
     refresh: bool = False,
-    unread: bool = False,
 ) -> Entry:
     """Compute `key` once in this process (and across processes on a shared store).
 
     `previous` is what this call read (`STORE_FAILED`: the store failed, so its leader
-    computes without it); `refresh`: it is fresh, refresh it anyway (early refresh);
-    `unread`: the call skipped its read (`_may_skip_reads`), the store's claim reads.
+    computes without it); `refresh`: it is fresh, refresh it anyway (early refresh).
     """
     raised: list[Exception] = []
     if refresh:
@@ -530,9 +532,7 @@ def _miss(
     try:
         entry, _ = cache.flights.run(
             key,
-            lambda fence: _lead(
-                cache, policy, key, fence, args, kwargs, raised, previous, refresh, unread
-            ),
+            lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised, previous, refresh),
             policy.count_shared,
             policy.timeout,
             cache._compute_pool() if policy.timeout is not None else None,
@@ -565,7 +565,6 @@ def _lead(
     raised: list[Exception],
     previous: Entry | None = None,
     refresh: bool = False,
-    unread: bool = False,
 ) -> Entry:
     """The leader of this process: check again, then compute once (across processes).
 
@@ -611,13 +610,9 @@ def _lead(
     if not tags:  # nothing for a tag invalidation to fence: no need to mark it computing
         if cache.local:  # a memory store: it cannot fail, and it keeps entries frozen
             return cache.store.fill(key, compute, fence=fence)
-        entry = _fill(cache, policy, key, fence, tags, refresh, compute, computed)
-    else:
-        with cache._computing(key, tags):
-            entry = _fill(cache, policy, key, fence, tags, refresh, compute, computed)
-    if unread and not computed:
-        _found_unread(policy)
-    return entry
+        return _fill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
+    with cache._computing(key, tags):
+        return _fill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
 
 
 def _may_skip_reads(policy: Policy) -> bool:
@@ -626,11 +621,10 @@ def _may_skip_reads(policy: Policy) -> bool:
     On a store whose `fill` reads the entry in its claim (`Store.checks_in_fill`: Redis
     without a near cache), a function that has no use for an entry that is not fresh (no
     stale windows, no early refresh) needs nothing of a read that the claim does not tell:
-    after a miss (`_slow` sets `expect_miss`) the next call goes straight to the claim, so
-    a run of misses costs the claim and the store, not a read besides. When the claim finds
-    the entry, the call is a hit after all and reads resume (`_found_unread`); so do they
-    after a store failure (a failing store's reads serve its fallback). The cache must be
-    known when decorating: the default cache is looked up at the first call.
+    after a miss (`_served` sets `expect_miss`) the next call goes straight to the claim, so
+    a run of misses costs the claim and the store, not a read besides (`_unread`). Not with
+    `timeout`: a stored entry would then wait for the compute pool like a computation. The
+    cache must be known when decorating: the default cache is looked up at the first call.
     """
     cache = policy.fixed_cache
     return (
@@ -640,17 +634,21 @@ def _may_skip_reads(policy: Policy) -> bool:
         and not policy.stale_ttl
         and not policy.stale_if_error
         and not policy.beta
+        and policy.timeout is None
     )
 
 
-def _found_unread(policy: Policy) -> None:
-    """A call that skipped its read found the entry through the claim: count it as the hit
-    it is (`_slow` counted a miss), and read again."""
-    policy.expect_miss = False
-    stats = policy.stats
-    with _count_lock:
+def _unread(policy: Policy, entry: Entry, began: float) -> Entry:
+    """Count a call that skipped its read (`_slow` counted a miss): a hit after all when the
+    claim served it an entry made before the call began (stored already; then reads resume,
+    the next call of the function reads first), else the miss it was (computed here, or by
+    another process while this one waited). Followers in this process count the same way."""
+    if entry.created < began:
+        policy.expect_miss = False
+        stats = policy.stats
         stats.misses -= 1
         stats.hits += 1
+    return entry
 
 
 def _newer(cache: Cache, entry: Entry | None, refreshed: Entry | None) -> bool:
@@ -666,17 +664,23 @@ def _fill(
     tags: tuple[str, ...],
     refresh: bool,
     compute: Callable[[], Entry],
+    raised: list[Exception],
     computed: list[Entry],
 ) -> Entry:
-    """`_lead`'s last step: compute and store through the store; compute anyway when it fails."""
+    """`_lead`'s last step: compute and store through the store; compute anyway when it fails.
+
+    A `BackendError` the function itself raised (a cache it calls failed) is its outcome, not
+    a failure of this store: it goes up like any exception of the function."""
     try:
         options = {"refresh": True} if refresh else {}
         return _shareable(
             cache, policy, cache.store.fill(key, compute, fence=fence, tags=tags, **options)
         )
     except BackendError as exc:
-        cache._backend_failed(policy, exc)
+        if raised and raised[-1] is exc:
+            raise
         policy.expect_miss = False  # read again: a failing store's reads serve its fallback
+        cache._backend_failed(policy, exc)  # (raises when failing closed)
         entry = computed[0] if computed else compute()
         cache._remember(key, entry, fence)
         return entry
@@ -703,8 +707,9 @@ def _failed(
     """The entry a computation that raised `exc` leaves, or raise it.
 
     Within the previous value's `stale_if_error` window: that value again, fresh for a
-    second (`retry_entry`); with `cache_errors`: the failure as an entry (and `exc` into
-    `raised` for the leader's own caller); else `exc` goes up to every caller.
+    second (`retry_entry`); with `cache_errors`: the failure as an entry (the leader's own
+    caller gets `exc` itself, from `raised`); else `exc` goes up to every caller. Either way
+    `exc` goes into `raised`: `_fill` tells the function's exceptions from the store's.
     """
     _count_computation(policy, started, failed=True)
     if policy.stale_if_error and previous is not None and previous is not STORE_FAILED:
@@ -712,9 +717,9 @@ def _failed(
         if previous.usable_on_error(now):
             policy.count("stale_on_error")
             return retry_entry(previous, now)
+    raised.append(exc)
     if policy.cache_errors is None:
         raise exc
-    raised.append(exc)
     return policy.error_entry(cache, exc, started)
 
 
@@ -751,7 +756,6 @@ async def _amiss(
     previous: Entry | None = None,
     *,
     refresh: bool = False,
-    unread: bool = False,
 ) -> Entry:
     raised: list[Exception] = []
     if refresh:
@@ -760,7 +764,7 @@ async def _amiss(
         entry, _ = await cache.aflights.run(
             key,
             lambda fence: _alead(
-                cache, policy, key, fence, args, kwargs, raised, previous, refresh, unread
+                cache, policy, key, fence, args, kwargs, raised, previous, refresh
             ),
             policy.count_shared,
             policy.timeout,
@@ -782,7 +786,6 @@ async def _alead(
     raised: list[Exception],
     previous: Entry | None = None,
     refresh: bool = False,
-    unread: bool = False,
 ) -> Entry:
     """The leader of this process on this loop: check again, then compute once."""
     failed = previous is STORE_FAILED
@@ -819,13 +822,9 @@ async def _alead(
     if not tags:  # as in `_lead`
         if cache.local:
             return await cache.store.afill(key, compute, fence=fence)
-        entry = await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
-    else:
-        with cache._computing(key, tags):
-            entry = await _afill(cache, policy, key, fence, tags, refresh, compute, computed)
-    if unread and not computed:
-        _found_unread(policy)
-    return entry
+        return await _afill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
+    with cache._computing(key, tags):
+        return await _afill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
 
 
 async def _afill(
@@ -836,6 +835,7 @@ async def _afill(
     tags: tuple[str, ...],
     refresh: bool,
     compute: Callable[[], Awaitable[Entry]],
+    raised: list[Exception],
     computed: list[Entry],
 ) -> Entry:
     """`_fill` for async functions."""
@@ -844,8 +844,10 @@ async def _afill(
         entry = await cache.store.afill(key, compute, fence=fence, tags=tags, **options)
         return _shareable(cache, policy, entry)
     except BackendError as exc:
-        cache._backend_failed(policy, exc)
+        if raised and raised[-1] is exc:
+            raise
         policy.expect_miss = False
+        cache._backend_failed(policy, exc)
         entry = computed[0] if computed else await compute()
         cache._remember(key, entry, fence)
         return entry

@@ -1018,3 +1018,28 @@ def test_decorator_options_of_the_wrong_shape_are_named(
 def test_cache_options_of_the_wrong_shape_are_named(options: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigurationError, match=problem):
         Cache(**options)
+
+
+# -- a BackendError the function raises is its own outcome, not a store failure ----------------
+
+
+@pytest.mark.parametrize("tags", [[], ["team"]], ids=["no-tags", "tags"])
+def test_a_backend_error_raised_by_the_function_is_raised_once(
+    cache: Cache, tags: list[str]
+) -> None:
+    """A cached function calling a fail-closed cache whose store is down raises that cache's
+    `BackendError`: it runs once and its caller gets it, as with any exception (it is not a
+    failure of this cache's store, to be computed again without it)."""
+    from coalesce import BackendError
+
+    calls: list[int] = []
+
+    @cache.cached(ttl=60, tags=tags)
+    def nested(user_id: int) -> int:
+        calls.append(user_id)
+        raise BackendError("Redis at elsewhere failed")
+
+    with pytest.raises(BackendError, match="elsewhere"):
+        nested(1)
+    assert calls == [1]
+    assert nested.stats()["backend_errors"] == 0

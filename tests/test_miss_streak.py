@@ -93,15 +93,17 @@ async def test_an_async_run_of_misses_skips_the_read(watched: tuple[Caches, Comm
         ({}, {"stale_ttl": 30}),
         ({}, {"stale_if_error": 30}),
         ({}, {"early_refresh": True}),
+        ({}, {"timeout": 30}),
         ({"local_maxsize": 100}, {}),
     ],
-    ids=["stale_ttl", "stale_if_error", "early_refresh", "near-cache"],
+    ids=["stale_ttl", "stale_if_error", "early_refresh", "timeout", "near-cache"],
 )
 def test_functions_that_need_the_entry_always_read(
     watched: tuple[Caches, Commands], cache_options: dict[str, Any], options: Any
 ) -> None:
     """A stale entry is served (or kept for errors, or refreshed early) only if the call
-    reads it; a near cache answers before Redis: these functions never skip the read."""
+    reads it; a near cache answers before Redis; with a timeout a stored entry would wait for
+    the compute pool like a computation: these functions never skip the read."""
     caches, commands = watched
     load, calls = _counted(caches(**cache_options), **options)
     load(0)
@@ -165,5 +167,79 @@ def test_after_a_store_failure_reads_resume_and_serve_the_fallback(
         assert load(1) == {"id": 1}  # the claim fails: computed without the store ...
         assert load(1) == {"id": 1}  # ... and the read, failing, serves what was kept
         assert calls == [0, 1]
+    finally:
+        cache.close()
+
+
+def test_callers_sharing_a_skipped_read_that_finds_the_entry_all_count_hits(
+    watched: tuple[Caches, Commands], fresh_redis: RedisServer
+) -> None:
+    """Threads that join one flight whose claim finds the entry are hits, like the readers
+    they would have been (the server is paused so that they all join the first one's)."""
+    caches, _ = watched
+    load, calls = _counted(caches(), key="user:{user_id}")
+    theirs, _ = _counted(caches(), key="user:{user_id}")  # another process
+    load(0)  # a miss: the next calls skip their reads
+    theirs(7)  # the other process stores id 7
+    before = load.stats()
+    admin = fresh_redis.client()
+    admin.client_pause(300)  # every other client's commands wait 0.3 s
+    got: list[dict[str, int]] = []
+    threads = [threading.Thread(target=lambda: got.append(load(7))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    admin.close()
+    after = load.stats()
+    assert got == [{"id": 7}] * 6 and calls == [0]
+    assert after["coalesced"] > before["coalesced"]  # they did share the first one's claim
+    assert after["hits"] - before["hits"] == 6
+    assert after["misses"] == before["misses"]
+
+
+def test_a_skipped_read_that_waits_for_another_process_counts_a_miss(
+    watched: tuple[Caches, Commands],
+) -> None:
+    """Served what another process computed while this call waited: not a hit."""
+    caches, _ = watched
+    gate = threading.Event()
+    mine, theirs = caches(), caches()
+
+    @theirs.cached(ttl=60, key="user:{user_id}")
+    def slow(user_id: int) -> int:
+        gate.wait(10)
+        return user_id
+
+    load, calls = _counted(mine, key="user:{user_id}")
+    load(0)  # a miss: the next call skips its read
+    leader = threading.Thread(target=slow, args=(5,))
+    leader.start()
+    time.sleep(0.05)  # the other process holds the lease
+    threading.Timer(0.1, gate.set).start()
+    assert load(5) == 5  # waited for the push
+    leader.join(10)
+    assert calls == [0]
+    stats = load.stats()
+    assert (stats["hits"], stats["misses"]) == (0, 2)
+
+
+def test_a_fail_closed_cache_reads_again_after_a_failed_claim(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """The claim's failure raises (failing closed) and the next calls read, as they would
+    have without the skip: they raise from the read, counting no misses."""
+    from coalesce import BackendError
+
+    cache = Cache(fresh_redis.url, namespace=unique_namespace, on_backend_error="raise")
+    try:
+        load, calls = _counted(cache)
+        load(0)  # a miss: the next call skips its read
+        fresh_redis.kill()
+        for _ in range(3):
+            with pytest.raises(BackendError):
+                load(1)
+        assert calls == [0]
+        assert load.stats()["misses"] == 2  # load(0), and the one failed claim
     finally:
         cache.close()
