@@ -437,3 +437,55 @@ def test_cached_tag_invalidation_leaves_other_computations_alone(redis_caches: C
     entry = a.get_entry("profile:43")
     assert entry is not None and entry.value == 43
     assert _store(a).counts["fenced"] == 0
+
+
+def test_a_tagged_waiter_claims_again_with_the_tokens_it_saw(redis_caches: Caches) -> None:
+    """A waiter of a tagged function claims again after its wait with the lease tokens it saw
+    and its tag sets (`CLAIM`'s fullest layout, 5 KEYS + tags, 8 ARGV) and gets the leader's
+    failure from there."""
+    from coalesce import LeaderFailedError
+    from coalesce.stores.redis.scripts import CLAIM
+
+    a, b = redis_caches(), redis_caches()
+    started, release = threading.Event(), threading.Event()
+
+    @a.cached(ttl=30, key="doc:{did}", tags=["team:{did}"])
+    def leader(did: int) -> int:
+        started.set()
+        assert release.wait(10)
+        raise RuntimeError("the database is down")
+
+    @b.cached(ttl=30, key="doc:{did}", tags=["team:{did}"])
+    def waiter(did: int) -> int:
+        return did * 10
+
+    conn = _store(b)._conn
+    layouts: list[tuple[int, int]] = []
+    script = conn.script
+
+    def counted(which: Any, keys: Any, args: Any) -> Any:
+        if which is CLAIM:
+            layouts.append((len(keys), len(args)))
+        return script(which, keys, args)
+
+    conn.script = counted  # type: ignore[method-assign]  # counts, then runs it for real
+    failures: list[BaseException] = []
+
+    def lead() -> None:
+        try:
+            leader(7)
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=lead)
+    thread.start()
+    try:
+        assert started.wait(10)
+        threading.Timer(0.1, release.set).start()
+        with pytest.raises(LeaderFailedError, match="the database is down"):
+            waiter(7)
+    finally:
+        release.set()
+        thread.join(10)
+    assert (6, 8) in layouts  # entry, lease, waiters, failed, handed, one tag set
+    assert len(failures) == 1  # the leader's own caller got its exception
