@@ -183,7 +183,7 @@ def test_callers_sharing_a_skipped_read_that_finds_the_entry_all_count_hits(
     theirs(7)  # the other process stores id 7
     before = load.stats()
     admin = fresh_redis.client()
-    admin.client_pause(300)  # every other client's commands wait 0.3 s
+    admin.client_pause(500)  # every other client's commands wait 0.5 s
     got: list[dict[str, int]] = []
     threads = [threading.Thread(target=lambda: got.append(load(7))) for _ in range(6)]
     for thread in threads:
@@ -199,15 +199,16 @@ def test_callers_sharing_a_skipped_read_that_finds_the_entry_all_count_hits(
 
 
 def test_a_skipped_read_that_waits_for_another_process_counts_a_miss(
-    watched: tuple[Caches, Commands],
+    watched: tuple[Caches, Commands], fresh_redis: RedisServer
 ) -> None:
     """Served what another process computed while this call waited: not a hit."""
     caches, _ = watched
-    gate = threading.Event()
+    computing, gate = threading.Event(), threading.Event()
     mine, theirs = caches(), caches()
 
     @theirs.cached(ttl=60, key="user:{user_id}")
     def slow(user_id: int) -> int:
+        computing.set()
         gate.wait(10)
         return user_id
 
@@ -215,10 +216,22 @@ def test_a_skipped_read_that_waits_for_another_process_counts_a_miss(
     load(0)  # a miss: the next call skips its read
     leader = threading.Thread(target=slow, args=(5,))
     leader.start()
-    time.sleep(0.05)  # the other process holds the lease
-    threading.Timer(0.1, gate.set).start()
-    assert load(5) == 5  # waited for the push
-    leader.join(10)
+    assert computing.wait(10)  # the other process holds the lease
+    admin = fresh_redis.client()
+    flag = mine.prefix + "{user:5}:waiters"  # set by the claim that tells a caller to wait
+
+    def release_once_waited_for() -> None:
+        deadline = time.monotonic() + 10
+        while not admin.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        gate.set()
+
+    releaser = threading.Thread(target=release_once_waited_for)
+    releaser.start()
+    assert load(5) == 5  # waited for the push of the other process's value
+    for thread in (leader, releaser):
+        thread.join(10)
+    admin.close()
     assert calls == [0]
     stats = load.stats()
     assert (stats["hits"], stats["misses"]) == (0, 2)
