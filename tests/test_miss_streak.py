@@ -177,7 +177,7 @@ def test_callers_sharing_a_skipped_read_that_finds_the_entry_all_count_hits(
     """Threads that join one flight whose claim finds the entry are hits, like the readers
     they would have been (the server is paused so that they all join the first one's)."""
     caches, _ = watched
-    load, calls = _counted(caches(), key="user:{user_id}")
+    load, calls = _counted(caches(socket_timeout=5), key="user:{user_id}")  # outlasts the pause
     theirs, _ = _counted(caches(), key="user:{user_id}")  # another process
     load(0)  # a miss: the next calls skip their reads
     theirs(7)  # the other process stores id 7
