@@ -39,7 +39,7 @@ class Freshness(Enum):
     EXPIRED = "expired"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Entry:
     """One cached value.
 
@@ -47,39 +47,57 @@ class Entry:
     while one caller recomputes it; `stale_if_error` how long after its expiry it may still
     be served when recomputing it fails. `ttl=None` means it never expires by time. Entries
     are not changed after they are made (but for the memo `refresh_at`): stores share them
-    between readers.
+    between readers. `created` defaults to now (`time.time()`).
     """
 
     value: Any
-    created: float = field(default_factory=time.time)
-    ttl: float | None = None
-    stale_ttl: float = 0.0
-    compute_time: float = 0.0
-    tags: tuple[str, ...] = ()
+    created: float
+    ttl: float | None
+    stale_ttl: float
+    compute_time: float
+    tags: tuple[str, ...]
     #: True for a negatively cached failure: `value` is [module, qualname, message].
-    error: bool = False
-    stale_if_error: float = 0.0
+    error: bool
+    stale_if_error: float
     #: When the value stops being fresh; derived, read on every hit.
-    fresh_until: float = field(init=False, repr=False, compare=False)
+    fresh_until: float = field(repr=False, compare=False)
+    #: Until when a store keeps the entry: the later end of its two stale windows; derived,
+    #: read by every write of the memory store.
+    kept_until: float = field(repr=False, compare=False)
     #: With early refresh: when this process refreshes the entry (`refresh_moment`), NaN
     #: until its first reader here draws it. The one field written after the entry is made:
     #: by any reader without a lock, each write a whole valid moment (a float store is atomic
     #: in CPython); the decorators set it to `fresh_until` once they started a refresh.
-    refresh_at: float = field(init=False, repr=False, compare=False)
+    refresh_at: float = field(repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.fresh_until = math.inf if self.ttl is None else self.created + self.ttl
+    def __init__(
+        self,
+        value: Any,
+        created: float | None = None,
+        ttl: float | None = None,
+        stale_ttl: float = 0.0,
+        compute_time: float = 0.0,
+        tags: tuple[str, ...] = (),
+        error: bool = False,
+        stale_if_error: float = 0.0,
+    ) -> None:
+        # written out (not generated) so that making an entry, once per miss, is one call
+        self.value = value
+        self.created = created = time.time() if created is None else created
+        self.ttl = ttl
+        self.stale_ttl = stale_ttl
+        self.compute_time = compute_time
+        self.tags = tags
+        self.error = error
+        self.stale_if_error = stale_if_error
+        self.fresh_until = fresh_until = math.inf if ttl is None else created + ttl
+        self.kept_until = fresh_until + max(stale_ttl, stale_if_error)
         self.refresh_at = math.nan
 
     @property
     def stale_until(self) -> float:
         """The end of the stale-while-revalidate window."""
         return self.fresh_until + self.stale_ttl
-
-    @property
-    def kept_until(self) -> float:
-        """Until when a store keeps the entry: the later end of its two stale windows."""
-        return self.fresh_until + max(self.stale_ttl, self.stale_if_error)
 
     def usable_on_error(self, now: float) -> bool:
         """Whether the value may stand in for a failed or timed-out recomputation now."""
