@@ -79,18 +79,29 @@ class _ThreadFlight(Fence, Generic[T]):
     def __init__(self) -> None:
         self.valid = True
         self.thread = threading.get_ident()  # the leader's thread, which creates the flight
-        # held from creation until the leader has written value/error, then released once
-        # (by the thread that computes); waiters acquire and release it at once. A plain
-        # lock, not a `threading.Event` (a Condition and its lock): most flights have no
-        # follower, and a lock costs a twentieth as much to make.
-        self.done = threading.Lock()
-        self.done.acquire()
+        # made held by the first caller that waits for the outcome (`waited`), then released
+        # once, by the thread that computes, after it has written value/error; waiters
+        # acquire and release it at once. None while nobody waits: most flights have no
+        # follower, and their leader then makes no lock at all. A plain lock, not a
+        # `threading.Event` (a Condition and its lock): a twentieth as much to make.
+        self.done: threading.Lock | None = None
         self.value: T | None = None  # written by the leader before `done` is released
         self.error: BaseException | None = None  # likewise
         self.abandoned = False  # likewise: the leader left without an outcome for others
         # tracing (coalesce.otel, when instrumented): set by the leader's caller before the
         # flight is published; see `FlightTrace` for who writes what in it
         self.trace: FlightTrace | None = None
+
+    def waited(self) -> threading.Lock:
+        """The lock a caller waits on for the outcome, made (held) by the first one.
+
+        Called with the table lock held, while the flight is in the table: its leader takes
+        `done` under that lock as it leaves the table, so no lock is made after it looked.
+        """
+        if self.done is None:
+            self.done = threading.Lock()
+            self.done.acquire()
+        return self.done
 
 
 class ThreadFlights(Generic[T]):
@@ -128,20 +139,25 @@ class ThreadFlights(Generic[T]):
                     flight = self._flights[key] = _ThreadFlight()
                     if otel.tracing is not None:
                         flight.trace = otel.tracing.flight(key)
-                elif flight.trace is not None:
-                    flight.trace.followers += 1
-                    joined = time.time_ns()
+                    # computes here, waiting for nobody; or on the pool, waiting like a follower
+                    done = None if timeout is None or pool is None else flight.waited()
+                elif flight.thread == threading.get_ident():
+                    raise ReentrantCallError(key)
+                else:
+                    done = flight.waited()
+                    if flight.trace is not None:
+                        flight.trace.followers += 1
+                        joined = time.time_ns()
+            if done is None:
+                return self._lead(key, flight, compute), False
             if leader:
-                if timeout is None or pool is None:
-                    return self._lead(key, flight, compute), False
+                assert pool is not None  # a leader waits only when it computes on the pool
                 pool.submit(self._lead_in_pool, key, flight, compute)
-            elif flight.thread == threading.get_ident():
-                raise ReentrantCallError(key)
-            if not flight.done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            if not done.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
                 if not leader and flight.trace is not None:
                     flight.trace.followed(joined, CoalesceTimeout(key, timeout or 0.0))
                 raise CoalesceTimeout(key, timeout or 0.0)
-            flight.done.release()  # for the next waiter
+            done.release()  # for the next waiter
             if flight.abandoned:
                 continue
             if not leader:
@@ -176,10 +192,12 @@ class ThreadFlights(Generic[T]):
             with self._lock:
                 if self._flights.get(key) is flight:
                     del self._flights[key]
+                done = flight.done  # out of the table: nobody starts waiting any more
             if trace is not None and entered is not None:
                 trace.leave(entered)
                 trace.finish(flight.error)  # out of the table: its follower count is final
-            flight.done.release()
+            if done is not None:
+                done.release()
 
     def invalidate(self, key: str) -> None:
         """Fence the computation of `key` in flight and let new callers start afresh."""
