@@ -532,7 +532,8 @@ def _miss(
     try:
         entry, _ = cache.flights.run(
             key,
-            lambda fence: _lead(cache, policy, key, fence, args, kwargs, raised, previous, refresh),
+            # a partial, not a closure: one object per miss instead of a cell per name
+            functools.partial(_lead, cache, policy, key, args, kwargs, raised, previous, refresh),
             policy.count_shared,
             policy.timeout,
             cache._compute_pool() if policy.timeout is not None else None,
@@ -559,12 +560,12 @@ def _lead(
     cache: Cache,
     policy: Policy,
     key: str,
-    fence: Fence,
     args: Any,
     kwargs: Any,
     raised: list[Exception],
-    previous: Entry | None = None,
-    refresh: bool = False,
+    previous: Entry | None,
+    refresh: bool,
+    fence: Fence,
 ) -> Entry:
     """The leader of this process: check again, then compute once (across processes).
 
@@ -591,17 +592,9 @@ def _lead(
     tracing = otel.tracing  # None unless coalesce.otel.instrument() was called
     fn = policy.fn if tracing is None else tracing.traced(cache, policy, key, previous, refresh)
 
-    def compute() -> Entry:
-        started = _perf()
-        try:
-            value = fn(*args, **kwargs)
-        except Exception as exc:
-            computed.append(_failed(cache, policy, exc, started, previous, raised))
-            return computed[0]
-        _count_computation(policy, started)
-        computed.append(policy.make_entry(cache, value, started, tags))
-        return computed[0]
-
+    compute = functools.partial(
+        _compute, cache, policy, fn, args, kwargs, tags, previous, raised, computed
+    )
     if not policy.store:
         return compute()
     if failed:
@@ -613,6 +606,30 @@ def _lead(
         return _fill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
     with cache._computing(key, tags):
         return _fill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
+
+
+def _compute(
+    cache: Cache,
+    policy: Policy,
+    fn: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    tags: tuple[str, ...],
+    previous: Entry | None,
+    raised: list[Exception],
+    computed: list[Entry],
+) -> Entry:
+    """`_lead`'s computation: call `fn`, make the entry its outcome leaves (`_failed` when it
+    raised), keep it in `computed` (a store that fails after computing: not computed again)."""
+    started = _perf()
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as exc:
+        computed.append(_failed(cache, policy, exc, started, previous, raised))
+        return computed[0]
+    _count_computation(policy, started)
+    computed.append(policy.make_entry(cache, value, started, tags))
+    return computed[0]
 
 
 def _may_skip_reads(policy: Policy) -> bool:
@@ -763,9 +780,7 @@ async def _amiss(
     try:
         entry, _ = await cache.aflights.run(
             key,
-            lambda fence: _alead(
-                cache, policy, key, fence, args, kwargs, raised, previous, refresh
-            ),
+            functools.partial(_alead, cache, policy, key, args, kwargs, raised, previous, refresh),
             policy.count_shared,
             policy.timeout,
         )
@@ -780,12 +795,12 @@ async def _alead(
     cache: Cache,
     policy: Policy,
     key: str,
-    fence: Fence,
     args: Any,
     kwargs: Any,
     raised: list[Exception],
-    previous: Entry | None = None,
-    refresh: bool = False,
+    previous: Entry | None,
+    refresh: bool,
+    fence: Fence,
 ) -> Entry:
     """The leader of this process on this loop: check again, then compute once."""
     failed = previous is STORE_FAILED
@@ -803,17 +818,9 @@ async def _alead(
     tracing = otel.tracing  # as in `_lead`
     fn = policy.fn if tracing is None else tracing.atraced(cache, policy, key, previous, refresh)
 
-    async def compute() -> Entry:
-        started = _perf()
-        try:
-            value = await fn(*args, **kwargs)
-        except Exception as exc:
-            computed.append(_failed(cache, policy, exc, started, previous, raised))
-            return computed[0]
-        _count_computation(policy, started)
-        computed.append(policy.make_entry(cache, value, started, tags))
-        return computed[0]
-
+    compute = functools.partial(
+        _acompute, cache, policy, fn, args, kwargs, tags, previous, raised, computed
+    )
     if not policy.store:
         return await compute()
     if failed:
@@ -825,6 +832,29 @@ async def _alead(
         return await _afill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
     with cache._computing(key, tags):
         return await _afill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
+
+
+async def _acompute(
+    cache: Cache,
+    policy: Policy,
+    fn: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    tags: tuple[str, ...],
+    previous: Entry | None,
+    raised: list[Exception],
+    computed: list[Entry],
+) -> Entry:
+    """`_compute` for async functions."""
+    started = _perf()
+    try:
+        value = await fn(*args, **kwargs)
+    except Exception as exc:
+        computed.append(_failed(cache, policy, exc, started, previous, raised))
+        return computed[0]
+    _count_computation(policy, started)
+    computed.append(policy.make_entry(cache, value, started, tags))
+    return computed[0]
 
 
 async def _afill(
