@@ -303,6 +303,11 @@ class RedisStore(Store):
 
     def _invalidated(self, message: bytes) -> None:
         self._conn.epoch += 1  # a read begun before a remote deletion is not to be joined
+        # The listener moved the generation before calling this: a near-cache reader that read
+        # the new generation in between may have joined a read begun before the deletion
+        # (the epoch was still the old one). Moving the generation again, after the epoch,
+        # makes such a reader's `remember` refuse what that read returns.
+        self._listener.bump()
         self._fallback.on_invalidate(message)
         if self._near is not None:
             self._near.on_invalidate(message)
