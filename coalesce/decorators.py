@@ -165,9 +165,7 @@ class Policy:
             self.stats.coalesced += 1
 
     def tag_names(self, cache: Cache, args: Any, kwargs: Any) -> tuple[str, ...]:
-        """The full names of the tags a call's entry carries."""
-        if not self.tag_keys:
-            return ()
+        """The full names of the tags a call's entry carries (asked only when `tagged`)."""
         return tuple(cache.prefix + make(*args, **kwargs) for make in self.tag_keys)
 
     def make_entry(self, cache: Cache, value: Any, started: float, tags: tuple[str, ...]) -> Entry:
