@@ -256,3 +256,26 @@ def test_a_fail_closed_cache_reads_again_after_a_failed_claim(
         assert load.stats()["misses"] == 2  # load(0), and the one failed claim
     finally:
         cache.close()
+
+
+def test_functions_on_the_default_cache_always_read(
+    watched: tuple[Caches, Commands], fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """The default cache is bound at the first call, after the hot path was generated: its
+    functions read before every miss, even when it is a Redis cache without a near cache."""
+    from coalesce import cached
+    from coalesce.testing import _as_default
+
+    _, commands = watched
+    with _as_default(Cache(fresh_redis.url, namespace=unique_namespace)):
+        calls: list[int] = []
+
+        @cached(ttl=60)
+        def load(user_id: int) -> dict[str, int]:
+            calls.append(user_id)
+            return {"id": user_id}
+
+        load(0)
+        assert commands.during(lambda: load(1)) == MISS
+        assert commands.during(lambda: load(2)) == MISS
+        assert calls == [0, 1, 2]
