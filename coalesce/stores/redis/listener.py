@@ -33,7 +33,8 @@ second subscription makes both wake up for every message.
 Concurrency contract: `_waiters` is written by any thread under `_lock` (add/remove) and read
 under `_lock` by the listener thread, which wakes waiters after releasing it. `generation` is
 bumped under `_lock` whenever local copies may have become stale (an invalidation arrived or
-the connection dropped) and read without it by the near cache, which refuses to keep an entry
+the connection dropped; the store's hooks bump it again after moving its read epoch, also
+once subscribed again) and read without it by the near cache, which refuses to keep an entry
 read from Redis if the generation moved meanwhile.
 """
 

@@ -12,8 +12,9 @@ subscribed, which it is not while Redis is down.
   the listener flushes it (`on_reset`) before anything else;
 * an entry is kept at most `ttl` seconds and never beyond its own freshness (the local copy's
   `ttl` is clipped, with no stale window: a stale entry is always read from Redis);
-* an entry read from Redis is kept only if no invalidation arrived (or was sent) since the
-  read began: `listener.generation` is read before the `GET` and compared before keeping;
+* an entry read from Redis is kept only if no invalidation arrived (or was sent) and the
+  subscription neither dropped nor came back since the read began: `listener.generation`
+  is read before the `GET` and compared before keeping;
 * invalidations by key or tag, from this process or any other, drop the local copies;
 * a forked child starts with none (`after_fork`), and keeps none until its own listener is
   subscribed.

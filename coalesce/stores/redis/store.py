@@ -352,6 +352,11 @@ class RedisStore(Store):
         with self._echoes_lock:
             self._echoes.clear()  # echoes still on their way are lost with the connection
         self._conn.epoch += 1
+        # As in `_invalidated`, and also once subscribed again: a read or write answered while
+        # the connection was down may be older than a deletion nobody here heard, and reach
+        # `NearCache.remember` only now. Its generation must have moved (after the epoch, and
+        # before the flush, which drops any copy kept just before).
+        self._listener.bump()
         if self._near is not None:
             self._near.clear()
         if self._listener.ready.is_set():  # subscribed anew: Redis answers again
