@@ -43,6 +43,7 @@ from coalesce.keys import (
     KeyPlan,
     callable_name,
     generated_filename,
+    is_safe_key,
     plan_key,
     signature_source,
     template_key_function,
@@ -389,22 +390,29 @@ def _slow(
     cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
 ) -> Any:
     """Everything but a fresh hit: escaped keys, entries to refresh, cached errors, misses."""
-    key = cache.prefix + policy.make_key(*args, **kwargs)
-    if policy.store:
-        if key != raw_key or not policy.plan.guard_holds(raw_key):
+    if is_safe_key(raw_key[len(cache.prefix) :]):
+        key = raw_key  # the key itself, which the hot path read (see `KeyPlan`)
+    else:
+        key = cache.prefix + policy.make_key(*args, **kwargs)
+        if policy.store and (key != raw_key or not policy.plan.guard_holds(raw_key)):
             entry = cache._read(key)
-        elif entry is None and policy.expect_miss:  # the hot path skipped its read
-            began = cache.clock()
-            policy.stats.misses += 1  # until it turns out a hit (`_unread`)
-            return _result(_unread(policy, _miss(cache, policy, key, args, kwargs), began))
-        state = _served(cache, policy, key, entry)
-        if state is not None:
-            if state is not _FRESH and not cache.flights.running(key):
-                early = state is _EARLY
-                cache._refresh_in_background(
-                    key, lambda: _miss(cache, policy, key, args, kwargs, entry, refresh=early)
-                )
-            return _result(cast(Entry, entry))  # a state: an entry was read
+    if policy.store:
+        if entry is None:
+            if policy.expect_miss:  # the hot path skipped its read
+                began = cache.clock()
+                policy.stats.misses += 1  # until it turns out a hit (`_unread`)
+                return _result(_unread(policy, _miss(cache, policy, key, args, kwargs), began))
+            policy.expect_miss = policy.skips_reads  # the next call skips its read
+            policy.stats.misses += 1
+        else:
+            state = _served(cache, policy, key, entry)
+            if state is not None:
+                if state is not _FRESH and not cache.flights.running(key):
+                    early = state is _EARLY
+                    cache._refresh_in_background(
+                        key, lambda: _miss(cache, policy, key, args, kwargs, entry, refresh=early)
+                    )
+                return _result(entry)
     return _result(_miss(cache, policy, key, args, kwargs, entry))
 
 
@@ -412,47 +420,49 @@ async def _aslow(
     cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
 ) -> Any:
     """`_slow` for async functions."""
-    key = cache.prefix + policy.make_key(*args, **kwargs)
-    if policy.store:
-        if key != raw_key or not policy.plan.guard_holds(raw_key):
+    if is_safe_key(raw_key[len(cache.prefix) :]):
+        key = raw_key
+    else:
+        key = cache.prefix + policy.make_key(*args, **kwargs)
+        if policy.store and (key != raw_key or not policy.plan.guard_holds(raw_key)):
             entry = await cache._aread(key)
-        elif entry is None and policy.expect_miss:
-            began = cache.clock()
+    if policy.store:
+        if entry is None:
+            if policy.expect_miss:
+                began = cache.clock()
+                policy.stats.misses += 1
+                entry = await _amiss(cache, policy, key, args, kwargs)
+                return _result(_unread(policy, entry, began))
+            policy.expect_miss = policy.skips_reads
             policy.stats.misses += 1
-            return _result(_unread(policy, await _amiss(cache, policy, key, args, kwargs), began))
-        state = _served(cache, policy, key, entry)
-        if state is not None:
-            if state is not _FRESH and not cache.aflights.running(key):
-                early = state is _EARLY
-                cache._arefresh_in_background(
-                    key, _amiss(cache, policy, key, args, kwargs, entry, refresh=early)
-                )
-            return _result(cast(Entry, entry))
+        else:
+            state = _served(cache, policy, key, entry)
+            if state is not None:
+                if state is not _FRESH and not cache.aflights.running(key):
+                    early = state is _EARLY
+                    cache._arefresh_in_background(
+                        key, _amiss(cache, policy, key, args, kwargs, entry, refresh=early)
+                    )
+                return _result(entry)
     return _result(await _amiss(cache, policy, key, args, kwargs, entry))
 
 
-def _served(cache: Cache, policy: Policy, key: str, entry: Entry | None) -> Freshness | None:
+def _served(cache: Cache, policy: Policy, key: str, entry: Entry) -> Freshness | None:
     """What a call that read `entry` serves, counted: `_FRESH` (a hit), `_EARLY` (a hit, to
     refresh early) or `_STALE` (stale), served while its caller starts a refresh in the
-    background unless one runs; None: a miss to compute (nothing read, an expired entry, a
-    failed read). A read that found nothing tells the hot path to skip the next one
-    (`_may_skip_reads`)."""
+    background unless one runs; None: a miss to compute (an expired entry, a failed read)."""
     stats = policy.stats
-    if entry is None:
-        if policy.skips_reads:
-            policy.expect_miss = True
-    else:
-        state = _decide(cache, policy, key, entry)
-        if state is _FRESH:
-            stats.hits += 1
-            return state
-        if state is _EARLY:
-            stats.hits += 1
-            _refreshing(cache, policy, key, entry)
-            return state
-        if state is _STALE:
-            stats.stale += 1
-            return state
+    state = _decide(cache, policy, key, entry)
+    if state is _FRESH:
+        stats.hits += 1
+        return state
+    if state is _EARLY:
+        stats.hits += 1
+        _refreshing(cache, policy, key, entry)
+        return state
+    if state is _STALE:
+        stats.stale += 1
+        return state
     stats.misses += 1
     return None
 
@@ -578,8 +588,13 @@ def _lead(
     failed = previous is STORE_FAILED
     if policy.store and not failed and cache.local:
         entry = cache._read(key)
-        if _newer(cache, entry, previous if refresh else None):
-            return _shareable(cache, policy, cast(Entry, entry))
+        # found fresh, and not the very entry an early refresh refreshes
+        if (
+            entry is not None
+            and entry.fresh_until > cache.clock()
+            and not (refresh and entry is previous)
+        ):
+            return _shareable(cache, policy, entry)
         failed = entry is STORE_FAILED
     if failed:
         kept = _fallback(cache, policy, key)
@@ -599,8 +614,10 @@ def _lead(
         cache._remember(key, compute(), fence)
         return computed[0]
     if not tags:  # nothing for a tag invalidation to fence: no need to mark it computing
-        if cache.local:  # a memory store: it cannot fail, and it keeps entries frozen
-            return cache.store.fill(key, compute, fence=fence)
+        if cache.local:  # a memory store: it cannot fail, keeps entries frozen, and `fill`
+            entry = compute()  # is compute-then-set there (one call fewer per miss)
+            cache.store.set(key, entry, fence=fence)
+            return entry
         return _fill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
     with cache._computing(key, tags):
         return _fill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
@@ -625,7 +642,10 @@ def _compute(
     except Exception as exc:
         computed.append(_failed(cache, policy, exc, started, previous, raised))
         return computed[0]
-    _count_computation(policy, started)
+    stats = policy.stats
+    with _count_lock:  # `_count_computation`, written out: one call fewer per miss
+        stats.computations += 1
+        stats.compute_time += _perf() - started
     computed.append(policy.make_entry(cache, value, started, tags))
     return computed[0]
 
@@ -636,7 +656,7 @@ def _may_skip_reads(policy: Policy) -> bool:
     On a store whose `fill` reads the entry in its claim (`Store.checks_in_fill`: Redis
     without a near cache), a function that has no use for an entry that is not fresh (no
     stale windows, no early refresh) needs nothing of a read that the claim does not tell:
-    after a miss (`_served` sets `expect_miss`) the next call goes straight to the claim, so
+    after a miss (`_slow` sets `expect_miss`) the next call goes straight to the claim, so
     a run of misses costs the claim and the store, not a read besides (`_unread`). Not with
     `timeout`: a stored entry would then wait for the compute pool like a computation. The
     cache must be known when decorating: the default cache is looked up at the first call.
@@ -664,11 +684,6 @@ def _unread(policy: Policy, entry: Entry, began: float) -> Entry:
         stats.misses -= 1
         stats.hits += 1
     return entry
-
-
-def _newer(cache: Cache, entry: Entry | None, refreshed: Entry | None) -> bool:
-    """Whether a leader's check again found `entry` fresh, and not the entry it refreshes."""
-    return entry is not None and entry is not refreshed and entry.fresh_until > cache.clock()
 
 
 def _fill(
@@ -804,8 +819,12 @@ async def _alead(
     failed = previous is STORE_FAILED
     if policy.store and not failed and cache.local:
         entry = cache._read(key)  # a local store's read: no I/O to await
-        if _newer(cache, entry, previous if refresh else None):
-            return _shareable(cache, policy, cast(Entry, entry))
+        if (
+            entry is not None
+            and entry.fresh_until > cache.clock()
+            and not (refresh and entry is previous)
+        ):
+            return _shareable(cache, policy, entry)
         failed = entry is STORE_FAILED
     if failed:
         kept = _fallback(cache, policy, key)
@@ -826,7 +845,9 @@ async def _alead(
         return computed[0]
     if not tags:  # as in `_lead`
         if cache.local:
-            return await cache.store.afill(key, compute, fence=fence)
+            entry = await compute()
+            cache.store.set(key, entry, fence=fence)
+            return entry
         return await _afill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
     with cache._computing(key, tags):
         return await _afill(cache, policy, key, fence, tags, refresh, compute, raised, computed)
@@ -850,7 +871,10 @@ async def _acompute(
     except Exception as exc:
         computed.append(_failed(cache, policy, exc, started, previous, raised))
         return computed[0]
-    _count_computation(policy, started)
+    stats = policy.stats
+    with _count_lock:  # `_count_computation`, written out: one call fewer per miss
+        stats.computations += 1
+        stats.compute_time += _perf() - started
     computed.append(policy.make_entry(cache, value, started, tags))
     return computed[0]
 

@@ -229,28 +229,23 @@ def _subject(context: str) -> str:
 _PACKERS = threading.local()
 
 
-def _pack(value: Any) -> bytes:
-    """Pack with this thread's reusable packer, taken out of its slot while in use."""
-    slot = _PACKERS.__dict__
-    packer = slot.pop("packer", None)
-    if packer is None:
-        packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True)
-    try:
-        data: bytes = packer.pack(value)
-    finally:
-        slot["packer"] = packer
-    return data
-
-
 class MsgpackSerializer:
     """The default serializer: msgpack plus extension types; never runs code when decoding."""
 
     name: str = "msgpack"
 
     def dumps(self, value: Any, *, context: str = "") -> bytes:
-        """Encode `value`; `context` (the cached function's name) goes into error messages."""
+        """Encode `value`; `context` (the cached function's name) goes into error messages.
+
+        Packs with this thread's reusable packer, taken out of its slot while in use.
+        """
+        slot = _PACKERS.__dict__
+        packer = slot.pop("packer", None)
+        if packer is None:
+            packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True)
         try:
-            return _pack(value)
+            data: bytes = packer.pack(value)
+            return data
         except _Unsupported as exc:
             hint = exc.hint or f"return {_SUPPORTED}, or choose PickleSerializer explicitly"
             raise SerializationError(
@@ -262,6 +257,8 @@ class MsgpackSerializer:
                 f"cannot cache {_subject(context)}: the msgpack serializer failed: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+        finally:
+            slot["packer"] = packer
 
     def loads(self, data: bytes, *, context: str = "") -> Any:
         """Decode bytes written by `dumps`; anything else raises `SerializationError`."""
@@ -275,6 +272,9 @@ class MsgpackSerializer:
 
     def __repr__(self) -> str:
         return "MsgpackSerializer()"
+
+
+_RECORDS = MsgpackSerializer()  # packs the entry records of `encode_entry`
 
 
 class PickleSerializer:
@@ -357,7 +357,7 @@ def encode_entry(
     ]
     if entry.stale_if_error:  # written only when set: 0.2 readers still read other entries
         record.append(float(entry.stale_if_error))
-    return _pack(record)  # only exact builtins in `record`: never reaches the hook
+    return _RECORDS.dumps(record)  # only exact builtins in `record`: never reaches the hook
 
 
 def _valid_record(record: Any) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -44,28 +45,24 @@ _FLAT = frozenset({dict, list, set})
 
 
 class Frozen:
-    """A stored value that hands out private copies: see the module docstring."""
+    """A stored value that hands out private copies: see the module docstring.
 
-    __slots__ = ("_copy", "_loads", "payload", "snapshot")
+    `thaw()` returns a copy of the value that the caller may change freely. It is the
+    private container's own `copy` (a flat container) or the serializer's `loads` bound to
+    the payload: a call into C for a flat container, with no Python frame of ours, on every
+    hit.
+    """
+
+    __slots__ = ("payload", "snapshot", "thaw")
 
     def __init__(
-        self,
-        payload: bytes,
-        snapshot: Any = None,
-        copy: Callable[[Any], Any] | None = None,
-        loads: Callable[[bytes], Any] | None = None,
+        self, payload: bytes, snapshot: Any = None, loads: Callable[[bytes], Any] | None = None
     ) -> None:
         self.payload = payload  # the serialized value, always present
         self.snapshot = snapshot  # a private flat container, or None
-        self._copy = copy
-        self._loads = loads
-
-    def thaw(self) -> Any:
-        """A copy of the value that the caller may change freely."""
-        if self._copy is not None:
-            return self._copy(self.snapshot)
-        assert self._loads is not None
-        return self._loads(self.payload)
+        self.thaw: Callable[[], Any] = (
+            snapshot.copy if loads is None else functools.partial(loads, payload)
+        )
 
 
 def is_immutable(value: Any) -> bool:
@@ -79,11 +76,6 @@ def is_immutable(value: Any) -> bool:
 
 def _is_flat(value: Any) -> bool:
     if type(value) is dict:
-        # the common case first, in C: scalars only, no tuple or frozenset to look into
-        if _IMMUTABLE.issuperset(map(type, value.values())) and _IMMUTABLE.issuperset(
-            map(type, value)
-        ):
-            return True
         return all(is_immutable(k) and is_immutable(v) for k, v in value.items())
     if _IMMUTABLE.issuperset(map(type, value)):
         return True
@@ -94,9 +86,15 @@ def freeze(value: Any, serializer: Serializer, context: str = "") -> Any:
     """Check that `value` can be stored and return the form to keep: itself or a `Frozen`."""
     payload = dump_value(serializer, value, context)
     cls = type(value)
-    if cls in _FLAT:
+    if cls is dict:  # the common case first, in C: scalars only, nothing nested to look into
+        if (
+            _IMMUTABLE.issuperset(map(type, value.values()))
+            and _IMMUTABLE.issuperset(map(type, value))
+        ) or _is_flat(value):
+            return Frozen(payload, value.copy())
+    elif cls in _FLAT:
         if _is_flat(value):
-            return Frozen(payload, value.copy(), cls.copy)
+            return Frozen(payload, value.copy())
     elif is_immutable(value):
         return value
     return Frozen(payload, loads=serializer.loads)

@@ -542,3 +542,42 @@ def test_ordinary_decoration_does_not_scan_the_heap(
             return 1
 
     assert scanned == ["late"]
+
+
+# ---------------------------------------------------------------------------------------
+# the slow path takes a call's raw key as its key when that key is safe (`decorators._slow`)
+
+_ARGUMENTS = st.one_of(
+    st.integers(),
+    st.integers(min_value=10**4000, max_value=10**4400),
+    st.text(max_size=300),
+    st.sampled_from(["a b", "a%20b", "%-", "{x}", "a}", "é", "\x00", "a" * 260, "\ud800"]),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=True),
+    st.tuples(st.integers(), st.text(max_size=5)),
+    st.lists(st.integers(), max_size=3),
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=_ARGUMENTS, y=_ARGUMENTS, template=st.sampled_from([None, "u:{x}", "{x}/{y}", "{x}"]))
+def test_a_raw_key_that_is_a_safe_key_is_the_key_function_s_own(
+    x: Any, y: Any, template: str | None
+) -> None:
+    """A miss skips rendering the key again when the hot path's raw key (the plan's `expr`)
+    is a safe key: that must be exactly what the key function gives for the same arguments,
+    or one call would be served another's entry."""
+    from coalesce.keys import is_safe_key, plan_key
+
+    def f(x: Any, y: Any = 0) -> Any:
+        return x
+
+    plan = plan_key(f, template)
+    render = eval(f"lambda x, y: {plan.expr}", dict(plan.names))
+    try:
+        raw = render(x, y)
+    except Exception:  # the hot path then hands the slow path no raw key at all
+        return
+    if is_safe_key(raw):
+        assert plan.make(x, y) == raw

@@ -6,8 +6,9 @@ read) would cost more than the rest of the hit. So the store keeps two structure
 
 * `_index`, a plain dict from key to entry, which readers use without a lock (a single
   dict lookup is atomic in CPython);
-* `_lru`, a `cachetools.LRUCache` that owns the `maxsize` bound and the LRU order, changed
-  only under `_lock`; whatever it evicts leaves `_index` and the tag index with it.
+* `_lru`, a `cachetools.LRUCache` of the same keys (bounded by `maxsize` too) that keeps
+  their LRU order, changed only under `_lock`; a write to a full store takes its least
+  recently used key out of it, then out of `_index` and the tag index.
 
 Reads are recorded in a bounded buffer and replayed into the LRU order on the next write,
 the way Caffeine does it: recency stays accurate enough to evict cold keys first, and the
@@ -44,19 +45,6 @@ from coalesce.errors import ConfigurationError
 from coalesce.stores.base import Fence, KeyList, Store
 
 
-class _Bookkeeping(cachetools.LRUCache):  # type: ignore[type-arg]
-    """The LRU structure; tells the store about every key it evicts."""
-
-    def __init__(self, maxsize: int, dropped: Callable[[str], None]) -> None:
-        super().__init__(maxsize)
-        self._dropped = dropped
-
-    def popitem(self) -> tuple[str, Entry]:
-        key, entry = super().popitem()
-        self._dropped(key)
-        return key, entry
-
-
 class MemoryStore(Store):
     """Entries in this process's memory, bounded by `maxsize` entries.
 
@@ -77,7 +65,8 @@ class MemoryStore(Store):
         self._index: dict[str, Entry] = {}  # read without the lock
         self._tags: dict[str, set[str]] = {}
         self._touched: deque[str] = deque(maxlen=maxsize)  # reads not yet replayed
-        self._lru = _Bookkeeping(maxsize, self._forget)
+        # the LRU order and the `maxsize` bound; `set` evicts before `_lru` would have to
+        self._lru: cachetools.LRUCache[str, None] = cachetools.LRUCache(maxsize)
         # the earliest deadline (`kept_until`) among the entries kept: no sweep finds anything
         # before it (it may be an entry gone since: the next sweep finds out)
         self._next_expiry = math.inf
@@ -143,9 +132,12 @@ class MemoryStore(Store):
             if kept_until <= now:  # already past its stale windows: replaces the key by nothing
                 self._remove(key)
                 return True
+            lru = self._lru
             if key in self._index:
                 self._forget(key)
-            self._lru[key] = entry  # evicts the least recently used key when full
+            elif len(self._index) >= self.maxsize:  # full: the least recently used key leaves
+                self._forget(lru.popitem()[0])
+            lru[key] = None
             self._index[key] = entry
             for tag in entry.tags:
                 self._tags.setdefault(tag, set()).add(key)
