@@ -169,7 +169,7 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-cached, coalesced = view_decorators("django", inspect.iscoroutinefunction, _wrap)
+cached, coalesced = view_decorators("django", _wrap)
 cached.__doc__ = """Cache a Django view's rendered responses for `ttl` seconds (see the module
 docstring and `coalesce.http.view`).
 

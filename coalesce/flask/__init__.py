@@ -150,7 +150,7 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-cached, coalesced = view_decorators("flask", lambda fn: False, _wrap)
+cached, coalesced = view_decorators("flask", _wrap)
 cached.__doc__ = """Cache a Flask view's rendered responses for `ttl` seconds (see the module
 docstring and `coalesce.http.view`).
 

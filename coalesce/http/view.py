@@ -231,7 +231,6 @@ class ViewCache(CachedEndpoint):
         options: RouteOptions,
         *,
         framework: str,
-        is_async: bool,
         store: bool = True,
     ) -> None:
         if not callable(fn):
@@ -239,7 +238,6 @@ class ViewCache(CachedEndpoint):
             raise ConfigurationError(f"@{decorator} decorates a view, not {fn!r}")
         logger = logging.getLogger(f"coalesce.{framework}")
         super().__init__(fn, options, store=store, logger=logger)
-        self.is_async = is_async
         self.template = None if options.key is None else _template(options.key)
         self.tag_makers = [_template(tag) for tag in options.tags]
         # An entry keyed on a credential header's value is for that user only.
@@ -591,16 +589,14 @@ class ViewCache(CachedEndpoint):
 
 
 def view_decorators(
-    framework: str,
-    is_async: Callable[[Callable[..., Any]], bool],
-    wrap: Callable[[ViewCache, Callable[..., Any]], Callable[..., Any]],
+    framework: str, wrap: Callable[[ViewCache, Callable[..., Any]], Callable[..., Any]]
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The `cached` and `coalesced` decorators of one framework's edge (the one signature of
     each, `coalesce.http.options`): `wrap(view, fn)` makes the framework's view from the
-    decorated one; `is_async(fn)` says which driver (`aserve`) it uses."""
+    decorated one, and chooses its driver (`serve` or `aserve`)."""
 
     def make(fn: Callable[..., Any], options: RouteOptions, store: bool) -> Callable[..., Any]:
-        view = ViewCache(fn, options, framework=framework, is_async=is_async(fn), store=store)
+        view = ViewCache(fn, options, framework=framework, store=store)
         return wrap(view, fn)
 
     module = f"coalesce.{framework}"

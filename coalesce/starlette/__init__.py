@@ -133,7 +133,7 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
     return endpoint
 
 
-cached, coalesced = view_decorators("starlette", lambda fn: True, _wrap)
+cached, coalesced = view_decorators("starlette", _wrap)
 cached.__doc__ = """Cache a Starlette endpoint's rendered responses for `ttl` seconds (see the
 module docstring and `coalesce.http.view`).
 
