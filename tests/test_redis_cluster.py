@@ -1,21 +1,31 @@
-"""The Redis store on a real 3-master Redis Cluster: cached, fill, tags and invalidation."""
+"""The Redis store on a real 3-master Redis Cluster: cached, fill, tags and invalidation, and
+sync batches (`cached_many`) whose slot groups go out at once.
+
+A node is made slow or failing with `CLIENT PAUSE ... WRITE` (its scripts wait until
+`CLIENT UNPAUSE`; reads and the cluster bus go on), the other nodes are looked at directly.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pytest
 from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 from redis_servers import RedisCluster
+from test_batch import BOUND, run_thread, wait_until
 
+from coalesce import BackendError
 from coalesce.cache import Cache
 from coalesce.entry import Entry
 from coalesce.stores.base import Fence
 from coalesce.stores.redis import RedisStore
+from coalesce.stores.redis.lease import Keys
 
 
 @pytest.fixture
@@ -202,3 +212,250 @@ def test_cluster_tag_invalidation_fences_a_computation_in_flight(
     assert sb.delete_tag(tag) == 1
     a.close()
     b.close()
+
+
+# ---------------------------------------------------------------------------------------
+# sync batches: every slot group at once
+
+
+class Nodes:
+    """The cluster's nodes as a cache sees them: which one holds an id of `user:{}`, what it
+    holds; holding back one node's writes (`CLIENT PAUSE WRITE`) until `resume`."""
+
+    def __init__(self, cluster: RedisCluster, cache: Cache) -> None:
+        self.cache = cache
+        self.store = store = cache.store
+        assert isinstance(store, RedisStore)
+        self.client: ClusterClient = store._conn.sync()  # type: ignore[assignment]
+        self.servers = {node.port: node.client() for node in cluster.nodes}
+        self.pausing = True  # `pause` holds back a node (until `resume`)
+
+    def keys(self, uid: int) -> Keys:
+        return Keys(self.store._layout, f"{self.cache.prefix}user:{uid}")
+
+    def port(self, uid: int) -> int:
+        """The port of the node holding the keys of `uid` (its slot), as the cache knows it."""
+        return int(self.client.get_node_from_key(self.keys(uid).entry).port)
+
+    def spread(self, uids: Iterable[int], per_node: int = 2) -> list[int]:
+        """`per_node` ids of each node, those of the first id's node first."""
+        by_port: dict[int, list[int]] = {}
+        for uid in uids:
+            by_port.setdefault(self.port(uid), []).append(uid)
+        assert len(by_port) == len(self.servers)
+        return [uid for group in by_port.values() for uid in group[:per_node]]
+
+    def holds(self, uid: int, what: str, port: int | None = None) -> bool:
+        """Whether the node of `uid` (or on `port`) holds its `what` ("entry", "lease")."""
+        node = self.servers[self.port(uid) if port is None else port]
+        return bool(node.exists(getattr(self.keys(uid), what)))
+
+    def pause(self, port: int) -> None:
+        if self.pausing:
+            self.servers[port].execute_command("CLIENT", "PAUSE", int(BOUND * 3000), "WRITE")
+
+    def unpause(self, port: int) -> None:
+        self.servers[port].execute_command("CLIENT", "UNPAUSE")
+
+    def resume(self) -> None:
+        """Every node unpaused, and no more pauses."""
+        self.pausing = False
+        for port in self.servers:
+            self.unpause(port)
+
+    def close(self) -> None:
+        self.resume()
+        for client in self.servers.values():
+            client.close()
+
+
+@pytest.fixture
+def nodes_of(redis_cluster: RedisCluster, unique_namespace: str) -> Iterator[Callable[..., Nodes]]:
+    """`nodes_of(**options)`: `Nodes` of a cluster cache of its own (`Cache(**options)`, its
+    scripts loaded on every node), closed afterwards."""
+    made: list[Nodes] = []
+
+    def make(**options: Any) -> Nodes:
+        cache = Cache(redis_cluster.url, namespace=unique_namespace, cluster=True, **options)
+        made.append(Nodes(redis_cluster, cache))
+        warm = cache.cached_many(key="warm:{}", ttl=60)(lambda ids: dict.fromkeys(ids, 0))
+        warm([0])  # a cluster's SCRIPT LOAD goes to every node
+        return made[-1]
+
+    yield make
+    for nodes in made:
+        nodes.close()
+        nodes.cache.close()
+
+
+def _values(uids: Iterable[int]) -> dict[int, str]:
+    return {uid: f"v{uid}" for uid in uids}
+
+
+def test_a_sync_batch_claims_and_stores_every_slot_group_at_once(
+    nodes_of: Callable[..., Nodes],
+) -> None:
+    """While the node of the first slot group holds back its scripts, the other nodes get
+    theirs: the claims, then the stores. (Sent one group after another, the held-back first
+    group kept the others from being sent at all.)"""
+    nodes = nodes_of(socket_timeout=BOUND)  # a held-back script is waited for, not failed
+    uids = nodes.spread(range(1, 60))
+    slow = nodes.port(uids[0])
+    others = [uid for uid in uids if nodes.port(uid) != slow]
+
+    def source(batch: list[int]) -> dict[int, str]:
+        nodes.pause(slow)  # again for the stores
+        return _values(batch)
+
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(source)
+    nodes.pause(slow)
+    thread, out = run_thread(lambda: users(uids))
+    try:
+        wait_until(lambda: all(nodes.holds(uid, "lease") for uid in others))
+        nodes.unpause(slow)
+        wait_until(lambda: all(nodes.holds(uid, "entry") for uid in others))
+    finally:
+        nodes.resume()  # (failing: no pause left behind for the next test)
+        thread.join(BOUND)
+        nodes.resume()
+    assert out == [_values(uids)]
+
+
+def test_overlapping_sync_batches_of_two_caches_compute_each_id_once(
+    nodes_of: Callable[..., Nodes],
+) -> None:
+    """Six threads of two caches (like two processes), overlapping pages over every node:
+    each id computed once; the tags recorded for every id (the stores' tag writes, sent at
+    once after the stores)."""
+    a, b = nodes_of().cache, nodes_of().cache
+    computed: Counter[int] = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(6)
+
+    def source(batch: list[int]) -> dict[int, str]:
+        with lock:
+            computed.update(batch)
+        return _values(batch)
+
+    pages = [list(range(n * 5, n * 5 + 20)) for n in range(6)]
+    funcs = [cache.cached_many(key="user:{}", ttl=60, tags=["users"])(source) for cache in (a, b)]
+
+    def page(n: int) -> dict[int, str]:
+        start.wait(BOUND)
+        return funcs[n % 2](pages[n])
+
+    runs = [run_thread(lambda n=n: page(n)) for n in range(6)]
+    for thread, _ in runs:
+        thread.join(BOUND)
+    assert [out for _, out in runs] == [[_values(ids)] for ids in pages]
+    assert sorted(computed) == list(range(45)) and set(computed.values()) == {1}
+    assert b.invalidate_tag("users") == 45
+    assert funcs[0]([3, 44]) == _values([3, 44]) and computed[3] == 2
+
+
+@pytest.mark.parametrize("step", ["claim", "store"])
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_node_failing_mid_batch_degrades_to_computing(
+    nodes_of: Callable[..., Nodes], step: str, driver: str
+) -> None:
+    """One node stops answering at the claims or at the stores: the batch's own computation
+    serves every id (each computed once), the failure is counted, and after a failed store
+    the other nodes hold the stored entries and no lease. Sync and asyncio alike."""
+    nodes = nodes_of(socket_timeout=0.3)
+    uids = nodes.spread(range(1, 60))
+    slow = nodes.port(uids[0])
+    calls: list[list[int]] = []
+
+    def source(batch: list[int]) -> dict[int, str]:
+        calls.append(batch)
+        if step == "store":
+            nodes.pause(slow)
+        return _values(batch)
+
+    async def asource(batch: list[int]) -> dict[int, str]:
+        return source(batch)
+
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(source)
+    ausers = nodes.cache.cached_many(key="user:{}", ttl=60)(asource)
+    if step == "claim":
+        nodes.pause(slow)
+    got = users(uids) if driver == "sync" else asyncio.run(ausers(uids))
+    assert got == _values(uids) and calls == [uids]
+    assert (users if driver == "sync" else ausers).stats()["backend_errors"] == 1
+    if step == "store":
+        others = [uid for uid in uids if nodes.port(uid) != slow]
+        assert all(nodes.holds(uid, "entry") for uid in others)
+        assert not any(nodes.holds(uid, "lease") for uid in others)
+
+
+def test_a_node_failing_mid_batch_raises_when_failing_closed(
+    nodes_of: Callable[..., Nodes],
+) -> None:
+    nodes = nodes_of(socket_timeout=0.3, on_backend_error="raise")
+    uids = nodes.spread(range(1, 60))
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(_values)
+    nodes.pause(nodes.port(uids[-1]))  # the last group's node: the others claimed
+    with pytest.raises(BackendError):
+        users(uids)
+
+
+def test_a_node_that_forgot_the_scripts_loads_them_again(
+    nodes_of: Callable[..., Nodes],
+) -> None:
+    """A node without the scripts (restarted, flushed) answers NOSCRIPT inside the pipeline:
+    that group is sent again alone, which loads the scripts, and the batch goes on."""
+    nodes = nodes_of()
+    uids = nodes.spread(range(1, 60))
+    nodes.servers[nodes.port(uids[-1])].script_flush()
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(_values)
+    assert users(uids) == _values(uids)
+    assert all(nodes.holds(uid, "entry") for uid in uids)
+
+
+class Slot:
+    """The slot of one id, moved between nodes by hand (as a resharding does) behind the
+    cache's back: its client keeps sending the slot's scripts to the old node, which answers
+    MOVED. (While a slot migrates, scripts of several keys get TRYAGAIN from Redis until it
+    is done: a store failure, here as for single keys.)"""
+
+    def __init__(self, nodes: Nodes, uid: int) -> None:
+        self.nodes = nodes
+        self.slot = key_slot(nodes.keys(uid).entry.encode())
+        self.home = nodes.port(uid)
+        self.away = next(port for port in nodes.servers if port != self.home)
+
+    def move(self, source: int, target: int) -> None:
+        """The slot and its keys moved from the node on port `source` to `target`."""
+        src, dst = self.nodes.servers[source], self.nodes.servers[target]
+        src_id, dst_id = (node.execute_command("CLUSTER", "MYID") for node in (src, dst))
+        dst.execute_command("CLUSTER", "SETSLOT", self.slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", self.slot, "MIGRATING", dst_id)
+        keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 1000)
+        if keys:
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for node in (dst, src, *(n for n in self.nodes.servers.values() if n not in (src, dst))):
+            node.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", dst_id)
+
+
+def test_a_slot_group_told_moved_is_sent_again_alone(nodes_of: Callable[..., Nodes]) -> None:
+    """A slot moved (with its lease) during the computation: that group's `STORE_MANY` comes
+    back MOVED from the pipeline and is sent again alone, where redis-py follows it."""
+    nodes = nodes_of()
+    uid = 10**6 + 7  # a slot (hash tag {user:1000007}) that no other test writes to
+    uids = [uid, *nodes.spread(range(1, 60))]
+    slot = Slot(nodes, uid)
+    calls: list[list[int]] = []
+
+    def fetch(batch: list[int]) -> dict[int, str]:
+        calls.append(batch)
+        slot.move(slot.home, slot.away)
+        return _values(batch)
+
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(fetch)
+    try:
+        assert users(uids) == _values(uids) and calls == [uids]
+        assert nodes.holds(uid, "entry", port=slot.away)
+        assert not nodes.holds(uid, "lease", port=slot.away)
+        assert users.stats()["backend_errors"] == 0
+    finally:
+        slot.move(slot.away, slot.home)

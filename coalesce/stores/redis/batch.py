@@ -1,7 +1,8 @@
 """Batches on Redis (`Cache.cached_many`): one read for many keys, leases per key in one script.
 
 * `get_many`: the near cache first, then one `MGET` for the rest (on a cluster
-  `mget_nonatomic`: one `MGET` per slot, pipelined per node).
+  `mget_nonatomic`: one `MGET` per slot, in one redis-py cluster pipeline that writes to
+  every node before reading any).
 * `fill_many`, the cross-process share of a batch (the cache has made sure one caller per
   key and process gets here): register a waiter per key with the listener *first*, then one
   `CLAIM_MANY` per slot group (one on a single server) reports per key a stored entry (its
@@ -9,7 +10,9 @@
   (`CLAIM_ONLY`). The keys whose leases it took are computed in *one* call, renewed by the
   store's renewer thread meanwhile, then written by one `STORE_MANY` per slot group, each
   key fenced by its own lease token exactly as `STORE` does (an invalidation deletes the
-  lease: that id's result does not land). The keys other processes compute are waited for
+  lease: that id's result does not land). On a cluster a step's slot groups go out at once,
+  one round trip of waiting for all: gathered on asyncio, one pipeline when sync
+  (`RedisConnection.scripts`). The keys other processes compute are waited for
   like single keys: the holder's `STORE` pushes the entry to the waiter registered for it;
   anything else (a marker, a timeout) sends that key to one `CLAIM` of its own that knows
   the lease it waited for, exactly as a single key's waiter: the failure of that leader
@@ -41,6 +44,7 @@ from coalesce.batch.flights import PartlyFailed
 from coalesce.entry import Entry
 from coalesce.errors import BackendError
 from coalesce.stores.base import Fence
+from coalesce.stores.redis.connection import ScriptCall
 from coalesce.stores.redis.lease import Call, Keys, Lease, Leases
 from coalesce.stores.redis.listener import AsyncWaiter, Listener, ThreadWaiter
 from coalesce.stores.redis.scripts import (
@@ -266,9 +270,10 @@ class Batches:
                     again.append(key)
         claims.todo = again
 
-    def _claim_group(self, group: list[str], plan: _Plan, mode: str) -> Any:
-        script_keys, args = self._claim_many_args(group, plan, mode, self._now_ms())
-        return self._conn.script(CLAIM_MANY, script_keys, args)
+    def _claim_calls(self, groups: list[list[str]], plan: _Plan, mode: str) -> list[ScriptCall]:
+        """`CLAIM_MANY` of each slot group, to send at once (no waiting group by group)."""
+        now = self._now_ms()
+        return [(CLAIM_MANY, *self._claim_many_args(group, plan, mode, now)) for group in groups]
 
     def _alone(self, key: str, holder: str, tags: tuple[str, ...]) -> Call:
         """For `_claim_alone`: a caller of `key` alone that waited for lease `holder`."""
@@ -294,7 +299,7 @@ class Batches:
         with self._listening(call):  # subscribe first ...
             for mode in (CLAIM_CHECK, CLAIM_ONLY):  # ... then check; claim the stale again
                 groups = self._groups(call.todo)
-                replies = [self._claim_group(group, call.plan, mode) for group in groups]
+                replies = self._conn.scripts(self._claim_calls(groups, call.plan, mode))
                 self._sort_claims(groups, replies, call)
             lead = call.claimed(self._listener)
             if lead:
@@ -350,19 +355,24 @@ class Batches:
         for key, entry in fenced:
             self.leases.hand(key, plan.keys[key], entry, plan.leases[key].token)
         try:
-            for group in self._item_groups(items):
-                self._store_group(group, plan)
+            self._store_groups(self._item_groups(items), plan)
         except BaseException:
             self._release(leases, plan)
             raise
         return outcomes
 
-    def _store_group(self, group: list[tuple[str, Entry | None]], plan: _Plan) -> None:
-        keys, args, separate = self._store_many_args(group, plan)
+    def _store_groups(self, groups: list[list[tuple[str, Entry | None]]], plan: _Plan) -> None:
+        """`STORE_MANY` of every slot group at once, then the tag writes of the entries they
+        stored (a cluster's) at once: one round trip of waiting each, not one per group."""
+        args = [self._store_many_args(group, plan) for group in groups]
         generation = self._listener.generation  # before the write: see `NearCache.remember`
-        stored = self._conn.script(STORE_MANY, keys, args)
-        for tag_key, tag_args in self._stored_tags(group, stored, separate, generation):
-            self._conn.script(TAG, [tag_key], tag_args)
+        stored = self._conn.scripts([(STORE_MANY, keys, argv) for keys, argv, _ in args])
+        writes = [
+            (TAG, [tag_key], tag_args)
+            for group, (_, _, separate), ok in zip(groups, args, stored, strict=True)
+            for tag_key, tag_args in self._stored_tags(group, ok, separate, generation)
+        ]
+        self._conn.scripts(writes)
 
     def _release(self, leases: list[Lease], plan: _Plan) -> None:
         for lease in leases:
@@ -423,12 +433,8 @@ class Batches:
 
     async def _aclaim(self, groups: list[list[str]], plan: _Plan, mode: str) -> list[Any]:
         """`CLAIM_MANY` of every slot group, at once (a cluster: no waiting group by group)."""
-        now = self._now_ms()
-        calls = []
-        for group in groups:
-            script_keys, args = self._claim_many_args(group, plan, mode, now)
-            calls.append(self._conn.ascript(CLAIM_MANY, script_keys, args))
-        return list(await asyncio.gather(*calls))
+        calls = self._claim_calls(groups, plan, mode)
+        return list(await asyncio.gather(*(self._conn.ascript(*call) for call in calls)))
 
     async def _alead_many(
         self,

@@ -45,15 +45,19 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.cluster import PipelineCommand
 from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
-from redis.exceptions import (
+    AskError,
+    ClusterDownError,
     MaxConnectionsError,
     NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
 )
 from redis.retry import Retry
 
@@ -63,11 +67,18 @@ from coalesce.stores.redis.scripts import Script
 from coalesce.urls import credentials, path_of, redact, scheme_of
 
 T = TypeVar("T")
+#: A script to run, its KEYS and its ARGV (see `RedisConnection.scripts`).
+ScriptCall = tuple[Script, Sequence[str], Sequence[Any]]
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 #: Errors of redis-py (and of the socket layer below it) that become `BackendError`.
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+#: Replies to a pipelined script that redis-py answers by sending the command again: a slot
+#: moved or migrating (MOVED, ASK), busy (TRYAGAIN) or down, a script the node does not have
+#: (it did not run), a connection lost (a pooled socket may be stale after a restart).
+_SEND_AGAIN = (AskError, TryAgainError, ClusterDownError, NoScriptError, RedisConnectionError)
 
 #: Connections per pool of the clients we create (sync: one pool; asyncio: one per event
 #: loop; cluster: per node), unless `max_connections` is given.
@@ -379,6 +390,46 @@ class RedisConnection:
     async def aquietly(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> None:
         with contextlib.suppress(BackendError):
             await self.ascript(script, keys, args)
+
+    def scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run every `(script, keys, args)` of `calls` (each on its keys' slot, at least one
+        key), their replies in order. On a cluster they go out at once: one pipeline that
+        writes to every node before reading any, so one round trip of waiting for all
+        (redis-py's own `mget_nonatomic` does the same for `MGET`). One call is `script`.
+
+        Errors as `script`: any failure is one `BackendError`, counted once by the breaker
+        for the whole lot; the calls that did run are not undone (as with calls sent one
+        by one)."""
+        if len(calls) <= 1:
+            return [self.script(*call) for call in calls]
+        return self.call(self._evals, calls)
+
+    def _evals(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        client = self.sync()
+        if not isinstance(client, redis.cluster.RedisCluster):
+            return [self._eval(*call) for call in calls]  # one server: one slot group
+        stack = [
+            PipelineCommand(  # type: ignore[no-untyped-call]
+                ("EVALSHA", script.sha, len(keys), *keys, *args),
+                {"target_nodes": [client.get_node_from_key(keys[0])]},  # type: ignore[no-untyped-call]
+                position,
+            )
+            for position, (script, keys, args) in enumerate(calls)
+        ]
+        # Redirections are not followed inside the pipeline: redis-py would send every
+        # failed command of a node again alone, each with its own retries (on a hung node,
+        # two socket timeouts per command). A call told to go elsewhere, to load its script
+        # or to reconnect is sent again alone here, as `script` sends it; a timeout (or any
+        # other error) fails the lot at once.
+        replies: list[Any] = client.pipeline().send_cluster_commands(  # type: ignore[no-untyped-call]
+            stack, raise_on_error=False, allow_redirections=False
+        )
+        for index, reply in enumerate(replies):
+            if isinstance(reply, _SEND_AGAIN):
+                replies[index] = self._eval(*calls[index])
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
 
     # -- shared reads ----------------------------------------------------------------------------
 
