@@ -278,8 +278,8 @@ def nodes_of(redis_cluster: RedisCluster, unique_namespace: str) -> Iterator[Cal
     def make(**options: Any) -> Nodes:
         cache = Cache(redis_cluster.url, namespace=unique_namespace, cluster=True, **options)
         made.append(Nodes(redis_cluster, cache))
-        warm = cache.cached_many(key="warm:{}", ttl=60)(lambda ids: dict.fromkeys(ids, 0))
-        warm([0])  # a cluster's SCRIPT LOAD goes to every node
+        warm = cache.cached_many(key="warm:{}", ttl=60, tags=["warm"])(_values)
+        warm([0])  # the scripts, TAG too: a cluster's SCRIPT LOAD goes to every node
         return made[-1]
 
     yield make
@@ -318,6 +318,36 @@ def test_a_sync_batch_claims_and_stores_every_slot_group_at_once(
         nodes.resume()  # (failing: no pause left behind for the next test)
         thread.join(BOUND)
         nodes.resume()
+    assert out == [_values(uids)]
+
+
+def test_a_sync_batch_records_its_ids_in_every_tag_set_at_once(
+    nodes_of: Callable[..., Nodes],
+) -> None:
+    """Right after the claims the leader records its ids in their tag sets (on a cluster,
+    other slots than the ids'): while the node of one tag set holds back its writes, another
+    node's tag set gets every id. (Sent one after another, the first write held back all.)"""
+    nodes = nodes_of(socket_timeout=BOUND)
+    tag_sets = {
+        name: nodes.store._layout.tag(nodes.cache.prefix + name)
+        for name in ("a", "b", "c", "d", "e", "f")
+    }
+
+    def port(name: str) -> int:
+        return int(nodes.client.get_node_from_key(tag_sets[name]).port)
+
+    first = "a"
+    other = next(name for name in tag_sets if port(name) != port(first))
+    slow = port(first)
+    uids = [uid for uid in nodes.spread(range(1, 60)) if nodes.port(uid) != slow]
+    users = nodes.cache.cached_many(key="user:{}", ttl=60, tags=[first, other])(_values)
+    nodes.pause(slow)
+    thread, out = run_thread(lambda: users(uids))
+    try:
+        wait_until(lambda: nodes.servers[port(other)].zcard(tag_sets[other]) == len(uids))
+    finally:
+        nodes.resume()  # (failing: no pause left behind for the next test)
+        thread.join(BOUND)
     assert out == [_values(uids)]
 
 

@@ -341,8 +341,8 @@ class Batches:
     ) -> Outcomes:
         """Holding the leases of `lead`: compute them in one call, then store each fenced."""
         leases, resets, tag_writes = self._leading(lead, plan)
-        for tag_key, tag_args in tag_writes:
-            self._conn.quietly(TAG, [tag_key], tag_args)
+        with contextlib.suppress(BackendError):  # best effort, as `quietly`; all at once
+            self._conn.scripts([(TAG, [tag_key], tag_args) for tag_key, tag_args in tag_writes])
         try:
             outcomes = compute(lead)
         except BaseException as exc:  # FAIL (an exception) or RELEASE each lease
