@@ -390,15 +390,17 @@ def _slow(
     cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
 ) -> Any:
     """Everything but a fresh hit: escaped keys, entries to refresh, cached errors, misses."""
+    reread = False  # whether this call read its key again here (not skipped any more)
     if is_safe_key(raw_key[len(cache.prefix) :]):
         key = raw_key  # the key itself, which the hot path read (see `KeyPlan`)
     else:
         key = cache.prefix + policy.make_key(*args, **kwargs)
         if policy.store and (key != raw_key or not policy.plan.guard_holds(raw_key)):
             entry = cache._read(key)
+            reread = True
     if policy.store:
         if entry is None:
-            if policy.expect_miss:  # the hot path skipped its read
+            if policy.expect_miss and not reread:  # the hot path skipped its read
                 began = cache.clock()
                 policy.stats.misses += 1  # until it turns out a hit (`_unread`)
                 return _result(_unread(policy, _miss(cache, policy, key, args, kwargs), began))
@@ -420,15 +422,17 @@ async def _aslow(
     cache: Cache, policy: Policy, raw_key: str, entry: Entry | None, args: Any, kwargs: Any
 ) -> Any:
     """`_slow` for async functions."""
+    reread = False  # whether this call read its key again here (not skipped any more)
     if is_safe_key(raw_key[len(cache.prefix) :]):
         key = raw_key
     else:
         key = cache.prefix + policy.make_key(*args, **kwargs)
         if policy.store and (key != raw_key or not policy.plan.guard_holds(raw_key)):
             entry = await cache._aread(key)
+            reread = True
     if policy.store:
         if entry is None:
-            if policy.expect_miss:
+            if policy.expect_miss and not reread:
                 began = cache.clock()
                 policy.stats.misses += 1
                 entry = await _amiss(cache, policy, key, args, kwargs)

@@ -322,7 +322,7 @@ def dump_value(serializer: Serializer, value: Any, context: str) -> bytes:
     if isinstance(serializer, (MsgpackSerializer, PickleSerializer)):
         return serializer.dumps(value, context=context)
     try:
-        return serializer.dumps(value)
+        data = serializer.dumps(value)
     except SerializationError:
         raise
     except Exception as exc:
@@ -330,6 +330,14 @@ def dump_value(serializer: Serializer, value: Any, context: str) -> bytes:
             f"cannot cache {_subject(context)}: the {serializer.name!r} serializer failed: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)  # a subclass or a buffer: stored as the plain bytes it holds
+    raise SerializationError(
+        f"cannot cache {_subject(context)}: the {serializer.name!r} serializer returned "
+        f"{type(data).__name__}, not bytes"
+    )
 
 
 def encode_entry(
@@ -474,7 +482,7 @@ def _is_serializer_instance(spec: object) -> TypeGuard[Serializer]:
     return (
         not isinstance(spec, (str, type))
         and isinstance(spec, Serializer)
-        and isinstance(spec.name, str)
+        and type(spec.name) is str  # exactly: it is written into every entry's record
         and bool(spec.name)
         and callable(spec.dumps)
         and callable(spec.loads)

@@ -279,3 +279,37 @@ def test_functions_on_the_default_cache_always_read(
         assert commands.during(lambda: load(1)) == MISS
         assert commands.during(lambda: load(2)) == MISS
         assert calls == [0, 1, 2]
+
+
+def test_a_call_that_read_its_escaped_key_itself_counts_as_a_miss(redis_caches: Caches) -> None:
+    """A key that needs escaping is read again by the slow path (the hot path read its raw
+    form): that call did not skip its read, so an entry another process stores right after
+    that read is a miss served by the claim, as for any call that read, not a skipped read
+    turning out a hit."""
+    mine, other = redis_caches(), redis_caches()
+    computed: list[str] = []
+
+    @mine.cached(ttl=60, key="u:{name}")
+    def load(name: str) -> str:
+        computed.append("mine")
+        return "mine"
+
+    @other.cached(ttl=60, key="u:{name}")
+    def their_load(name: str) -> str:
+        return "theirs"
+
+    assert load("q r") == "mine"  # a miss: the next call would skip its read
+    assert mine.invalidate(load.key("q r"))
+    read = mine._read
+
+    def read_then_another_process_stores(key: str) -> Any:
+        entry = read(key)
+        if entry is None and key.endswith(load.key("q r")):
+            assert their_load("q r") == "theirs"
+        return entry
+
+    mine._read = read_then_another_process_stores  # type: ignore[method-assign]
+    assert load("q r") == "theirs"
+    assert computed == ["mine"]
+    stats = load.stats()
+    assert (stats["hits"], stats["misses"]) == (0, 2)

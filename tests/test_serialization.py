@@ -508,3 +508,42 @@ _VALUES = st.recursive(
 def test_msgpack_round_trip_property(value: Any) -> None:
     serializer = MsgpackSerializer()
     assert_same(value, serializer.loads(serializer.dumps(value)))
+
+
+class _Name(str):
+    pass
+
+
+class _BytesSubclass(bytes):
+    pass
+
+
+class _ReturnsWhatItIsGiven(UpperSerializer):
+    """`dumps` returns whatever `make` gives (a bytes subclass, a buffer, a str)."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def dumps(self, value: Any) -> Any:
+        return self.make(str(value).upper().encode())
+
+
+def test_a_serializer_named_by_a_str_subclass_is_refused_when_configured() -> None:
+    """Its name goes into every entry: a str subclass would fail there, blaming the value."""
+    serializer = UpperSerializer()
+    serializer.name = _Name("upper")
+    with pytest.raises(ConfigurationError, match="unknown serializer"):
+        get_serializer(serializer)
+
+
+@pytest.mark.parametrize("make", [_BytesSubclass, bytearray, memoryview], ids=repr)
+def test_a_custom_serializer_may_return_any_bytes_like_object(make: Any) -> None:
+    serializer = get_serializer(_ReturnsWhatItIsGiven(make))
+    decoded = decode_entry(encode_entry(Entry("abc"), serializer), serializer)
+    assert decoded.value == "ABC"
+
+
+def test_a_custom_serializer_returning_text_is_a_serialization_error_naming_it() -> None:
+    serializer = get_serializer(_ReturnsWhatItIsGiven(bytes.decode))
+    with pytest.raises(SerializationError, match="'upper' serializer returned str, not bytes"):
+        encode_entry(Entry("abc"), serializer, context="load")
