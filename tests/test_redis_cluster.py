@@ -8,6 +8,7 @@ A node is made slow or failing with `CLIENT PAUSE ... WRITE` (its scripts wait u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -15,10 +16,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
+import redis.connection
 from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 from redis_servers import RedisCluster
 from test_batch import BOUND, run_thread, wait_until
+from test_redis_degraded import _frozen
 
 from coalesce import BackendError
 from coalesce.cache import Cache
@@ -218,6 +221,10 @@ def test_cluster_tag_invalidation_fences_a_computation_in_flight(
 # sync batches: every slot group at once
 
 
+#: The name of the test's own connections to the nodes (not counted by `writes`).
+_OWN = "test-nodes"
+
+
 class Nodes:
     """The cluster's nodes as a cache sees them: which one holds an id of `user:{}`, what it
     holds; holding back one node's writes (`CLIENT PAUSE WRITE`) until `resume`."""
@@ -227,7 +234,8 @@ class Nodes:
         self.store = store = cache.store
         assert isinstance(store, RedisStore)
         self.client: ClusterClient = store._conn.sync()  # type: ignore[assignment]
-        self.servers = {node.port: node.client() for node in cluster.nodes}
+        self.processes = {node.port: node for node in cluster.nodes}
+        self.servers = {node.port: node.client(client_name=_OWN) for node in cluster.nodes}
         self.pausing = True  # `pause` holds back a node (until `resume`)
 
     def keys(self, uid: int) -> Keys:
@@ -292,6 +300,24 @@ def _values(uids: Iterable[int]) -> dict[int, str]:
     return {uid: f"v{uid}" for uid in uids}
 
 
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
+    """Writes by the caches' redis-py connections in this process, by the port written to:
+    a command, a pipeline's commands to one node, each step of a new connection's handshake
+    (not the listener's PING and SUBSCRIBE, nor `Nodes`'s own). Counted, not changed."""
+    counts: Counter[int] = Counter()
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        data = bytes(command) if isinstance(command, bytes) else b"".join(command)
+        if self.client_name != _OWN and b"PING" not in data and b"SUBSCRIBE" not in data:
+            counts[self.port] += 1
+        send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    return counts
+
+
 def test_a_sync_batch_claims_and_stores_every_slot_group_at_once(
     nodes_of: Callable[..., Nodes],
 ) -> None:
@@ -349,6 +375,29 @@ def test_a_sync_batch_records_its_ids_in_every_tag_set_at_once(
         nodes.resume()  # (failing: no pause left behind for the next test)
         thread.join(BOUND)
     assert out == [_values(uids)]
+
+
+@pytest.mark.parametrize("step", ["read", "claim"])
+def test_a_hung_node_gets_each_step_once(
+    nodes_of: Callable[..., Nodes], writes: Counter[int], step: str
+) -> None:
+    """A node that does not answer (stopped: at the read; its writes paused: at the claim)
+    gets the commands of a step once, in one write, and the batch fails after one socket
+    timeout: its slot groups are not sent again one by one on new connections (redis-py's
+    own pipeline would, two socket timeouts each)."""
+    nodes = nodes_of(socket_timeout=0.2, on_backend_error="raise")
+    uids = nodes.spread(range(1, 90), per_node=4)
+    slow = nodes.port(uids[0])
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(_values)
+    # an idle connection to every node (and for the read, the ids cached: only MGETs then)
+    users(uids if step == "read" else nodes.spread(range(1000, 1100), per_node=1))
+    if step == "claim":
+        nodes.pause(slow)
+    hung = _frozen(nodes.processes[slow]) if step == "read" else contextlib.nullcontext()
+    writes.clear()
+    with hung, pytest.raises(BackendError):
+        users(uids)
+    assert writes[slow] == (1 if step == "read" else 2)  # the MGETs (then the claims): one write
 
 
 def test_overlapping_sync_batches_of_two_caches_compute_each_id_once(

@@ -1,8 +1,8 @@
 """Batches on Redis (`Cache.cached_many`): one read for many keys, leases per key in one script.
 
-* `get_many`: the near cache first, then one `MGET` for the rest (on a cluster
-  `mget_nonatomic`: one `MGET` per slot, in one redis-py cluster pipeline that writes to
-  every node before reading any).
+* `get_many`: the near cache first, then one `MGET` for the rest (on a cluster one `MGET`
+  per slot, all at once: `RedisConnection.mget` when sync, redis-py's `mget_nonatomic` on
+  asyncio).
 * `fill_many`, the cross-process share of a batch (the cache has made sure one caller per
   key and process gets here): register a waiter per key with the listener *first*, then one
   `CLAIM_MANY` per slot group (one on a single server) reports per key a stored entry (its
@@ -190,9 +190,7 @@ class Batches:
         found, todo, names = self._mget_plan(keys)
         if not names:
             return found
-        client: Any = self._conn.sync()
-        mget = client.mget_nonatomic if self.cluster else client.mget
-        return self._decoded(keys, found, todo, self._conn.call(mget, names), generation)
+        return self._decoded(keys, found, todo, self._conn.mget(names), generation)
 
     async def aget_many(self, keys: list[str]) -> list[Entry | None]:
         generation = self._listener.generation

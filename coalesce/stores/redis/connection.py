@@ -46,6 +46,7 @@ import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import PipelineCommand
+from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -395,7 +396,7 @@ class RedisConnection:
         """Run every `(script, keys, args)` of `calls` (each on its keys' slot, at least one
         key), their replies in order. On a cluster they go out at once: one pipeline that
         writes to every node before reading any, so one round trip of waiting for all
-        (redis-py's own `mget_nonatomic` does the same for `MGET`). One call is `script`.
+        (`_at_once`). One call is `script`.
 
         Errors as `script`: any failure is one `BackendError`, counted once by the breaker
         for the whole lot; the calls that did run are not undone (as with calls sent one
@@ -408,25 +409,63 @@ class RedisConnection:
         client = self.sync()
         if not isinstance(client, redis.cluster.RedisCluster):
             return [self._eval(*call) for call in calls]  # one server: one slot group
+        commands = [
+            (keys[0], ("EVALSHA", script.sha, len(keys), *keys, *args))
+            for script, keys, args in calls
+        ]
+        return self._at_once(client, commands, lambda index: self._eval(*calls[index]))
+
+    def mget(self, names: list[str]) -> list[Any]:
+        """`MGET names` through the breaker, the values in the order of `names`: on a cluster
+        one `MGET` per slot, all at once as in `scripts`."""
+        return self.call(self._mget, names)
+
+    def _mget(self, names: list[str]) -> list[Any]:
+        client = self.sync()
+        if not isinstance(client, redis.cluster.RedisCluster):
+            return client.mget(names)
+        slots: dict[int, list[str]] = {}
+        for name in names:
+            slots.setdefault(key_slot(name.encode()), []).append(name)
+        groups = list(slots.values())
+        commands = [(group[0], ("MGET", *group)) for group in groups]
+        replies = self._at_once(client, commands, lambda index: client.mget(groups[index]))
+        found = {
+            name: value
+            for group, values in zip(groups, replies, strict=True)
+            for name, value in zip(group, values, strict=True)
+        }
+        return [found[name] for name in names]
+
+    @staticmethod
+    def _at_once(
+        client: redis.cluster.RedisCluster,
+        commands: Sequence[tuple[str, tuple[Any, ...]]],
+        alone: Callable[[int], Any],
+    ) -> list[Any]:
+        """The replies to `commands` (each: a key naming its slot, the command), sent in one
+        redis-py cluster pipeline: every node written before any is read.
+
+        Redirections are not followed inside the pipeline: redis-py would send every failed
+        command of a node again alone, each with its own retries (on a hung node, two socket
+        timeouts per command; redis-py's `mget_nonatomic` does so). A command told to go
+        elsewhere, to load its script or to reconnect is sent again alone by `alone(index)`,
+        which follows redirections as a single command does; a timeout (or any other error)
+        fails the lot at once."""
         stack = [
             PipelineCommand(  # type: ignore[no-untyped-call]
-                ("EVALSHA", script.sha, len(keys), *keys, *args),
-                {"target_nodes": [client.get_node_from_key(keys[0])]},  # type: ignore[no-untyped-call]
+                args,
+                {"target_nodes": [client.get_node_from_key(key)]},  # type: ignore[no-untyped-call]
                 position,
             )
-            for position, (script, keys, args) in enumerate(calls)
+            for position, (key, args) in enumerate(commands)
         ]
-        # Redirections are not followed inside the pipeline: redis-py would send every
-        # failed command of a node again alone, each with its own retries (on a hung node,
-        # two socket timeouts per command). A call told to go elsewhere, to load its script
-        # or to reconnect is sent again alone here, as `script` sends it; a timeout (or any
-        # other error) fails the lot at once.
         replies: list[Any] = client.pipeline().send_cluster_commands(  # type: ignore[no-untyped-call]
             stack, raise_on_error=False, allow_redirections=False
         )
         for index, reply in enumerate(replies):
             if isinstance(reply, _SEND_AGAIN):
-                replies[index] = self._eval(*calls[index])
+                replies[index] = alone(index)
             elif isinstance(reply, Exception):
                 raise reply
         return replies
