@@ -1,5 +1,6 @@
 """The Redis store on a real 3-master Redis Cluster: cached, fill, tags and invalidation, and
-sync batches (`cached_many`) whose slot groups go out at once.
+batches (`cached_many`, sync and asyncio) whose slot groups go out at once, one connection
+per node.
 
 A node is made slow or failing with `CLIENT PAUSE ... WRITE` (its scripts wait until
 `CLIENT UNPAUSE`; reads and the cluster bus go on), the other nodes are looked at directly.
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio.connection
 import redis.connection
 from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
@@ -300,6 +302,47 @@ def _values(uids: Iterable[int]) -> dict[int, str]:
     return {uid: f"v{uid}" for uid in uids}
 
 
+class Batch:
+    """`cache.cached_many(key="user:{}", ttl=60)` over `source`, sync or on asyncio (an
+    event loop of its own, kept between calls as a server's is): `batch(ids)` either way."""
+
+    def __init__(
+        self, cache: Cache, source: Callable[[list[int]], dict[int, str]], driver: str
+    ) -> None:
+        async def asource(ids: list[int]) -> dict[int, str]:
+            return source(ids)
+
+        self.cache = cache
+        self.driver = driver
+        self.users = cache.cached_many(key="user:{}", ttl=60)(
+            asource if driver == "async" else source
+        )
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, ids: list[int]) -> Any:
+        if self.driver == "async":
+            return self.loop.run_until_complete(self.users(ids))
+        return self.users(ids)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.cache.aclose())  # this loop's client
+        self.loop.close()
+
+
+@pytest.fixture
+def batches() -> Iterator[Callable[..., Batch]]:
+    """`batches(cache, source, driver)`: a `Batch`, closed afterwards."""
+    made: list[Batch] = []
+
+    def make(cache: Cache, source: Callable[[list[int]], dict[int, str]], driver: str) -> Batch:
+        made.append(Batch(cache, source, driver))
+        return made[-1]
+
+    yield make
+    for batch in made:
+        batch.close()
+
+
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
     """Writes by the caches' redis-py connections in this process, by the port written to:
@@ -307,14 +350,26 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
     (not the listener's PING and SUBSCRIBE, nor `Nodes`'s own). Counted, not changed."""
     counts: Counter[int] = Counter()
     send = redis.connection.AbstractConnection.send_packed_command
+    asend = redis.asyncio.connection.AbstractConnection.send_packed_command
+
+    def count(connection: Any, command: Any) -> None:
+        data = command.encode() if isinstance(command, str) else command
+        data = data if isinstance(data, bytes) else b"".join(data)
+        if connection.client_name != _OWN and b"PING" not in data and b"SUBSCRIBE" not in data:
+            counts[connection.port] += 1
 
     def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        data = bytes(command) if isinstance(command, bytes) else b"".join(command)
-        if self.client_name != _OWN and b"PING" not in data and b"SUBSCRIBE" not in data:
-            counts[self.port] += 1
+        count(self, command)
         send(self, command, check_health)
 
+    async def acounting(self: Any, command: Any, check_health: bool = True) -> None:
+        count(self, command)
+        await asend(self, command, check_health)
+
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    monkeypatch.setattr(
+        redis.asyncio.connection.AbstractConnection, "send_packed_command", acounting
+    )
     return counts
 
 
@@ -377,26 +432,35 @@ def test_a_sync_batch_records_its_ids_in_every_tag_set_at_once(
     assert out == [_values(uids)]
 
 
+@pytest.mark.parametrize("driver", ["sync", "async"])
 @pytest.mark.parametrize("step", ["read", "claim"])
 def test_a_hung_node_gets_each_step_once(
-    nodes_of: Callable[..., Nodes], writes: Counter[int], step: str
+    nodes_of: Callable[..., Nodes],
+    batches: Callable[..., Batch],
+    writes: Counter[int],
+    step: str,
+    driver: str,
 ) -> None:
     """A node that does not answer (stopped: at the read; its writes paused: at the claim)
     gets the commands of a step once, in one write, and the batch fails after one socket
     timeout: its slot groups are not sent again one by one on new connections (redis-py's
-    own pipeline would, two socket timeouts each)."""
-    nodes = nodes_of(socket_timeout=0.2, on_backend_error="raise")
+    own pipeline would, two socket timeouts each; its asyncio `mget_nonatomic` wrote to the
+    node 5 times here). Sync and asyncio alike."""
+    timeout = 0.2
+    nodes = nodes_of(socket_timeout=timeout, on_backend_error="raise")
     uids = nodes.spread(range(1, 90), per_node=4)
     slow = nodes.port(uids[0])
-    users = nodes.cache.cached_many(key="user:{}", ttl=60)(_values)
+    users = batches(nodes.cache, _values, driver)
     # an idle connection to every node (and for the read, the ids cached: only MGETs then)
     users(uids if step == "read" else nodes.spread(range(1000, 1100), per_node=1))
     if step == "claim":
         nodes.pause(slow)
     hung = _frozen(nodes.processes[slow]) if step == "read" else contextlib.nullcontext()
     writes.clear()
+    started = time.monotonic()
     with hung, pytest.raises(BackendError):
         users(uids)
+    assert time.monotonic() - started < 3 * timeout
     assert writes[slow] == (1 if step == "read" else 2)  # the MGETs (then the claims): one write
 
 
@@ -478,16 +542,18 @@ def test_a_node_failing_mid_batch_raises_when_failing_closed(
         users(uids)
 
 
+@pytest.mark.parametrize("driver", ["sync", "async"])
 def test_a_node_that_forgot_the_scripts_loads_them_again(
-    nodes_of: Callable[..., Nodes],
+    nodes_of: Callable[..., Nodes], batches: Callable[..., Batch], driver: str
 ) -> None:
     """A node without the scripts (restarted, flushed) answers NOSCRIPT inside the pipeline:
     that group is sent again alone, which loads the scripts, and the batch goes on."""
     nodes = nodes_of()
     uids = nodes.spread(range(1, 60))
     nodes.servers[nodes.port(uids[-1])].script_flush()
-    users = nodes.cache.cached_many(key="user:{}", ttl=60)(_values)
+    users = batches(nodes.cache, _values, driver)
     assert users(uids) == _values(uids)
+    assert users.users.stats()["backend_errors"] == 0
     assert all(nodes.holds(uid, "entry") for uid in uids)
 
 
@@ -516,7 +582,10 @@ class Slot:
             node.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", dst_id)
 
 
-def test_a_slot_group_told_moved_is_sent_again_alone(nodes_of: Callable[..., Nodes]) -> None:
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_slot_group_told_moved_is_sent_again_alone(
+    nodes_of: Callable[..., Nodes], batches: Callable[..., Batch], driver: str
+) -> None:
     """A slot moved (with its lease) during the computation: that group's `STORE_MANY` comes
     back MOVED from the pipeline and is sent again alone, where redis-py follows it."""
     nodes = nodes_of()
@@ -530,11 +599,41 @@ def test_a_slot_group_told_moved_is_sent_again_alone(nodes_of: Callable[..., Nod
         slot.move(slot.home, slot.away)
         return _values(batch)
 
-    users = nodes.cache.cached_many(key="user:{}", ttl=60)(fetch)
+    users = batches(nodes.cache, fetch, driver)
     try:
         assert users(uids) == _values(uids) and calls == [uids]
         assert nodes.holds(uid, "entry", port=slot.away)
         assert not nodes.holds(uid, "lease", port=slot.away)
-        assert users.stats()["backend_errors"] == 0
+        assert users.users.stats()["backend_errors"] == 0
     finally:
         slot.move(slot.away, slot.home)
+
+
+# ---------------------------------------------------------------------------------------
+# async batches: one connection per node and step
+
+
+def test_concurrent_async_pages_of_two_caches_compute_each_id_once(
+    nodes_of: Callable[..., Nodes],
+) -> None:
+    """Two caches (like two processes), each with two concurrent async pages of 100 ids on
+    its default pool (50 connections per node): each id computed once, no backend error.
+    (Sent one slot group per connection, each page took about 33 connections per node at
+    once: `MaxConnectionsError`, and the pages computed without Redis.)"""
+    a, b = nodes_of().cache, nodes_of().cache
+    computed: Counter[int] = Counter()
+
+    async def source(batch: list[int]) -> dict[int, str]:
+        computed.update(batch)
+        await asyncio.sleep(0.05)  # the other cache's claims meet these leases
+        return _values(batch)
+
+    funcs = [cache.cached_many(key="user:{}", ttl=60)(source) for cache in (a, b)]
+    pages = [(0, range(0, 100)), (0, range(100, 200)), (1, range(50, 150)), (1, range(150, 250))]
+
+    async def main() -> list[dict[int, str]]:
+        return await asyncio.gather(*(funcs[n](list(ids)) for n, ids in pages))
+
+    assert asyncio.run(main()) == [_values(ids) for _, ids in pages]
+    assert sorted(computed) == list(range(250)) and set(computed.values()) == {1}
+    assert [func.stats()["backend_errors"] for func in funcs] == [0, 0]

@@ -1,8 +1,7 @@
 """Batches on Redis (`Cache.cached_many`): one read for many keys, leases per key in one script.
 
 * `get_many`: the near cache first, then one `MGET` for the rest (on a cluster one `MGET`
-  per slot, all at once: `RedisConnection.mget` when sync, redis-py's `mget_nonatomic` on
-  asyncio).
+  per slot, all at once: `RedisConnection.mget` / `amget`).
 * `fill_many`, the cross-process share of a batch (the cache has made sure one caller per
   key and process gets here): register a waiter per key with the listener *first*, then one
   `CLAIM_MANY` per slot group (one on a single server) reports per key a stored entry (its
@@ -11,8 +10,8 @@
   store's renewer thread meanwhile, then written by one `STORE_MANY` per slot group, each
   key fenced by its own lease token exactly as `STORE` does (an invalidation deletes the
   lease: that id's result does not land). On a cluster a step's slot groups go out at once,
-  one round trip of waiting for all: gathered on asyncio, one pipeline when sync
-  (`RedisConnection.scripts`). The keys other processes compute are waited for
+  one round trip of waiting for all and one connection per node, not per group
+  (`RedisConnection.scripts` / `ascripts`). The keys other processes compute are waited for
   like single keys: the holder's `STORE` pushes the entry to the waiter registered for it;
   anything else (a marker, a timeout) sends that key to one `CLAIM` of its own that knows
   the lease it waited for, exactly as a single key's waiter: the failure of that leader
@@ -63,6 +62,11 @@ from coalesce.stores.redis.steps import ENTRY, LEAD, WAIT, Claim, encodable
 _CHECKING = Claim(CLAIM_CHECK)
 
 Outcomes = dict[str, Entry | None]
+#: A slot group's (key, entry) pairs to store; None: only end the lease.
+_Items = list[tuple[str, Entry | None]]
+#: Per slot group of `STORE_MANY`: its items, and per item the tag sets to record it in
+#: separately (a cluster's) with the ARGV of `TAG`.
+_Tags = list[tuple[_Items, list[tuple[list[str], list[str]]]]]
 #: What a key computed alone (the single-key `fill` fallback) stands for when the function
 #: left its id out: already expired, so `STORE` is skipped and the lease just released.
 _NOTHING = Entry(None, created=0.0, ttl=0.0)
@@ -197,10 +201,7 @@ class Batches:
         found, todo, names = self._mget_plan(keys)
         if not names:
             return found
-        client: Any = self._conn.loop_state().client
-        mget = client.mget_nonatomic if self.cluster else client.mget
-        values = await self._conn.acall(mget, names)
-        return self._decoded(keys, found, todo, values, generation)
+        return self._decoded(keys, found, todo, await self._conn.amget(names), generation)
 
     # -- the scripts' arguments (no I/O) ------------------------------------------------------
 
@@ -340,7 +341,7 @@ class Batches:
         """Holding the leases of `lead`: compute them in one call, then store each fenced."""
         leases, resets, tag_writes = self._leading(lead, plan)
         with contextlib.suppress(BackendError):  # best effort, as `quietly`; all at once
-            self._conn.scripts([(TAG, [tag_key], tag_args) for tag_key, tag_args in tag_writes])
+            self._conn.scripts(tag_writes)
         try:
             outcomes = compute(lead)
         except BaseException as exc:  # FAIL (an exception) or RELEASE each lease
@@ -359,18 +360,12 @@ class Batches:
             raise
         return outcomes
 
-    def _store_groups(self, groups: list[list[tuple[str, Entry | None]]], plan: _Plan) -> None:
+    def _store_groups(self, groups: list[_Items], plan: _Plan) -> None:
         """`STORE_MANY` of every slot group at once, then the tag writes of the entries they
         stored (a cluster's) at once: one round trip of waiting each, not one per group."""
-        args = [self._store_many_args(group, plan) for group in groups]
         generation = self._listener.generation  # before the write: see `NearCache.remember`
-        stored = self._conn.scripts([(STORE_MANY, keys, argv) for keys, argv, _ in args])
-        writes = [
-            (TAG, [tag_key], tag_args)
-            for group, (_, _, separate), ok in zip(groups, args, stored, strict=True)
-            for tag_key, tag_args in self._stored_tags(group, ok, separate, generation)
-        ]
-        self._conn.scripts(writes)
+        stores, tags = self._store_calls(groups, plan)
+        self._conn.scripts(self._tag_writes(tags, self._conn.scripts(stores), generation))
 
     def _release(self, leases: list[Lease], plan: _Plan) -> None:
         for lease in leases:
@@ -395,7 +390,7 @@ class Batches:
         with self._listening(call):  # subscribe first ...
             for mode in (CLAIM_CHECK, CLAIM_ONLY):  # ... then check; claim the stale again
                 groups = self._groups(call.todo)
-                replies = await self._aclaim(groups, call.plan, mode)  # a cluster's at once
+                replies = await self._conn.ascripts(self._claim_calls(groups, call.plan, mode))
                 self._sort_claims(groups, replies, call)
             lead = call.claimed(self._listener)
             if lead:
@@ -429,11 +424,6 @@ class Batches:
             await self._conn.aquietly(TAG, [tag_key], tag_args)
         return await self.leases.alead(key, call.k, call.lease, compute, fence)
 
-    async def _aclaim(self, groups: list[list[str]], plan: _Plan, mode: str) -> list[Any]:
-        """`CLAIM_MANY` of every slot group, at once (a cluster: no waiting group by group)."""
-        calls = self._claim_calls(groups, plan, mode)
-        return list(await asyncio.gather(*(self._conn.ascript(*call) for call in calls)))
-
     async def _alead_many(
         self,
         lead: list[str],
@@ -442,8 +432,8 @@ class Batches:
         fences: Any,
     ) -> Outcomes:
         leases, resets, tag_writes = self._leading(lead, plan)  # renewed by the thread too
-        for tag_key, tag_args in tag_writes:
-            await self._conn.aquietly(TAG, [tag_key], tag_args)
+        with contextlib.suppress(BackendError):
+            await self._conn.ascripts(tag_writes)
         try:
             outcomes = await compute(lead)
         except Exception as exc:
@@ -459,19 +449,18 @@ class Batches:
         for key, entry in fenced:
             await self.leases.ahand(key, plan.keys[key], entry, plan.leases[key].token)
         try:
-            # a cluster's slot groups at once: one round trip of waiting, not one per group
-            await asyncio.gather(*(self._astore_group(g, plan) for g in self._item_groups(items)))
+            await self._astore_groups(self._item_groups(items), plan)
         except BaseException:
             self.leases.in_background(asyncio.to_thread(self._release, leases, plan))
             raise
         return outcomes
 
-    async def _astore_group(self, group: list[tuple[str, Entry | None]], plan: _Plan) -> None:
-        keys, args, separate = self._store_many_args(group, plan)
+    async def _astore_groups(self, groups: list[_Items], plan: _Plan) -> None:
         generation = self._listener.generation
-        stored = await self._conn.ascript(STORE_MANY, keys, args)
-        for tag_key, tag_args in self._stored_tags(group, stored, separate, generation):
-            await self._conn.ascript(TAG, [tag_key], tag_args)
+        stores, tags = self._store_calls(groups, plan)
+        await self._conn.ascripts(
+            self._tag_writes(tags, await self._conn.ascripts(stores), generation)
+        )
 
     # -- shared --------------------------------------------------------------------------------
 
@@ -500,16 +489,14 @@ class Batches:
             call.outcomes[key] = entry
         return entry is not None
 
-    def _leading(
-        self, lead: list[str], plan: _Plan
-    ) -> tuple[list[Lease], int, list[tuple[str, list[Any]]]]:
+    def _leading(self, lead: list[str], plan: _Plan) -> tuple[list[Lease], int, list[ScriptCall]]:
         """The leases of `lead` taken: counted and renewed from now on; (those leases, the
         listener's resets now, the tag writes a cluster records right after the claim)."""
         self.counts["leads"] += len(lead)
         resets = self._listener.resets
         leases = [plan.leases[key] for key in lead]
-        writes = [
-            (tag_key, tag_args)
+        writes: list[ScriptCall] = [
+            (TAG, [tag_key], tag_args)
             for tag_keys, tag_args in self._tag_leases(leases)
             for tag_key in tag_keys
         ]
@@ -528,18 +515,27 @@ class Batches:
         (The caller's `finally` takes the leases off the renewer.)"""
         return [self.leases.ending(plan.keys[lease.key], lease.token, exc) for lease in leases]
 
-    def _stored_tags(
-        self,
-        group: list[tuple[str, Entry | None]],
-        stored: list[Any],
-        separate: list[tuple[list[str], list[str]]],
-        generation: int,
-    ) -> list[tuple[str, list[str]]]:
-        """After `STORE_MANY` answered `stored`: the tag writes of the entries it stored."""
-        writes: list[tuple[str, list[str]]] = []
-        for (key, entry), ok, (tag_keys, tag_args) in zip(group, stored, separate, strict=True):
-            if entry is not None and self.leases.stored(key, entry, ok, generation):
-                writes += [(tag_key, tag_args) for tag_key in tag_keys]
+    def _store_calls(self, groups: list[_Items], plan: _Plan) -> tuple[list[ScriptCall], _Tags]:
+        """(the `STORE_MANY` of each slot group, to send at once; per group its items with
+        the tag sets each records separately (a cluster), for `_tag_writes`)."""
+        calls: list[ScriptCall] = []
+        tags: _Tags = []
+        for group in groups:
+            keys, args, separate = self._store_many_args(group, plan)
+            calls.append((STORE_MANY, keys, args))
+            tags.append((group, separate))
+        return calls, tags
+
+    def _tag_writes(self, tags: _Tags, stored: list[Any], generation: int) -> list[ScriptCall]:
+        """After the `STORE_MANY`s answered `stored` (one reply list per group of `tags`):
+        the tag writes of the entries they stored, to send at once."""
+        writes: list[ScriptCall] = []
+        for (group, separate), replies in zip(tags, stored, strict=True):
+            for (key, entry), ok, (tag_keys, tag_args) in zip(
+                group, replies, separate, strict=True
+            ):
+                if entry is not None and self.leases.stored(key, entry, ok, generation):
+                    writes += [(TAG, [tag_key], tag_args) for tag_key in tag_keys]
         return writes
 
     @staticmethod
@@ -568,9 +564,7 @@ class Batches:
                 items.append((key, entry))
         return items, fenced
 
-    def _item_groups(
-        self, items: list[tuple[str, Entry | None]]
-    ) -> list[list[tuple[str, Entry | None]]]:
+    def _item_groups(self, items: _Items) -> list[_Items]:
         by_key = dict(items)
         return [[(key, by_key[key]) for key in group] for group in self._groups(list(by_key))]
 

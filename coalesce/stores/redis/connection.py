@@ -43,6 +43,8 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import PipelineCommand as AsyncPipelineCommand
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import PipelineCommand
@@ -70,6 +72,8 @@ from coalesce.urls import credentials, path_of, redact, scheme_of
 T = TypeVar("T")
 #: A script to run, its KEYS and its ARGV (see `RedisConnection.scripts`).
 ScriptCall = tuple[Script, Sequence[str], Sequence[Any]]
+#: Commands to pipeline on a cluster, each with a key naming its slot (`_at_once`).
+Commands = list[tuple[str, tuple[Any, ...]]]
 SyncClient = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
@@ -395,8 +399,8 @@ class RedisConnection:
     def scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Run every `(script, keys, args)` of `calls` (each on its keys' slot, at least one
         key), their replies in order. On a cluster they go out at once: one pipeline that
-        writes to every node before reading any, so one round trip of waiting for all
-        (`_at_once`). One call is `script`.
+        writes to every node before reading any, so one round trip of waiting for all, and
+        one connection per node (`_at_once`). One call is `script`.
 
         Errors as `script`: any failure is one `BackendError`, counted once by the breaker
         for the whole lot; the calls that did run are not undone (as with calls sent one
@@ -405,43 +409,56 @@ class RedisConnection:
             return [self.script(*call) for call in calls]
         return self.call(self._evals, calls)
 
+    async def ascripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """`scripts` for the asyncio client (`_aat_once`)."""
+        if len(calls) <= 1:
+            return [await self.ascript(*call) for call in calls]
+        return await self.acall(self._aevals, calls)
+
     def _evals(self, calls: Sequence[ScriptCall]) -> list[Any]:
         client = self.sync()
         if not isinstance(client, redis.cluster.RedisCluster):
             return [self._eval(*call) for call in calls]  # one server: one slot group
-        commands = [
-            (keys[0], ("EVALSHA", script.sha, len(keys), *keys, *args))
-            for script, keys, args in calls
-        ]
-        return self._at_once(client, commands, lambda index: self._eval(*calls[index]))
+        return self._at_once(client, _evalshas(calls), lambda index: self._eval(*calls[index]))
+
+    async def _aevals(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        client = self.loop_state().client
+        if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+            return [await self._aeval(*call) for call in calls]  # one server: one slot group
+        return await self._aat_once(
+            client, _evalshas(calls), lambda index: self._aeval(*calls[index])
+        )
 
     def mget(self, names: list[str]) -> list[Any]:
         """`MGET names` through the breaker, the values in the order of `names`: on a cluster
         one `MGET` per slot, all at once as in `scripts`."""
         return self.call(self._mget, names)
 
+    async def amget(self, names: list[str]) -> list[Any]:
+        """`mget` for the asyncio client."""
+        return await self.acall(self._amget, names)
+
     def _mget(self, names: list[str]) -> list[Any]:
         client = self.sync()
         if not isinstance(client, redis.cluster.RedisCluster):
             return client.mget(names)
-        slots: dict[int, list[str]] = {}
-        for name in names:
-            slots.setdefault(key_slot(name.encode()), []).append(name)
-        groups = list(slots.values())
-        commands = [(group[0], ("MGET", *group)) for group in groups]
-        replies = self._at_once(client, commands, lambda index: client.mget(groups[index]))
-        found = {
-            name: value
-            for group, values in zip(groups, replies, strict=True)
-            for name, value in zip(group, values, strict=True)
-        }
-        return [found[name] for name in names]
+        groups = _by_slot(names)
+        replies = self._at_once(client, _mgets(groups), lambda index: client.mget(groups[index]))
+        return _in_order(names, groups, replies)
+
+    async def _amget(self, names: list[str]) -> list[Any]:
+        client = self.loop_state().client
+        if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+            return await client.mget(names)
+        groups = _by_slot(names)
+        replies = await self._aat_once(
+            client, _mgets(groups), lambda index: client.mget(groups[index])
+        )
+        return _in_order(names, groups, replies)
 
     @staticmethod
     def _at_once(
-        client: redis.cluster.RedisCluster,
-        commands: Sequence[tuple[str, tuple[Any, ...]]],
-        alone: Callable[[int], Any],
+        client: redis.cluster.RedisCluster, commands: Commands, alone: Callable[[int], Any]
     ) -> list[Any]:
         """The replies to `commands` (each: a key naming its slot, the command), sent in one
         redis-py cluster pipeline: every node written before any is read.
@@ -451,7 +468,7 @@ class RedisConnection:
         timeouts per command; redis-py's `mget_nonatomic` does so). A command told to go
         elsewhere, to load its script or to reconnect is sent again alone by `alone(index)`,
         which follows redirections as a single command does; a timeout (or any other error)
-        fails the lot at once."""
+        fails the lot at once (`_to_send_again`)."""
         stack = [
             PipelineCommand(  # type: ignore[no-untyped-call]
                 args,
@@ -463,11 +480,45 @@ class RedisConnection:
         replies: list[Any] = client.pipeline().send_cluster_commands(  # type: ignore[no-untyped-call]
             stack, raise_on_error=False, allow_redirections=False
         )
-        for index, reply in enumerate(replies):
-            if isinstance(reply, _SEND_AGAIN):
-                replies[index] = alone(index)
-            elif isinstance(reply, Exception):
-                raise reply
+        for index in _to_send_again(replies):
+            replies[index] = alone(index)
+        return replies
+
+    @staticmethod
+    async def _aat_once(
+        client: redis.asyncio.cluster.RedisCluster,
+        commands: Commands,
+        alone: Callable[[int], Awaitable[Any]],
+    ) -> list[Any]:
+        """`_at_once` for the asyncio client: each node's commands in one pipeline on one
+        of its connections, the nodes' pipelines concurrently.
+
+        Not redis-py's asyncio `ClusterPipeline.execute`: when a node's write fails it drops
+        the other nodes' replies, closes the whole client and, 0.25 s later, sends every
+        command again. Each node's own pipeline (`ClusterNode.execute_pipeline`, one of its
+        connections) answers every command with its reply or error; a node whose write
+        failed answers each of its commands with that error. So a step takes one connection
+        per node, not one per slot group (about 33 per node for a page of 100 ids on 3
+        nodes: two such pages at once exhausted the default pool of 50)."""
+        await client.initialize()  # the slot table, on the loop's first command
+        nodes: dict[str, tuple[AsyncClusterNode, list[AsyncPipelineCommand]]] = {}
+        for position, (key, args) in enumerate(commands):
+            node = client.get_node_from_key(key)
+            if node is None:  # pragma: no cover - None only for a replica
+                raise redis.exceptions.SlotNotCoveredError(f"no node serves {key!r}")
+            nodes.setdefault(node.name, (node, []))[1].append(AsyncPipelineCommand(position, *args))
+        written = await asyncio.gather(
+            *(node.execute_pipeline(stack) for node, stack in nodes.values()),
+            return_exceptions=True,
+        )
+        replies: list[Any] = [None] * len(commands)
+        for (_, stack), failed in zip(nodes.values(), written, strict=True):
+            for command in stack:
+                replies[command.position] = (
+                    failed if isinstance(failed, BaseException) else command.result
+                )
+        for index in _to_send_again(replies):
+            replies[index] = await alone(index)
         return replies
 
     # -- shared reads ----------------------------------------------------------------------------
@@ -570,6 +621,49 @@ def _foreign(exc: ResponseError) -> bytes:
     if str(exc).startswith("WRONGTYPE"):
         return WRONG_TYPE
     raise exc
+
+
+def _evalshas(calls: Sequence[ScriptCall]) -> Commands:
+    """The `EVALSHA` of each call, named by its first key (see `_at_once`)."""
+    return [
+        (keys[0], ("EVALSHA", script.sha, len(keys), *keys, *args)) for script, keys, args in calls
+    ]
+
+
+def _by_slot(names: list[str]) -> list[list[str]]:
+    """`names` grouped by cluster slot, each group in the given order."""
+    slots: dict[int, list[str]] = {}
+    for name in names:
+        slots.setdefault(key_slot(name.encode()), []).append(name)
+    return list(slots.values())
+
+
+def _mgets(groups: list[list[str]]) -> Commands:
+    """One `MGET` per slot group (see `_at_once`)."""
+    return [(group[0], ("MGET", *group)) for group in groups]
+
+
+def _in_order(names: list[str], groups: list[list[str]], replies: list[Any]) -> list[Any]:
+    """The values of the `MGET`s of `groups` (`replies`), in the order of `names`."""
+    found = {
+        name: value
+        for group, values in zip(groups, replies, strict=True)
+        for name, value in zip(group, values, strict=True)
+    }
+    return [found[name] for name in names]
+
+
+def _to_send_again(replies: list[Any]) -> list[int]:
+    """The indexes of the pipelined `replies` to send again alone (`_SEND_AGAIN`), once no
+    reply is another error: the first other error (a timeout, a full pool...) is raised, so
+    that it fails the lot before anything is sent again."""
+    again: list[int] = []
+    for index, reply in enumerate(replies):
+        if isinstance(reply, _SEND_AGAIN) and not _pool_exhausted(reply):
+            again.append(index)
+        elif isinstance(reply, BaseException):
+            raise reply
+    return again
 
 
 def _pool_exhausted(exc: BaseException) -> bool:
