@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -334,6 +335,22 @@ class RedisConnection:
             raise self.failed(exc) from exc
         self.breaker.success()
         return result
+
+    async def apublish(self, channel: str, message: str) -> None:
+        """`PUBLISH` from asyncio, through `acall`. On a cluster it goes to the client's
+        default node (a classic `PUBLISH` reaches every node): redis-py's asyncio cluster
+        client has a `publish` method only from 8.0 on."""
+        client = self.loop_state().client
+        if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            node = client.get_default_node()
+            await self.acall(
+                functools.partial(client.execute_command, target_nodes=node),
+                "PUBLISH",
+                channel,
+                message,
+            )
+        else:
+            await self.acall(client.publish, channel, message)
 
     def failed(self, exc: BaseException) -> BackendError:
         """Count a failed call (the breaker, the log) and make its `BackendError`."""

@@ -586,7 +586,7 @@ class RedisStore(Store):
             for keys, pairs in batches:
                 deleted += int(await self._conn.ascript(DELETE, keys, ["", ""]))
                 await self._conn.acall(client.zrem, taking, *pairs[0::2])
-            await self._conn.acall(client.publish, self._layout.invalidate_channel, message)
+            await self._conn.apublish(self._layout.invalidate_channel, message)
         except BaseException:
             if echo:
                 self._expect_echo(message, -1)
