@@ -29,8 +29,9 @@ from coalesce import BackendError
 from coalesce.cache import Cache
 from coalesce.entry import Entry
 from coalesce.stores.base import Fence
-from coalesce.stores.redis import RedisStore
+from coalesce.stores.redis import RedisStore, connection
 from coalesce.stores.redis.lease import Keys
+from coalesce.stores.redis.scripts import Script
 
 
 @pytest.fixture
@@ -637,3 +638,79 @@ def test_concurrent_async_pages_of_two_caches_compute_each_id_once(
     assert asyncio.run(main()) == [_values(ids) for _, ids in pages]
     assert sorted(computed) == list(range(250)) and set(computed.values()) == {1}
     assert [func.stats()["backend_errors"] for func in funcs] == [0, 0]
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_with_an_older_redis_py_a_step_s_commands_go_one_by_one(
+    nodes_of: Callable[..., Nodes],
+    batches: Callable[..., Batch],
+    monkeypatch: pytest.MonkeyPatch,
+    driver: str,
+) -> None:
+    """Before redis-py 7.3 (sync) and 8.0.1 (asyncio), an interrupted cluster pipeline could
+    put connections with unread replies back in the pool (the next command on one would
+    read another's reply): there a step's commands go one after another, never through a
+    pipeline, and batches work the same."""
+    monkeypatch.setattr(connection, "_SYNC_PIPELINES", False)
+    monkeypatch.setattr(connection, "_ASYNC_PIPELINES", False)
+
+    def no_pipeline(*args: Any) -> Any:
+        raise AssertionError("a pipeline was used")
+
+    monkeypatch.setattr(connection.RedisConnection, "_at_once", staticmethod(no_pipeline))
+    monkeypatch.setattr(connection.RedisConnection, "_aat_once", staticmethod(no_pipeline))
+    nodes = nodes_of()
+    computed: Counter[int] = Counter()
+
+    def source(ids: list[int]) -> dict[int, str]:
+        computed.update(ids)
+        return _values(ids)
+
+    batch = batches(nodes.cache, source, driver)
+    ids = nodes.spread(range(60), per_node=3)
+    assert batch(ids) == _values(ids)
+    assert batch(ids) == _values(ids)  # read back: one MGET per slot, one after another
+    assert set(computed) == set(ids) and set(computed.values()) == {1}
+    assert all(nodes.holds(uid, "entry") for uid in ids)
+    assert batch.users.stats()["backend_errors"] == 0
+
+
+def test_a_full_pool_in_a_pipelined_step_does_not_count_against_the_breaker(
+    redis_cluster: RedisCluster, unique_namespace: str
+) -> None:
+    """Our own pool being full is not Redis failing (as for a single command): a pipeline
+    that takes a full pool for a failed node and then cannot refresh the slot map (every
+    pool full) fails the step without a breaker failure."""
+    cache = Cache(redis_cluster.url, namespace=unique_namespace, cluster=True, max_connections=2)
+    try:
+        store = cache.store
+        assert isinstance(store, RedisStore)
+        conn = store._conn
+        client: ClusterClient = conn.sync()  # type: ignore[assignment]
+        names: dict[str, str] = {}
+        for i in range(5000):
+            names.setdefault(client.get_node_from_key(f"k{i}").name, f"k{i}")
+        keys = list(names.values())
+        assert len(keys) == 3
+        assert conn.mget(keys) == [None, None, None]  # every node's pool made
+        pools = [client.get_redis_connection(node).connection_pool for node in client.get_nodes()]
+        held = [(pool, pool.get_connection()) for pool in pools for _ in range(2)]
+        try:
+            failures = conn.breaker.failures
+            for step in (lambda: conn.mget(keys), lambda: conn.scripts([_echo(k) for k in keys])):
+                with pytest.raises(BackendError):
+                    step()
+                assert conn.breaker.failures == failures
+        finally:
+            for pool, held_connection in held:
+                pool.release(held_connection)
+        assert conn.mget(keys) == [None, None, None]
+    finally:
+        cache.close()
+
+
+_ECHO = Script.of("echo", "return ARGV[1]")
+
+
+def _echo(key: str) -> tuple[Script, list[str], list[str]]:
+    return (_ECHO, [key], [key])

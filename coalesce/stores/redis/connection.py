@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -71,6 +72,20 @@ from coalesce.stores.redis.scripts import Script
 from coalesce.urls import credentials, path_of, redact, scheme_of
 
 T = TypeVar("T")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+# A step's commands on several cluster nodes go out in one pipeline (`_at_once`) only where
+# redis-py hands back every connection of an interrupted pipeline safely: before 7.3 (sync)
+# and 8.0.1 (asyncio), one whose read a non-Redis exception interrupted (a signal handler
+# raising, a cancelled task) could leave other nodes' connections with replies nobody read,
+# back in the pool (sync: the next command on one would take that reply for its own) or
+# lost to it (asyncio). With an older redis-py the commands go one after another.
+_SYNC_PIPELINES = _version(redis.__version__) >= (7, 3)
+_ASYNC_PIPELINES = _version(redis.__version__) >= (8, 0, 1)
 #: A script to run, its KEYS and its ARGV (see `RedisConnection.scripts`).
 ScriptCall = tuple[Script, Sequence[str], Sequence[Any]]
 #: Commands to pipeline on a cluster, each with a key naming its slot (`_at_once`).
@@ -434,13 +449,13 @@ class RedisConnection:
 
     def _evals(self, calls: Sequence[ScriptCall]) -> list[Any]:
         client = self.sync()
-        if not isinstance(client, redis.cluster.RedisCluster):
+        if not isinstance(client, redis.cluster.RedisCluster) or not _SYNC_PIPELINES:
             return [self._eval(*call) for call in calls]  # one server: one slot group
         return self._at_once(client, _evalshas(calls), lambda index: self._eval(*calls[index]))
 
     async def _aevals(self, calls: Sequence[ScriptCall]) -> list[Any]:
         client = self.loop_state().client
-        if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+        if not isinstance(client, redis.asyncio.cluster.RedisCluster) or not _ASYNC_PIPELINES:
             return [await self._aeval(*call) for call in calls]  # one server: one slot group
         return await self._aat_once(
             client, _evalshas(calls), lambda index: self._aeval(*calls[index])
@@ -460,6 +475,8 @@ class RedisConnection:
         if not isinstance(client, redis.cluster.RedisCluster):
             return client.mget(names)
         groups = _by_slot(names)
+        if not _SYNC_PIPELINES:
+            return _in_order(names, groups, [client.mget(group) for group in groups])
         replies = self._at_once(client, _mgets(groups), lambda index: client.mget(groups[index]))
         return _in_order(names, groups, replies)
 
@@ -468,6 +485,8 @@ class RedisConnection:
         if not isinstance(client, redis.asyncio.cluster.RedisCluster):
             return await client.mget(names)
         groups = _by_slot(names)
+        if not _ASYNC_PIPELINES:
+            return _in_order(names, groups, [await client.mget(group) for group in groups])
         replies = await self._aat_once(
             client, _mgets(groups), lambda index: client.mget(groups[index])
         )
@@ -684,9 +703,18 @@ def _to_send_again(replies: list[Any]) -> list[int]:
 
 
 def _pool_exhausted(exc: BaseException) -> bool:
-    """Whether `exc` says our pool had no free connection (not a failure of Redis)."""
-    return isinstance(exc, MaxConnectionsError) or (
-        isinstance(exc, RedisConnectionError) and str(exc) == _POOL_TIMEOUT_MESSAGE
+    """Whether `exc` says our pool had no free connection (not a failure of Redis).
+
+    A cluster pipeline takes a full pool for a failed node and refreshes the slot map,
+    which fails in turn when every node's pool is full: that error is caused by the full
+    pool too."""
+    return (
+        isinstance(exc, MaxConnectionsError)
+        or (isinstance(exc, RedisConnectionError) and str(exc) == _POOL_TIMEOUT_MESSAGE)
+        or (
+            isinstance(exc, RedisClusterException)
+            and isinstance(exc.__cause__ or exc.__context__, MaxConnectionsError)
+        )
     )
 
 
