@@ -714,3 +714,26 @@ _ECHO = Script.of("echo", "return ARGV[1]")
 
 def _echo(key: str) -> tuple[Script, list[str], list[str]]:
     return (_ECHO, [key], [key])
+
+
+def test_a_failed_store_releases_its_leases_at_once(
+    nodes_of: Callable[..., Nodes], writes: Counter[int]
+) -> None:
+    """A node hangs at the stores of a batch with many ids on it: the leases are handed over
+    in one step (one timeout), not one release per lease (two timeouts each: about 12 s for
+    these 20 ids at a 0.3 s timeout)."""
+    nodes = nodes_of(socket_timeout=0.3)
+    uids = nodes.spread(range(1, 200), per_node=20)
+    slow = nodes.port(uids[0])
+
+    def source(batch: list[int]) -> dict[int, str]:
+        nodes.pause(slow)
+        return _values(batch)
+
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(source)
+    writes.clear()
+    started = time.monotonic()
+    assert users(uids) == _values(uids)
+    assert time.monotonic() - started < 10 * 0.3
+    assert writes[slow] <= 8  # claims, stores, releases and reconnections: not one per lease
+    assert users.stats()["backend_errors"] == 1

@@ -368,8 +368,15 @@ class Batches:
         self._conn.scripts(self._tag_writes(tags, self._conn.scripts(stores), generation))
 
     def _release(self, leases: list[Lease], plan: _Plan) -> None:
-        for lease in leases:
-            self._conn.quietly(RELEASE, [lease.lease], [lease.token, plan.keys[lease.key].channel])
+        """Hand a failed batch's leases over, all at once (`scripts`: on a hung node one
+        timeout for the lot, not two per lease); best effort: a lease not released expires
+        with its `lease_ttl`, and the failure is counted and logged by the breaker."""
+        releases: list[ScriptCall] = [
+            (RELEASE, [lease.lease], [lease.token, plan.keys[lease.key].channel])
+            for lease in leases
+        ]
+        with contextlib.suppress(BackendError):
+            self._conn.scripts(releases)
 
     # -- async ------------------------------------------------------------------------------
 
