@@ -723,8 +723,11 @@ def test_a_failed_store_releases_its_leases_at_once(
     in one step (one timeout), not one release per lease (two timeouts each: about 12 s for
     these 20 ids at a 0.3 s timeout)."""
     nodes = nodes_of(socket_timeout=0.3)
-    uids = nodes.spread(range(1, 200), per_node=20)
-    slow = nodes.port(uids[0])
+    spread = nodes.spread(range(1, 200), per_node=20)
+    uids = [
+        uid for trio in zip(spread[:20], spread[20:40], spread[40:], strict=True) for uid in trio
+    ]
+    slow = nodes.port(uids[0])  # its leases alternate with the others' (no breaker opens)
 
     def source(batch: list[int]) -> dict[int, str]:
         nodes.pause(slow)
@@ -735,5 +738,5 @@ def test_a_failed_store_releases_its_leases_at_once(
     started = time.monotonic()
     assert users(uids) == _values(uids)
     assert time.monotonic() - started < 10 * 0.3
-    assert writes[slow] <= 8  # claims, stores, releases and reconnections: not one per lease
+    assert writes[slow] <= 12  # claims, stores, releases, reconnections: not one per lease
     assert users.stats()["backend_errors"] == 1
