@@ -16,7 +16,6 @@ Two caches made by `redis_caches` meet only in Redis, like two processes.
 from __future__ import annotations
 
 import asyncio
-import shlex
 import threading
 import time
 import uuid
@@ -42,6 +41,27 @@ _SCRIPTS = {
 _MARK = "coalesce-test-mark"
 
 
+def _monitored(line: Any) -> dict[str, Any]:
+    r"""One line of `MONITOR` (`<time> [<db> <client>] "<arg>" "<arg>" ...`) as the command
+    (its arguments joined by spaces), who ran it (`"lua"` for a script) and its number of
+    arguments. Each argument is quoted with `\\`, `\"` and `\xNN` escapes (Redis's
+    `sdscatrepr`), so counting the quoted parts counts arguments whatever bytes they hold;
+    redis-py's own `next_command` joins them unquoted, and its text cannot be split again
+    when a value holds a space or a quote."""
+    text = line.decode("utf-8", "backslashreplace") if isinstance(line, bytes) else line
+    header, _, quoted = text.partition("] ")
+    args: list[str] = []
+    start = quoted.find('"')
+    while start >= 0:
+        end = start + 1
+        while quoted[end] != '"':
+            end += 2 if quoted[end] == "\\" else 1
+        args.append(quoted[start + 1 : end])
+        start = quoted.find('"', end + 1)
+    client = header.rsplit(" ", 1)[-1]
+    return {"command": " ".join(args), "client_type": client, "args": len(args)}
+
+
 class Commands:
     """The commands a server runs, read from a `MONITOR` connection on a thread.
 
@@ -65,7 +85,7 @@ class Commands:
     def _read(self) -> None:
         try:
             while True:
-                command = self._monitor.next_command()
+                command = _monitored(self._monitor.connection.read_response())
                 with self._cond:
                     self._seen.append(command)
                     self._cond.notify_all()
@@ -92,12 +112,8 @@ class Commands:
         action()
         end = self._mark()
         with self._cond:
-            window = [
-                c["command"] for c in self._seen[start + 1 : end] if c["client_type"] != "lua"
-            ]
-        return dict(
-            zip(self._names(start, end), (len(shlex.split(c)) for c in window), strict=True)
-        )
+            window = [c["args"] for c in self._seen[start + 1 : end] if c["client_type"] != "lua"]
+        return dict(zip(self._names(start, end), window, strict=True))
 
     def _names(self, start: int, end: int, lua: bool = False) -> list[str]:
         names = []
