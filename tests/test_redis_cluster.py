@@ -21,6 +21,7 @@ import redis.asyncio.connection
 import redis.connection
 from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
+from redis.exceptions import MaxConnectionsError, RedisClusterException
 from redis_servers import RedisCluster
 from test_batch import BOUND, run_thread, wait_until
 from test_redis_degraded import _frozen
@@ -740,3 +741,16 @@ def test_a_failed_store_releases_its_leases_at_once(
     assert time.monotonic() - started < 10 * 0.3
     assert writes[slow] <= 12  # claims, stores, releases, reconnections: not one per lease
     assert users.stats()["backend_errors"] == 1
+
+
+def test_a_cluster_error_met_while_a_pool_was_full_still_counts_as_a_failure() -> None:
+    """Only an error raised *from* our full pool is our pool's (`_pool_exhausted`); one that
+    redis-py raised while handling it (the slot map refreshed because a node looked failed,
+    and found slots uncovered) is Redis failing, for the breaker to count."""
+    full = MaxConnectionsError("Too many connections")
+    from_full = RedisClusterException("Redis Cluster cannot be connected")
+    from_full.__cause__ = full
+    during_full = RedisClusterException("All slots are not covered after query all startup_nodes")
+    during_full.__context__ = full
+    assert connection._pool_exhausted(from_full)
+    assert not connection._pool_exhausted(during_full)

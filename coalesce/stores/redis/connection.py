@@ -357,13 +357,10 @@ class RedisConnection:
         client has a `publish` method only from 8.0 on."""
         client = self.loop_state().client
         if isinstance(client, redis.asyncio.cluster.RedisCluster):
-            node = client.get_default_node()
-            await self.acall(
-                functools.partial(client.execute_command, target_nodes=node),
-                "PUBLISH",
-                channel,
-                message,
-            )
+            # the flag, not the node itself: redis-py looks it up after refreshing the slot
+            # map, and keeps its retries (a node given explicitly gets none)
+            to_default = functools.partial(client.execute_command, target_nodes=client.DEFAULT_NODE)
+            await self.acall(to_default, "PUBLISH", channel, message)
         else:
             await self.acall(client.publish, channel, message)
 
@@ -712,8 +709,8 @@ def _pool_exhausted(exc: BaseException) -> bool:
         isinstance(exc, MaxConnectionsError)
         or (isinstance(exc, RedisConnectionError) and str(exc) == _POOL_TIMEOUT_MESSAGE)
         or (
-            isinstance(exc, RedisClusterException)
-            and isinstance(exc.__cause__ or exc.__context__, MaxConnectionsError)
+            isinstance(exc, RedisClusterException)  # raised `from` the full pool, not merely
+            and isinstance(exc.__cause__, MaxConnectionsError)  # while handling it
         )
     )
 
