@@ -647,7 +647,7 @@ def _compute(
         computed.append(_failed(cache, policy, exc, started, previous, raised))
         return computed[0]
     stats = policy.stats
-    with _count_lock:  # `_count_computation`, written out: one call fewer per miss
+    with _count_lock:  # `_count_computation`, written out: one call fewer per sync miss
         stats.computations += 1
         stats.compute_time += _perf() - started
     computed.append(policy.make_entry(cache, value, started, tags))
@@ -875,10 +875,7 @@ async def _acompute(
     except Exception as exc:
         computed.append(_failed(cache, policy, exc, started, previous, raised))
         return computed[0]
-    stats = policy.stats
-    with _count_lock:  # `_count_computation`, written out: one call fewer per miss
-        stats.computations += 1
-        stats.compute_time += _perf() - started
+    _count_computation(policy, started)
     computed.append(policy.make_entry(cache, value, started, tags))
     return computed[0]
 

@@ -53,13 +53,13 @@ class Frozen:
     hit.
     """
 
-    __slots__ = ("payload", "snapshot", "thaw")
+    __slots__ = ("payload", "thaw")
 
     def __init__(
         self, payload: bytes, snapshot: Any = None, loads: Callable[[bytes], Any] | None = None
     ) -> None:
         self.payload = payload  # the serialized value, always present
-        self.snapshot = snapshot  # a private flat container, or None
+        # `snapshot`, a private flat container, is kept only by its bound `copy`
         self.thaw: Callable[[], Any] = (
             snapshot.copy if loads is None else functools.partial(loads, payload)
         )
