@@ -37,13 +37,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from redis.crc import key_slot
-
 from coalesce.batch.flights import PartlyFailed
 from coalesce.entry import Entry
 from coalesce.errors import BackendError
 from coalesce.stores.base import Fence
-from coalesce.stores.redis.connection import ScriptCall
+from coalesce.stores.redis.connection import ScriptCall, slot_groups
 from coalesce.stores.redis.lease import Call, Keys, Lease, Leases
 from coalesce.stores.redis.listener import AsyncWaiter, Listener, ThreadWaiter
 from coalesce.stores.redis.scripts import (
@@ -211,11 +209,7 @@ class Batches:
             return []
         if not self.cluster:
             return [keys]
-        groups: dict[int, list[str]] = {}
-        for key in keys:
-            name = self._layout.entry(key).encode("utf-8", "surrogateescape")
-            groups.setdefault(key_slot(name), []).append(key)
-        return list(groups.values())
+        return slot_groups(keys, self._layout.entry)
 
     def _claim_many_args(
         self, group: list[str], plan: _Plan, mode: str, now: int

@@ -471,7 +471,7 @@ class RedisConnection:
         client = self.sync()
         if not isinstance(client, redis.cluster.RedisCluster):
             return client.mget(names)
-        groups = _by_slot(names)
+        groups = slot_groups(names)
         if not _SYNC_PIPELINES:
             return _in_order(names, groups, [client.mget(group) for group in groups])
         replies = self._at_once(client, _mgets(groups), lambda index: client.mget(groups[index]))
@@ -481,7 +481,7 @@ class RedisConnection:
         client = self.loop_state().client
         if not isinstance(client, redis.asyncio.cluster.RedisCluster):
             return await client.mget(names)
-        groups = _by_slot(names)
+        groups = slot_groups(names)
         if not _ASYNC_PIPELINES:
             return _in_order(names, groups, [await client.mget(group) for group in groups])
         replies = await self._aat_once(
@@ -663,11 +663,13 @@ def _evalshas(calls: Sequence[ScriptCall]) -> Commands:
     ]
 
 
-def _by_slot(names: list[str]) -> list[list[str]]:
-    """`names` grouped by cluster slot, each group in the given order."""
+def slot_groups(items: list[str], name_of: Callable[[str], str] | None = None) -> list[list[str]]:
+    """`items` grouped by the cluster slot of their Redis name (`name_of(item)`, else the
+    item itself), each group in the given order."""
     slots: dict[int, list[str]] = {}
-    for name in names:
-        slots.setdefault(key_slot(name.encode()), []).append(name)
+    for item in items:
+        name = item if name_of is None else name_of(item)
+        slots.setdefault(key_slot(name.encode("utf-8", "surrogateescape")), []).append(item)
     return list(slots.values())
 
 
@@ -703,8 +705,8 @@ def _pool_exhausted(exc: BaseException) -> bool:
     """Whether `exc` says our pool had no free connection (not a failure of Redis).
 
     A cluster pipeline takes a full pool for a failed node and refreshes the slot map,
-    which fails in turn when every node's pool is full: that error is caused by the full
-    pool too."""
+    which fails in turn when every node's pool is full: an error raised from the full pool
+    is the pool's too (one raised merely while handling it is Redis failing)."""
     return (
         isinstance(exc, MaxConnectionsError)
         or (isinstance(exc, RedisConnectionError) and str(exc) == _POOL_TIMEOUT_MESSAGE)
