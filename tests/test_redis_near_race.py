@@ -4,10 +4,10 @@ Each test pins one interleaving with events, on real redis-servers: a reader's `
 writer's `STORE`) is answered with the entry as it was before the deletion, and the thread
 that asked is held right after the answer, as a descheduled thread would be.
 
-* A heard invalidation takes the listener thread two steps: `Listener._listen` moves the
-  generation, then the store's hook moves the read epoch. A reader that looks at the
-  generation between the two still joins a `GET` begun before the deletion; the value that
-  `GET` returns must not be kept (commit 2433bdf: the hook moves the generation again).
+* A heard invalidation reaches the store's hook on the listener thread, which moves the
+  read epoch, then the generation. A reader that came before the hook still joins a `GET`
+  begun before the deletion; the value that `GET` returns must not be kept (commit 2433bdf
+  moved the generation again after the epoch; now the hook alone moves it, in that order).
 * A deletion made while the pub/sub connection is down is never heard. A read or write
   answered before it, whose thread keeps the result only after the listener subscribed
   again, must not be kept either: the re-subscription moves the generation too.
@@ -48,8 +48,8 @@ def stores(redis_url: str, unique_namespace: str) -> Iterator[tuple[RedisStore, 
 
 
 class HeldListener:
-    """Holds `store`'s listener thread when it hears `message`: after it moved the generation,
-    before the store's own hook runs (`held`), until `go`; `done` once the hook returned."""
+    """Holds `store`'s listener thread when it hears `message`, before the store's own hook
+    runs (`held`), until `go`; `done` once the hook returned."""
 
     def __init__(self, store: RedisStore, message: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
         self.held, self.go, self.done = threading.Event(), threading.Event(), threading.Event()
@@ -121,11 +121,11 @@ def test_a_reader_joining_a_read_begun_before_a_heard_deletion_keeps_nothing(
         read = conn._reads[near._layout.entry(KEY)]
         read.lock = WatchedLock(read.lock, joined)  # type: ignore[assignment]
         assert other.delete(KEY)  # another process: broadcast "k:k"
-        assert listener.held.wait(WAIT)  # the generation moved, the epoch not yet
-        reader_b.start()  # reads the new generation
+        assert listener.held.wait(WAIT)  # heard: neither the epoch nor the generation moved
+        reader_b.start()  # reads the generation the hook is about to move
         assert joined.wait(WAIT)  # and joins A's GET
         listener.go.set()
-        assert listener.done.wait(WAIT)  # the hook ran: epoch moved, nothing to drop yet
+        assert listener.done.wait(WAIT)  # the hook ran: epoch, generation; nothing to drop yet
     finally:
         listener.go.set()
         release.set()
@@ -158,7 +158,7 @@ async def test_a_task_joining_a_read_begun_before_a_heard_deletion_keeps_nothing
     try:
         await asyncio.wait_for(answered.wait(), WAIT)  # A's GET answered "old"
         assert await other.adelete(KEY)
-        assert await asyncio.to_thread(listener.held.wait, WAIT)  # generation moved, not epoch
+        assert await asyncio.to_thread(listener.held.wait, WAIT)  # heard, not handled
         task_b = asyncio.ensure_future(near.aget(KEY))
         # B runs first, up to its first suspension: awaiting A's read (nothing else awaits
         # before it); the assertion on its value below checks that it did join

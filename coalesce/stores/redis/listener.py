@@ -32,10 +32,11 @@ second subscription makes both wake up for every message.
 
 Concurrency contract: `_waiters` is written by any thread under `_lock` (add/remove) and read
 under `_lock` by the listener thread, which wakes waiters after releasing it. `generation` is
-bumped under `_lock` whenever local copies may have become stale (an invalidation arrived or
-the connection dropped; the store's hooks bump it again after moving its read epoch, also
-once subscribed again) and read without it by the near cache, which refuses to keep an entry
-read from Redis if the generation moved meanwhile.
+bumped under `_lock` (`bump`) whenever local copies may have become stale, and read without
+it by the near cache, which refuses to keep an entry read from Redis if the generation moved
+meanwhile: here when the connection drops, and by the store's hooks (`on_invalidate`,
+`on_reset`) when an invalidation arrives or the subscription is back, after they moved the
+store's read epoch and before they drop local copies (see `RedisStore._invalidated`).
 """
 
 from __future__ import annotations
@@ -254,8 +255,7 @@ class Listener:
             if kind == "pmessage":
                 self._dispatch(message["channel"], message["data"])
             elif kind == "message":
-                self.bump()
-                self._on_invalidate(message["data"])
+                self._on_invalidate(message["data"])  # which moves the generation
             elif kind in ("psubscribe", "subscribe"):
                 confirmed += 1
                 if confirmed == 2:

@@ -303,10 +303,10 @@ class RedisStore(Store):
 
     def _invalidated(self, message: bytes) -> None:
         self._conn.epoch += 1  # a read begun before a remote deletion is not to be joined
-        # The listener moved the generation before calling this: a near-cache reader that read
-        # the new generation in between may have joined a read begun before the deletion
-        # (the epoch was still the old one). Moving the generation again, after the epoch,
-        # makes such a reader's `remember` refuse what that read returns.
+        # Then the generation, in this order: a near-cache reader that sees the new generation
+        # can no longer join a read begun before the deletion, and one that saw the old one
+        # (and may have joined such a read) has its `remember` refused, or its copy dropped
+        # just below.
         self._listener.bump()
         self._fallback.on_invalidate(message)
         if self._near is not None:
@@ -352,8 +352,8 @@ class RedisStore(Store):
         with self._echoes_lock:
             self._echoes.clear()  # echoes still on their way are lost with the connection
         self._conn.epoch += 1
-        # As in `_invalidated`, and also once subscribed again: a read or write answered while
-        # the connection was down may be older than a deletion nobody here heard, and reach
+        # As in `_invalidated`, also once subscribed again: a read or write answered while the
+        # connection was down may be older than a deletion nobody here heard, and reach
         # `NearCache.remember` only now. Its generation must have moved (after the epoch, and
         # before the flush, which drops any copy kept just before).
         self._listener.bump()
