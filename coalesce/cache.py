@@ -40,6 +40,7 @@ from coalesce.flight import AsyncFlights, ThreadFlights
 from coalesce.keys import MAX_KEY_LENGTH, escape, is_safe_key, shorten
 from coalesce.options import CachedOptions, check_option_names, check_seconds
 from coalesce.serialization import Serializer, get_serializer
+from coalesce.stats import Stats
 from coalesce.stores.base import Fence, KeyList, Store
 from coalesce.stores.memory import MemoryStore
 from coalesce.urls import redact, scheme_of, url_of_settings
@@ -912,14 +913,23 @@ class Cache:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Counters per decorated function: by key template, else by qualified name (both
-        when functions share a template)."""
-        result: dict[str, dict[str, Any]] = {}
+        when functions share a template). Copies, read now."""
+        return {name: stats.as_dict() for name, stats in self.counters().items()}
+
+    def counters(self) -> dict[str, Stats]:
+        """The live `Stats` of each function of this cache, named as `stats()` names them.
+
+        The objects the calls count into, not copies: one kept goes on counting, also
+        after its function is gone from the cache (collected) or renamed here (another
+        function with its key template appeared). Read them; the cache writes them.
+        """
+        result: dict[str, Stats] = {}
         policies = list(self._policies)
         names = [policy.stats_name for policy in policies]
         for policy, name in zip(policies, names, strict=True):
             if names.count(name) > 1:  # one template on several functions: tell them apart
                 name = f"{name} ({policy.name})"
-            result[name] = policy.stats.as_dict()
+            result[name] = policy.stats
         return result
 
     def close(self) -> None:

@@ -129,13 +129,23 @@ def coalesce_disabled() -> Iterator[Cache]:
         yield cache
 
 
-Counts = Mapping[str, Mapping[str, Any]]
+Counts = Mapping[str, Any]
+# what one target counts into, by the id of an object the entry keeps alive: its name in the
+# failure message and how to read its counters now
+Sources = dict[int, tuple[str, Callable[[], Counts]]]
 
 
-def _reader(target: object) -> tuple[Callable[[], Counts], Cache | None]:
-    """How to read the counters of one target, and the target itself when it is a cache."""
+def _reader(target: object) -> tuple[Callable[[], Sources], Cache | None]:
+    """How to list what one target counts into, and the target itself when it is a cache."""
     if isinstance(target, Cache):
-        return target.stats, target
+        cache = target
+
+        def read_cache() -> Sources:
+            # the live Stats, not names: a function may be renamed in `stats()` (another one
+            # with its key template appears) or collected while the block runs
+            return {id(stats): (name, stats.as_dict) for name, stats in cache.counters().items()}
+
+        return read_cache, cache
     stats = getattr(target, "stats", None)
     if not callable(stats) or isinstance(target, type):
         raise TypeError(
@@ -144,14 +154,10 @@ def _reader(target: object) -> tuple[Callable[[], Counts], Cache | None]:
         )
     label = f"{getattr(target, '__module__', None)}.{getattr(target, '__qualname__', target)}"
 
-    def read() -> Counts:
-        return {label: stats()}
+    def read() -> Sources:
+        return {id(target): (label, stats)}
 
     return read, None
-
-
-def _sum(counts: Counts) -> int:
-    return sum(int(stats.get("computations", 0)) for stats in counts.values())
 
 
 def _plural(count: int, word: str) -> str:
@@ -181,15 +187,22 @@ def assert_computations(
 
 
 class _Check(AbstractContextManager[None]):
-    """The context manager of `assert_computations`: counters read on entry and on exit."""
+    """The context manager of `assert_computations`: counters read on entry and on exit.
 
-    def __init__(self, expected: int, readers: list[tuple[Callable[[], Counts], Cache | None]]):
+    Counted per counting object (a function's live `Stats`), never per name: those seen on
+    entry are kept, so one whose function is collected in the block, or renamed in
+    `Cache.stats()`, still counts exactly what it did in the block.
+    """
+
+    def __init__(self, expected: int, readers: list[tuple[Callable[[], Sources], Cache | None]]):
         self.expected = expected
         self.readers = readers
-        self.before: list[Counts] = []
+        self.sources: list[Sources] = []
+        self.before: list[dict[int, Counts]] = []
 
     def __enter__(self) -> None:
-        self.before = [read() for read, _ in self.readers]
+        self.sources = [read() for read, _ in self.readers]
+        self.before = [{key: counts() for key, (_, counts) in s.items()} for s in self.sources]
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
         __tracebackhide__ = True  # the failure points at the user's `with` line
@@ -197,16 +210,15 @@ class _Check(AbstractContextManager[None]):
             return  # the block's own exception goes up unchecked
         lines: list[str] = []
         total = 0
-        for (read, cache), old in zip(self.readers, self.before, strict=True):
-            after = read()
-            # the total from sums: a cache renames a function's counters ("name (qualname)")
-            # when another one with its key template appears, and that must not count twice
-            total += _sum(after) - _sum(old)
-            for label, new in sorted(after.items()):
+        for (read, cache), sources, before in zip(
+            self.readers, self.sources, self.before, strict=True
+        ):
+            for key, (label, counts) in sorted({**sources, **read()}.items(), key=_by_label):
+                new, old = counts(), before.get(key, {})
                 moved = {
-                    name: new.get(name, 0) - old.get(label, {}).get(name, 0)
-                    for name in ("computations", *_SHOWN)
+                    name: new.get(name, 0) - old.get(name, 0) for name in ("computations", *_SHOWN)
                 }
+                total += moved["computations"]
                 if cache is not None and not any(moved.values()):
                     continue  # a function of the cache that was not called
                 details = ", ".join(
@@ -228,3 +240,7 @@ class _Check(AbstractContextManager[None]):
                 message += f"\n{which}{cache!r} is disabled (enabled=False or COALESCE_DISABLED=1)"
                 message += ": its functions run without being counted"
         raise AssertionError(message)
+
+
+def _by_label(item: tuple[int, tuple[str, Callable[[], Counts]]]) -> str:
+    return item[1][0]
