@@ -1686,3 +1686,53 @@ async def test_a_glitch_inside_redis_py_is_a_store_failure_but_our_bugs_are_not(
 
     with pytest.raises(TypeError):
         conn.call(our_stdlib_bug)
+
+
+class _RequestDeadline(Exception):
+    """What a web worker's alarm handler raises to cut a slow request short."""
+
+
+def test_a_signal_handlers_exception_inside_redis_py_goes_up_unchanged(
+    fresh_redis: RedisServer, unique_namespace: str
+) -> None:
+    """A user's SIGALRM handler raising while redis-py waits on a hung Redis: the exception
+    is the user's (the deepest frame not redis-py's nor the standard library's), so it goes
+    up as it was raised, not as a store failure the call degrades past (it would compute on,
+    past the deadline the handler enforces), and the breaker does not count it."""
+    cache = Cache(fresh_redis.url, namespace=unique_namespace, socket_timeout=5)
+
+    @cache.cached(ttl=30, key="n:{i}")
+    def n(i: int) -> int:
+        return i * 2
+
+    assert n(1) == 2  # connected
+
+    def deadline(signum: int, frame: object) -> None:
+        raise _RequestDeadline("the request took too long")
+
+    previous = signal.signal(signal.SIGALRM, deadline)
+    pid = fresh_redis.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for call in (lambda: n(2), lambda: cache.get("n:3")):
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(_RequestDeadline) as raised:
+                call()
+            # raised while redis-py read the reply, not before or after the call
+            modules = [tb.tb_frame.f_globals.get("__name__") for tb in _frames(raised.value)]
+            assert "redis.connection" in modules or "redis._parsers.socket" in modules
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        os.kill(pid, signal.SIGCONT)
+    assert cache.store.breaker.state == "closed"  # type: ignore[attr-defined]
+    assert n(2) == 4
+    cache.close()
+
+
+def _frames(exc: BaseException) -> Iterator[Any]:
+    tb = exc.__traceback__
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import functools
 import re
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -724,15 +725,22 @@ def _raised_in_redis_py(exc: BaseException) -> bool:
 
     The deepest frame of redis-py or of coalesce decides: redis-py may fail inside the
     standard library it calls (seen: asyncio's `StreamWriter.writelines` on a transport
-    another task closed, a `TypeError`), which is still redis-py's glitch, not our bug."""
+    another task closed, a `TypeError`), which is still redis-py's glitch, not our bug.
+    Other code deeper still is the user's (a signal handler raising to cut a request short,
+    a credential provider): its exception goes up unchanged, never taken for an outage."""
     owner = ""
     tb = exc.__traceback__
     while tb is not None:
-        module = str(tb.tb_frame.f_globals.get("__name__", ""))
-        if module.partition(".")[0] in ("redis", "coalesce"):
-            owner = module
+        package = str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0]
+        if package and package not in sys.stdlib_module_names and package not in _REDIS_PY_HELPERS:
+            owner = package
         tb = tb.tb_next
-    return owner.partition(".")[0] == "redis"
+    return owner == "redis"
+
+
+#: Packages whose frames leave the decision to the frame that called them: redis-py's
+#: helpers (`async_timeout` before Python 3.11) besides redis-py and coalesce themselves.
+_REDIS_PY_HELPERS = frozenset({"async_timeout"})
 
 
 def check_url(url: str) -> None:
