@@ -104,12 +104,14 @@ _SEND_AGAIN = (AskError, TryAgainError, ClusterDownError, NoScriptError, RedisCo
 
 #: Connections per pool of the clients we create (sync: one pool; asyncio: one per event
 #: loop; cluster: per node), unless `max_connections` is given.
-try:  # redis-py 7 and later
+#: redis-py 8.1's maintenance-notifications handshake, turned off (see `_options`). Older
+#: versions make it only on RESP3, which we do not ask for, and refuse the option: with
+#: RESP2 (redis-py 7) or on the asyncio cluster client and its connections (8.0).
+_NO_MAINT_NOTIFICATIONS: Any = None
+if _version(redis.__version__) >= (8, 1):
     from redis.maint_notifications import MaintNotificationsConfig
 
-    _NO_MAINT_NOTIFICATIONS: Any = MaintNotificationsConfig(enabled=False)
-except ImportError:  # pragma: no cover - older redis-py has no such handshake
-    _NO_MAINT_NOTIFICATIONS = None
+    _NO_MAINT_NOTIFICATIONS = MaintNotificationsConfig(enabled=False)
 
 DEFAULT_MAX_CONNECTIONS = 50
 
