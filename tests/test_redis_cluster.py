@@ -32,7 +32,7 @@ from coalesce.entry import Entry
 from coalesce.stores.base import Fence
 from coalesce.stores.redis import RedisStore, connection
 from coalesce.stores.redis.lease import Keys
-from coalesce.stores.redis.scripts import Script
+from coalesce.stores.redis.scripts import CLAIM_MANY, RELEASE, STORE_MANY, TAG, Script
 
 
 @pytest.fixture
@@ -345,12 +345,36 @@ def batches() -> Iterator[Callable[..., Batch]]:
         batch.close()
 
 
+def _pipelined(driver: str = "sync") -> bool:
+    """Whether the installed redis-py gets a step's commands on several nodes in one pipeline
+    (`connection._SYNC_PIPELINES`, `_ASYNC_PIPELINES`): else one slot group after another,
+    each a command of its own, and a failing one fails the step (the rest is not sent)."""
+    return connection._ASYNC_PIPELINES if driver == "async" else connection._SYNC_PIPELINES
+
+
+class Writes(Counter[int]):
+    """`writes`: the count by port, and `sent`: what each write carried, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[int, bytes]] = []
+
+    def clear(self) -> None:
+        super().clear()
+        self.sent.clear()
+
+    def of(self, port: int, command: Script | str) -> list[bytes]:
+        """The writes to `port` carrying `command` (a script's `EVALSHA`, or a command name)."""
+        name = command.sha if isinstance(command, Script) else command
+        return [data for to, data in self.sent if to == port and f"\r\n{name}\r\n".encode() in data]
+
+
 @pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
+def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
     """Writes by the caches' redis-py connections in this process, by the port written to:
     a command, a pipeline's commands to one node, each step of a new connection's handshake
     (not the listener's PING and SUBSCRIBE, nor `Nodes`'s own). Counted, not changed."""
-    counts: Counter[int] = Counter()
+    counts = Writes()
     send = redis.connection.AbstractConnection.send_packed_command
     asend = redis.asyncio.connection.AbstractConnection.send_packed_command
 
@@ -359,6 +383,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
         data = data if isinstance(data, bytes) else b"".join(data)
         if connection.client_name != _OWN and b"PING" not in data and b"SUBSCRIBE" not in data:
             counts[connection.port] += 1
+            counts.sent.append((connection.port, data))
 
     def counting(self: Any, command: Any, check_health: bool = True) -> None:
         count(self, command)
@@ -376,11 +401,11 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Counter[int]:
 
 
 def test_a_sync_batch_claims_and_stores_every_slot_group_at_once(
-    nodes_of: Callable[..., Nodes],
+    nodes_of: Callable[..., Nodes], writes: Writes
 ) -> None:
     """While the node of the first slot group holds back its scripts, the other nodes get
     theirs: the claims, then the stores. (Sent one group after another, the held-back first
-    group kept the others from being sent at all.)"""
+    group kept the others from being sent at all: so it is with an older redis-py.)"""
     nodes = nodes_of(socket_timeout=BOUND)  # a held-back script is waited for, not failed
     uids = nodes.spread(range(1, 60))
     slow = nodes.port(uids[0])
@@ -392,24 +417,32 @@ def test_a_sync_batch_claims_and_stores_every_slot_group_at_once(
 
     users = nodes.cache.cached_many(key="user:{}", ttl=60)(source)
     nodes.pause(slow)
+    writes.clear()
     thread, out = run_thread(lambda: users(uids))
     try:
-        wait_until(lambda: all(nodes.holds(uid, "lease") for uid in others))
-        nodes.unpause(slow)
-        wait_until(lambda: all(nodes.holds(uid, "entry") for uid in others))
+        for script, what in ((CLAIM_MANY, "lease"), (STORE_MANY, "entry")):
+            if _pipelined():
+                wait_until(lambda what=what: all(nodes.holds(uid, what) for uid in others))
+            else:  # the first group's script held back, the others' are not sent
+                wait_until(lambda script=script: bool(writes.of(slow, script)))
+                assert not any(writes.of(port, script) for port in writes if port != slow)
+                assert not any(nodes.holds(uid, what) for uid in others)
+            nodes.unpause(slow)
     finally:
         nodes.resume()  # (failing: no pause left behind for the next test)
         thread.join(BOUND)
         nodes.resume()
     assert out == [_values(uids)]
+    assert all(nodes.holds(uid, "entry") for uid in uids)
 
 
 def test_a_sync_batch_records_its_ids_in_every_tag_set_at_once(
-    nodes_of: Callable[..., Nodes],
+    nodes_of: Callable[..., Nodes], writes: Writes
 ) -> None:
     """Right after the claims the leader records its ids in their tag sets (on a cluster,
     other slots than the ids'): while the node of one tag set holds back its writes, another
-    node's tag set gets every id. (Sent one after another, the first write held back all.)"""
+    node's tag set gets every id. (Sent one after another, the first write held back all:
+    so it is with an older redis-py.)"""
     nodes = nodes_of(socket_timeout=BOUND)
     tag_sets = {
         name: nodes.store._layout.tag(nodes.cache.prefix + name)
@@ -425,13 +458,23 @@ def test_a_sync_batch_records_its_ids_in_every_tag_set_at_once(
     uids = [uid for uid in nodes.spread(range(1, 60)) if nodes.port(uid) != slow]
     users = nodes.cache.cached_many(key="user:{}", ttl=60, tags=[first, other])(_values)
     nodes.pause(slow)
+    writes.clear()
     thread, out = run_thread(lambda: users(uids))
     try:
-        wait_until(lambda: nodes.servers[port(other)].zcard(tag_sets[other]) == len(uids))
+        if _pipelined():
+            wait_until(lambda: nodes.servers[port(other)].zcard(tag_sets[other]) == len(uids))
+        else:  # the first id's write to the first tag set held back, nothing after it sent
+            wait_until(lambda: bool(writes.of(slow, TAG)))
+            assert not writes.of(port(other), TAG)
+            assert nodes.servers[port(other)].zcard(tag_sets[other]) == 0
     finally:
         nodes.resume()  # (failing: no pause left behind for the next test)
         thread.join(BOUND)
     assert out == [_values(uids)]
+    assert [nodes.servers[port(name)].zcard(tag_sets[name]) for name in (first, other)] == [
+        len(uids),
+        len(uids),
+    ]
 
 
 @pytest.mark.parametrize("driver", ["sync", "async"])
@@ -439,7 +482,7 @@ def test_a_sync_batch_records_its_ids_in_every_tag_set_at_once(
 def test_a_hung_node_gets_each_step_once(
     nodes_of: Callable[..., Nodes],
     batches: Callable[..., Batch],
-    writes: Counter[int],
+    writes: Writes,
     step: str,
     driver: str,
 ) -> None:
@@ -447,7 +490,9 @@ def test_a_hung_node_gets_each_step_once(
     gets the commands of a step once, in one write, and the batch fails after one socket
     timeout: its slot groups are not sent again one by one on new connections (redis-py's
     own pipeline would, two socket timeouts each; its asyncio `mget_nonatomic` wrote to the
-    node 5 times here). Sync and asyncio alike."""
+    node 5 times here). Sync and asyncio alike. With an older redis-py each slot group is a
+    write of its own, and the step stops at the hung node's first group (sent again once at
+    most, by redis-py's retry of a single command): no later group is sent."""
     timeout = 0.2
     nodes = nodes_of(socket_timeout=timeout, on_backend_error="raise")
     uids = nodes.spread(range(1, 90), per_node=4)
@@ -463,7 +508,17 @@ def test_a_hung_node_gets_each_step_once(
     with hung, pytest.raises(BackendError):
         users(uids)
     assert time.monotonic() - started < 3 * timeout
-    assert writes[slow] == (1 if step == "read" else 2)  # the MGETs (then the claims): one write
+    if _pipelined(driver):
+        assert writes[slow] == (
+            1 if step == "read" else 2
+        )  # the MGETs (then the claims): one write
+        return
+    command = "MGET" if step == "read" else CLAIM_MANY
+    sent = {(port, data) for port in writes for data in writes.of(port, command)}
+    assert len(sent) == 1 and next(iter(sent))[0] == slow  # one group's: the first
+    if step == "claim":  # every group read before: one write each
+        groups = connection.slot_groups([nodes.keys(uid).entry for uid in uids])
+        assert sum(len(writes.of(port, "MGET")) for port in writes) == len(groups)
 
 
 def test_overlapping_sync_batches_of_two_caches_compute_each_id_once(
@@ -529,7 +584,10 @@ def test_a_node_failing_mid_batch_degrades_to_computing(
     assert (users if driver == "sync" else ausers).stats()["backend_errors"] == 1
     if step == "store":
         others = [uid for uid in uids if nodes.port(uid) != slow]
-        assert all(nodes.holds(uid, "entry") for uid in others)
+        if _pipelined(driver):
+            assert all(nodes.holds(uid, "entry") for uid in others)
+        else:  # one group after another: the first (the slow node's) failed the step
+            assert not any(nodes.holds(uid, "entry") for uid in uids)
         assert not any(nodes.holds(uid, "lease") for uid in others)
 
 
@@ -718,11 +776,13 @@ def _echo(key: str) -> tuple[Script, list[str], list[str]]:
 
 
 def test_a_failed_store_releases_its_leases_at_once(
-    nodes_of: Callable[..., Nodes], writes: Counter[int]
+    nodes_of: Callable[..., Nodes], writes: Writes
 ) -> None:
     """A node hangs at the stores of a batch with many ids on it: the leases are handed over
     in one step (one timeout), not one release per lease (two timeouts each: about 12 s for
-    these 20 ids at a 0.3 s timeout)."""
+    these 20 ids at a 0.3 s timeout). With an older redis-py each slot group is a write of
+    its own (the reads, the claims), and the stores and the releases stop at their first
+    command to the hung node (sent again once at most, by redis-py's retry)."""
     nodes = nodes_of(socket_timeout=0.3)
     spread = nodes.spread(range(1, 200), per_node=20)
     uids = [
@@ -739,8 +799,14 @@ def test_a_failed_store_releases_its_leases_at_once(
     started = time.monotonic()
     assert users(uids) == _values(uids)
     assert time.monotonic() - started < 10 * 0.3
-    assert writes[slow] <= 12  # claims, stores, releases, reconnections: not one per lease
+    if _pipelined():
+        assert writes[slow] <= 12  # claims, stores, releases, reconnections: not one per lease
+    else:
+        groups = len({key_slot(nodes.keys(uid).entry.encode()) for uid in spread[:20]})
+        assert [len(writes.of(slow, command)) for command in ("MGET", CLAIM_MANY)] == [groups] * 2
+        assert [len(set(writes.of(slow, script))) for script in (STORE_MANY, RELEASE)] == [1, 1]
     assert users.stats()["backend_errors"] == 1
+    assert not any(nodes.holds(uid, "lease") for uid in uids if nodes.port(uid) != slow)
 
 
 def test_a_cluster_error_met_while_a_pool_was_full_still_counts_as_a_failure() -> None:
