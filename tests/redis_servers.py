@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import inspect
 import ipaddress
 import random
 import shutil
@@ -98,6 +99,16 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def take_connection(pool: Any) -> Any:
+    """A connection out of a redis-py pool (give it back with `pool.release`), on every
+    redis-py we support: before 5.3 `get_connection` needs a command name, from 6.0 on
+    naming one is deprecated."""
+    command_name = inspect.signature(pool.get_connection).parameters.get("command_name")
+    if command_name is not None and command_name.default is inspect.Parameter.empty:
+        return pool.get_connection("GET")
+    return pool.get_connection()
 
 
 def free_port(*, cluster_bus: bool = False) -> int:

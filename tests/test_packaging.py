@@ -70,6 +70,44 @@ def test_the_sdist_carries_what_its_tests_need(built: tuple[Path, Path, str]) ->
     }
 
 
+# what users install: the dependencies and these extras (not test, bench, demo)
+_USER_EXTRAS = {"fastapi", "starlette", "flask", "django", "prometheus", "otel"}
+
+
+def test_every_declared_floor_is_pinned_in_ci_lowest_txt(
+    built: tuple[Path, Path, str],
+) -> None:
+    """`.ci/lowest.txt` pins each floor (`>=X`) of the wheel's requirements at exactly X, so
+    a run of the suite on it tests what `pip install coalesce-cache` may give.
+    (The floor `redis>=5.0` was wrong: redis-py 5.0.0 has no `Redis.from_pool`, and 5.0.x
+    answers a wrong password with "No connection available.")"""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    _, wheel, _ = built
+    with zipfile.ZipFile(wheel) as archive:
+        (meta_name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        meta = Parser().parsestr(archive.read(meta_name).decode())
+    floors: dict[str, Version] = {}
+    for line in meta.get_all("Requires-Dist") or []:
+        requirement = Requirement(line)
+        marker = str(requirement.marker or "")
+        if requirement.name == "coalesce-cache" or (
+            marker and not any(f'extra == "{extra}"' in marker for extra in _USER_EXTRAS)
+        ):
+            continue
+        (floor,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        floors[canonicalize_name(requirement.name)] = Version(floor)
+    pinned: dict[str, Version] = {}
+    for line in (ROOT / ".ci" / "lowest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[canonicalize_name(name)] = Version(version)
+    assert {"redis", "cachetools", "msgpack", "fastapi", "django"} <= floors.keys()
+    assert {name: pinned.get(name) for name in floors} == floors
+
+
 def _without(module: str, code: str) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter where `module` cannot be imported."""
     blocked = f"import sys; sys.modules[{module!r}] = None\n"

@@ -22,7 +22,7 @@ import redis.connection
 from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 from redis.exceptions import MaxConnectionsError, RedisClusterException
-from redis_servers import RedisCluster
+from redis_servers import RedisCluster, take_connection
 from test_batch import BOUND, run_thread, wait_until
 from test_redis_degraded import _frozen
 
@@ -753,7 +753,7 @@ def test_a_full_pool_in_a_pipelined_step_does_not_count_against_the_breaker(
         assert len(keys) == 3
         assert conn.mget(keys) == [None, None, None]  # every node's pool made
         pools = [client.get_redis_connection(node).connection_pool for node in client.get_nodes()]
-        held = [(pool, pool.get_connection()) for pool in pools for _ in range(2)]
+        held = [(pool, take_connection(pool)) for pool in pools for _ in range(2)]
         try:
             failures = conn.breaker.failures
             for step in (lambda: conn.mget(keys), lambda: conn.scripts([_echo(k) for k in keys])):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from redis_servers import RedisServer
+from redis_servers import RedisServer, take_connection
 
 from coalesce import Cache
 from coalesce.entry import Entry
@@ -219,7 +219,7 @@ def test_a_full_pool_degrades_like_a_store_failure_without_opening_the_breaker(
     assert store.get(key) is None
     conn = store._conn
     pool = conn.sync().connection_pool
-    held = pool.get_connection()  # the only connection
+    held = take_connection(pool)  # the only connection
     try:
         started = time.monotonic()
         with pytest.raises(BackendError, match="No connection available"):
@@ -456,7 +456,7 @@ def test_a_flight_detached_by_a_pubsub_drop_cannot_land_in_the_fallback_after_in
     db["v"] = "v2"
     cache.invalidate("doc")  # deletes the lease (no entry yet)
     pool = store._conn.sync().connection_pool
-    held = pool.get_connection()  # from now on the store fails: the fallback answers
+    held = take_connection(pool)  # from now on the store fails: the fallback answers
     try:
         release.set()
         leader.join(10)
@@ -490,7 +490,7 @@ def test_a_computation_on_the_failed_path_cannot_land_after_invalidate_tag(
 
     pool = store._conn.sync().connection_pool
     store.get(cache.prefix + "warm")  # the one connection exists
-    held = pool.get_connection()
+    held = take_connection(pool)
     got: list[str] = []
     caller = threading.Thread(target=lambda: got.append(doc()))
     caller.start()
@@ -503,7 +503,7 @@ def test_a_computation_on_the_failed_path_cannot_land_after_invalidate_tag(
     release.set()
     caller.join(10)
     assert got == ["v1"]
-    held = pool.get_connection()  # the store fails again
+    held = take_connection(pool)  # the store fails again
     try:
         assert doc() == "v2"
     finally:

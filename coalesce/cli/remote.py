@@ -183,7 +183,8 @@ def describe_redis_error(exc: BaseException, url: str) -> str:
     shown = redact(url)
     message = hide_credentials(one_line(str(exc)), url) or type(exc).__name__
     text = message.upper()
-    if "NOAUTH" in text or "ALREADY AUTHENTICATED" in text:
+    # redis-py before 7 keeps only the text after NOAUTH: "Authentication required."
+    if any(word in text for word in ("NOAUTH", "ALREADY AUTHENTICATED", "AUTHENTICATION REQUIRED")):
         return (
             f"Redis at {shown} requires a password: put it in the URL, "
             "redis://:PASSWORD@HOST:PORT/DB (or redis://USER:PASSWORD@... with ACL users)"
