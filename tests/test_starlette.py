@@ -5,11 +5,12 @@ metrics and coalescing of concurrent requests."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -17,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Host, Mount, Route, Router
 from starlette.testclient import TestClient
 
 from coalesce import Cache, ConfigurationError, KeyTemplateError
@@ -528,3 +529,93 @@ def test_bare_decorator_uses_the_default_cache() -> None:
     with TestClient(Starlette(routes=[Route("/hello", hello)])) as client:
         assert client.get("/hello").headers["x-cache"] == "MISS"
         assert client.get("/hello").headers["x-cache"] == "HIT"
+
+
+def test_hostile_paths_make_no_new_metrics_names(target: App, client: TestClient) -> None:
+    """A client that walks ids (and the mounted copy of the route) adds no metrics names:
+    one per route template, on every Starlette (before 1.7 there is no scope["route"])."""
+    for item_id in range(200):
+        assert client.get(f"/items/{item_id}?x={item_id}").status_code == 200
+        assert client.get(f"/api/items/{item_id}").status_code == 200
+    templates = {"/items/{item_id:int}", "/api/items/{item_id:int}"}
+    assert set(target.registry.snapshot()["routes"]) == templates
+    stats = target.item.stats()
+    assert set(stats) == templates
+    assert stats["/items/{item_id:int}"]["computations"] == 200
+    assert stats["/api/items/{item_id:int}"]["computations"] == 200
+
+
+class Passthrough:
+    """Pure ASGI middleware that keeps the app it wraps as `.app`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def test_every_route_is_named_by_its_templates_wherever_it_is_mounted() -> None:
+    """Mount templates with parameters, a mounted Starlette app behind middleware, a Host,
+    one endpoint under several templates and a decorator around the cached endpoint: each
+    request is named by the templates of the mounts and route it went through."""
+    registry, calls = MetricsRegistry(), Counter[str]()
+
+    @cached(ttl=60, cache=Cache(), registry=registry)
+    async def page(request: Request) -> Response:
+        calls["page"] += 1
+        return JSONResponse(request.path_params)
+
+    def logged(endpoint: Any) -> Any:
+        @functools.wraps(endpoint)
+        async def wrapper(request: Request) -> Response:
+            return cast(Response, await endpoint(request))
+
+        return wrapper
+
+    inner = Starlette(routes=[Route("/pages/{n:int}", page)])
+    app = Starlette(
+        routes=[
+            Route("/pages/{n:int}", page),
+            Route("/page-{n:int}.html", page),
+            Mount("/shops/{shop}", routes=[Route("/pages/{n:int}", page)]),
+            Mount("/v1", app=Passthrough(inner)),
+            Mount("/v2", routes=[Mount("/deep", routes=[Route("/{n:int}", logged(page))])]),
+            Host("admin.example", app=Router(routes=[Route("/admin/{n:int}", page)])),
+        ]
+    )
+    paths = {
+        "/pages/{n:int}": [f"/pages/{n}" for n in range(20)],
+        "/page-{n:int}.html": [f"/page-{n}.html" for n in range(20)],
+        "/shops/{shop}/pages/{n:int}": [f"/shops/s{n}/pages/{n}" for n in range(20)],
+        "/v1/pages/{n:int}": [f"/v1/pages/{n}" for n in range(20)],
+        "/v2/deep/{n:int}": [f"/v2/deep/{n}" for n in range(20)],
+    }
+    with TestClient(app, base_url="http://shop.example") as client:
+        for urls in paths.values():
+            for url in urls:
+                assert client.get(url).status_code == 200
+        for n in range(20):
+            admin = client.get(f"/admin/{n}", headers={"host": "admin.example"})
+            assert admin.json() == {"n": n}
+    names = set(paths) | {"/admin/{n:int}"}
+    assert set(registry.snapshot()["routes"]) == names
+    assert {name: stats["computations"] for name, stats in page.stats().items()} == {
+        name: 20 for name in names
+    }
+    assert calls["page"] == 20 * len(names)
+
+
+def test_a_route_that_cannot_be_found_is_named_by_the_endpoint() -> None:
+    """An endpoint served outside any router (a bare Route as the ASGI app) is named by its
+    qualified name: one name, whatever the paths."""
+    registry = MetricsRegistry()
+
+    @cached(ttl=60, cache=Cache(), registry=registry)
+    async def lone(request: Request) -> Response:
+        return JSONResponse(request.path_params)
+
+    client = TestClient(Route("/lone/{n:int}", lone))  # no lifespan: a Route has none
+    for n in range(20):
+        assert client.get(f"/lone/{n}").json() == {"n": n}
+    assert set(registry.snapshot()["routes"]) == {f"{__name__}.{lone.__qualname__}"}

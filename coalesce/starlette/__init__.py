@@ -15,7 +15,10 @@ shared with Flask and Django. This module only translates: a Starlette `Request`
 Starlette's thread pool, as without the decorator. Streaming responses are never cached.
 With `cache_4xx=True` a raised `HTTPException` (4xx) is kept too and raised again on hits,
 for the app's exception handlers to render. `coalesced` shares one run of an endpoint
-among overlapping identical requests and keeps nothing.
+among overlapping identical requests and keeps nothing. Metrics name a request by the path
+templates of the mounts and the route it went through (`/api/items/{item_id:int}`), found in
+the app's routes on every supported Starlette, never by the URL a client sent
+(`coalesce.starlette.routes`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from coalesce.http.view import (
     ViewCache,
     view_decorators,
 )
+from coalesce.starlette.routes import RouteNames
 
 __all__ = ["REGISTRY", "MetricsRegistry", "RawResponse", "cached", "coalesced"]
 
@@ -97,11 +101,11 @@ class StarletteIo:
 IO = StarletteIo()
 
 
-def request_of(request: Request) -> HttpRequest:
-    """A Starlette request's parts: its route's path template (with the prefix of the mounts
-    it is under) for metrics, its path, path parameters, query and headers."""
+def request_of(request: Request, routes: RouteNames) -> HttpRequest:
+    """A Starlette request's parts: its route's path template (with the templates of the
+    mounts it is under, as `routes` names it: never the concrete URL, on every Starlette) for
+    metrics, its path, path parameters, query and headers."""
     scope = request.scope
-    route = getattr(scope.get("route"), "path", None)
     headers = RequestHeaders(
         (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
     )
@@ -109,7 +113,7 @@ def request_of(request: Request) -> HttpRequest:
         method=scope["method"],
         scheme=scope.get("scheme", "http"),
         host=headers.get("host"),
-        route=scope.get("root_path", "") + route if route else request.url.path,
+        route=routes.name(scope),
         path=request.url.path,
         params=request.path_params,
         query=request.query_params.multi_items(),
@@ -119,6 +123,7 @@ def request_of(request: Request) -> HttpRequest:
 
 def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
     is_async = inspect.iscoroutinefunction(fn)
+    routes = RouteNames(f"{fn.__module__}.{fn.__qualname__}")
 
     @functools.wraps(fn)
     async def endpoint(request: Request) -> Response:
@@ -127,8 +132,9 @@ def _wrap(view: ViewCache, fn: Callable[..., Any]) -> Callable[..., Any]:
                 return cast(Response, await fn(request))
             return cast(Response, await run_in_threadpool(fn, request))
 
-        return await view.aserve(request_of(request), run, IO)
+        return await view.aserve(request_of(request, routes), run, IO)
 
+    routes.bind(endpoint)
     view.attach(endpoint, awaited=True)
     return endpoint
 
