@@ -118,6 +118,14 @@ DEFAULT_MAX_CONNECTIONS = 50
 #: What redis-py's `BlockingConnectionPool` raises when no connection freed up in time.
 _POOL_TIMEOUT_MESSAGE = "No connection available."
 
+#: Before redis-py 6.0 its cluster clients retry a command that timed out or lost its
+#: connection `cluster_error_retry_attempts` times (3 by default), ignoring the `retry` we
+#: give; from 6.0 on they take the count from it (one retry). The same on every version:
+#: a hung node costs at most two socket timeouts per command.
+_CLUSTER_OPTIONS: dict[str, Any] = (
+    {} if _version(redis.__version__) >= (6,) else {"cluster_error_retry_attempts": 1}
+)
+
 
 class _Read:
     """One `GET` in flight, shared by the threads that want the same key (see the contract)."""
@@ -259,7 +267,7 @@ class RedisConnection:
     def _make_sync(self) -> SyncClient:
         options = self._options(Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
         if self.cluster:
-            return redis.cluster.RedisCluster.from_url(self.url, **options)
+            return redis.cluster.RedisCluster.from_url(self.url, **options, **_CLUSTER_OPTIONS)
         # a full pool makes the caller wait (at most socket_timeout) rather than connect more
         pool = redis.BlockingConnectionPool.from_url(
             self.url, timeout=self.socket_timeout, **options
@@ -271,7 +279,9 @@ class RedisConnection:
             AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
         )
         if self.cluster:
-            return redis.asyncio.cluster.RedisCluster.from_url(self.url, **options)
+            return redis.asyncio.cluster.RedisCluster.from_url(
+                self.url, **options, **_CLUSTER_OPTIONS
+            )
         pool = redis.asyncio.BlockingConnectionPool.from_url(
             self.url, timeout=self.socket_timeout, **options
         )
