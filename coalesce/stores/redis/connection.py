@@ -115,8 +115,10 @@ if _version(redis.__version__) >= (8, 1):
 
 DEFAULT_MAX_CONNECTIONS = 50
 
-#: What redis-py's `BlockingConnectionPool` raises when no connection freed up in time.
-_POOL_TIMEOUT_MESSAGE = "No connection available."
+#: What redis-py raises as a plain `ConnectionError` when our pool is full: its
+#: `BlockingConnectionPool` when no connection freed up in time, and its `ConnectionPool`
+#: (a cluster's nodes) before `MaxConnectionsError` (sync: redis-py < 6.4, asyncio: < 7).
+_FULL_POOL_MESSAGES = frozenset({"No connection available.", "Too many connections"})
 
 #: Before redis-py 6.0 its cluster clients retry a command that timed out or lost its
 #: connection `cluster_error_retry_attempts` times (3 by default), ignoring the `retry` we
@@ -720,13 +722,17 @@ def _pool_exhausted(exc: BaseException) -> bool:
     A cluster pipeline takes a full pool for a failed node and refreshes the slot map,
     which fails in turn when every node's pool is full: an error raised from the full pool
     is the pool's too (one raised merely while handling it is Redis failing)."""
-    return (
-        isinstance(exc, MaxConnectionsError)
-        or (isinstance(exc, RedisConnectionError) and str(exc) == _POOL_TIMEOUT_MESSAGE)
-        or (
-            isinstance(exc, RedisClusterException)  # raised `from` the full pool, not merely
-            and isinstance(exc.__cause__, MaxConnectionsError)  # while handling it
-        )
+    return _full_pool(exc) or (
+        isinstance(exc, RedisClusterException)  # raised `from` the full pool, not merely
+        and exc.__cause__ is not None  # while handling it
+        and _full_pool(exc.__cause__)
+    )
+
+
+def _full_pool(exc: BaseException) -> bool:
+    """Whether redis-py raised `exc` for a full pool of ours (`_FULL_POOL_MESSAGES`)."""
+    return isinstance(exc, MaxConnectionsError) or (
+        isinstance(exc, RedisConnectionError) and str(exc) in _FULL_POOL_MESSAGES
     )
 
 
