@@ -560,7 +560,8 @@ def test_a_node_failing_mid_batch_degrades_to_computing(
 ) -> None:
     """One node stops answering at the claims or at the stores: the batch's own computation
     serves every id (each computed once), the failure is counted, and after a failed store
-    the other nodes hold the stored entries and no lease. Sync and asyncio alike."""
+    the other nodes hold the stored entries (with an older redis-py, none: the first group's
+    failure ended the step) and no lease (released). Sync and asyncio alike."""
     nodes = nodes_of(socket_timeout=0.3)
     uids = nodes.spread(range(1, 60))
     slow = nodes.port(uids[0])
@@ -781,8 +782,9 @@ def test_a_failed_store_releases_its_leases_at_once(
     """A node hangs at the stores of a batch with many ids on it: the leases are handed over
     in one step (one timeout), not one release per lease (two timeouts each: about 12 s for
     these 20 ids at a 0.3 s timeout). With an older redis-py each slot group is a write of
-    its own (the reads, the claims), and the stores and the releases stop at their first
-    command to the hung node (sent again once at most, by redis-py's retry)."""
+    its own (the reads, the claims), the stores stop at their first command to the hung
+    node, and the releases go on past it to the other nodes, the hung node's first one
+    sent (again once at most, by redis-py's retry), none of its later ones."""
     nodes = nodes_of(socket_timeout=0.3)
     spread = nodes.spread(range(1, 200), per_node=20)
     uids = [
@@ -807,6 +809,47 @@ def test_a_failed_store_releases_its_leases_at_once(
         assert [len(set(writes.of(slow, script))) for script in (STORE_MANY, RELEASE)] == [1, 1]
     assert users.stats()["backend_errors"] == 1
     assert not any(nodes.holds(uid, "lease") for uid in uids if nodes.port(uid) != slow)
+
+
+def test_a_cancelled_async_batch_releases_its_leases_on_every_node_that_answers(
+    nodes_of: Callable[..., Nodes], writes: Writes
+) -> None:
+    """An asyncio batch cancelled while it computes, one node hung: its leases on the other
+    nodes are released at once (their waiters elsewhere go on), even where the release
+    script was never loaded (sent again alone there as EVAL; not SCRIPT LOAD, which goes to
+    every node, the hung one too), and the hung node costs one timeout for the lot, not one
+    per lease. With pipelines or without."""
+    nodes = nodes_of(socket_timeout=0.3)
+    uids = nodes.spread(range(1, 200), per_node=6)
+    slow = nodes.port(uids[0])
+    others = [uid for uid in uids if nodes.port(uid) != slow]
+    for port, server in nodes.servers.items():
+        if port != slow:
+            server.script_flush()  # RELEASE too: NOSCRIPT there
+
+    async def main() -> None:
+        computing = asyncio.Event()
+
+        async def source(batch: list[int]) -> dict[int, str]:
+            nodes.pause(slow)
+            computing.set()
+            await asyncio.sleep(BOUND * 10)
+            return _values(batch)
+
+        users = nodes.cache.cached_many(key="user:{}", ttl=60)(source)
+        task = asyncio.ensure_future(users(uids))
+        await asyncio.wait_for(computing.wait(), BOUND)
+        assert all(nodes.holds(uid, "lease") for uid in others)
+        writes.clear()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    started = time.monotonic()
+    asyncio.run(main())  # and the release's thread (the loop's default executor)
+    assert time.monotonic() - started < 10 * 0.3
+    assert not any(nodes.holds(uid, "lease") for uid in others)
+    assert 1 <= len(writes.of(slow, RELEASE)) <= 2  # one, or one and redis-py's retry
 
 
 def test_a_cluster_error_met_while_a_pool_was_full_still_counts_as_a_failure() -> None:

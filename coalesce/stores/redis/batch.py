@@ -362,15 +362,17 @@ class Batches:
         self._conn.scripts(self._tag_writes(tags, self._conn.scripts(stores), generation))
 
     def _release(self, leases: list[Lease], plan: _Plan) -> None:
-        """Hand a failed batch's leases over, all at once (`scripts`: on a hung node one
-        timeout for the lot, not two per lease); best effort: a lease not released expires
-        with its `lease_ttl`, and the failure is counted and logged by the breaker."""
-        releases: list[ScriptCall] = [
-            (RELEASE, [lease.lease], [lease.token, plan.keys[lease.key].channel])
-            for lease in leases
-        ]
-        with contextlib.suppress(BackendError):
-            self._conn.scripts(releases)
+        """Hand a failed batch's leases over, best effort (`RedisConnection.each`): every
+        node that answers releases its leases, whichever other node failed (else waiters in
+        other processes stall until `lease_ttl`); a failed node costs one timeout for the
+        lot, not one per lease, and keeps its leases until they expire. A failure is
+        counted and logged by the breaker, never raised."""
+        self._conn.each(
+            [
+                (RELEASE, [lease.lease], [lease.token, plan.keys[lease.key].channel])
+                for lease in leases
+            ]
+        )
 
     # -- async ------------------------------------------------------------------------------
 

@@ -117,7 +117,7 @@ DEFAULT_MAX_CONNECTIONS = 50
 
 #: What redis-py raises as a plain `ConnectionError` when our pool is full: its
 #: `BlockingConnectionPool` when no connection freed up in time, and its `ConnectionPool`
-#: (a cluster's nodes) before `MaxConnectionsError` (sync: redis-py < 6.4, asyncio: < 7).
+#: (a cluster's nodes) before `MaxConnectionsError` (sync: redis-py < 6.4, asyncio: < 7.2).
 _FULL_POOL_MESSAGES = frozenset({"No connection available.", "Too many connections"})
 
 #: Before redis-py 6.0 its cluster clients retry a command that timed out or lost its
@@ -473,6 +473,58 @@ class RedisConnection:
             client, _evalshas(calls), lambda index: self._aeval(*calls[index])
         )
 
+    def each(self, calls: Sequence[ScriptCall]) -> None:
+        """Run every `(script, keys, args)` of `calls` best effort, through the sync client
+        (clean-up: a failed batch's releases). Unlike `scripts` a failed node does not stop
+        the others: every node that answers runs its calls, whatever the others do.
+
+        * A node that failed (anything but an error reply: a timeout, a lost connection, a
+          full pool) gets none of its further calls: on a hung node one command's timeout
+          (and redis-py's one retry of it) for the lot, never one per call.
+        * On a cluster with `_SYNC_PIPELINES` the calls go out as in `scripts` (one pipeline,
+          the same cost when every node answers); a call told to go elsewhere, to load its
+          script or to reconnect is then sent again alone unless its node failed. Without
+          pipelines (and on one server) the calls go one after another, in order.
+        * A call sent alone whose script its node lacks runs as `EVAL` there, which caches
+          it on that node: not `SCRIPT LOAD`, which redis-py sends to every node, the failed
+          one too.
+
+        Never raises a Redis failure: the first one (a node's rather than an error reply)
+        is counted once by the breaker for the lot and logged, as `quietly` does."""
+        with contextlib.suppress(BackendError):
+            self.call(self._evals_each, calls)
+
+    def _evals_each(self, calls: Sequence[ScriptCall]) -> None:
+        client = self.sync()
+        nodes = [""] * len(calls)  # one server: one node
+        replies: list[Any] = [_UNSENT] * len(calls)
+        if isinstance(client, redis.cluster.RedisCluster):
+            nodes = [
+                str(client.get_node_from_key(keys[0]).name)  # type: ignore[no-untyped-call]
+                for _, keys, _ in calls
+            ]
+            if _SYNC_PIPELINES and len(calls) > 1:
+                replies = self._pipeline(client, _evalshas(calls))
+        failures = _Failures()
+        for node, reply in zip(nodes, replies, strict=True):
+            if not _to_send_alone(reply):
+                failures.add(node, reply)  # the pipeline's own: every node's are known first
+        for index, reply in enumerate(replies):
+            if _to_send_alone(reply) and nodes[index] not in failures.nodes:
+                try:
+                    self._eval_here(*calls[index])
+                except REDIS_ERRORS as exc:
+                    failures.add(nodes[index], exc)
+        failures.raise_first()
+
+    def _eval_here(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """`_eval`, loading a missing script on the keys' node only (`EVAL`)."""
+        client = self.sync()
+        try:
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.eval(script.source, len(keys), *keys, *args)
+
     def mget(self, names: list[str]) -> list[Any]:
         """`MGET names` through the breaker, the values in the order of `names`: on a cluster
         one `MGET` per slot, all at once as in `scripts`."""
@@ -517,6 +569,15 @@ class RedisConnection:
         elsewhere, to load its script or to reconnect is sent again alone by `alone(index)`,
         which follows redirections as a single command does; a timeout (or any other error)
         fails the lot at once (`_to_send_again`)."""
+        replies = RedisConnection._pipeline(client, commands)
+        for index in _to_send_again(replies):
+            replies[index] = alone(index)
+        return replies
+
+    @staticmethod
+    def _pipeline(client: redis.cluster.RedisCluster, commands: Commands) -> list[Any]:
+        """The reply or error of each of `commands`, sent in one redis-py cluster pipeline
+        (see `_at_once`), none sent again."""
         stack = [
             PipelineCommand(  # type: ignore[no-untyped-call]
                 args,
@@ -528,8 +589,6 @@ class RedisConnection:
         replies: list[Any] = client.pipeline().send_cluster_commands(  # type: ignore[no-untyped-call]
             stack, raise_on_error=False, allow_redirections=False
         )
-        for index in _to_send_again(replies):
-            replies[index] = alone(index)
         return replies
 
     @staticmethod
@@ -714,6 +773,41 @@ def _to_send_again(replies: list[Any]) -> list[int]:
         elif isinstance(reply, BaseException):
             raise reply
     return again
+
+
+#: A call `RedisConnection.each` has not sent yet (no pipeline).
+_UNSENT = object()
+
+
+def _to_send_alone(reply: Any) -> bool:
+    """Whether `RedisConnection.each` sends the call of `reply` alone: not sent yet, or a
+    pipelined reply to send again (`_SEND_AGAIN`)."""
+    return reply is _UNSENT or (isinstance(reply, _SEND_AGAIN) and not _pool_exhausted(reply))
+
+
+class _Failures:
+    """The failures of `RedisConnection.each`: the nodes that failed (not merely answered
+    an error reply), and the first failure to count, a node's before an error reply."""
+
+    __slots__ = ("first", "nodes")
+
+    def __init__(self) -> None:
+        self.nodes: set[str] = set()
+        self.first: BaseException | None = None
+
+    def add(self, node: str, reply: Any) -> None:
+        """Note `reply` of a call to `node`, if it is an error."""
+        if not isinstance(reply, BaseException):
+            return
+        answered = isinstance(reply, ResponseError)  # the node is up: its other calls go on
+        if self.first is None or (isinstance(self.first, ResponseError) and not answered):
+            self.first = reply
+        if not answered:
+            self.nodes.add(node)
+
+    def raise_first(self) -> None:
+        if self.first is not None:
+            raise self.first
 
 
 def _pool_exhausted(exc: BaseException) -> bool:
