@@ -504,7 +504,10 @@ class RedisConnection:
                 for _, keys, _ in calls
             ]
             if _SYNC_PIPELINES and len(calls) > 1:
-                replies = self._pipeline(client, _evalshas(calls))
+                # redis-py takes every node's connection before writing to any: one node
+                # refusing them fails the lot unsent, and the calls then go one by one
+                with contextlib.suppress(*REDIS_ERRORS):
+                    replies = self._pipeline(client, _evalshas(calls))
         failures = _Failures()
         for node, reply in zip(nodes, replies, strict=True):
             if not _to_send_alone(reply):
@@ -512,18 +515,21 @@ class RedisConnection:
         for index, reply in enumerate(replies):
             if _to_send_alone(reply) and nodes[index] not in failures.nodes:
                 try:
-                    self._eval_here(*calls[index])
+                    self._eval_here(*calls[index], loaded=not isinstance(reply, NoScriptError))
                 except REDIS_ERRORS as exc:
                     failures.add(nodes[index], exc)
         failures.raise_first()
 
-    def _eval_here(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """`_eval`, loading a missing script on the keys' node only (`EVAL`)."""
+    def _eval_here(
+        self, script: Script, keys: Sequence[str], args: Sequence[Any], *, loaded: bool
+    ) -> Any:
+        """`_eval`, loading a missing script on the keys' node only (`EVAL`); straight away
+        when the node said it lacks it (not `loaded`)."""
         client = self.sync()
-        try:
-            return client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return client.eval(script.source, len(keys), *keys, *args)
+        if loaded:
+            with contextlib.suppress(NoScriptError):
+                return client.evalsha(script.sha, len(keys), *keys, *args)
+        return client.eval(script.source, len(keys), *keys, *args)
 
     def mget(self, names: list[str]) -> list[Any]:
         """`MGET names` through the breaker, the values in the order of `names`: on a cluster
@@ -782,7 +788,11 @@ _UNSENT = object()
 def _to_send_alone(reply: Any) -> bool:
     """Whether `RedisConnection.each` sends the call of `reply` alone: not sent yet, or a
     pipelined reply to send again (`_SEND_AGAIN`)."""
-    return reply is _UNSENT or (isinstance(reply, _SEND_AGAIN) and not _pool_exhausted(reply))
+    return reply is _UNSENT or (
+        isinstance(reply, _SEND_AGAIN)
+        and not isinstance(reply, ClusterDownError)  # the node's failure (see `_Failures`)
+        and not _pool_exhausted(reply)
+    )
 
 
 class _Failures:
@@ -799,7 +809,9 @@ class _Failures:
         """Note `reply` of a call to `node`, if it is an error."""
         if not isinstance(reply, BaseException):
             return
-        answered = isinstance(reply, ResponseError)  # the node is up: its other calls go on
+        # the node is up, its other calls go on; not when it says the cluster is down (a
+        # failover): each call alone would cost redis-py's wait and slot-map refresh again
+        answered = isinstance(reply, ResponseError) and not isinstance(reply, ClusterDownError)
         if self.first is None or (isinstance(self.first, ResponseError) and not answered):
             self.first = reply
         if not answered:
