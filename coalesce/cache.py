@@ -929,7 +929,11 @@ class Cache:
         for policy, name in zip(policies, names, strict=True):
             if names.count(name) > 1:  # one template on several functions: tell them apart
                 name = f"{name} ({policy.name})"
-            result[name] = policy.stats
+            unique, n = name, 1
+            while unique in result:  # and the same name too (closures made in a loop)
+                n += 1
+                unique = f"{name} #{n}"
+            result[unique] = policy.stats
         return result
 
     def close(self) -> None:

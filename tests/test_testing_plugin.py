@@ -459,6 +459,20 @@ def test_a_function_renamed_in_the_block_is_shown_for_what_it_did(own_cache: Cac
     )
 
 
+def test_functions_alike_in_template_and_name_each_count(own_cache: Cache) -> None:
+    # closures made in a loop share their key template and their qualified name: one name
+    # for both dropped the other's counters from `stats()` and from the check
+    loaders = [_user_loader(own_cache, "load") for _ in range(3)]
+    with assert_computations(3, own_cache):
+        for user_id, load in enumerate(loaders):
+            load(user_id)
+    assert sorted(own_cache.stats()) == [
+        f"user:{{user_id}} ({__name__}.load)",
+        f"user:{{user_id}} ({__name__}.load) #2",
+        f"user:{{user_id}} ({__name__}.load) #3",
+    ]
+
+
 def test_counters_are_the_live_stats_named_as_stats_names_them(own_cache: Cache) -> None:
     first = _user_loader(own_cache, "first")
     first(1)
