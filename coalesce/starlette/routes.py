@@ -144,7 +144,7 @@ class RouteNames:
         if len(ran) == 1:
             return root + ran[0].template
         path: str = scope.get("path", "")
-        if root and path.startswith(root):
+        if root and (path == root or path.startswith(root + "/")):  # not /apix under /api
             path = path[len(root) :]
         for place in ran or places:
             if reaches(place.chain, path):
