@@ -22,7 +22,7 @@ import redis.connection
 from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 from redis.exceptions import MaxConnectionsError, RedisClusterException
-from redis_servers import RedisCluster, take_connection
+from redis_servers import RedisCluster, cluster_info, take_connection
 from test_batch import BOUND, run_thread, wait_until
 from test_redis_degraded import _frozen
 
@@ -852,6 +852,90 @@ def test_a_cancelled_async_batch_releases_its_leases_on_every_node_that_answers(
     assert time.monotonic() - started < 10 * 0.3
     assert not any(nodes.holds(uid, "lease") for uid in others)
     assert 1 <= len(writes.of(slow, RELEASE)) <= 2  # one, or one and redis-py's retry
+
+
+@contextlib.contextmanager
+def _refusing_new_clients(nodes: Nodes, port: int) -> Iterator[None]:
+    """The node on `port` refuses new connections inside the block ("max number of clients
+    reached"), the cache's open ones closed; its own (`Nodes`) and the listener's kept."""
+    server = nodes.servers[port]
+    maxclients = server.config_get("maxclients")["maxclients"]
+    server.config_set("maxclients", 1)
+    try:
+        server.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        yield
+    finally:
+        server.config_set("maxclients", maxclients)
+
+
+def test_a_node_refusing_connections_does_not_keep_the_others_from_releasing(
+    nodes_of: Callable[..., Nodes],
+) -> None:
+    """A node stops taking connections while a batch computes: its stores fail, and so do
+    its releases, but every other node releases the batch's leases before the call returns
+    (their waiters elsewhere go on at once, not after `lease_ttl`). (redis-py 8.1's pipeline
+    takes every node's connection before writing to any: the refused one failed the whole
+    release unsent.)"""
+    nodes = nodes_of(socket_timeout=BOUND)
+    uids = nodes.spread(range(1, 200), per_node=6)
+    slow = nodes.port(uids[0])
+    others = [uid for uid in uids if nodes.port(uid) != slow]
+    refusing = contextlib.ExitStack()
+
+    def source(batch: list[int]) -> dict[int, str]:
+        assert all(nodes.holds(uid, "lease") for uid in others)
+        refusing.enter_context(_refusing_new_clients(nodes, slow))
+        return _values(batch)
+
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(source)
+    with refusing:
+        started = time.monotonic()
+        assert users(uids) == _values(uids)
+        elapsed = time.monotonic() - started
+        assert not any(nodes.holds(uid, "lease") for uid in others)
+        assert nodes.holds(uids[0], "lease")  # refused: kept until it expires
+    assert elapsed < BOUND / 2
+    assert users.stats()["backend_errors"] == 1
+
+
+def test_a_node_answering_clusterdown_gets_its_releases_once(
+    nodes_of: Callable[..., Nodes], writes: Writes
+) -> None:
+    """A node whose cluster state turns to fail while a batch computes (a slot of its own
+    unassigned: it answers CLUSTERDOWN to every key) fails the stores; its leases' releases
+    cost one CLUSTERDOWN for the lot, as a timeout does, not one per lease sent again alone
+    (each redis-py's 0.25 s wait and slot-map refresh, twice: about 10 s for these 20),
+    and the other nodes release theirs."""
+    nodes = nodes_of()
+    spread = nodes.spread(range(1, 300), per_node=20)
+    slow = nodes.port(spread[0])
+    uids = [*spread[:20], *spread[20:26], *spread[40:46]]  # 20 on the slow node, 6 on each other
+    others = [uid for uid in uids if nodes.port(uid) != slow]
+    spare = next(uid for uid in range(10**6 + 100, 10**6 + 1000) if nodes.port(uid) == slow)
+    slot = key_slot(nodes.keys(spare).entry.encode())  # no test's key: none of the batch's
+    server = nodes.servers[slow]
+
+    def state(port: int) -> str:
+        return cluster_info(nodes.servers[port])["cluster_state"]
+
+    def source(batch: list[int]) -> dict[int, str]:
+        server.execute_command("CLUSTER", "DELSLOTS", slot)
+        wait_until(lambda: state(slow) == "fail")
+        writes.clear()
+        return _values(batch)
+
+    users = nodes.cache.cached_many(key="user:{}", ttl=60)(source)
+    try:
+        started = time.monotonic()
+        assert users(uids) == _values(uids)
+        elapsed = time.monotonic() - started
+        assert not any(nodes.holds(uid, "lease") for uid in others)
+    finally:
+        server.execute_command("CLUSTER", "ADDSLOTS", slot)
+        wait_until(lambda: all(state(port) == "ok" for port in nodes.servers))
+    assert len(writes.of(slow, RELEASE)) <= 2  # the pipeline's, or the first alone and its retry
+    assert elapsed < 4.0
+    assert users.stats()["backend_errors"] == 1
 
 
 def test_a_cluster_error_met_while_a_pool_was_full_still_counts_as_a_failure() -> None:
