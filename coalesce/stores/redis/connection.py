@@ -102,8 +102,6 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 #: (it did not run), a connection lost (a pooled socket may be stale after a restart).
 _SEND_AGAIN = (AskError, TryAgainError, ClusterDownError, NoScriptError, RedisConnectionError)
 
-#: Connections per pool of the clients we create (sync: one pool; asyncio: one per event
-#: loop; cluster: per node), unless `max_connections` is given.
 #: redis-py 8.1's maintenance-notifications handshake, turned off (see `_options`). Older
 #: versions make it only on RESP3, which we do not ask for, and refuse the option: with
 #: RESP2 (redis-py 7) or on the asyncio cluster client and its connections (8.0).
@@ -113,6 +111,8 @@ if _version(redis.__version__) >= (8, 1):
 
     _NO_MAINT_NOTIFICATIONS = MaintNotificationsConfig(enabled=False)
 
+#: Connections per pool of the clients we create (sync: one pool; asyncio: one per event
+#: loop; cluster: per node), unless `max_connections` is given.
 DEFAULT_MAX_CONNECTIONS = 50
 
 #: What redis-py raises as a plain `ConnectionError` when our pool is full: its
@@ -260,7 +260,7 @@ class RedisConnection:
         }
         options["max_connections"] = self.max_connections or DEFAULT_MAX_CONNECTIONS
         if _NO_MAINT_NOTIFICATIONS is not None:
-            # redis-py 7+'s handshake for Redis Enterprise maintenance notifications: nothing
+            # redis-py 8.1's handshake for Redis Enterprise maintenance notifications: nothing
             # we use, and its asyncio cluster client once failed inside it on a connection
             # being closed (CI, Python 3.12)
             options["maint_notifications_config"] = _NO_MAINT_NOTIFICATIONS
@@ -847,11 +847,12 @@ def _raised_in_redis_py(exc: BaseException) -> bool:
     (seen: redis-py's asyncio cluster using a connection another task had just closed) is a
     store failure like any other, and must degrade the same way.
 
-    The deepest frame of redis-py or of coalesce decides: redis-py may fail inside the
-    standard library it calls (seen: asyncio's `StreamWriter.writelines` on a transport
-    another task closed, a `TypeError`), which is still redis-py's glitch, not our bug.
-    Other code deeper still is the user's (a signal handler raising to cut a request short,
-    a credential provider): its exception goes up unchanged, never taken for an outage."""
+    The deepest frame that is not the standard library's (nor `_REDIS_PY_HELPERS`')
+    decides: redis-py may fail inside the standard library it calls (seen: asyncio's
+    `StreamWriter.writelines` on a transport another task closed, a `TypeError`), which is
+    still redis-py's glitch; coalesce's own frames are our bug, to see; any other package's
+    is the user's (a signal handler raising to cut a request short, a credential provider):
+    those exceptions go up unchanged, never taken for an outage."""
     owner = ""
     tb = exc.__traceback__
     while tb is not None:
